@@ -1,0 +1,227 @@
+"""Typed configuration: one dataclass per stage, defaults that work, YAML files and command-line overrides.
+
+Every field of a config dataclass becomes a command-line flag (``lr`` -> ``--lr``, ``embed_dim`` ->
+``--embed-dim``), so a stage's flags, its YAML file and its saved ``config.yaml`` always agree.
+Precedence: dataclass defaults < ``--config FILE.yaml`` < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ranking.errors import RankingError
+
+
+class ConfigError(RankingError):
+    """A config file or flag that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    shards: str = "shards/synth"  # folder written by `ranking shards` (holds manifest.json)
+    run_dir: str = "runs/default"  # checkpoints, config.yaml, loss.png, wandb/
+    image_size: int = 64  # input size; 64 is native Tiny ImageNet, the seeds upsampled to 224
+    shuffle_buffer: int = 2000  # samples in each worker's webdataset shuffle buffer
+    workers: int = 2  # DataLoader workers per rank (0 = read in the main process)
+
+    # triplet sampling
+    sampler: str = "batch"  # "batch": P x K batches with online mining; "paper": reservoir triplets
+    classes_per_batch: int = 16  # P (batch sampler), per rank
+    samples_per_class: int = 4  # K (batch sampler)
+    miner: str = "semihard"  # batch sampler: "semihard" | "hard" | "all"
+    triplets_per_batch: int = 32  # paper sampler: queries per batch, per rank
+    pos_per_query: int = 1  # paper sampler
+    neg_per_query: int = 1  # paper sampler
+    buffer_per_class: int = 32  # paper sampler: reservoir size of each class buffer
+
+    # model
+    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | multiscale | efficientnet_lite0
+    pretrained: bool = False
+    embed_dim: int = 128  # the seeds used 4096
+    dropout: float = 0.0
+    normalize: bool = True  # L2-normalise embeddings
+    channels_last: bool = True
+
+    # loss
+    loss: str = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap
+    margin: float = 0.2  # the gap g of the hinge loss
+    smooth_ap_tau: float = 0.01
+
+    # optimisation
+    optimizer: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    grad_accum: int = 1
+    mixed_precision: str = "bf16"  # no | bf16 | fp16
+
+    # run
+    steps: int = 500  # optimizer steps in the whole run
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    resume: str = ""  # "" | "latest" | path to a checkpoint folder
+    progress: bool = True
+
+    # Weights & Biases
+    wandb: bool = True
+    wandb_project: str = "deep-ranking"
+    run_name: str = ""  # defaults to the run folder's name
+    wandb_group: str = ""
+    wandb_tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # run folder (uses its latest checkpoint) or a checkpoint folder
+    shards: str = ""  # defaults to the shards the run was trained on
+    out: str = ""  # defaults to RUN_DIR/eval-<step>
+    gallery_split: str = "train"
+    query_split: str = "val"
+    batch_size: int = 256
+    workers: int = 2
+    mixed_precision: str = "bf16"
+    k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
+    chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
+    pr_points: int = 50  # recall levels of the precision-recall curve
+    triplets: int = 10000  # sampled triplets per split for triplet accuracy
+    seed: int = 0
+
+
+def _is_bool(tp) -> bool:
+    return tp is bool or tp == "bool"
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field; the default is None so that only flags the user gave override the YAML."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        if _is_bool(tp):
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, default=None, nargs="*")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=tp)
+
+
+def _coerce(cls, name: str, value, source: str):
+    hints = typing.get_type_hints(cls)
+    tp = hints[name]
+    if _is_bool(tp):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {name} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
+    """defaults < YAML file < overrides (None values in overrides are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict = {}
+    if yaml_path:
+        for key, value in load_yaml(yaml_path).items():
+            key = key.replace("-", "_")
+            if key not in names:
+                raise ConfigError(f"{yaml_path}: unknown key {key!r} for {cls.__name__}")
+            values[key] = _coerce(cls, key, value, str(yaml_path))
+    for key, value in (overrides or {}).items():
+        if value is not None and key in names:
+            values[key] = _coerce(cls, key, value, f"--{key.replace('_', '-')}")
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+_CHOICES = {
+    "sampler": ("batch", "paper"),
+    "miner": ("semihard", "hard", "all"),
+    "backbone": ("resnet18", "resnet34", "resnet50", "multiscale", "efficientnet_lite0"),
+    "loss": ("hinge", "triplet_margin", "smooth_ap"),
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("cosine", "constant"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def validate(config) -> None:
+    for name, choices in _CHOICES.items():
+        value = getattr(config, name, None)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    if isinstance(config, TrainConfig):
+        positive = ("image_size", "classes_per_batch", "samples_per_class", "triplets_per_batch",
+                    "pos_per_query", "neg_per_query", "buffer_per_class", "embed_dim", "steps",
+                    "grad_accum", "log_every", "checkpoint_every")
+        for name in positive:
+            if getattr(config, name) < 1:
+                raise ConfigError(f"{name} must be at least 1; got {getattr(config, name)}")
+        if config.sampler == "batch" and config.classes_per_batch < 2:
+            raise ConfigError("classes_per_batch must be at least 2: negatives come from other classes")
+        if config.sampler == "batch" and config.samples_per_class < 2:
+            raise ConfigError("samples_per_class must be at least 2: positives come from the same class")
+    if isinstance(config, EvalConfig) and config.k < 1:
+        raise ConfigError(f"k must be at least 1; got {config.k}")
+
+
+def save(config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def parse(cls, argv: list[str] | None, prog: str, description: str):
+    """Parse ``[--config FILE] [--flag value ...]`` into a validated config of type ``cls``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="YAML file of config keys (flags override it)")
+    add_dataclass_flags(parser, cls)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    return build(cls, args.config, overrides)
