@@ -1,0 +1,44 @@
+"""Shared fixtures: a small synthetic archive and its shards, built once per test session, and the real mini zip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Tests are CPU-only and share two cores: keep every process to one intra-op thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def mini_zip() -> Path:
+    """The real 10-class subset in the official layout; CI must have ../shared beside the clone."""
+    path = SHARED / "data" / "tiny-imagenet-mini.zip"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: tests need ../shared/data beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_zip(tmp_path_factory) -> Path:
+    from ranking.synth import write_synthetic_archive
+
+    path = tmp_path_factory.mktemp("synth") / "synth.zip"
+    write_synthetic_archive(path, classes=6, train_per_class=40, val_per_class=10, test_count=10, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_zip, tmp_path_factory) -> Path:
+    """Synthetic shards with an odd number of train shards (240 samples / 50 = 5 shards)."""
+    from ranking.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "synth"
+    write_shards(synth_zip, out, shard_size=50, workers=1, seed=0, progress=False)
+    return out
