@@ -1,0 +1,247 @@
+"""Batches for training, formed online from the infinite sample stream, and triplet miners.
+
+Two samplers turn ``(image, label, id)`` samples into ``Batch``es (DESIGN.md "Batches"):
+- ``PaperTripletSampler``: the paper's online triplet sampling from per-class reservoir buffers; the batch holds
+  each image once and the (query, positive, negative) triplets as indices into it.
+- ``PKBatcher``: P classes x K images from per-class queues; the triplets are mined later from the embeddings.
+Both are IterableDatasets for a DataLoader with ``batch_size=None``; each worker keeps its own buffers and draws from
+an RNG seeded by (seed, rank, worker), so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from ranking.config import TrainConfig
+from ranking.errors import RankingError
+from ranking.stream import Sample, worker_seed
+
+
+class Batch(NamedTuple):
+    images: Tensor  # [N, 3, H, W], every image once
+    labels: Tensor  # [N] long
+    ids: Tensor  # [N] long
+    triplets: Tensor | None  # [T, 3] long (query, positive, negative) row indices, or None: mine them
+
+
+def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int) -> IterableDataset:
+    if config.sampler == "paper":
+        return PaperTripletSampler(samples, num_classes, config.triplets_per_batch, config.pos_per_query,
+                                   config.neg_per_query, config.buffer_per_class, seed)
+    if config.classes_per_batch > num_classes:
+        raise RankingError(f"{config.shards}: classes_per_batch {config.classes_per_batch} exceeds the "
+                           f"{num_classes} classes in the shards")
+    return PKBatcher(samples, config.classes_per_batch, config.samples_per_class, seed,
+                     max_per_class=max(config.samples_per_class, config.buffer_per_class))
+
+
+def to_batch(samples: list[Sample], triplets: list[tuple[int, int, int]] | None) -> Batch:
+    images, labels, ids = zip(*samples)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids),
+                 None if triplets is None else torch.tensor(triplets, dtype=torch.long).view(-1, 3))
+
+
+class ClassReservoirs:
+    """One reservoir of at most ``capacity`` samples per class (Vitter's algorithm R).
+
+    Once a class's reservoir is full, its n-th sample replaces a random slot with probability capacity / n, so the
+    reservoir is a uniform sample of everything that class has streamed. A sample whose id is already held is
+    skipped: resampled shards repeat images, and a query must never be its own positive.
+    """
+
+    def __init__(self, capacity: int, rng: random.Random):
+        self.capacity = capacity
+        self.rng = rng
+        self.buffers: dict[int, list[Sample]] = defaultdict(list)
+        self.held: dict[int, set[int]] = defaultdict(set)
+        self.seen: dict[int, int] = defaultdict(int)
+
+    def add(self, sample: Sample) -> None:
+        _, label, sample_id = sample
+        buffer, held = self.buffers[label], self.held[label]
+        if sample_id in held:
+            return
+        self.seen[label] += 1
+        if len(buffer) < self.capacity:
+            buffer.append(sample)
+            held.add(sample_id)
+            return
+        slot = self.rng.randrange(self.seen[label])
+        if slot < self.capacity:
+            held.discard(buffer[slot][2])
+            buffer[slot] = sample
+            held.add(sample_id)
+
+    def classes_with(self, at_least: int) -> list[int]:
+        return sorted(label for label, buffer in self.buffers.items() if len(buffer) >= at_least)
+
+
+class PaperTripletSampler(IterableDataset):
+    """The paper's online triplet sampling (Wang et al. 2014, section 5).
+
+    A batch has ``triplets_per_batch`` queries; each query has ``pos_per_query`` distinct positives from its class's
+    reservoir, and each (query, positive) pair ``neg_per_query`` negatives drawn from other classes' reservoirs:
+    ``triplets_per_batch * pos_per_query * neg_per_query`` triplets. Between batches the reservoirs take in as many
+    new samples as the last batch used, so the stream is consumed at the rate it is trained on.
+    """
+
+    def __init__(self, samples: Iterable[Sample], num_classes: int, triplets_per_batch: int, pos_per_query: int,
+                 neg_per_query: int, buffer_per_class: int, seed: int):
+        if num_classes < 2:
+            raise RankingError(f"the paper sampler needs two classes or more; the shards have {num_classes}")
+        if buffer_per_class < pos_per_query + 1:
+            raise RankingError(f"buffer_per_class {buffer_per_class} cannot hold a query and its "
+                               f"{pos_per_query} positives; use at least {pos_per_query + 1}")
+        self.samples = samples
+        self.num_classes = num_classes
+        self.queries = triplets_per_batch
+        self.positives = pos_per_query
+        self.negatives = neg_per_query
+        self.buffer_per_class = buffer_per_class
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Batch]:
+        rng = random.Random(worker_seed(self.seed))
+        reservoirs = ClassReservoirs(self.buffer_per_class, rng)
+        stream = iter(self.samples)
+        try:
+            self._warm_up(reservoirs, stream)
+            while True:
+                batch = self._sample_batch(reservoirs, rng)
+                yield batch
+                for _ in range(len(batch.ids)):
+                    reservoirs.add(next(stream))
+        except StopIteration:  # a finite stream ends the batches; the train stream never ends
+            return
+
+    def _warm_up(self, reservoirs: ClassReservoirs, stream: Iterator[Sample]) -> None:
+        """Fill until queries can come from distinct classes, or, if the data has fewer classes, until the first
+        num_classes * buffer_per_class samples have been read and at least two classes are usable."""
+        wanted = min(self.num_classes, self.queries + 1)
+        patience = self.num_classes * self.buffer_per_class
+        read = 0
+        while True:
+            ready = len(reservoirs.classes_with(self.positives + 1))
+            if ready >= wanted or (read >= patience and ready >= 1 and len(reservoirs.classes_with(1)) >= 2):
+                return
+            reservoirs.add(next(stream))
+            read += 1
+
+    def _sample_batch(self, reservoirs: ClassReservoirs, rng: random.Random) -> Batch:
+        ready = reservoirs.classes_with(self.positives + 1)
+        nonempty = reservoirs.classes_with(1)
+        rows: dict[tuple[int, int], int] = {}  # (class, slot) -> row in the batch: each image embedded once
+        samples: list[Sample] = []
+
+        def row(label: int, slot: int) -> int:
+            if (label, slot) not in rows:
+                rows[label, slot] = len(samples)
+                samples.append(reservoirs.buffers[label][slot])
+            return rows[label, slot]
+
+        triplets = []
+        for _ in range(self.queries):
+            label = rng.choice(ready)
+            other_classes = [other for other in nonempty if other != label]
+            query, *positives = rng.sample(range(len(reservoirs.buffers[label])), self.positives + 1)
+            for positive in positives:
+                for _ in range(self.negatives):
+                    other = rng.choice(other_classes)
+                    negative = rng.randrange(len(reservoirs.buffers[other]))
+                    triplets.append((row(label, query), row(label, positive), row(other, negative)))
+        return to_batch(samples, triplets)
+
+
+class PKBatcher(IterableDataset):
+    """Class-balanced batches: ``classes_per_batch`` (P) random classes x ``samples_per_class`` (K) images each.
+
+    Samples wait in per-class FIFO queues (at most ``max_per_class`` each, oldest dropped) until P classes hold K.
+    """
+
+    def __init__(self, samples: Iterable[Sample], classes_per_batch: int, samples_per_class: int, seed: int,
+                 max_per_class: int = 64):
+        self.samples = samples
+        self.classes_per_batch = classes_per_batch
+        self.samples_per_class = samples_per_class
+        self.max_per_class = max(max_per_class, samples_per_class)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Batch]:
+        rng = random.Random(worker_seed(self.seed))
+        queues: dict[int, deque[Sample]] = defaultdict(lambda: deque(maxlen=self.max_per_class))
+        ready: set[int] = set()
+        for sample in self.samples:
+            _, label, sample_id = sample
+            queue = queues[label]
+            if any(queued[2] == sample_id for queued in queue):  # resampled shards repeat images
+                continue
+            queue.append(sample)
+            if len(queue) >= self.samples_per_class:
+                ready.add(label)
+            if len(ready) >= self.classes_per_batch:
+                yield self._take_batch(queues, ready, rng)
+
+    def _take_batch(self, queues: dict[int, deque[Sample]], ready: set[int], rng: random.Random) -> Batch:
+        chosen = rng.sample(sorted(ready), self.classes_per_batch)
+        batch = []
+        for label in chosen:
+            queue = queues[label]
+            batch += [queue.popleft() for _ in range(self.samples_per_class)]
+            if len(queue) < self.samples_per_class:
+                ready.discard(label)
+        return to_batch(batch, None)
+
+
+@torch.no_grad()
+def mine_triplets(embeddings: Tensor, labels: Tensor, strategy: str, margin: float) -> Tensor:
+    """(anchor, positive, negative) row indices ``[T, 3]`` by squared Euclidean distance.
+
+    - "hard": batch-hard, one triplet per anchor: its farthest positive and its closest negative.
+    - "semihard": FaceNet, one triplet per (anchor, positive) pair: the closest negative farther than the positive
+      but within the margin (``d_ap < d_an < d_ap + margin``); the closest negative when there is none such.
+    - "all": every valid triplet.
+    Anchors without a positive or without a negative in the batch yield no triplet.
+    """
+    distances = squared_distances(embeddings.float())
+    labels = labels.to(embeddings.device)
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=embeddings.device)
+    negative = ~same
+    if strategy == "hard":
+        return _batch_hard(distances, positive, negative)
+    if strategy == "semihard":
+        return _semihard(distances, positive, negative, margin)
+    if strategy == "all":
+        return (positive[:, :, None] & negative[:, None, :]).nonzero()
+    raise ValueError(f"unknown mining strategy {strategy!r}")
+
+
+def squared_distances(x: Tensor) -> Tensor:
+    squared_norms = x.pow(2).sum(dim=1)
+    return (squared_norms[:, None] + squared_norms[None, :] - 2 * x @ x.T).clamp(min=0)
+
+
+def _batch_hard(distances: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    anchors = (positive.any(dim=1) & negative.any(dim=1)).nonzero().squeeze(1)
+    hardest_positive = distances.masked_fill(~positive, -float("inf")).argmax(dim=1)
+    hardest_negative = distances.masked_fill(~negative, float("inf")).argmin(dim=1)
+    return torch.stack([anchors, hardest_positive[anchors], hardest_negative[anchors]], dim=1)
+
+
+def _semihard(distances: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
+    anchors, positives = (positive & negative.any(dim=1, keepdim=True)).nonzero().unbind(dim=1)
+    d_ap = distances[anchors, positives][:, None]  # [pairs, 1]
+    d_an = distances[anchors]  # [pairs, N]
+    negatives = negative[anchors]
+    semihard = negatives & (d_an > d_ap) & (d_an < d_ap + margin)
+    closest_semihard = d_an.masked_fill(~semihard, float("inf")).argmin(dim=1)
+    closest = d_an.masked_fill(~negatives, float("inf")).argmin(dim=1)
+    chosen = torch.where(semihard.any(dim=1), closest_semihard, closest)
+    return torch.stack([anchors, positives, chosen], dim=1)
