@@ -1,0 +1,270 @@
+"""Read the official `tiny-imagenet-200.zip` (or its extracted folder) without extracting it: classes and samples.
+
+The layout, inside a folder `tiny-imagenet-200/` (the folder may also be the source itself):
+
+    wnids.txt                      one WordNet id per line: the classes
+    words.txt                      wnid <TAB> words (may cover all of WordNet)
+    train/<wnid>/images/*.JPEG     labelled by their folder
+    val/images/*.JPEG              labelled by val/val_annotations.txt (file <TAB> wnid <TAB> box)
+    test/images/*.JPEG             unlabelled
+
+Stray files (`.DS_Store`, `__MACOSX/`, `*_boxes.txt`, directory entries) are ignored; CRLF line endings and a
+missing final newline are fine. Everything else that does not fit is a RankingError naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ranking.errors import RankingError
+
+ROOT_NAME = "tiny-imagenet-200"
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpeg", ".jpg")
+VAL_ANNOTATIONS = "val/val_annotations.txt"
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    wnid: str
+    words: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    split: str
+    id: int  # position in the split's canonical order (its files sorted by path)
+    file: str  # path relative to the tiny-imagenet-200/ folder
+    label: int  # class index, -1 for test
+    size: int  # bytes, as listed by the source (part of the plan's fingerprint)
+
+
+class Source:
+    """Files of the layout by their path relative to the tiny-imagenet-200/ folder, in a zip or on disk."""
+
+    path: Path
+
+    def files(self) -> dict[str, int]:
+        """Every regular file: relative path -> size in bytes."""
+        raise NotImplementedError
+
+    def read(self, file: str) -> bytes:
+        raise NotImplementedError
+
+    def describe(self, file: str) -> str:
+        """How to name the file in an error message."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _is_stray(parts: tuple[str, ...]) -> bool:
+    return any(p == "__MACOSX" or p.startswith(".") for p in parts)
+
+
+class ZipSource(Source):
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise RankingError(f"{path}: not a readable zip archive, truncated or corrupt? ({e})") from None
+        names = [info.filename for info in self.zip.infolist()]
+        self.prefix = _find_root(path, names)
+        self.sizes = {
+            info.filename[len(self.prefix):]: info.file_size
+            for info in self.zip.infolist()
+            if not info.is_dir() and info.filename.startswith(self.prefix)
+            and not _is_stray(PurePosixPath(info.filename).parts)
+        }
+
+    def files(self) -> dict[str, int]:
+        return self.sizes
+
+    def read(self, file: str) -> bytes:
+        try:
+            return self.zip.read(self.prefix + file)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+            raise RankingError(f"{self.describe(file)}: corrupt zip member ({e})") from None
+
+    def describe(self, file: str) -> str:
+        return f"{self.path}:{self.prefix}{file}"
+
+    def close(self) -> None:
+        self.zip.close()
+
+
+class FolderSource(Source):
+    def __init__(self, path: Path):
+        self.path = path
+        roots = [p for p in (path, path / ROOT_NAME) if (p / "wnids.txt").is_file()]
+        if not roots:
+            raise RankingError(f"{path}: no {ROOT_NAME}/wnids.txt: not the official Tiny ImageNet layout")
+        self.root = roots[0]
+        self.sizes = {}
+        for directory, subdirs, names in os.walk(self.root):
+            subdirs[:] = sorted(d for d in subdirs if not _is_stray((d,)))
+            relative = Path(directory).relative_to(self.root)
+            for name in names:
+                if not _is_stray((name,)):
+                    full = Path(directory, name)
+                    self.sizes[(relative / name).as_posix()] = full.stat().st_size
+
+    def files(self) -> dict[str, int]:
+        return self.sizes
+
+    def read(self, file: str) -> bytes:
+        try:
+            return (self.root / file).read_bytes()
+        except OSError as e:
+            raise RankingError(f"{self.describe(file)}: cannot read ({e.strerror})") from None
+
+    def describe(self, file: str) -> str:
+        return str(self.root / file)
+
+
+def _find_root(source: Path, names: list[str]) -> str:
+    """The folder prefix holding wnids.txt: '' or 'something/' (the official zip has 'tiny-imagenet-200/')."""
+    roots = sorted(name[: -len("wnids.txt")] for name in names
+                   if PurePosixPath(name).name == "wnids.txt" and name.count("/") <= 1
+                   and not _is_stray(PurePosixPath(name).parts))
+    if not roots:
+        raise RankingError(f"{source}: no {ROOT_NAME}/wnids.txt: not the official Tiny ImageNet layout")
+    if len(roots) > 1:
+        raise RankingError(f"{source}: several wnids.txt ({', '.join(r + 'wnids.txt' for r in roots)}); "
+                           "expected one Tiny ImageNet folder")
+    return roots[0]
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    path = Path(path)
+    if path.is_dir():
+        return FolderSource(path)
+    if path.is_file():
+        return ZipSource(path)
+    raise RankingError(f"{path}: no such file or folder (expected tiny-imagenet-200.zip or its extracted folder)")
+
+
+def _text_rows(source: Source, file: str) -> list[tuple[int, list[str]]]:
+    """(line number, tab-separated fields) of the non-blank lines; CRLF and a missing final newline are fine."""
+    if file not in source.files():
+        raise RankingError(f"{source.describe(file)}: missing (not the official Tiny ImageNet layout)")
+    try:
+        text = source.read(file).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RankingError(f"{source.describe(file)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [(n, [field.strip() for field in line.split("\t")])
+            for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _is_image(file: str) -> bool:
+    return file.lower().endswith(IMAGE_SUFFIXES)
+
+
+class Archive:
+    """The classes (index = position of the wnid in sorted(wnids.txt)) and the samples of each split."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.source = open_source(path)
+        try:
+            self.classes = self._read_classes()
+            self.label_of = {c.wnid: index for index, c in enumerate(self.classes)}
+            self._samples = {split: self._list(split) for split in SPLITS}
+        except BaseException:
+            self.source.close()
+            raise
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def samples(self, split: str) -> list[Sample]:
+        return self._samples[split]
+
+    def read(self, file: str) -> bytes:
+        return self.source.read(file)
+
+    def describe(self, file: str) -> str:
+        return self.source.describe(file)
+
+    def _read_classes(self) -> list[ClassInfo]:
+        wnids: list[str] = []
+        for line, fields in _text_rows(self.source, "wnids.txt"):
+            if fields[0] in wnids:
+                raise RankingError(f"{self.describe('wnids.txt')}: line {line}: {fields[0]} is listed twice")
+            wnids.append(fields[0])
+        words = {fields[0]: fields[1] for _, fields in _text_rows(self.source, "words.txt") if len(fields) > 1}
+        if not wnids:
+            raise RankingError(f"{self.describe('wnids.txt')}: lists no classes")
+        missing = [w for w in wnids if w not in words]
+        if missing:
+            raise RankingError(f"{self.describe('words.txt')}: no words for {len(missing)} class(es) of wnids.txt, "
+                               f"e.g. {missing[0]}")
+        return [ClassInfo(wnid, words[wnid]) for wnid in sorted(wnids)]
+
+    def _list(self, split: str) -> list[Sample]:
+        files = self.source.files()
+        if split == "train":
+            labelled = self._train_labels(files)
+        elif split == "val":
+            labelled = self._val_labels(files)
+        else:
+            labelled = {f: -1 for f in files if f.startswith("test/images/") and _is_image(f)}
+        if not labelled and split != "test":
+            raise RankingError(f"{self.describe(split + '/')}: no images (not the official Tiny ImageNet layout)")
+        return [Sample(split, i, f, labelled[f], files[f]) for i, f in enumerate(sorted(labelled))]
+
+    def _train_labels(self, files: dict[str, int]) -> dict[str, int]:
+        labels = {}
+        for file in files:
+            parts = file.split("/")
+            if parts[0] != "train" or not _is_image(file):
+                continue
+            if len(parts) != 4 or parts[2] != "images":
+                raise RankingError(f"{self.describe(file)}: train images belong in train/<wnid>/images/")
+            if parts[1] not in self.label_of:
+                raise RankingError(f"{self.describe(file)}: class {parts[1]} is not listed in wnids.txt")
+            labels[file] = self.label_of[parts[1]]
+        empty = sorted(set(self.label_of) - {f.split("/")[1] for f in labels})
+        if labels and empty:
+            raise RankingError(f"{self.describe('train/' + empty[0] + '/images/')}: no train images for this class")
+        return labels
+
+    def _val_labels(self, files: dict[str, int]) -> dict[str, int]:
+        images = {f for f in files if f.startswith("val/") and _is_image(f)}
+        stray = sorted(f for f in images if not f.startswith("val/images/") or f.count("/") != 2)
+        if stray:
+            raise RankingError(f"{self.describe(stray[0])}: val images belong in val/images/")
+        labels = {}
+        for line, fields in _text_rows(self.source, VAL_ANNOTATIONS):
+            where = f"{self.describe(VAL_ANNOTATIONS)}: line {line}"
+            if len(fields) < 2:
+                raise RankingError(f"{where}: expected 'file<TAB>wnid<TAB>box', got {chr(9).join(fields)!r}")
+            file, wnid = "val/images/" + fields[0], fields[1]
+            if wnid not in self.label_of:
+                raise RankingError(f"{where}: {fields[0]} is annotated with {wnid}, which is not in wnids.txt")
+            if file in labels:
+                raise RankingError(f"{where}: {fields[0]} is annotated twice")
+            if file not in images:
+                raise RankingError(f"{where}: annotation for {fields[0]}, but there is no such image")
+            labels[file] = self.label_of[wnid]
+        unannotated = sorted(images - set(labels))
+        if unannotated:
+            raise RankingError(f"{self.describe(unannotated[0])}: val image without annotation in "
+                               f"{VAL_ANNOTATIONS} ({len(unannotated)} such image(s))")
+        return labels
+
+
+def open_archive(path: str | os.PathLike) -> Archive:
+    return Archive(path)

@@ -1,0 +1,379 @@
+"""`ranking shards SOURCE --out DIR`: repack Tiny ImageNet into WebDataset shards; `ranking shards --verify DIR`.
+
+Output (DESIGN.md, "Shards"): `DIR/{train,val,test}-NNNNNN.tar` and `DIR/manifest.json`. A sample's id is its
+position in its split's files sorted by path; train samples are written in a seeded permutation so every shard
+mixes classes. Each shard is written under a temporary name, fsynced and renamed; `DIR/.journal.jsonl` records each
+finished shard (its sha256 and a fingerprint of its planned content) so that a re-run, even after a crash, verifies
+and skips finished shards. `manifest.json` is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from ranking.archive import SPLITS, Archive, ClassInfo, Sample, Source, open_source
+from ranking.config import ConfigError, add_dataclass_flags, build
+from ranking.errors import RankingError
+
+FORMAT = "deep-ranking-shards/1"
+MANIFEST = "manifest.json"
+JOURNAL = ".journal.jsonl"
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+
+
+@dataclass
+class ShardsConfig:
+    out: str = ""  # destination folder; default shards/<source name>
+    shard_size: int = 1000  # samples per shard
+    workers: int = 0  # packing processes; 0 = one per CPU core, up to 8
+    seed: int = 0  # train shuffle
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    samples: tuple[Sample, ...]
+    fingerprint: str  # sha256 of what the shard will hold: a finished shard with another fingerprint is stale
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    count: int
+    sha256: str
+
+
+def sample_key(split: str, sample_id: int) -> str:
+    return f"{split}_{sample_id:07d}"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+
+
+def plan_shards(archive: Archive, shard_size: int, seed: int) -> list[ShardPlan]:
+    """Every shard of every split, with its samples in write order. Ids do not depend on shard size or seed."""
+    classes = json.dumps([dataclasses.astuple(c) for c in archive.classes])
+    plans = []
+    for split in SPLITS:
+        samples = list(archive.samples(split))
+        if split == "train":
+            random.Random(seed).shuffle(samples)
+        for index, start in enumerate(range(0, len(samples), shard_size)):
+            chunk = tuple(samples[start:start + shard_size])
+            content = json.dumps([FORMAT, classes, [dataclasses.astuple(s) for s in chunk]])
+            plans.append(ShardPlan(shard_name(split, index), chunk, hashlib.sha256(content.encode()).hexdigest()))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------- write
+
+
+def check_jpeg(data: bytes, where: str) -> None:
+    """Decode the whole image: a JPEG the trainer cannot read must fail here, naming its file."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG":
+                raise RankingError(f"{where}: not a JPEG (a {image.format} image)")
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RankingError(f"{where}: JPEG does not decode ({e})") from None
+
+
+def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo]) -> dict:
+    info = classes[sample.label] if sample.label >= 0 else None
+    meta = {"id": sample.id, "split": sample.split, "label": sample.label, "wnid": info and info.wnid,
+            "words": info and info.words, "file": sample.file}
+    return {"__key__": sample_key(sample.split, sample.id), "jpg": jpeg, "cls": str(sample.label).encode(),
+            "json": json.dumps(meta).encode()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(plan: ShardPlan, out: Path, source: Source, classes: list[ClassInfo]) -> ShardResult:
+    """Write one shard under a temporary name, fsync, rename. Byte-identical for the same plan."""
+    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
+                for sample in plan.samples:
+                    jpeg = source.read(sample.file)
+                    check_jpeg(jpeg, source.describe(sample.file))
+                    writer.write(encode_sample(sample, jpeg, classes))
+            f.flush()
+            os.fsync(f.fileno())
+        result = ShardResult(plan.name, len(plan.samples), file_sha256(tmp))
+        os.replace(tmp, out / plan.name)
+        return result
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_worker: dict = {}  # each pool process opens the source once
+
+
+def _open_worker_source(path: str, classes: list[ClassInfo]) -> None:
+    _worker.update(source=open_source(path), classes=classes)
+
+
+def _write_in_worker(task: tuple[ShardPlan, str]) -> ShardResult:
+    plan, out = task
+    return write_shard(plan, Path(out), _worker["source"], _worker["classes"])
+
+
+def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> Iterator[ShardResult]:
+    """Write the shards, yielding each as it finishes (in any order with several workers)."""
+    if workers <= 1 or len(plans) <= 1:
+        for plan in plans:
+            yield write_shard(plan, out, archive.source, archive.classes)
+        return
+    initargs = (str(archive.path), archive.classes)
+    with multiprocessing.Pool(min(workers, len(plans)), _open_worker_source, initargs) as pool:
+        yield from pool.imap_unordered(_write_in_worker, [(plan, str(out)) for plan in plans])
+
+
+# ---------------------------------------------------------------------------------------------------------- resume
+
+
+def read_journal(out: Path) -> dict[str, dict]:
+    """Finished shards by name (the last record wins); a line torn by a crash is ignored."""
+    records = {}
+    try:
+        lines = (out / JOURNAL).read_text().splitlines()
+    except FileNotFoundError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+            records[record["name"]] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+def journal_line(plan: ShardPlan, result: ShardResult) -> str:
+    return json.dumps({**dataclasses.asdict(result), "plan": plan.fingerprint}) + "\n"
+
+
+def append_journal(out: Path, line: str) -> None:
+    with open(out / JOURNAL, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finished_shards(out: Path, plans: list[ShardPlan]) -> dict[str, ShardResult]:
+    """Shards already on disk with the planned content, checked by sha256 against the journal."""
+    journal, finished = read_journal(out), {}
+    for plan in plans:
+        record = journal.get(plan.name)
+        path = out / plan.name
+        if record and record.get("plan") == plan.fingerprint and path.is_file() \
+                and file_sha256(path) == record.get("sha256"):
+            finished[plan.name] = ShardResult(plan.name, record["count"], record["sha256"])
+    return finished
+
+
+def remove_leftovers(out: Path, plans: list[ShardPlan]) -> None:
+    """Temporary files of an interrupted run, and shards of an earlier plan (another shard size or source)."""
+    planned = {plan.name for plan in plans}
+    for path in out.iterdir():
+        if TEMPORARY.match(path.name) or (SHARD_NAME.match(path.name) and path.name not in planned):
+            path.unlink()
+
+
+def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
+    """After bad input, leave nothing that looks like a result of this run. Pool workers may have renamed
+    shards the parent has not heard of yet, so every shard this run was to write goes."""
+    for plan in todo:
+        (out / plan.name).unlink(missing_ok=True)
+    if remove_folder:
+        (out / JOURNAL).unlink(missing_ok=True)
+        remove_leftovers(out, todo)
+        out.rmdir()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- main API
+
+
+def build_manifest(archive: Archive, plans: list[ShardPlan], results: dict[str, ShardResult], seed: int,
+                   shard_size: int) -> dict:
+    splits = {split: {"count": len(archive.samples(split)), "shards": []} for split in SPLITS}
+    for plan in plans:
+        split = plan.name.split("-")[0]
+        splits[split]["shards"].append(dataclasses.asdict(results[plan.name]))
+    return {"format": FORMAT, "source": archive.path.name, "seed": seed, "shard_size": shard_size,
+            "classes": [dataclasses.asdict(c) for c in archive.classes], "splits": splits}
+
+
+def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, workers: int = 1,
+                 seed: int = 0, progress: bool = False) -> dict:
+    """Repack the archive into shards under `out`; finished shards of an earlier run are verified and kept.
+
+    Bad input raises RankingError before anything is written (layout, annotations) or while packing (an
+    unreadable member or JPEG); then the shards this run wrote are removed and no manifest.json exists.
+    """
+    for name, value, least in (("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
+        if value < least:
+            raise ConfigError(f"{name} must be at least {least}; got {value}")
+    out = Path(out)
+    with Archive(source) as archive:
+        plans = plan_shards(archive, shard_size, seed)
+        if out.exists() and not out.is_dir():
+            raise RankingError(f"{out}: exists and is not a folder")
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out, plans)
+        results = finished_shards(out, plans)
+        todo = [plan for plan in plans if plan.name not in results]
+        if todo:
+            (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
+
+        bar = tqdm(total=sum(len(plan.samples) for plan in plans), unit="img", desc=f"shards {out.name}",
+                   initial=sum(result.count for result in results.values()), file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        plan_of = {plan.name: plan for plan in todo}
+        try:
+            for result in pack(archive, todo, out, workers or min(8, os.cpu_count() or 1)):
+                append_journal(out, journal_line(plan_of[result.name], result))
+                results[result.name] = result
+                bar.update(result.count)
+        except RankingError:
+            discard(out, todo, remove_folder=created)
+            raise
+        finally:
+            bar.close()
+            if out.is_dir():
+                remove_leftovers(out, plans)  # temporaries of pool workers stopped mid-shard
+
+        manifest = build_manifest(archive, plans, results, seed, shard_size)
+        write_atomically(out / JOURNAL, "".join(journal_line(plan, results[plan.name]) for plan in plans))
+        write_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    def fail(problem: str):
+        raise RankingError(f"{path}: {problem}")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fail(f"not a {FORMAT} manifest")
+    classes, splits = manifest.get("classes"), manifest.get("splits")
+    if not isinstance(classes, list) or not all(isinstance(c, dict) and {"wnid", "words"} <= c.keys()
+                                                for c in classes):
+        fail("'classes' must be a list of {wnid, words}")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        fail(f"'splits' must have exactly {', '.join(SPLITS)}")
+    for split, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys()
+                                                   for s in shards):
+            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}")
+        if sum(s["count"] for s in shards) != entry.get("count"):
+            fail(f"splits.{split}: count {entry.get('count')} is not the sum of its shards' counts")
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """The validated manifest.json of a shard folder."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RankingError(f"{path}: missing (not a shard folder, or `ranking shards` did not finish)") from None
+    except (ValueError, OSError) as e:
+        raise RankingError(f"{path}: not readable JSON ({e})") from None
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def shard_paths(directory: str | os.PathLike, split: str) -> list[str]:
+    """The split's shard files in manifest order."""
+    if split not in SPLITS:
+        raise RankingError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    paths = [str(Path(directory) / s["name"]) for s in load_manifest(directory)["splits"][split]["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise RankingError(f"{missing[0]}: shard listed in {MANIFEST} is missing ({len(missing)} missing)")
+    return paths
+
+
+def verify_shards(directory: str | os.PathLike) -> dict:
+    """Re-hash every shard against the manifest; returns the manifest, raises RankingError naming bad shards."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    problems = []
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            path = directory / shard["name"]
+            if not path.is_file():
+                problems.append(f"{shard['name']} missing")
+            elif file_sha256(path) != shard["sha256"]:
+                problems.append(f"{shard['name']} sha256 mismatch")
+    if problems:
+        raise RankingError(f"{directory}: {len(problems)} shard(s) fail verification: {', '.join(problems)}")
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    return ", ".join(f"{split} {entry['count']} samples in {len(entry['shards'])} shard(s)"
+                     for split, entry in manifest["splits"].items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
+    parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder")
+    parser.add_argument("--verify", metavar="DIR", help="re-hash the shards of DIR against its manifest and exit")
+    add_dataclass_flags(parser, ShardsConfig)
+    args = parser.parse_args(argv)
+    if args.verify:
+        if args.source:
+            parser.error("give either SOURCE or --verify DIR, not both")
+        manifest = verify_shards(args.verify)
+        print(f"{args.verify}: OK, {summary(manifest)}")
+        return 0
+    if not args.source:
+        parser.error("SOURCE is required (or --verify DIR)")
+    config = build(ShardsConfig, None, {k: v for k, v in vars(args).items() if k not in ("source", "verify")})
+    out = config.out or str(Path("shards") / Path(args.source).name.removesuffix(".zip"))
+    manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress)
+    print(f"{out}: {summary(manifest)}")
+    return 0
