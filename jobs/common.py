@@ -1,0 +1,201 @@
+"""Submitit launchers: one task per GPU (or per CPU process), each running a stage's ``main(argv)`` in-process.
+
+Every task exports the torch.distributed environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) from
+submitit's job environment, so ``Accelerator()`` inside the stage joins the same process group that ``accelerate
+launch`` would have set up. ``--cluster local`` runs the tasks as processes on this machine, ``--cluster debug``
+runs one task in this process (pdb works).
+
+Time limit and preemption: submitit asks Slurm for USR2 ``signal_delay_s`` before the limit and, by default,
+requeues at once. A training task instead hands the signal to the trainer as USR1 (the trainer's stop request),
+waits for it to checkpoint and exit 75, and only then lets submitit requeue the job, whose ``checkpoint()`` adds
+``--resume latest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import submitit
+
+from ranking.config import add_dataclass_flags, build
+from ranking.errors import RankingError
+
+EX_TEMPFAIL = 75  # the trainer checkpointed on a stop request; a launcher requeues
+CLUSTERS = ("slurm", "local", "debug")
+
+
+@dataclass
+class LaunchConfig:
+    cluster: str = "slurm"  # slurm | local (processes on this machine) | debug (one task in this process)
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: CPU processes over gloo
+    tasks_per_node: int = 0  # processes per node; 0 means one per GPU (one on a CPU node)
+    cpus_per_task: int = 8
+    timeout_min: int = 24 * 60
+    signal_delay_s: int = 120  # time-limit warning, enough to write a checkpoint
+    partition: str = ""
+    job_name: str = ""  # defaults to ranking-STAGE
+    folder: str = "logs/submitit"  # submitit's pickles and the tasks' logs
+    wait: bool = False  # block until the job ends and exit with its status
+
+
+class StageTask(submitit.helpers.Checkpointable):
+    """Runs ``MODULE.main(argv)`` on every task; on a time limit submitit resubmits it unchanged."""
+
+    def __init__(self, module: str, argv: list[str], use_cpu: bool) -> None:
+        self.module = module
+        self.argv = list(argv)
+        self.use_cpu = use_cpu
+
+    def __call__(self) -> int:
+        export_distributed_environment(self.use_cpu)
+        return self.run_stage()
+
+    def run_stage(self) -> int:
+        stage = importlib.import_module(self.module)
+        return int(stage.main(self.argv) or 0)
+
+
+class TrainTask(StageTask):
+    """The trainer: the time-limit signal becomes the trainer's stop request; requeue once it has checkpointed."""
+
+    def __call__(self) -> int:
+        export_distributed_environment(self.use_cpu)
+        time_limit = time_limit_signal()
+        requeue = signal.getsignal(time_limit)  # submitit's checkpoint-and-requeue handler (in a submitit job)
+        signal.signal(time_limit, _ask_trainer_to_stop)
+        # Until the trainer installs its handler a stop request is dropped rather than killing the task.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        code = self.run_stage()
+        if code == EX_TEMPFAIL and callable(requeue):
+            # Rank 0 pickles checkpoint() and requeues (Slurm: scontrol requeue; local: the controller reruns the
+            # tasks), then exits; the other ranks return.
+            requeue(time_limit, None)
+        return code
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(TrainTask(self.module, with_resume(self.argv), self.use_cpu))
+
+
+def time_limit_signal() -> signal.Signals:
+    """The signal submitit asks Slurm for before the time limit (USR2 unless SUBMITIT_PREEMPT_SIGNAL says)."""
+    return signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+
+
+def _ask_trainer_to_stop(signum: int, frame) -> None:
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def with_resume(argv: list[str]) -> list[str]:
+    """``argv`` with ``--resume latest`` (replacing any earlier ``--resume``)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            out.append(arg)
+    return out + ["--resume", "latest"]
+
+
+def export_distributed_environment(use_cpu: bool) -> None:
+    """torchrun's environment variables for this task; CPU tasks take accelerate's gloo path."""
+    env = submitit.JobEnvironment()
+    if use_cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    if env.num_tasks == 1:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does for several processes per node
+    # Keep every GPU visible: accelerate picks cuda:LOCAL_RANK itself.
+    dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ["MASTER_ADDR"] = node_address(dist.master_addr, env.num_nodes)
+
+
+def node_address(node: str, num_nodes: int) -> str:
+    """An address for ``node`` that every node can reach: Slurm's NodeAddr, or loopback on a single node.
+
+    A host name that does not resolve would make c10d retry until the time limit instead of failing.
+    """
+    if num_nodes == 1:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%o"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return node
+    return out[0] if out else node
+
+
+def parser(stage: str, description: str) -> argparse.ArgumentParser:
+    """The launcher's flags (LaunchConfig fields); the stage adds its own."""
+    p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=description,
+                                usage=f"python -m jobs.{stage} [launcher flags] [-- ranking {stage} flags]",
+                                epilog=f"Arguments after -- go to ranking.{stage} unchanged.")
+    add_dataclass_flags(p, LaunchConfig)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[LaunchConfig, argparse.Namespace, list[str]]:
+    """(launcher config, the stage's own flags, the arguments after ``--``)."""
+    passthrough: list[str] = []
+    if "--" in argv:
+        argv, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    args = p.parse_args(argv)
+    return launch_config(args), args, passthrough
+
+
+def launch_config(args: argparse.Namespace) -> LaunchConfig:
+    config = build(LaunchConfig, None, vars(args))
+    if config.cluster not in CLUSTERS:
+        raise RankingError(f"--cluster must be one of {', '.join(CLUSTERS)}; got {config.cluster!r}")
+    for name in ("nodes", "cpus_per_task", "timeout_min"):
+        if getattr(config, name) < 1:
+            raise RankingError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(config, name)}")
+    if config.gpus_per_node < 0 or config.tasks_per_node < 0:
+        raise RankingError("--gpus-per-node and --tasks-per-node cannot be negative")
+    if config.cluster != "slurm" and config.nodes > 1:
+        raise RankingError(f"--cluster {config.cluster} runs on this machine only; got --nodes {config.nodes}")
+    return config
+
+
+def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:
+    tasks = config.tasks_per_node or max(config.gpus_per_node, 1)
+    if config.cluster == "debug":
+        tasks = 1
+    ex = submitit.AutoExecutor(folder=config.folder, cluster=config.cluster)
+    params = dict(name=config.job_name or f"ranking-{stage}", nodes=config.nodes, tasks_per_node=tasks,
+                  gpus_per_node=config.gpus_per_node, cpus_per_task=config.cpus_per_task,
+                  timeout_min=config.timeout_min, stderr_to_stdout=True,
+                  slurm_signal_delay_s=config.signal_delay_s)
+    if config.partition:
+        params["slurm_partition"] = config.partition
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(config: LaunchConfig, stage: str, task: StageTask) -> submitit.Job:
+    job = executor(config, stage).submit(task)
+    print(f"submitted {stage} job {job.job_id} ({config.cluster}); logs: {job.paths.stdout}", flush=True)
+    return job
+
+
+def wait(job: submitit.Job) -> int:
+    """Block until the job ends; its status is rank 0's return value (75 never reaches here: it requeues)."""
+    try:
+        return int(job.results()[0] or 0)
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
+        print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+
+
+def run(stage: str, task: StageTask, config: LaunchConfig) -> int:
+    job = submit(config, stage, task)
+    return wait(job) if config.wait or config.cluster == "debug" else 0

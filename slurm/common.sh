@@ -1,0 +1,125 @@
+# shellcheck shell=bash
+# Launch logic shared by slurm/*.sh (sourced, not run): Python, the main process, one accelerate launch per node,
+# and the USR1 -> checkpoint -> requeue hand-off.
+#
+# Knobs (environment): VENV (a virtualenv to activate), PYTHON (default python3), GPUS_PER_NODE (default: the GPUs
+# Slurm gave this node, else the GPUs nvidia-smi sees), PROCS_PER_NODE (processes per node on nodes without GPUs;
+# default 1), MAIN_PROCESS_PORT (default 20000 + job id % 20000), EXTRA_ARGS (appended to the stage's arguments).
+
+set -euo pipefail
+
+log() { echo "[$(date +%T) ${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-local}] $*"; }
+
+setup_python() {
+  if [[ -n "${VENV:-}" ]]; then
+    # shellcheck source=/dev/null
+    source "$VENV/bin/activate"
+  fi
+  PYTHON=${PYTHON:-python3}
+  export PYTHON
+}
+
+# The first node of the job, as an address every node can reach. Slurm knows each node's NodeAddr; a bare host
+# name that does not resolve would make c10d retry until the time limit instead of failing.
+main_process_ip() {
+  local node addr
+  node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+  addr=$(sinfo -h -N -n "$node" -o %o 2>/dev/null | head -n1 || true)
+  if [[ -z "$addr" && "${SLURM_NNODES:-1}" == 1 ]]; then
+    addr=127.0.0.1
+  fi
+  echo "${addr:-$node}"
+}
+
+# GPUs on each node (nodes of a job are assumed alike).
+gpus_per_node() {
+  if [[ -n "${GPUS_PER_NODE:-}" ]]; then
+    echo "$GPUS_PER_NODE"
+  elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    echo "$SLURM_GPUS_ON_NODE"
+  elif command -v nvidia-smi >/dev/null; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# Sets PROCS_PER_NODE and NUM_PROCESSES; without GPUs, takes the CPU/gloo path.
+plan_processes() {
+  local gpus
+  gpus=$(gpus_per_node)
+  if ((gpus > 0)); then
+    PROCS_PER_NODE=$gpus
+  else
+    PROCS_PER_NODE=${PROCS_PER_NODE:-1}
+    export ACCELERATE_USE_CPU=1
+  fi
+  NUM_PROCESSES=$((SLURM_NNODES * PROCS_PER_NODE))
+}
+
+# accelerate_launch MODULE ARGS...: one `accelerate launch` per node (srun, one task per node) running
+# `python -m MODULE ARGS...` on every GPU (or PROCS_PER_NODE CPU processes) of every node.
+accelerate_launch() {
+  local module=$1
+  shift
+  plan_processes
+  local launch=(--num_machines "$SLURM_NNODES" --num_processes "$NUM_PROCESSES"
+    --main_process_ip "$(main_process_ip)" --main_process_port "${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    --rdzv_backend static --dynamo_backend no)
+  if ((NUM_PROCESSES > 1)); then
+    launch+=(--multi_gpu)
+  fi
+  log "accelerate launch ${launch[*]} -m $module $* (${SLURM_NNODES} nodes x ${PROCS_PER_NODE} processes)"
+  # srun does not pass the batch job's CPUs per task on to the step in every Slurm version.
+  local step=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES")
+  if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+    step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  fi
+  # Runs in each task: the machine rank is that node's id, so it is read there, not on the batch host.
+  # A forwarded USR1 reaches every process of the step; the shell and the launcher ignore it (the ignore is
+  # inherited through exec) so that only the trainer, which installs its own handler, acts on it.
+  # shellcheck disable=SC2016
+  local per_node='trap "" USR1; exec "$PYTHON" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"'
+  run_step "${step[@]}" bash -c "$per_node" accelerate-task "${launch[@]}" -m "$module" "$@"
+}
+
+# run_step COMMAND...: runs a job step in the background so that USR1 traps run while it is going, and returns
+# its exit status once it has really ended (a trap cuts `wait` short).
+STOP_REQUESTED=0
+run_step() {
+  "$@" &
+  STEP_PID=$!
+  local rc
+  while :; do
+    INTERRUPTED=0
+    rc=0
+    wait "$STEP_PID" || rc=$?
+    ((INTERRUPTED)) || break
+  done
+  return "$rc"
+}
+
+# Slurm sends USR1 to this shell only (--signal=B:USR1@...); hand it to the step, whose trainer checkpoints and
+# exits 75. Requeueing now would kill the trainer mid-checkpoint, so the requeue waits for the step to end.
+forward_usr1() {
+  INTERRUPTED=1
+  STOP_REQUESTED=1
+  log "USR1: asking the step to checkpoint and stop"
+  if [[ -n "${STEP_PID:-}" ]]; then
+    kill -USR1 "$STEP_PID" 2>/dev/null || true
+  fi
+}
+trap forward_usr1 USR1
+
+# requeue_if_stopped STATUS: requeue after a stop on USR1 (accelerate launch reports the trainer's 75 as 1) or
+# on exit status 75; otherwise exit with STATUS.
+requeue_if_stopped() {
+  local rc=$1
+  if ((rc == 75 || (STOP_REQUESTED && rc != 0))); then
+    log "stopped after checkpointing (status $rc): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  log "finished with status $rc"
+  exit "$rc"
+}

