@@ -1,0 +1,312 @@
+"""The trainer with real processes: 2 gloo ranks through `accelerate launch`, on the synthetic shards.
+
+This file is also the script of the DDP gradient check: `accelerate launch tests/test_train.py ddp-gradients OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from ranking import config, losses
+from ranking.config import TrainConfig
+from ranking.sampling import Batch
+from ranking.train import lr_factor, ranking_loss
+
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # fp32; the two sides differ only in summation order
+
+
+def launch(args: list[str], processes: int = 2, timeout: float = 240, script: str | None = None,
+           wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`accelerate launch` on gloo CPU ranks, as a user would type it; W&B offline and silent."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port)]
+    command += [script] if script else ["-m", "ranking.train"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
+    flags = {"shards": shards, "run-dir": run_dir, "image-size": 32, "embed-dim": 32, "shuffle-buffer": 50,
+             "workers": 0, "mixed-precision": "no", "warmup-steps": 3, "log-every": 1, "no-progress": None,
+             "wandb-tags": "test"} | overrides
+    argv = []
+    for name, value in flags.items():
+        argv += [f"--{name}"] + ([] if value is None else [str(value)])
+    return argv
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_steps(checkpoint_dir: Path) -> dict[int, int]:
+    """The step each rank recorded in its own file of a checkpoint."""
+    files = sorted(checkpoint_dir.glob("rng-rank*.pt"))
+    return {int(f.stem.removeprefix("rng-rank")): torch.load(f, weights_only=True)["step"] for f in files}
+
+
+def wandb_records(run_folder: Path):
+    """The records of an offline run's `.wandb` file: wandb's LevelDB-style log of protobuf `Record`s.
+
+    wandb 0.31 no longer ships a Python reader (the Go core writes the file), so this follows the format: a 7-byte
+    file header (":W&B", magic, version), then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length,
+    type: 1 full, 2 first, 3 middle, 4 last); a block's tail shorter than a header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    block = 32768
+    data = next(run_folder.glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    position, parts = 7, []
+    while position + 7 <= len(data):
+        left_in_block = block - position % block
+        if left_in_block < 7:
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:  # zero padding up to the next block
+            position += left_in_block
+            continue
+        parts.append(data[position + 7:position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            yield record
+
+
+def wandb_history_and_config(run_folder: Path) -> tuple[list[dict], dict]:
+    def as_dict(items) -> dict:  # an item names its key in `key` or, path-like, in `nested_key`
+        return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+    history, run_config = [], {}
+    for record in wandb_records(run_folder):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append(as_dict(record.history.item))
+        elif kind == "config":
+            run_config |= as_dict(record.config.update)
+    return history, run_config
+
+
+# --------------------------------------------------------------------------------------------------- fast units
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig(steps=110, warmup_steps=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(60, cfg) == pytest.approx(0.5)
+    assert lr_factor(109, cfg) < 0.001
+    constant = TrainConfig(steps=110, warmup_steps=10, schedule="constant")
+    assert lr_factor(109, constant) == 1.0
+
+
+def test_shipped_configs_load():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert config.build(TrainConfig, str(configs / "default.yaml")) == TrainConfig()
+    seed = config.build(TrainConfig, str(configs / "seed.yaml"))
+    assert (seed.sampler, seed.pos_per_query, seed.neg_per_query, seed.loss, seed.margin) == (
+        "paper", 1, 1, "triplet_margin", 1.0)
+    assert (seed.embed_dim, seed.normalize, seed.optimizer, seed.lr, seed.momentum, seed.nesterov,
+            seed.weight_decay) == (4096, False, "sgd", 1e-3, 0.9, True, 1e-5)
+    assert config.build(TrainConfig, str(configs / "paper.yaml")).backbone == "multiscale"
+
+
+# ------------------------------------------------------------------------------- 2 ranks: train, stop, resume
+
+STEPS = 40
+
+
+class StoppedRun(NamedTuple):
+    run_dir: Path
+    stop_step: int
+    stopped_checkpoint: Path
+    stopped: subprocess.CompletedProcess
+    resumed: subprocess.CompletedProcess
+
+
+def stop_rank_once_it_logged(launcher: subprocess.Popen, run_dir: Path, rank: int) -> subprocess.CompletedProcess:
+    """Send SIGUSR1 to one rank (a direct child of the launcher) after the first logged step; wait for the end."""
+    try:
+        deadline = time.time() + 180
+        while not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir):
+            assert launcher.poll() is None and time.time() < deadline, "the run never logged a step"
+            time.sleep(0.05)
+        ranks = [p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == str(rank)]
+        assert len(ranks) == 1
+        ranks[0].send_signal(signal.SIGUSR1)
+        output, _ = launcher.communicate(timeout=180)
+        return subprocess.CompletedProcess(launcher.args, launcher.returncode, output, "")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.fixture(scope="module")
+def stopped_run(synth_shards, tmp_path_factory) -> StoppedRun:
+    """One run on 2 ranks (batch sampler, all valid triplets mined over both ranks' batches, a DataLoader worker
+    per rank), stopped by SIGUSR1 sent to rank 1 only right after step 1, then resumed with --resume latest."""
+    run_dir = tmp_path_factory.mktemp("runs") / "two-ranks"
+    flags = train_flags(synth_shards, run_dir, steps=STEPS, sampler="batch", miner="all", lr=3e-3, workers=1, **{
+        "classes-per-batch": 3, "samples-per-class": 4, "checkpoint-every": 15, "keep-checkpoints": 2,
+        "run-name": "two-ranks", "wandb-group": "tests"})
+    stopped = stop_rank_once_it_logged(launch(flags, wait=False), run_dir, rank=1)
+    stopped_checkpoint = (run_dir / "checkpoints" / "latest").resolve()
+    stop_step = torch.load(stopped_checkpoint / "state.pt", weights_only=True)["step"]
+    resumed = launch(flags + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return StoppedRun(run_dir, stop_step, stopped_checkpoint, stopped, resumed)
+
+
+def test_stop_signal_on_one_rank_checkpoints_both_ranks_and_exits_75(stopped_run):
+    output, stop_step = stopped_run.stopped.stdout, stopped_run.stop_step
+    # torchrun turns the ranks' exit code 75 into a failure of its own, and names the code
+    assert stopped_run.stopped.returncode != 0 and "exitcode  : 75" in output, output
+    assert 1 <= stop_step < STEPS
+    # rank 0, which prints, got no signal: it stopped at the same step because rank 1 asked
+    assert f"stopped at step {stop_step}/{STEPS} (another rank's stop request)" in output, output
+    assert stopped_run.stopped_checkpoint.name == f"step-{stopped_run.stop_step:07d}"
+
+
+def test_resume_continues_the_run_to_the_configured_step(stopped_run):
+    run_dir, stop_step = stopped_run.run_dir, stopped_run.stop_step
+    assert f"resumed from {stopped_run.stopped_checkpoint} at step {stop_step}" in stopped_run.resumed.stderr
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # continuous, no duplicates
+    cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
+    for r in records:  # the schedule continues where it stopped instead of warming up again
+        assert r["lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, cfg)), r
+
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000030", "step-0000040"]
+    assert (checkpoints / "latest").resolve().name == "step-0000040"
+    # every rank wrote the step it reached into its own file of each checkpoint: 5 shards streamed by 2 ranks
+    # never leave one rank short of data
+    assert rank_steps(checkpoints / "step-0000030") == {0: 30, 1: 30}
+    assert rank_steps(checkpoints / "step-0000040") == {0: STEPS, 1: STEPS}
+    assert (run_dir / "loss.png").stat().st_size > 1000
+
+
+def test_two_ranks_loss_falls(stopped_run):
+    records = metrics(stopped_run.run_dir)
+    early = sum(r["loss"] for r in records[:8]) / 8
+    late = sum(r["loss"] for r in records[-8:]) / 8
+    assert late < 0.7 * early, (early, late)
+    assert all(0.0 <= r["active_fraction"] <= 1.0 and r["triplets_per_s"] > 0 for r in records)
+
+
+def test_wandb_offline_run_is_reused_and_holds_the_loss_and_the_config(stopped_run):
+    run_dir, stop_step = stopped_run.run_dir, stopped_run.stop_step
+    state = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))  # one per segment, named by time then run id
+    assert len(folders) == 2 and {f.name.rsplit("-", 1)[1] for f in folders} == {state["wandb_run_id"]}
+    (first, first_config), (second, second_config) = map(wandb_history_and_config, folders)
+    assert [row["_step"] for row in first] == list(range(1, stop_step + 1))
+    assert [row["_step"] for row in second] == list(range(stop_step + 1, STEPS + 1))
+    for row, record in zip(first + second, metrics(run_dir)):
+        assert row["loss"] == pytest.approx(record["loss"]) and row["lr"] == pytest.approx(record["lr"])
+    for run_config in (first_config, second_config):
+        assert run_config["miner"] == "all" and run_config["steps"] == STEPS and run_config["wandb_tags"] == ["test"]
+    assert second_config["resume"] == "latest"
+
+
+# ------------------------------------------------------------------------------------------ DDP gradient check
+
+GLOBAL_IMAGES, CLASSES = 16, 4
+
+
+def fixed_problem(world: int) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The same seeded model (eval mode: BatchNorm statistics are per rank in DDP), images, labels and, for each of
+    ``world`` ranks, triplets indexing that rank's slice of the images."""
+    from ranking.models import build_model
+
+    cfg = TrainConfig(backbone="resnet18", embed_dim=16, image_size=32, miner="hard", margin=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images = torch.randn(GLOBAL_IMAGES, 3, 32, 32)
+    labels = torch.arange(GLOBAL_IMAGES) % CLASSES  # every class on every rank: mined triplets cross ranks
+    per_rank = GLOBAL_IMAGES // world
+    triplets = []
+    for _ in range(world):
+        rows = torch.arange(per_rank)
+        local_labels = labels[:per_rank]
+        query = rows[:6]
+        positive = torch.stack([rows[(local_labels == local_labels[q]) & (rows != q)][0] for q in query])
+        negative = torch.stack([rows[local_labels != local_labels[q]][q % 3] for q in query])
+        triplets.append(torch.stack([query, positive, negative], dim=1))
+    return model, losses.build_loss(cfg), images, labels, triplets
+
+
+def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def ddp_gradients_worker(out: str) -> None:
+    """Each rank takes its slice of the fixed batch; rank 0 saves the DDP-averaged gradients of both paths."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model, loss_fn, images, labels, triplets = fixed_problem(world)
+    rows = slice(rank * GLOBAL_IMAGES // world, (rank + 1) * GLOBAL_IMAGES // world)
+    ddp_model = accelerator.prepare(model)
+    results = {}
+    for path, batch in (("mined", Batch(images[rows], labels[rows], labels[rows], None)),
+                        ("triplets", Batch(images[rows], labels[rows], labels[rows], triplets[rank]))):
+        ddp_model.zero_grad()
+        accelerator.backward(ranking_loss(ddp_model, loss_fn, batch).objective)
+        results[path] = gradients(accelerator.unwrap_model(ddp_model))
+    # control: mining each rank's batch alone is a different problem, so the check can tell the difference
+    ddp_model.zero_grad()
+    local_loss, _ = loss_fn(ddp_model(images[rows]), labels[rows], None)
+    accelerator.backward(local_loss)
+    results["local-mining"] = gradients(accelerator.unwrap_model(ddp_model))
+    if rank == 0:
+        torch.save(results, out)
+    accelerator.end_training()
+
+
+def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
+    out = tmp_path / "grads.pt"
+    result = launch(["ddp-gradients", str(out)], script=__file__, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ddp = torch.load(out, weights_only=True)
+
+    model, loss_fn, images, labels, triplets = fixed_problem(world=2)
+    half = GLOBAL_IMAGES // 2
+    concatenated_triplets = torch.cat([triplets[0], triplets[1] + half])
+    for path, batch in (("mined", Batch(images, labels, labels, None)),
+                        ("triplets", Batch(images, labels, labels, concatenated_triplets))):
+        model.zero_grad()
+        ranking_loss(model, loss_fn, batch).objective.backward()  # one process: no gather, no scaling
+        reference = gradients(model)
+        assert reference["head.weight"].abs().max() > 0
+        for name, grad in reference.items():
+            torch.testing.assert_close(ddp[path][name], grad, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=f"{path} {name}")
+        if path == "mined":
+            assert not torch.allclose(ddp["local-mining"]["head.weight"], reference["head.weight"], rtol=1e-2)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["ddp-gradients"]:
+    ddp_gradients_worker(sys.argv[2])
