@@ -1,0 +1,67 @@
+"""Sharded embedding: every rank embeds its share of a split, then all ranks gather the whole split, once per id.
+
+The eval stream gives rank r the samples with ``id % world_size == r``, so ranks hold different numbers of rows.
+The gather pads every rank's rows to the longest (padding rows carry id -1), gathers, drops the padding and keeps
+one row per id, sorted by id: every sample exactly once at any world size, on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ranking import stream
+from ranking.retrieval import EmbeddingSet
+
+PADDING_ID = -1
+
+
+@torch.inference_mode()
+def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int) -> EmbeddingSet:
+    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none)."""
+    device = accelerator.device
+    embeddings = [torch.zeros(0, dim, device=device)]
+    ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for images, batch_labels, batch_ids in loader:
+        with accelerator.autocast():
+            embeddings.append(model(images.to(device, non_blocking=True)).float())
+        labels.append(batch_labels.long())
+        ids.append(batch_ids.long())
+    return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
+
+
+def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet:
+    """Every rank's rows on every rank: padding dropped, one row per id, sorted by id."""
+    rows = {"embeddings": local.embeddings, "ids": local.ids, "labels": local.labels}
+    gathered = accelerator.gather(accelerator.pad_across_processes(rows, dim=0, pad_index=PADDING_ID))
+    ids = gathered["ids"]
+    order = ids.argsort(stable=True)
+    ids = ids[order]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    keep = order[first & (ids != PADDING_ID)]
+    return EmbeddingSet(gathered["embeddings"][keep], gathered["ids"][keep], gathered["labels"][keep])
+
+
+def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
+                mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
+                normalize: bool) -> EmbeddingSet:
+    """Embed ``split`` of the shards over all ranks; every rank returns the whole split, sorted by id.
+
+    The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
+    (by id) and over DataLoader workers (by shard).
+    """
+    samples = stream.eval_samples(shards, split, image_size, mean, std, accelerator.process_index,
+                                  accelerator.num_processes)
+    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
+                        pin_memory=accelerator.device.type == "cuda")
+    model.eval()
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim))
+    if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
+        split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
+    return split_set

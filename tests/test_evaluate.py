@@ -1,0 +1,170 @@
+"""Sharded embedding and `ranking evaluate` end to end: every id exactly once and the same metrics at 1 and 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ranking.retrieval import EmbeddingSet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gather: uneven shares, an empty rank, duplicates; 1, 2 and 3 real gloo ranks
+
+
+def rank_share(rank: int, world_size: int) -> EmbeddingSet:
+    """Rank r holds ids 0..22 with id % world_size == r, plus every id divisible by 5 again (duplicates);
+    the last of 3 ranks holds nothing at all."""
+    if world_size == 3 and rank == 2:
+        ids = torch.zeros(0, dtype=torch.long)
+    else:
+        ids = torch.tensor([i for i in range(23) if i % world_size == rank or i % 5 == 0]).flip(0)
+    return EmbeddingSet(torch.stack([ids.float(), -ids.float()], 1), ids, ids % 4)
+
+
+def gather_worker(rank: int, world_size: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), ACCELERATE_USE_CPU="1")
+    from accelerate import Accelerator
+
+    from ranking.embed import gather_unique
+
+    accelerator = Accelerator()
+    assert accelerator.num_processes == world_size
+    gathered = gather_unique(accelerator, rank_share(rank, world_size))
+    # Plain lists: torch shares queued tensors through the sender's file descriptors, gone when it exits.
+    results.put((rank, gathered.embeddings.tolist(), gathered.ids.tolist(), gathered.labels.tolist()))
+    accelerator.end_training()
+
+
+def test_gather_keeps_every_id_exactly_once_over_3_ranks():
+    """Uneven shares, an empty rank and duplicates; 1 and 2 ranks gather real shards in the end-to-end test."""
+    world_size = 3  # rank 2 holds nothing, the others hold ids 0..22 except those of rank 2 (and the duplicates)
+    expected_ids = torch.tensor([i for i in range(23) if i % 3 != 2 or i % 5 == 0])
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(gather_worker, args=(world_size, free_port(), results), nprocs=world_size,
+                       start_method="spawn")
+    by_rank = {rank: rest for rank, *rest in (results.get() for _ in range(world_size))}
+    assert sorted(by_rank) == list(range(world_size))
+    for embeddings, ids, labels in by_rank.values():  # every rank holds the whole, identical result
+        assert ids == expected_ids.tolist()
+        assert labels == (expected_ids % 4).tolist()
+        assert embeddings == [[float(i), -float(i)] for i in ids]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `ranking evaluate` end to end on the synthetic shards
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_shards, tmp_path_factory) -> Path:
+    """A run folder per the checkpoint contract, holding a randomly initialised small model."""
+    from ranking import config, models
+    from ranking.config import TrainConfig
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train_cfg = TrainConfig(shards=str(synth_shards), run_dir=str(run), backbone="resnet18", embed_dim=16,
+                            image_size=32, pretrained=False, wandb=False)
+    config.save(train_cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    model = models.build_model(train_cfg)
+    step_dir = run / "checkpoints" / "step-0000007"
+    step_dir.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "step": 7}, step_dir / "state.pt")
+    (run / "checkpoints" / "latest").symlink_to("step-0000007")
+    return run
+
+
+def run_evaluate(run: Path, shards: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+    flags = ["--checkpoint", str(run), "--shards", str(shards), "--out", str(out), "--batch-size", "16",
+             "--workers", "1", "--mixed-precision", "no", "--k", "5", "--chunk-size", "7", "--pr-points", "6",
+             "--triplets", "300"]
+    if processes == 1:
+        command = [sys.executable, "-m", "ranking", "evaluate", *flags]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--main_process_port", str(free_port()),
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ranking.evaluate", *flags]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
+    from ranking.shards import load_manifest
+
+    counts = {split: load_manifest(synth_shards)["splits"][split]["count"] for split in ("train", "val")}
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval-{processes}"
+        result = run_evaluate(tiny_run, synth_shards, out, processes)
+        assert f"{processes} process(es)" in result.stdout  # really that many ranks
+        assert "| train |" in result.stdout and "| val |" in result.stdout
+        assert sorted(p.name for p in out.iterdir()) == ["embeddings.pt", "metrics.json", "table.md"]
+
+        stored = torch.load(out / "embeddings.pt", weights_only=True)
+        assert stored["step"] == 7 and stored["gallery_split"] == "train" and stored["query_split"] == "val"
+        for part, split in (("gallery", "train"), ("query", "val")):
+            assert torch.equal(stored[part]["ids"], torch.arange(counts[split]))  # every id exactly once
+            assert stored[part]["embeddings"].shape == (counts[split], 16)
+        assert torch.allclose(stored["gallery"]["embeddings"].norm(dim=1), torch.ones(counts["train"]), atol=1e-5)
+
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["k"] == 5 and metrics["step"] == 7
+        assert metrics["splits"]["val"]["queries"] == counts["val"]
+        assert metrics["splits"]["train"]["queries"] == counts["train"]
+        assert len(metrics["pr_curve"]["val"]["recall"]) == 6
+        table = (out / "table.md").read_text().splitlines()
+        assert table[0].startswith("| split | precision@5 | kNN-1 | hit@5 | mAP | MAP@R | triplet accuracy |")
+        assert [row.split("|")[1].strip() for row in table[2:]] == ["train", "val"]
+        outputs[processes] = stored, metrics
+
+    (one, metrics_one), (two, metrics_two) = outputs[1], outputs[2]
+    for part in ("gallery", "query"):
+        assert torch.equal(one[part]["labels"], two[part]["labels"])
+        assert torch.allclose(one[part]["embeddings"], two[part]["embeddings"], atol=1e-5)
+    for split in ("train", "val"):
+        assert metrics_one["splits"][split] == pytest.approx(metrics_two["splits"][split], abs=1e-6)
+        assert metrics_one["pr_curve"][split]["precision"] == pytest.approx(
+            metrics_two["pr_curve"][split]["precision"], abs=1e-6)
+
+
+def test_bad_checkpoint_is_a_ranking_error(tmp_path):
+    from ranking.errors import RankingError
+    from ranking.evaluate import main
+
+    with pytest.raises(RankingError, match="nope: neither a checkpoint folder"):
+        main(["--checkpoint", str(tmp_path / "nope")])
+    with pytest.raises(RankingError, match="--checkpoint is required"):
+        main([])
+
+
+def test_missing_or_extra_ids_are_caught():
+    from ranking.errors import RankingError
+    from ranking.evaluate import check_complete
+
+    def found(ids: list[int]) -> EmbeddingSet:
+        return EmbeddingSet(torch.zeros(len(ids), 2), torch.tensor(ids), torch.zeros(len(ids), dtype=torch.long))
+
+    check_complete(found([0, 1, 2]), 3, "shards/x", "val")
+    with pytest.raises(RankingError, match="shards/x: the val shards hold 2 distinct ids, manifest.json says 3"):
+        check_complete(found([0, 2]), 3, "shards/x", "val")
+    with pytest.raises(RankingError, match="ids 0..2"):
+        check_complete(found([0, 1, 3]), 3, "shards/x", "val")
