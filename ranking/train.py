@@ -97,8 +97,21 @@ def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) ->
     return iter(loader)
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
+def parameter_groups(cfg: TrainConfig, model: models.EmbeddingNet) -> list[dict]:
+    """The head learns at ``lr`` (the first group: the logged lr), the pretrained trunk at ``lr * trunk_lr_scale``;
+    a scale of 0 freezes the trunk (no gradients through it at all, the cheapest way to train only the head)."""
+    trunk = list(model.trunk.parameters())
+    rest = [p for p in model.parameters() if all(p is not t for t in trunk)]
+    if cfg.trunk_lr_scale == 0:
+        model.trunk.requires_grad_(False)
+        return [{"params": rest}]
+    if cfg.trunk_lr_scale == 1:
+        return [{"params": rest + trunk}]
+    return [{"params": rest}, {"params": trunk, "lr": cfg.lr * cfg.trunk_lr_scale}]
+
+
+def build_optimizer(cfg: TrainConfig, model: models.EmbeddingNet) -> torch.optim.Optimizer:
+    params = parameter_groups(cfg, model)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
@@ -218,7 +231,8 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         config.save(cfg, run_dir / "config.yaml")
 
     set_seed(cfg.seed)  # the same initial weights on every rank
-    model = models.build_model(cfg)
+    with accelerator.main_process_first():  # pretrained weights are downloaded once, then read from the cache
+        model = models.build_model(cfg)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -254,6 +268,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                     dynamic_ncols=True)
     meter = Meter(accelerator.device)
     model.train()
+    deadline = time.monotonic() + 60 * cfg.time_limit_minutes
     with distributed.StopRequest() as stop:
         while step < cfg.steps:
             lr = optimizer.param_groups[0]["lr"]
@@ -282,7 +297,9 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
             stopping = distributed.any_rank(stop.requested, accelerator.device)
-            if stopping or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            out_of_time = cfg.time_limit_minutes > 0 and distributed.any_rank(time.monotonic() > deadline,
+                                                                             accelerator.device)
+            if stopping or out_of_time or step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint()
             if stopping and step < cfg.steps:
                 progress.close()
@@ -292,6 +309,10 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                                   f"exit {EX_TEMPFAIL} to be requeued", file=sys.stderr)
                 finish(accelerator, run_dir)
                 return EX_TEMPFAIL
+            if out_of_time and step < cfg.steps:
+                accelerator.print(f"ranking train: time limit of {cfg.time_limit_minutes:g} min reached at step "
+                                  f"{step}/{cfg.steps}; checkpoint saved", file=sys.stderr)
+                break
     progress.close()
     finish(accelerator, run_dir)
     return 0
@@ -325,6 +346,8 @@ def finish(accelerator: Accelerator, run_dir: Path) -> None:
     if accelerator.is_main_process and (run_dir / METRICS).exists():
         plot_loss(run_dir)
     accelerator.end_training()
+    # A rank that exits early makes the launcher SIGTERM the others, maybe while rank 0 still writes W&B files.
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
