@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.train_per_class), "--val-per-class", str(args.val_per_class), "--seed", "0"], env)
     run(ranking + ["shards", str(archive), "--out", str(shards), "--shard-size", "200"], env)
     run(launch_command(args.processes) + ["-m", "ranking.train", "--shards", str(shards), "--run-dir", str(run_dir),
-                                          "--steps", str(args.steps), "--run-name", "demo",
+                                          "--steps", str(args.steps), "--classes-per-batch", str(min(8, args.classes)),
+                                          "--run-name", "demo",
                                           "--wandb-tags", "demo", "--workers", "1"], env)
     run(launch_command(args.processes) + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out",
                                           str(eval_dir), "--workers", "1"], env)
