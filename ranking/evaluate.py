@@ -18,14 +18,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ranking import checkpoint, cli, config, embed, models, retrieval
+from ranking import checkpoint, cli, config, embed, models, report, retrieval
 from ranking.config import EvalConfig, TrainConfig
 from ranking.errors import RankingError
 from ranking.retrieval import EmbeddingSet, RetrievalMetrics
-
-TABLE_COLUMNS = {"precision_at_k": "precision@{k}", "knn1_accuracy": "kNN-1", "hit_at_k": "hit@{k}", "map": "mAP",
-                 "map_at_r": "MAP@R", "triplet_accuracy": "triplet accuracy"}
-
 
 def precision(mixed_precision: str) -> str:
     """fp16 autocast needs a GPU; on a CPU-only machine evaluate in bf16 instead."""
@@ -73,25 +69,14 @@ def metrics_file(step: int, k: int, by_split: dict[str, RetrievalMetrics]) -> di
                          for name, m in by_split.items()}}
 
 
-def markdown_table(k: int, by_split: dict[str, RetrievalMetrics]) -> str:
-    header = ["split"] + [title.format(k=k) for title in TABLE_COLUMNS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in sorted(by_split, key=lambda s: (s != "train", s)):  # train first, like the seeds' table
-        values = by_split[name].summary()
-        lines.append("| " + " | ".join([name] + [f"{100 * values[key]:.2f}" for key in TABLE_COLUMNS]) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, step: int, by_split: dict[str, RetrievalMetrics]) -> str:
     """Add the metrics to the run's W&B run (resumed by id; offline without an API key). Returns its URL or folder."""
     import wandb
 
-    from ranking.report import wandb_mode, wandb_run_id
-
-    run_id = wandb_run_id(run_dir)
+    run_id = report.wandb_run_id(run_dir)
     name = None if run_id else train_cfg.run_name or run_dir.resolve().name
     run = wandb.init(id=run_id, resume="allow", dir=str(run_dir), project=train_cfg.wandb_project, name=name,
-                     mode=wandb_mode())
+                     mode=report.wandb_mode())
     try:
         values = {f"eval/{split}/{key}": value for split, metrics in by_split.items()
                   for key, value in metrics.summary().items()}
@@ -117,9 +102,9 @@ def write_outputs(out: Path, cfg: EvalConfig, run_dir: Path, step: int, normaliz
     out.mkdir(parents=True, exist_ok=True)
     stored = embeddings_file(run_dir, step, cfg, normalized, gallery, query)
     write_atomically(out / "embeddings.pt", lambda path: torch.save(stored, path))
-    metrics = json.dumps(metrics_file(step, cfg.k, by_split), indent=2) + "\n"
-    write_atomically(out / "metrics.json", lambda path: path.write_text(metrics))
-    table = markdown_table(cfg.k, by_split)
+    metrics = metrics_file(step, cfg.k, by_split)
+    write_atomically(out / "metrics.json", lambda path: path.write_text(json.dumps(metrics, indent=2) + "\n"))
+    table = report.markdown_table(metrics)
     write_atomically(out / "table.md", lambda path: path.write_text(table))
     return table
 

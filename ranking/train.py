@@ -169,28 +169,6 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def plot_loss(run_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in records]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    top.plot(steps, [r["loss"] for r in records])
-    top.set_ylabel("loss")
-    bottom.plot(steps, [r["active_fraction"] for r in records], color="tab:orange")
-    bottom.set_ylabel("active triplets")
-    bottom.set_xlabel("step")
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    tmp = run_dir / "loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
-
-
 def use_wandb_offline_without_key() -> None:
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
@@ -346,7 +324,9 @@ def finish(accelerator: Accelerator, run_dir: Path) -> None:
     """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
     others, which must not cut rank 0 while it still writes."""
     if accelerator.is_main_process and (run_dir / METRICS).exists():
-        plot_loss(run_dir)
+        from ranking import report  # matplotlib and PIL: only where a plot is drawn
+
+        report.plot_loss(report.read_metrics_log(run_dir), run_dir / "loss.png", run_dir.name)
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers.clear()
