@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,19 +31,26 @@ class Batch(NamedTuple):
     triplets: Tensor | None  # [T, 3] long (query, positive, negative) row indices, or None: mine them
 
 
-def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int) -> IterableDataset:
+def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
+                  decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
+    """``decode(sample) -> image tensor`` runs when a batch is formed (``stream.Decoder.image`` for the records of
+    ``stream.train_records``); without it the samples already hold image tensors."""
     if config.sampler == "paper":
         return PaperTripletSampler(samples, num_classes, config.triplets_per_batch, config.pos_per_query,
-                                   config.neg_per_query, config.buffer_per_class, seed)
+                                   config.neg_per_query, config.buffer_per_class, seed, decode)
     if config.classes_per_batch > num_classes:
         raise RankingError(f"{config.shards}: classes_per_batch {config.classes_per_batch} exceeds the "
                            f"{num_classes} classes in the shards")
     return PKBatcher(samples, config.classes_per_batch, config.samples_per_class, seed,
-                     max_per_class=max(config.samples_per_class, config.buffer_per_class))
+                     max_per_class=max(config.samples_per_class, config.buffer_per_class), decode=decode)
 
 
-def to_batch(samples: list[Sample], triplets: list[tuple[int, int, int]] | None) -> Batch:
-    images, labels, ids = zip(*samples)
+def to_batch(samples: list[Sample], triplets: list[tuple[int, int, int]] | None,
+             decode: Callable[[Any], Tensor] | None = None) -> Batch:
+    images = [sample[0] for sample in samples]
+    if decode is not None:  # a buffered image is augmented anew each time a batch uses it
+        images = [decode(sample) for sample in samples]
+    labels, ids = [sample[1] for sample in samples], [sample[2] for sample in samples]
     return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids),
                  None if triplets is None else torch.tensor(triplets, dtype=torch.long).view(-1, 3))
 
@@ -64,7 +71,7 @@ class ClassReservoirs:
         self.seen: dict[int, int] = defaultdict(int)
 
     def add(self, sample: Sample) -> None:
-        _, label, sample_id = sample
+        label, sample_id = sample[1], sample[2]
         buffer, held = self.buffers[label], self.held[label]
         if sample_id in held:
             return
@@ -93,7 +100,8 @@ class PaperTripletSampler(IterableDataset):
     """
 
     def __init__(self, samples: Iterable[Sample], num_classes: int, triplets_per_batch: int, pos_per_query: int,
-                 neg_per_query: int, buffer_per_class: int, seed: int):
+                 neg_per_query: int, buffer_per_class: int, seed: int,
+                 decode: Callable[[Any], Tensor] | None = None):
         if num_classes < 2:
             raise RankingError(f"the paper sampler needs two classes or more; the shards have {num_classes}")
         if buffer_per_class < pos_per_query + 1:
@@ -106,6 +114,7 @@ class PaperTripletSampler(IterableDataset):
         self.negatives = neg_per_query
         self.buffer_per_class = buffer_per_class
         self.seed = seed
+        self.decode = decode
 
     def __iter__(self) -> Iterator[Batch]:
         rng = random.Random(worker_seed(self.seed))
@@ -156,7 +165,7 @@ class PaperTripletSampler(IterableDataset):
                     other = rng.choice(other_classes)
                     negative = rng.randrange(len(reservoirs.buffers[other]))
                     triplets.append((row(label, query), row(label, positive), row(other, negative)))
-        return to_batch(samples, triplets)
+        return to_batch(samples, triplets, self.decode)
 
 
 class PKBatcher(IterableDataset):
@@ -166,19 +175,20 @@ class PKBatcher(IterableDataset):
     """
 
     def __init__(self, samples: Iterable[Sample], classes_per_batch: int, samples_per_class: int, seed: int,
-                 max_per_class: int = 64):
+                 max_per_class: int = 64, decode: Callable[[Any], Tensor] | None = None):
         self.samples = samples
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class
         self.max_per_class = max(max_per_class, samples_per_class)
         self.seed = seed
+        self.decode = decode
 
     def __iter__(self) -> Iterator[Batch]:
         rng = random.Random(worker_seed(self.seed))
         queues: dict[int, deque[Sample]] = defaultdict(lambda: deque(maxlen=self.max_per_class))
         ready: set[int] = set()
         for sample in self.samples:
-            _, label, sample_id = sample
+            label, sample_id = sample[1], sample[2]
             queue = queues[label]
             if any(queued[2] == sample_id for queued in queue):  # resampled shards repeat images
                 continue
@@ -196,7 +206,7 @@ class PKBatcher(IterableDataset):
             batch += [queue.popleft() for _ in range(self.samples_per_class)]
             if len(queue) < self.samples_per_class:
                 ready.discard(label)
-        return to_batch(batch, None)
+        return to_batch(batch, None, self.decode)
 
 
 @torch.no_grad()

@@ -90,8 +90,9 @@ def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) ->
     num_classes = len(shards.load_manifest(cfg.shards)["classes"])
     mean, std = models.input_normalization(cfg.backbone)
     samples_seed, batches_seed = seeds
-    samples = stream.train_samples(cfg.shards, cfg.image_size, mean, std, cfg.shuffle_buffer, samples_seed)
-    batches = sampling.build_batches(samples, cfg, num_classes, batches_seed)
+    records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
+    decode = stream.Decoder(stream.train_transform(cfg.image_size, mean, std))
+    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode.image)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     return iter(loader)

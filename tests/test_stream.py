@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ranking.config import TrainConfig
 from ranking.errors import RankingError
 from ranking.sampling import build_batches
-from ranking.stream import eval_samples, eval_transform, train_samples, train_transform
+from ranking.stream import Decoder, eval_samples, eval_transform, train_records, train_samples, train_transform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CLASSES = 4
@@ -129,14 +129,24 @@ def test_eval_transform_is_deterministic_and_train_transform_is_not():
     assert train(image).shape == evaluate(image).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("decode_in_batches", [True, False], ids=["records decoded per batch", "decoded samples"])
 @pytest.mark.parametrize("sampler", ["paper", "batch"])
-def test_batches_from_the_shard_stream_in_workers(tiny_shards, sampler):
+def test_batches_from_the_shard_stream_in_workers(tiny_shards, sampler, decode_in_batches):
     config = TrainConfig(sampler=sampler, classes_per_batch=3, samples_per_class=2, triplets_per_batch=4,
                          neg_per_query=2, buffer_per_class=3)
-    samples = train_samples(str(tiny_shards), 16, MEAN, STD, shuffle_buffer=10, seed=0)
-    for batch in take(build_batches(samples, config, CLASSES, seed=0), 4, workers=2):
+    if decode_in_batches:  # the trainer's path: buffers hold JPEG bytes, a batch decodes what it uses
+        records = train_records(str(tiny_shards), shuffle_buffer=10, seed=0)
+        assert isinstance(next(iter(records)).image, bytes)
+        decode = Decoder(train_transform(16, MEAN, STD)).image
+        batches = build_batches(records, config, CLASSES, seed=0, decode=decode)
+    else:
+        batches = build_batches(train_samples(str(tiny_shards), 16, MEAN, STD, shuffle_buffer=10, seed=0), config,
+                                CLASSES, seed=0)
+    for batch in take(batches, 4, workers=2):
         assert batch.images.shape[1:] == (3, 16, 16)
         assert torch.equal(batch.labels, batch.ids % CLASSES)
+        red = batch.images[:, 0].mean(dim=(1, 2)) * STD[0] + MEAN[0]  # each image is one colour: id * 9 in red
+        assert torch.allclose(red * 255, (batch.ids * 9 % 256).float(), atol=6), "an image travelled with another id"
         if sampler == "paper":
             q, p, n = batch.triplets.unbind(1)
             assert len(q) == 8 and (batch.labels[q] == batch.labels[p]).all()
