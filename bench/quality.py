@@ -175,7 +175,8 @@ def ensure_shards(args: argparse.Namespace) -> None:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="floor: images per forward pass")
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--limit", type=int, default=1, metavar="N", help="floor: keep every N-th image of each split")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="floor: intra-op threads (the trainer and the evaluator follow OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in recipes:
         print(f"{datetime.datetime.now():%H:%M:%S} {recipe} ...", flush=True)
         result = floor(args) if recipe == "floor" else trained(recipe, args)
-        result.update(zip=args.zip.name, machine=machine(), date=f"{datetime.date.today()}", command=" ".join(sys.argv))
+        result.update(zip=args.zip.name, machine=machine(), date=f"{datetime.date.today()}",
+                      command=" ".join(sys.argv))
         results = save_result(results_path, result)
         print(json.dumps(result), flush=True)
     print(f"\n{table(results, args.k)}\n\n(written to {results_path})")

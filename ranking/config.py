@@ -59,6 +59,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # sgd | adam | adamw
     lr: float = 1e-3
     trunk_lr_scale: float = 1.0  # the pretrained trunk learns at lr * trunk_lr_scale; 0 freezes it
+    freeze_bn_stats: bool = False  # keep the trunk's BatchNorm running statistics (the pretrained ones) fixed
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4

@@ -111,6 +111,17 @@ def parameter_groups(cfg: TrainConfig, model: models.EmbeddingNet) -> list[dict]
     return [{"params": rest}, {"params": trunk, "lr": cfg.lr * cfg.trunk_lr_scale}]
 
 
+def set_train_mode(model: nn.Module, accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Train mode, except the trunk's BatchNorm layers when their statistics are frozen (``freeze_bn_stats``, or a
+    frozen trunk): the running statistics of small class-balanced batches of upsampled 64-px crops drift far from
+    the pretrained ones and ruin the features the evaluation sees."""
+    model.train()
+    if cfg.freeze_bn_stats or cfg.trunk_lr_scale == 0:
+        for module in accelerator.unwrap_model(model).trunk.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def build_optimizer(cfg: TrainConfig, model: models.EmbeddingNet) -> torch.optim.Optimizer:
     params = parameter_groups(cfg, model)
     if cfg.optimizer == "sgd":
@@ -246,7 +257,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
                     dynamic_ncols=True)
     meter = Meter(accelerator.device)
-    model.train()
+    set_train_mode(model, accelerator, cfg)
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes
     with distributed.StopRequest() as stop:
         while step < cfg.steps:

@@ -13,7 +13,7 @@ from test_train import launch, train_flags
 from ranking import config
 from ranking.config import TrainConfig
 from ranking.models import build_model
-from ranking.train import build_optimizer
+from ranking.train import build_optimizer, set_train_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,24 @@ def test_trunk_lr_scale_zero_freezes_the_trunk():
     assert [len(group["params"]) for group in optimizer.param_groups] == [2]  # the head's weight and bias
 
 
+def test_frozen_bn_stats_keep_the_pretrained_statistics_while_the_rest_trains():
+    from accelerate import Accelerator
+
+    cfg = TrainConfig(backbone="resnet18", embed_dim=8, freeze_bn_stats=True)
+    model = build_model(cfg)
+    before = model.trunk.bn1.running_mean.clone()
+    set_train_mode(model, Accelerator(cpu=True), cfg)
+    model(torch.randn(4, 3, 32, 32) + 3.0).sum().backward()
+    assert torch.equal(model.trunk.bn1.running_mean, before)
+    assert model.training and model.head.training and not model.trunk.bn1.training
+    assert model.trunk.bn1.weight.grad is not None  # the affine parameters still learn
+
+    cfg.freeze_bn_stats = False
+    set_train_mode(model, Accelerator(cpu=True), cfg)
+    model(torch.randn(4, 3, 32, 32) + 3.0)
+    assert not torch.equal(model.trunk.bn1.running_mean, before)
+
+
 def test_recipes_follow_the_issue():
     seed = config.build(TrainConfig, str(REPO / "configs" / "seed.yaml"))
     assert (seed.sampler, seed.pos_per_query, seed.neg_per_query, seed.loss, seed.margin, seed.embed_dim,
@@ -58,8 +76,8 @@ def test_recipes_follow_the_issue():
 
 def test_time_limit_stops_every_rank_at_the_same_step_with_a_checkpoint(synth_shards, tmp_path):
     run_dir = tmp_path / "budget"
-    flags = train_flags(synth_shards, run_dir, steps=100_000, **{"time-limit-minutes": 0.1, "no-wandb": None,
-                                                                 "checkpoint-every": 100_000})
+    budget = {"time-limit-minutes": 0.1, "checkpoint-every": 100_000, "no-wandb": None}
+    flags = train_flags(synth_shards, run_dir, steps=100_000, sampler="paper", **budget)
     result = launch(flags, processes=2, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time limit of 0.1 min reached" in result.stderr
