@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ranking.errors import RankingError
+from ranking.files import write_text_atomically
 
 
 class ConfigError(RankingError):
@@ -216,11 +217,7 @@ def validate(config) -> None:
 
 def save(config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomically(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def parse(cls, argv: list[str] | None, prog: str, description: str):

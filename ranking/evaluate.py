@@ -10,9 +10,7 @@ RUN_DIR/eval-<step>. Every rank embeds its share and evaluates its share of the 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,20 +19,12 @@ from accelerate import Accelerator
 from ranking import checkpoint, cli, config, embed, models, report, retrieval
 from ranking.config import EvalConfig, TrainConfig
 from ranking.errors import RankingError
+from ranking.files import write_atomically, write_text_atomically
 from ranking.retrieval import EmbeddingSet, RetrievalMetrics
 
 def precision(mixed_precision: str) -> str:
     """fp16 autocast needs a GPU; on a CPU-only machine evaluate in bf16 instead."""
     return "bf16" if mixed_precision == "fp16" and not torch.cuda.is_available() else mixed_precision
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write under a temporary name in the same folder, fsync, then rename: never a half-written final file."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def split_counts(shards: str, splits: list[str]) -> dict[str, int]:
@@ -101,11 +91,11 @@ def write_outputs(out: Path, cfg: EvalConfig, run_dir: Path, step: int, normaliz
     """EVAL/embeddings.pt, metrics.json and table.md, each written atomically; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
     stored = embeddings_file(run_dir, step, cfg, normalized, gallery, query)
-    write_atomically(out / "embeddings.pt", lambda path: torch.save(stored, path))
+    write_atomically(out / "embeddings.pt", lambda f: torch.save(stored, f))
     metrics = metrics_file(step, cfg.k, by_split)
-    write_atomically(out / "metrics.json", lambda path: path.write_text(json.dumps(metrics, indent=2) + "\n"))
+    write_text_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     table = report.markdown_table(metrics)
-    write_atomically(out / "table.md", lambda path: path.write_text(table))
+    write_text_atomically(out / "table.md", table)
     return table
 
 

@@ -20,10 +20,10 @@ import math
 import os
 import tarfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import matplotlib
 
@@ -33,25 +33,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 
 from ranking.errors import RankingError  # noqa: E402
+from ranking.files import write_atomically  # noqa: E402
 from ranking.retrieval import squared_distances  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # atomic files
-
-
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through ``write(file)`` under a temporary name, fsync, then rename to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_png(image: Image.Image, path: Path) -> Path:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from ranking.archive import SPLITS, Archive, ClassInfo, Sample, Source, open_source
 from ranking.config import ConfigError, add_dataclass_flags, build
 from ranking.errors import RankingError
+from ranking.files import write_text_atomically
 
 FORMAT = "deep-ranking-shards/1"
 MANIFEST = "manifest.json"
@@ -220,18 +221,6 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
         out.rmdir()
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------------------- main API
 
 
@@ -286,8 +275,8 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
                 remove_leftovers(out, plans)  # temporaries of pool workers stopped mid-shard
 
         manifest = build_manifest(archive, plans, results, seed, shard_size)
-        write_atomically(out / JOURNAL, "".join(journal_line(plan, results[plan.name]) for plan in plans))
-        write_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        write_text_atomically(out / JOURNAL, "".join(journal_line(plan, results[plan.name]) for plan in plans))
+        write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
