@@ -29,7 +29,7 @@ from ranking.train import build_optimizer, ranking_loss
 
 
 def seed_recipe() -> TrainConfig:
-    return TrainConfig(backbone="resnet18", embed_dim=4096, normalize=False, loss="triplet_margin", margin=1.0,
+    return TrainConfig(backbone="resnet18", pretrained=False, embed_dim=4096, normalize=False, loss="triplet_margin", margin=1.0,
                        optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-5)
 
 

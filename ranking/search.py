@@ -56,16 +56,17 @@ def load_index_model(eval_data: dict, eval_dir: Path) -> tuple[nn.Module, TrainC
 
 @torch.inference_mode()
 def embed_images(model: nn.Module, config: TrainConfig, images: list[Image.Image], normalize: bool,
-                 batch_size: int = 64) -> torch.Tensor:
-    """[N, D] float32 embeddings on the CPU, through the eval transform, in full precision."""
-    from ranking.models import input_normalization
+                 flip: bool = False, batch_size: int = 64) -> torch.Tensor:
+    """[N, D] float32 embeddings on the CPU, through the eval transform, in full precision; ``flip`` as the index
+    was embedded (``ranking evaluate --flip``)."""
+    from ranking.models import embed_with_mirror, input_normalization
     from ranking.stream import eval_transform
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     transform = eval_transform(config.image_size, *input_normalization(config.backbone))
     model = model.to(device).eval()
     batches = torch.stack([transform(image) for image in images]).split(batch_size)
-    embeddings = torch.cat([model(batch.to(device)).float().cpu() for batch in batches])
+    embeddings = torch.cat([embed_with_mirror(model, batch.to(device), flip).float().cpu() for batch in batches])
     return F.normalize(embeddings, dim=1) if normalize else embeddings
 
 
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     shards = resolve_shards(eval_data, args.index, args.shards)
     gallery_split = eval_data.get("gallery_split", "train")
     model, config = load_index_model(eval_data, args.index)
-    queries = embed_images(model, config, images, normalize=bool(eval_data.get("normalized")))
+    queries = embed_images(model, config, images, normalize=bool(eval_data.get("normalized")),
+                           flip=bool(eval_data.get("flip")))
     gallery = eval_data["gallery"]
     distances, indices = nearest_neighbors(queries, gallery["embeddings"].float(), args.top)
     index = split_index(shards, gallery_split, args.index)

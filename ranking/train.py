@@ -99,12 +99,18 @@ def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) ->
 
 
 def parameter_groups(cfg: TrainConfig, model: models.EmbeddingNet) -> list[dict]:
-    """The head learns at ``lr`` (the first group: the logged lr), the pretrained trunk at ``lr * trunk_lr_scale``;
-    a scale of 0 freezes the trunk (no gradients through it at all, the cheapest way to train only the head)."""
-    trunk = list(model.trunk.parameters())
-    rest = [p for p in model.parameters() if all(p is not t for t in trunk)]
+    """The head learns at ``lr`` (the first group: the logged lr), the pretrained trunk at ``lr * trunk_lr_scale``.
+
+    A scale of 0 freezes the whole trunk, ``frozen_stages`` its first stages: frozen parameters get no gradients at
+    all, so no backward pass runs through them (fine-tuning's cost is mostly the backward pass of the early layers).
+    """
     if cfg.trunk_lr_scale == 0:
         model.trunk.requires_grad_(False)
+    elif cfg.frozen_stages:
+        models.freeze_stages(model, cfg.frozen_stages)
+    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in trunk)]
+    if not trunk:
         return [{"params": rest}]
     if cfg.trunk_lr_scale == 1:
         return [{"params": rest + trunk}]
@@ -112,13 +118,14 @@ def parameter_groups(cfg: TrainConfig, model: models.EmbeddingNet) -> list[dict]
 
 
 def set_train_mode(model: nn.Module, accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Train mode, except the trunk's BatchNorm layers when their statistics are frozen (``freeze_bn_stats``, or a
-    frozen trunk): the running statistics of small class-balanced batches of upsampled 64-px crops drift far from
-    the pretrained ones and ruin the features the evaluation sees."""
+    """Train mode, except the trunk's BatchNorm layers whose statistics are frozen (all of them with
+    ``freeze_bn_stats``, else those in a frozen part of the trunk): the running statistics of small class-balanced
+    batches of upsampled 64-px crops drift far from the pretrained ones and ruin the features the evaluation sees."""
     model.train()
-    if cfg.freeze_bn_stats or cfg.trunk_lr_scale == 0:
-        for module in accelerator.unwrap_model(model).trunk.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    for module in accelerator.unwrap_model(model).trunk.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = module.weight is not None and not module.weight.requires_grad
+            if cfg.freeze_bn_stats or frozen:
                 module.eval()
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SMOKE
 from ranking import checkpoint, config
 from ranking.config import TrainConfig
 from ranking.errors import RankingError
@@ -79,7 +80,7 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 
 
 def write_run(run_dir, step: int) -> tuple[torch.nn.Module, TrainConfig]:
-    cfg = config.build(TrainConfig, overrides={"backbone": "resnet18", "embed_dim": 8, "run_dir": str(run_dir)})
+    cfg = config.build(TrainConfig, str(SMOKE), {"embed_dim": 8, "run_dir": str(run_dir)})
     config.save(cfg, run_dir / "config.yaml")
     model = build_model(cfg)
     with torch.no_grad():

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import SMOKE
 from ranking.retrieval import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +80,8 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
     from ranking.config import TrainConfig
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    train_cfg = TrainConfig(shards=str(synth_shards), run_dir=str(run), backbone="resnet18", embed_dim=16,
-                            image_size=32, pretrained=False, wandb=False)
+    train_cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "run_dir": str(run),
+                                                        "wandb": False})
     config.save(train_cfg, run / "config.yaml")
     torch.manual_seed(0)
     model = models.build_model(train_cfg)
@@ -91,10 +92,10 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
     return run
 
 
-def run_evaluate(run: Path, shards: Path, out: Path, processes: int) -> subprocess.CompletedProcess:
+def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     flags = ["--checkpoint", str(run), "--shards", str(shards), "--out", str(out), "--batch-size", "16",
              "--workers", "1", "--mixed-precision", "no", "--k", "5", "--chunk-size", "7", "--pr-points", "6",
-             "--triplets", "300"]
+             "--triplets", "300", *extra]
     if processes == 1:
         command = [sys.executable, "-m", "ranking", "evaluate", *flags]
     else:
@@ -144,6 +145,33 @@ def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
         assert metrics_one["splits"][split] == pytest.approx(metrics_two["splits"][split], abs=1e-6)
         assert metrics_one["pr_curve"][split]["precision"] == pytest.approx(
             metrics_two["pr_curve"][split]["precision"], abs=1e-6)
+
+
+def test_flip_embeds_an_image_and_its_mirror_alike_and_search_follows_the_index(tiny_run, synth_shards, tmp_path,
+                                                                              capsys):
+    import io
+
+    from PIL import Image, ImageOps
+    from test_report_search import shard_samples
+
+    from ranking import search
+
+    out = tmp_path / "eval-flip"
+    run_evaluate(tiny_run, synth_shards, out, 1, "--flip")
+    assert torch.load(out / "embeddings.pt", weights_only=True)["flip"] is True
+
+    sample_id = 11
+    mirrored = tmp_path / "mirrored.png"  # lossless: the mirror of the gallery image, pixel for pixel
+    ImageOps.mirror(Image.open(io.BytesIO(shard_samples(synth_shards, "train")[sample_id][1]))).save(mirrored)
+    plain = tmp_path / "eval-plain"
+    run_evaluate(tiny_run, synth_shards, plain, 1)
+    distances = {}
+    for index, flip in ((out, True), (plain, False)):
+        assert search.main([str(mirrored), "--index", str(index), "--top", "1"]) == 0
+        rank, distance, *_ = capsys.readouterr().out.splitlines()[2].split()
+        distances[flip] = float(distance)
+    assert distances[True] < 1e-4  # an image and its mirror get one embedding: the original is found at 0
+    assert distances[False] > 1e-3  # without --flip the random-init net tells them apart
 
 
 def test_bad_checkpoint_is_a_ranking_error(tmp_path):

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SMOKE
 from jobs import common
 from jobs import train as train_job
 from ranking.errors import RankingError
 
-TINY_RUN = ["--backbone", "resnet18", "--image-size", "32", "--embed-dim", "16", "--classes-per-batch", "3",
+TINY_RUN = ["--config", str(SMOKE), "--image-size", "32", "--embed-dim", "16", "--classes-per-batch", "3",
             "--samples-per-class", "2", "--workers", "0", "--shuffle-buffer", "50", "--mixed-precision", "no",
             "--warmup-steps", "1", "--log-every", "1", "--checkpoint-every", "100", "--no-progress", "--no-wandb"]
 STEPS = 10

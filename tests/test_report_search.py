@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import SMOKE
 from ranking import cli, config, report, search
 from ranking.errors import RankingError
 from ranking.shards import shard_paths
@@ -215,8 +216,8 @@ def index(synth_shards, tmp_path_factory):
     from ranking.stream import eval_samples
 
     root = tmp_path_factory.mktemp("search")
-    train_config = config.TrainConfig(run_dir=str(root / "run"), shards=str(synth_shards), backbone="resnet18",
-                                      embed_dim=16, image_size=32, wandb=False)
+    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),
+                                                                 "shards": str(synth_shards), "wandb": False})
     torch.manual_seed(0)
     model = build_model(train_config).eval()
     mean, std = input_normalization(train_config.backbone)

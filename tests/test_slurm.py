@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, SMOKE
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 SLURM_TEST_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))
-TINY_RUN = ("--backbone resnet18 --image-size 32 --embed-dim 16 --classes-per-batch 3 --samples-per-class 2 "
+TINY_RUN = (f"--config {SMOKE} --image-size 32 --embed-dim 16 --classes-per-batch 3 --samples-per-class 2 "
             "--workers 0 --shuffle-buffer 50 --mixed-precision no --warmup-steps 1 --log-every 1 "
             "--checkpoint-every 100 --no-progress")
 FIRST_STEPS, FINAL_STEPS = 4, 16
