@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=200)
     parser.add_argument("--val-per-class", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=300, help="training steps (about 2 minutes on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps (about 2 minutes on 2 CPU cores)")
     parser.add_argument("--processes", type=int, default=2, help="ranks for training and evaluation")
     args = parser.parse_args(argv)
 
