@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -86,6 +87,14 @@ def node_idle(env: dict[str, str]) -> bool:
     return states == ["idle"]
 
 
+def job_cleaned_up(env: dict[str, str], job_id: str) -> bool:
+    """The node is idle and no slurmstepd of the job is left: Slurm reports the node idle while a step's slurmstepd
+    still cleans up, and a job started then is killed ("Job credential revoked")."""
+    steps = [p for p in psutil.process_iter(["cmdline"])
+             if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job_id}.")]  # its process title
+    return node_idle(env) and not steps
+
+
 def sbatch(env: dict[str, str], logs: Path, *args: str) -> str:
     out = subprocess.run(["sbatch", "--parsable", f"--output={logs}/%x-%j.out", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True)
@@ -151,8 +160,10 @@ def test_usr1_checkpoints_requeues_and_finishes_in_the_same_wandb_run(first_job)
     stopped_at = int((run_dir / "checkpoints" / "latest").resolve().name.removeprefix("step-"))
     assert FIRST_STEPS < stopped_at < FINAL_STEPS, log.read_text()[-3000:]
     # Slurm holds a requeued job for ~2 minutes (Reason=BeginTime) so that the old one can finish cleaning up;
-    # start it as soon as the node is idle (started earlier, slurmd refuses it: "Job credential revoked").
-    wait_until(lambda: node_idle(env), 60, "the node to finish cleaning up the stopped job", log)
+    # start it as soon as that is done instead. Started earlier, slurmd refuses it ("Job credential revoked"), also
+    # when its new credential is made in the same second as the old one's revocation (1-s timestamps): hence the 2 s.
+    wait_until(lambda: job_cleaned_up(env, job_id), 60, "the node to finish cleaning up the stopped job", log)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
     wait_until(lambda: not in_queue(env, job_id), 240, f"requeued job {job_id} to finish", log)
 
