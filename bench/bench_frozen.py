@@ -13,30 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from accelerate import Accelerator
-from bench_train import timed
+from bench_train import ours, timed
 
 from ranking.config import TrainConfig
-from ranking.losses import build_loss
-from ranking.models import build_model
-from ranking.sampling import Batch
-from ranking.train import build_optimizer, ranking_loss, set_train_mode
-
-
-def step_of(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor):
-    accelerator = Accelerator(mixed_precision="bf16")
-    model = build_model(cfg).to(memory_format=torch.channels_last)
-    model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
-    set_train_mode(model, accelerator, cfg)
-    loss_fn = build_loss(cfg)
-    batch = Batch(images.contiguous(memory_format=torch.channels_last), labels, labels, None)
-
-    def step() -> None:
-        accelerator.backward(ranking_loss(model, loss_fn, batch).objective)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -52,8 +31,8 @@ def main() -> None:
     images = torch.randn(base.classes_per_batch * base.samples_per_class, 3, args.size, args.size)
     labels = torch.arange(base.classes_per_batch).repeat_interleave(base.samples_per_class)
     stages = sorted(set([0, *args.stages]))
-    variants = {count: step_of(TrainConfig(pretrained=False, freeze_bn_stats=True, frozen_stages=count),
-                               images, labels) for count in stages}
+    variants = {count: ours(TrainConfig(pretrained=False, freeze_bn_stats=True, frozen_stages=count), images, labels,
+                            None) for count in stages}
     rates = {count: len(images) / wall for count, (wall, _) in timed(variants, args.steps).items()}
     for count, rate in rates.items():
         print(f"frozen_stages {count}: {rate:6.1f} images/s, {rate / rates[0]:.2f}x the whole trunk trained "

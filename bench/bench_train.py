@@ -25,11 +25,12 @@ from ranking.config import TrainConfig
 from ranking.losses import build_loss
 from ranking.models import build_model
 from ranking.sampling import Batch
-from ranking.train import build_optimizer, ranking_loss
+from ranking.train import build_optimizer, ranking_loss, set_train_mode
 
 
 def seed_recipe() -> TrainConfig:
-    return TrainConfig(backbone="resnet18", pretrained=False, embed_dim=4096, normalize=False, loss="triplet_margin", margin=1.0,
+    return TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, trunk_lr_scale=1.0,
+                       embed_dim=4096, normalize=False, loss="triplet_margin", margin=1.0,
                        optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-5)
 
 
@@ -57,10 +58,12 @@ def timed(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -
     return {name: (wall / repeats, cpu / repeats) for name, (wall, cpu) in totals.items()}
 
 
-def ours(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, triplets: torch.Tensor):
+def ours(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, triplets: torch.Tensor | None):
+    """The trainer's step; ``triplets=None`` mines them from the batch (P x K batches)."""
     accelerator = Accelerator(mixed_precision="bf16")
     model = build_model(cfg).to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
+    set_train_mode(model, accelerator, cfg)
     loss_fn = build_loss(cfg)
     batch = Batch(images.to(accelerator.device).contiguous(memory_format=torch.channels_last), labels, labels,
                   triplets)
