@@ -11,6 +11,7 @@ baseline is the whole trunk trained (`frozen_stages 0`), measured in the same ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 from bench_train import ours, timed
@@ -31,8 +32,7 @@ def main() -> None:
     images = torch.randn(base.classes_per_batch * base.samples_per_class, 3, args.size, args.size)
     labels = torch.arange(base.classes_per_batch).repeat_interleave(base.samples_per_class)
     stages = sorted(set([0, *args.stages]))
-    variants = {count: ours(TrainConfig(pretrained=False, freeze_bn_stats=True, frozen_stages=count), images, labels,
-                            None) for count in stages}
+    variants = {count: ours(dataclasses.replace(base, frozen_stages=count), images, labels, None) for count in stages}
     rates = {count: len(images) / wall for count, (wall, _) in timed(variants, args.steps).items()}
     for count, rate in rates.items():
         print(f"frozen_stages {count}: {rate:6.1f} images/s, {rate / rates[0]:.2f}x the whole trunk trained "

@@ -43,6 +43,7 @@ from torchvision.transforms import v2
 from ranking import config
 from ranking.archive import Archive, open_archive
 from ranking.config import TrainConfig
+from ranking.files import write_text_atomically
 from ranking.models import LITE0_STATS, build_lite0
 from ranking.retrieval import EmbeddingSet, evaluate_retrieval
 from ranking.shards import write_shards
@@ -189,9 +190,7 @@ def save_result(path: Path, result: dict) -> dict:
     """Merge one recipe's result into the JSON file (temp name, then rename); returns all results."""
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[result["recipe"]] = result
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(results, indent=2) + "\n")
     return results
 
 

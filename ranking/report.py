@@ -37,7 +37,7 @@ from ranking.files import write_atomically  # noqa: E402
 from ranking.retrieval import squared_distances  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
-# atomic files
+# PNG files (written atomically)
 
 
 def save_png(image: Image.Image, path: Path) -> Path:

@@ -109,7 +109,8 @@ def parameter_groups(cfg: TrainConfig, model: models.EmbeddingNet) -> list[dict]
     elif cfg.frozen_stages:
         models.freeze_stages(model, cfg.frozen_stages)
     trunk = [p for p in model.trunk.parameters() if p.requires_grad]
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not t for t in trunk)]
+    in_trunk = {id(p) for p in model.trunk.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_trunk]
     if not trunk:
         return [{"params": rest}]
     if cfg.trunk_lr_scale == 1:
