@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ranking.errors import RankingError
+from ranking.shardformat import SPLITS
 
 ROOT_NAME = "tiny-imagenet-200"
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
 VAL_ANNOTATIONS = "val/val_annotations.txt"
 

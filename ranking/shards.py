@@ -19,21 +19,21 @@ import os
 import random
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ranking.archive import SPLITS, Archive, ClassInfo, Sample, Source, open_source
-from ranking.config import ConfigError, add_dataclass_flags, build
+from ranking.archive import Archive, ClassInfo, Sample, Source, open_source
+from ranking.config import add_dataclass_flags, at_least, build
 from ranking.errors import RankingError
-from ranking.files import write_text_atomically
+from ranking.files import append_line, file_sha256, write_atomically, write_text_atomically
+from ranking.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name
 
-FORMAT = "deep-ranking-shards/1"
-MANIFEST = "manifest.json"
 JOURNAL = ".journal.jsonl"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
@@ -46,6 +46,10 @@ class ShardsConfig:
     workers: int = 0  # packing processes; 0 = one per CPU core, up to 8
     seed: int = 0  # train shuffle
     progress: bool = True
+
+    def validate(self) -> None:
+        for name, least in (("shard_size", 1), ("workers", 0), ("seed", 0)):
+            at_least(name, getattr(self, name), least)
 
 
 @dataclass(frozen=True)
@@ -60,14 +64,6 @@ class ShardResult:
     name: str
     count: int
     sha256: str
-
-
-def sample_key(split: str, sample_id: int) -> str:
-    return f"{split}_{sample_id:07d}"
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
@@ -110,31 +106,18 @@ def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo]) -> dict
             "json": json.dumps(meta).encode()}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(plan: ShardPlan, out: Path, source: Source, classes: list[ClassInfo]) -> ShardResult:
-    """Write one shard under a temporary name, fsync, rename. Byte-identical for the same plan."""
-    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
-                for sample in plan.samples:
-                    jpeg = source.read(sample.file)
-                    check_jpeg(jpeg, source.describe(sample.file))
-                    writer.write(encode_sample(sample, jpeg, classes))
-            f.flush()
-            os.fsync(f.fileno())
-        result = ShardResult(plan.name, len(plan.samples), file_sha256(tmp))
-        os.replace(tmp, out / plan.name)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write one shard atomically, hashed before it appears under its name. Byte-identical for the same plan."""
+    def write(f: IO[bytes]) -> None:
+        with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
+            for sample in plan.samples:
+                jpeg = source.read(sample.file)
+                check_jpeg(jpeg, source.describe(sample.file))
+                writer.write(encode_sample(sample, jpeg, classes))
+
+    digest: list[str] = []
+    write_atomically(out / plan.name, write, before_publish=lambda tmp: digest.append(file_sha256(tmp)))
+    return ShardResult(plan.name, len(plan.samples), digest[0])
 
 
 _worker: dict = {}  # each pool process opens the source once
@@ -165,7 +148,7 @@ def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> I
 
 def read_journal(out: Path) -> dict[str, dict]:
     """Finished shards by name (the last record wins); a line torn by a crash is ignored."""
-    records = {}
+    records: dict[str, dict] = {}
     try:
         lines = (out / JOURNAL).read_text().splitlines()
     except FileNotFoundError:
@@ -184,10 +167,7 @@ def journal_line(plan: ShardPlan, result: ShardResult) -> str:
 
 
 def append_journal(out: Path, line: str) -> None:
-    with open(out / JOURNAL, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(out / JOURNAL, line)
 
 
 def finished_shards(out: Path, plans: list[ShardPlan]) -> dict[str, ShardResult]:
@@ -226,7 +206,8 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
 
 def build_manifest(archive: Archive, plans: list[ShardPlan], results: dict[str, ShardResult], seed: int,
                    shard_size: int) -> dict:
-    splits = {split: {"count": len(archive.samples(split)), "shards": []} for split in SPLITS}
+    splits: dict[str, dict[str, Any]] = {split: {"count": len(archive.samples(split)), "shards": []}
+                                         for split in SPLITS}
     for plan in plans:
         split = plan.name.split("-")[0]
         splits[split]["shards"].append(dataclasses.asdict(results[plan.name]))
@@ -241,9 +222,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
     Bad input raises RankingError before anything is written (layout, annotations) or while packing (an
     unreadable member or JPEG); then the shards this run wrote are removed and no manifest.json exists.
     """
-    for name, value, least in (("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
-        if value < least:
-            raise ConfigError(f"{name} must be at least {least}; got {value}")
+    ShardsConfig(str(out), shard_size, workers, seed).validate()
     out = Path(out)
     with Archive(source) as archive:
         plans = plan_shards(archive, shard_size, seed)
@@ -278,51 +257,6 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
         write_text_atomically(out / JOURNAL, "".join(journal_line(plan, results[plan.name]) for plan in plans))
         write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def _check_manifest(manifest, path: Path) -> None:
-    def fail(problem: str):
-        raise RankingError(f"{path}: {problem}")
-
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        fail(f"not a {FORMAT} manifest")
-    classes, splits = manifest.get("classes"), manifest.get("splits")
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and {"wnid", "words"} <= c.keys()
-                                                for c in classes):
-        fail("'classes' must be a list of {wnid, words}")
-    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
-        fail(f"'splits' must have exactly {', '.join(SPLITS)}")
-    for split, entry in splits.items():
-        shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys()
-                                                   for s in shards):
-            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}")
-        if sum(s["count"] for s in shards) != entry.get("count"):
-            fail(f"splits.{split}: count {entry.get('count')} is not the sum of its shards' counts")
-
-
-def load_manifest(directory: str | os.PathLike) -> dict:
-    """The validated manifest.json of a shard folder."""
-    path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RankingError(f"{path}: missing (not a shard folder, or `ranking shards` did not finish)") from None
-    except (ValueError, OSError) as e:
-        raise RankingError(f"{path}: not readable JSON ({e})") from None
-    _check_manifest(manifest, path)
-    return manifest
-
-
-def shard_paths(directory: str | os.PathLike, split: str) -> list[str]:
-    """The split's shard files in manifest order."""
-    if split not in SPLITS:
-        raise RankingError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    paths = [str(Path(directory) / s["name"]) for s in load_manifest(directory)["splits"][split]["shards"]]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise RankingError(f"{missing[0]}: shard listed in {MANIFEST} is missing ({len(missing)} missing)")
-    return paths
 
 
 def verify_shards(directory: str | os.PathLike) -> dict:
