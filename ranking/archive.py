@@ -10,11 +10,17 @@ The layout, inside a folder `tiny-imagenet-200/` (the folder may also be the sou
 
 Stray files (`.DS_Store`, `__MACOSX/`, `*_boxes.txt`, directory entries) are ignored; CRLF line endings and a
 missing final newline are fine. Everything else that does not fit is a RankingError naming the file.
+
+No file is read whole on trust: a file (zip member or file on disk) over MAX_FILE_BYTES is refused, by its listed
+size before reading and again while reading (a zip header may lie), so a zip bomb costs at most that much memory.
+In a folder source every listed file must be a regular file (a symlink counts as what it points to): a FIFO, a
+device or a dangling symlink is refused by name, never opened for a read that would block or never end.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -26,6 +32,14 @@ ROOT_NAME = "tiny-imagenet-200"
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
 VAL_ANNOTATIONS = "val/val_annotations.txt"
+# The largest file read: an image (Tiny ImageNet's are ~2 KB; a 16 MiB JPEG is a ~50-megapixel photo) or a text
+# file (the official words.txt, all of WordNet, is 2.6 MB).
+MAX_FILE_BYTES = 16 * 2**20
+
+
+def _too_large(where: str, size: int | str) -> RankingError:
+    return RankingError(f"{where}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
+                        f"(ranking.archive.MAX_FILE_BYTES)")
 
 
 @dataclass(frozen=True)
@@ -88,9 +102,19 @@ class ZipSource(Source):
 
     def read(self, file: str) -> bytes:
         try:
-            return self.zip.read(self.prefix + file)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+            info = self.zip.getinfo(self.prefix + file)
+        except KeyError:
+            raise RankingError(f"{self.describe(file)}: no such member") from None
+        if info.file_size > MAX_FILE_BYTES:
+            raise _too_large(self.describe(file), f"{info.file_size} uncompressed")
+        try:
+            with self.zip.open(info) as member:
+                data = member.read(MAX_FILE_BYTES + 1)  # never more, whatever the header says
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
             raise RankingError(f"{self.describe(file)}: corrupt zip member ({e})") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise _too_large(self.describe(file), f"more than {MAX_FILE_BYTES} uncompressed")
+        return data
 
     def describe(self, file: str) -> str:
         return f"{self.path}:{self.prefix}{file}"
@@ -113,19 +137,63 @@ class FolderSource(Source):
             for name in names:
                 if not _is_stray((name,)):
                     full = Path(directory, name)
-                    self.sizes[(relative / name).as_posix()] = full.stat().st_size
+                    self.sizes[(relative / name).as_posix()] = _regular_file_size(full)
 
     def files(self) -> dict[str, int]:
         return self.sizes
 
     def read(self, file: str) -> bytes:
-        try:
-            return (self.root / file).read_bytes()
-        except OSError as e:
-            raise RankingError(f"{self.describe(file)}: cannot read ({e.strerror})") from None
+        return read_regular_file(self.root / file)
 
     def describe(self, file: str) -> str:
         return str(self.root / file)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of a regular file (after symlinks); anything else is a RankingError naming it."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise RankingError(f"{path}: cannot read ({e.strerror}{', a dangling symlink' if path.is_symlink() else ''})"
+                           ) from None
+    if not stat.S_ISREG(info.st_mode):
+        via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise RankingError(f"{path}: {_kind(info.st_mode)}{via}, not a regular file; remove it from the source")
+    return info.st_size
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES. Opened without blocking and checked on the open file,
+    so a FIFO or device put in its place after the listing is refused, not waited on or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise RankingError(f"{path}: cannot read ({e.strerror})") from None
+    with open(fd, "rb", buffering=0) as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RankingError(f"{path}: {_kind(info.st_mode)}, not a regular file; remove it from the source")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_large(str(path), info.st_size)
+        try:
+            chunks, left = [], MAX_FILE_BYTES + 1
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                chunks.append(chunk)
+                left -= len(chunk)
+        except OSError as e:
+            raise RankingError(f"{path}: cannot read ({e.strerror})") from None
+    data = b"".join(chunks)
+    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
+        raise _too_large(str(path), f"more than {MAX_FILE_BYTES}")
+    return data
 
 
 def _find_root(source: Path, names: list[str]) -> str:

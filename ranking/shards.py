@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 JOURNAL = ".journal.jsonl"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+MAX_IMAGE_PIXELS = 64 * 2**20  # decoding takes 3 bytes a pixel: 192 MiB at most
 
 
 @dataclass
@@ -97,9 +98,18 @@ def check_jpeg(data: bytes, where: str) -> None:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "JPEG":
                 raise RankingError(f"{where}: not a JPEG (a {image.format} image)")
+            check_pixels(image, where)
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise RankingError(f"{where}: JPEG does not decode ({e})") from None
+
+
+def check_pixels(image: Image.Image, where: str) -> None:
+    """Refuse, before decoding, an image whose pixels would take more memory than any photo needs (a small file
+    can declare a huge uniform image)."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise RankingError(f"{where}: {image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+                           f"(ranking.shards.MAX_IMAGE_PIXELS)")
 
 
 def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo]) -> dict:
