@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,6 +48,7 @@ class ShardsConfig:
     workers: int = 0  # packing processes; 0 = one per CPU core, up to 8
     seed: int = 0  # train shuffle
     progress: bool = True
+    overwrite: bool = False  # replace the shards of another source in --out (or write into a non-shard folder)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,78 @@ def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> I
 # ---------------------------------------------------------------------------------------------------------- resume
 
 
+def source_identity(archive: Archive) -> dict:
+    """What makes a re-run "the same source": its resolved path, or the same content (classes and every sample's
+    split, file, label and size), so that the zip and its extracted folder are the same source."""
+    listing = [[dataclasses.astuple(c) for c in archive.classes]]
+    listing += [[s.split, s.file, s.label, s.size] for split in SPLITS for s in archive.samples(split)]
+    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return {"path": str(archive.path.resolve()), "name": archive.path.name, "fingerprint": fingerprint}
+
+
+def read_journal_source(out: Path) -> dict | None:
+    """The source recorded by the journal's first line ({"source": {...}}); None in a journal without one."""
+    try:
+        with open(out / JOURNAL) as f:
+            record = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    source = record.get("source") if isinstance(record, dict) else None
+    return source if isinstance(source, dict) else None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_destination(out: Path, source: dict, plans: list[ShardPlan]) -> None:
+    """Refuse to write into a folder that holds shards of another source, or other files, before touching it.
+
+    Same source: the journal's recorded source (path or content fingerprint), else the manifest's
+    `source_fingerprint`, else (folders written before these were recorded) the manifest's `source` name or a
+    journal record of one of this run's planned shards. An empty folder, or one holding only temporaries, is free.
+    """
+    if not out.is_dir():
+        return
+    entries = {p.name for p in out.iterdir() if not TEMPORARY.match(p.name)}
+    if not entries or (entries == {JOURNAL} and not read_journal(out)):  # empty, or a run that wrote no shard
+        return
+    hint = "give --overwrite to replace them, or choose another --out"
+    recorded = read_journal_source(out)
+    manifest = _read_json(out / MANIFEST)
+    manifest = manifest if isinstance(manifest, dict) else {}
+    if recorded is not None:
+        if recorded.get("path") == source["path"] or recorded.get("fingerprint") == source["fingerprint"]:
+            return
+        raise RankingError(f"{out}: holds shards of another source ({recorded.get('path')}); {hint}")
+    if isinstance(manifest.get("source_fingerprint"), str):
+        if manifest["source_fingerprint"] == source["fingerprint"]:
+            return
+        raise RankingError(f"{out}: holds shards of another source ({manifest.get('source')}); {hint}")
+    if manifest.get("format") == FORMAT:
+        if manifest.get("source") == source["name"]:
+            return
+        raise RankingError(f"{out}: holds shards of another source ({manifest.get('source')}); {hint}")
+    journal = read_journal(out)
+    if journal:
+        planned = {plan.name: plan.fingerprint for plan in plans}
+        if any(planned.get(name) == record.get("plan") for name, record in journal.items()):
+            return
+        raise RankingError(f"{out}: holds shards of an unfinished run of another source or plan; {hint}")
+    raise RankingError(f"{out}: is not empty and not a shard folder (no {MANIFEST} or {JOURNAL}); give --overwrite "
+                       "to write shards into it anyway (other files are left alone), or choose an empty or new folder")
+
+
+def start_journal(out: Path, source: dict, keep: bool) -> None:
+    """Record the source as the journal's first line before any shard is written; keep the finished shards'
+    records of a re-run of the same source, drop them when overwriting another source's."""
+    kept = "".join(json.dumps(record) + "\n" for record in read_journal(out).values()) if keep else ""
+    write_text_atomically(out / JOURNAL, json.dumps({"source": source}) + "\n" + kept)
+
+
 def read_journal(out: Path) -> dict[str, dict]:
     """Finished shards by name (the last record wins); a line torn by a crash is ignored."""
     records = {}
@@ -236,20 +310,22 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
 
 def build_manifest(archive: Archive, plans: list[ShardPlan], results: dict[str, ShardResult], seed: int,
                    shard_size: int) -> dict:
+    fingerprint = source_identity(archive)["fingerprint"]
     splits = {split: {"count": len(archive.samples(split)), "shards": []} for split in SPLITS}
     for plan in plans:
         split = plan.name.split("-")[0]
         splits[split]["shards"].append(dataclasses.asdict(results[plan.name]))
-    return {"format": FORMAT, "source": archive.path.name, "seed": seed, "shard_size": shard_size,
-            "classes": [dataclasses.asdict(c) for c in archive.classes], "splits": splits}
+    return {"format": FORMAT, "source": archive.path.name, "source_fingerprint": fingerprint, "seed": seed,
+            "shard_size": shard_size, "classes": [dataclasses.asdict(c) for c in archive.classes], "splits": splits}
 
 
 def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, workers: int = 1,
-                 seed: int = 0, progress: bool = False) -> dict:
+                 seed: int = 0, progress: bool = False, overwrite: bool = False) -> dict:
     """Repack the archive into shards under `out`; finished shards of an earlier run are verified and kept.
 
     Bad input raises RankingError before anything is written (layout, annotations) or while packing (an
     unreadable member or JPEG); then the shards this run wrote are removed and no manifest.json exists.
+    A folder holding shards of another source, or other files, is refused unless `overwrite` (check_destination).
     """
     for name, value, least in (("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
         if value < least:
@@ -259,8 +335,17 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
         plans = plan_shards(archive, shard_size, seed)
         if out.exists() and not out.is_dir():
             raise RankingError(f"{out}: exists and is not a folder")
+        identity = source_identity(archive)
+        try:
+            check_destination(out, identity, plans)
+            same_source = True
+        except RankingError:
+            if not overwrite:
+                raise
+            same_source = False
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        start_journal(out, identity, keep=same_source)
         remove_leftovers(out, plans)
         results = finished_shards(out, plans)
         todo = [plan for plan in plans if plan.name not in results]
@@ -285,7 +370,8 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
                 remove_leftovers(out, plans)  # temporaries of pool workers stopped mid-shard
 
         manifest = build_manifest(archive, plans, results, seed, shard_size)
-        write_text_atomically(out / JOURNAL, "".join(journal_line(plan, results[plan.name]) for plan in plans))
+        write_text_atomically(out / JOURNAL, json.dumps({"source": identity}) + "\n"
+                              + "".join(journal_line(plan, results[plan.name]) for plan in plans))
         write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -373,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("SOURCE is required (or --verify DIR)")
     config = build(ShardsConfig, None, {k: v for k, v in vars(args).items() if k not in ("source", "verify")})
     out = config.out or str(Path("shards") / Path(args.source).name.removesuffix(".zip"))
-    manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress)
+    manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress,
+                            config.overwrite)
     print(f"{out}: {summary(manifest)}")
     return 0
