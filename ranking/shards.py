@@ -421,18 +421,148 @@ def shard_paths(directory: str | os.PathLike, split: str) -> list[str]:
     return paths
 
 
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_manifest_consistency(manifest, path: Path) -> None:
+    """The types and cross-checks of every manifest value, each failure a RankingError naming the field: run on
+    the parsed JSON before anything indexes into it, so a hand-edited manifest never gives a traceback.
+
+    (To be folded into `_check_manifest`, which `load_manifest` runs; until then `verify_shards` runs it.)
+    """
+    def fail(problem: str):
+        raise RankingError(f"{path}: {problem}")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fail(f"not a {FORMAT} manifest")
+    for key, least in (("seed", 0), ("shard_size", 1)):
+        if key in manifest and not _is_count(manifest[key], least):
+            fail(f"'{key}' must be a whole number of at least {least}, got {_short(manifest[key])}")
+    for key in ("source", "source_fingerprint"):
+        if key in manifest and not isinstance(manifest[key], str):
+            fail(f"'{key}' must be a string, got {_short(manifest[key])}")
+    classes = manifest.get("classes")
+    if not isinstance(classes, list):
+        fail(f"'classes' must be a list of {{wnid, words}}, got {_short(classes)}")
+    seen: set[str] = set()
+    for index, entry in enumerate(classes):
+        if not (isinstance(entry, dict) and isinstance(entry.get("wnid"), str) and entry["wnid"]
+                and isinstance(entry.get("words"), str)):
+            fail(f"classes[{index}] must be {{wnid: non-empty string, words: string}}, got {_short(entry)}")
+        if entry["wnid"] in seen:
+            fail(f"classes[{index}]: {entry['wnid']} is listed twice")
+        seen.add(entry["wnid"])
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        fail(f"'splits' must have exactly {', '.join(SPLITS)}")
+    for split in SPLITS:
+        entry = splits[split]
+        if not isinstance(entry, dict):
+            fail(f"splits.{split} must be {{count, shards}}, got {_short(entry)}")
+        if not _is_count(entry.get("count")):
+            fail(f"splits.{split}.count must be a whole number, got {_short(entry.get('count'))}")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}, got {_short(shards)}")
+        for index, shard in enumerate(shards):
+            where = f"splits.{split}.shards[{index}]"
+            if not isinstance(shard, dict):
+                fail(f"{where} must be {{name, count, sha256}}, got {_short(shard)}")
+            if shard.get("name") != shard_name(split, index):  # also keeps paths inside the folder
+                fail(f"{where}.name must be {shard_name(split, index)!r}, got {_short(shard.get('name'))}")
+            if not _is_count(shard.get("count"), 1):
+                fail(f"{where}.count must be a whole number of at least 1, got {_short(shard.get('count'))}")
+            if not (isinstance(shard.get("sha256"), str) and SHA256_HEX.match(shard["sha256"])):
+                fail(f"{where}.sha256 must be 64 lowercase hex digits, got {_short(shard.get('sha256'))}")
+        total = sum(shard["count"] for shard in shards)
+        if total != entry["count"]:
+            fail(f"splits.{split}: count {entry['count']} is not the sum of its shards' counts ({total})")
+    labelled = [split for split in ("train", "val") if splits[split]["count"]]
+    if labelled and not classes:
+        fail(f"'classes' is empty, but the {labelled[0]} split holds labelled samples")
+
+
+def check_shard_samples(path: Path, split: str, expected: int, num_classes: int, ids: set[int]) -> list[str]:
+    """Open one shard: its samples' count, keys and labels against the manifest; adds the ids it holds to `ids`.
+    Problems come back as text naming the shard."""
+    name, found, problems = path.name, 0, []
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, extension = member.name.partition(".")
+                samples.setdefault(key, {})
+                if extension == "cls":
+                    samples[key]["cls"] = tar.extractfile(member).read(32)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return [f"{name} is not a readable tar ({e})"]
+    for key, fields in samples.items():
+        found += 1
+        prefix, _, digits = key.rpartition("_")
+        if prefix != split or not digits.isdigit():
+            problems.append(f"{name} holds sample {_short(key)}, not a {split}_NNNNNNN key")
+            continue
+        sample_id = int(digits)
+        if sample_id in ids:
+            problems.append(f"{name} holds sample {key} twice or also another shard does")
+        ids.add(sample_id)
+        try:
+            label = int(fields.get("cls", b"").decode())
+        except ValueError:
+            problems.append(f"{name}: sample {key} has no integer label")
+            continue
+        if split == "test" and label != -1:
+            problems.append(f"{name}: test sample {key} has label {label}; test samples are unlabelled (-1)")
+        elif split != "test" and not 0 <= label < num_classes:
+            problems.append(f"{name}: sample {key} has label {label}, outside the {num_classes} classes")
+    if found != expected:
+        problems.append(f"{name} holds {found} samples, the manifest says {expected}")
+    return problems[:3]
+
+
 def verify_shards(directory: str | os.PathLike) -> dict:
-    """Re-hash every shard against the manifest; returns the manifest, raises RankingError naming bad shards."""
+    """Check a shard folder end to end; returns the manifest, raises RankingError naming bad shards.
+
+    Every manifest value is checked (check_manifest_consistency), every shard re-hashed against it, then opened:
+    its sample count, keys and labels must match the manifest and the split's ids must be exactly 0..count-1.
+    """
     directory = Path(directory)
+    raw = _read_json(directory / MANIFEST)
+    if raw is not None:  # load_manifest names a missing or unreadable manifest
+        check_manifest_consistency(raw, directory / MANIFEST)
     manifest = load_manifest(directory)
     problems = []
     for split in SPLITS:
+        ids: set[int] = set()
+        readable = True
         for shard in manifest["splits"][split]["shards"]:
             path = directory / shard["name"]
             if not path.is_file():
                 problems.append(f"{shard['name']} missing")
             elif file_sha256(path) != shard["sha256"]:
                 problems.append(f"{shard['name']} sha256 mismatch")
+            else:
+                found = check_shard_samples(path, split, shard["count"], len(manifest["classes"]), ids)
+                problems += found
+                readable = readable and not found
+                continue
+            readable = False
+        count = manifest["splits"][split]["count"]
+        if readable and ids != set(range(count)):
+            outside = sorted(ids - set(range(count)))
+            problems.append(f"{split} shards hold ids outside 0..{count - 1}, e.g. {outside[0]}" if outside else
+                            f"{split} shards lack ids of 0..{count - 1}, e.g. {min(set(range(count)) - ids)}")
     if problems:
         raise RankingError(f"{directory}: {len(problems)} shard(s) fail verification: {', '.join(problems)}")
     return manifest

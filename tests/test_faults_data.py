@@ -194,3 +194,199 @@ def test_oversized_file_in_a_folder_is_refused_by_its_size_before_reading(synth_
     assert str(raised) == (f"{big}: {MAX_FILE_BYTES + 1} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
                            "(ranking.archive.MAX_FILE_BYTES)")
     assert peak < MAX_FILE_BYTES
+
+
+# ------------------------------------------------------------------------------------------------ 8: --out
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def other_zip(tmp_path_factory) -> Path:
+    """Another source: same layout, other images and classes."""
+    from ranking.synth import write_synthetic_archive
+
+    path = tmp_path_factory.mktemp("other") / "other.zip"
+    write_synthetic_archive(path, classes=3, train_per_class=10, val_per_class=4, test_count=3, seed=5)
+    return path
+
+
+def test_shards_of_another_source_are_refused_and_kept(synth_zip, other_zip, tmp_path, capsys):
+    out = tmp_path / "shards"
+    write_shards(synth_zip, out, shard_size=100)
+    before = tree(out)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["shards", str(other_zip), "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ranking shards: error: {out}: holds shards of another source ({synth_zip}); give --overwrite to replace "
+        "them, or choose another --out"]
+    assert tree(out) == before  # nothing deleted, nothing written
+    verify_shards(out)
+
+    assert main([str(other_zip), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    manifest = verify_shards(out)
+    assert manifest["source"] == "other.zip" and manifest["splits"]["train"]["count"] == 30
+    assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
+
+
+def test_rerun_of_the_same_source_still_resumes(synth_zip, tmp_path):
+    """Same path, or the same content elsewhere (the zip copied or extracted): a re-run, not another source."""
+    out = tmp_path / "shards"
+    first = write_shards(synth_zip, out, shard_size=50)
+    (out / "manifest.json").unlink()
+    (out / "train-000002.tar").unlink()
+    assert write_shards(synth_zip, out, shard_size=50) == first
+    copy = tmp_path / "copy.zip"
+    shutil.copy(synth_zip, copy)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = write_shards(copy, out, shard_size=50)
+    assert again["splits"] == first["splits"] and again["source_fingerprint"] == first["source_fingerprint"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == stamps  # nothing rewritten
+    assert write_shards(extract(synth_zip, tmp_path / "x"), out, shard_size=120)["splits"]["train"]["count"] == 240
+
+
+def test_interrupted_first_run_is_recognised_by_its_journal(synth_zip, other_zip, tmp_path):
+    """A crash before the manifest: the journal's first line names the source, so the re-run resumes and
+    another source is still refused."""
+    out = tmp_path / "shards"
+    write_shards(synth_zip, out, shard_size=50)
+    (out / "manifest.json").unlink()
+    (out / "train-000004.tar").unlink()
+    with pytest.raises(RankingError, match="holds shards of another source"):
+        write_shards(other_zip, out, shard_size=50)
+    write_shards(synth_zip, out, shard_size=50)
+    verify_shards(out)
+
+
+def test_folder_written_before_sources_were_recorded_is_still_recognised(synth_zip, other_zip, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(synth_zip, out, shard_size=50)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["source_fingerprint"]  # as written by the previous version
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / ".journal.jsonl").write_text("".join(line + "\n" for line in (out / ".journal.jsonl").read_text()
+                                                .splitlines()[1:]))
+    with pytest.raises(RankingError, match=r"holds shards of another source \(synth.zip\)"):
+        write_shards(other_zip, out, shard_size=50)
+    write_shards(synth_zip, out, shard_size=50)
+    verify_shards(out)
+
+
+def test_non_empty_folder_that_is_not_a_shard_folder_is_refused(synth_zip, tmp_path):
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(RankingError) as error:
+        write_shards(synth_zip, out, shard_size=100)
+    assert one_line(error) == (f"{out}: is not empty and not a shard folder (no manifest.json or .journal.jsonl); "
+                               "give --overwrite to write shards into it anyway (other files are left alone), or "
+                               "choose an empty or new folder")
+    assert tree(out) == {"thesis.tex": b"years of work"}
+    write_shards(synth_zip, out, shard_size=100, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "years of work"
+    verify_shards(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_shards(synth_zip, empty, shard_size=100)  # an existing empty folder is fine
+
+
+def test_failed_first_run_into_an_existing_folder_does_not_claim_it(synth_zip, other_zip, tmp_path):
+    """Bad input stops the first run before any shard: the folder is free for another source."""
+    bad = copy_zip_with_bomb(synth_zip, tmp_path / "bad.zip", TRAIN_JPEG, size=MAX_FILE_BYTES + 2**20)
+    out = tmp_path / "shards"
+    out.mkdir()
+    with pytest.raises(RankingError):
+        write_shards(bad, out, shard_size=1000)
+    write_shards(other_zip, out, shard_size=1000)
+    verify_shards(out)
+
+
+# ------------------------------------------------------------------------------------------------ 12, 13: verify
+
+
+@pytest.fixture
+def shards(synth_shards, tmp_path) -> Path:
+    """A private copy of the session's synthetic shards to damage."""
+    return Path(shutil.copytree(synth_shards, tmp_path / "shards"))
+
+
+def edit_manifest(directory: Path, edit) -> None:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    edit(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def verify_error(directory: Path) -> str:
+    with pytest.raises(RankingError) as error:
+        verify_shards(directory)
+    return one_line(error)
+
+
+def set_counts(split: str, index: int, delta: int):
+    def edit(m):
+        m["splits"][split]["shards"][index]["count"] += delta
+        m["splits"][split]["count"] += delta
+    return edit
+
+
+def test_verify_opens_the_shards_and_counts_their_samples(shards):
+    edit_manifest(shards, set_counts("train", 1, -1))  # counts still add up, sha256 still matches
+    assert verify_error(shards) == (f"{shards}: 1 shard(s) fail verification: train-000001.tar holds 50 samples, "
+                                    "the manifest says 49")
+
+
+def test_verify_checks_labels_against_the_classes(shards):
+    edit_manifest(shards, lambda m: m["classes"].pop())  # 6 classes in the shards, 5 in the manifest
+    message = verify_error(shards)
+    assert message.startswith(f"{shards}: ") and "train-000000.tar: sample train_" in message
+    assert "has label 5, outside the 5 classes" in message
+
+
+def test_verify_checks_the_ids_of_a_split(shards):
+    """A val shard listed twice: counts, hashes and labels all fit, the ids do not."""
+    def edit(m):
+        val = m["splits"]["val"]
+        val["shards"][1] = {**val["shards"][0], "name": "val-000001.tar"}
+        val["count"] = 2 * val["shards"][0]["count"]
+    shutil.copy(shards / "val-000000.tar", shards / "val-000001.tar")
+    edit_manifest(shards, edit)
+    assert "val-000001.tar holds sample val_0000000 twice or also another shard does" in verify_error(shards)
+
+
+def test_verify_passes_untouched_shards(shards, capsys):
+    assert main(["--verify", str(shards)]) == 0
+    assert capsys.readouterr().out.startswith(f"{shards}: OK, train 240 samples in 5 shard(s)")
+
+
+MALFORMED = {
+    "count is a string": (lambda m: m["splits"]["train"]["shards"][0].update(count="50"),
+                          "splits.train.shards[0].count must be a whole number of at least 1, got '50'"),
+    "split count is a bool": (lambda m: m["splits"]["test"].update(count=True),
+                              "splits.test.count must be a whole number, got True"),
+    "sha256 is not a string": (lambda m: m["splits"]["val"]["shards"][1].update(sha256=12),
+                               "splits.val.shards[1].sha256 must be 64 lowercase hex digits, got 12"),
+    "classes entry is not strings": (lambda m: m["classes"].__setitem__(2, {"wnid": 3, "words": None}),
+                                     "classes[2] must be {wnid: non-empty string, words: string}, got "),
+    "classes entry is a string": (lambda m: m["classes"].__setitem__(0, "n01"), "classes[0] must be"),
+    "duplicate class": (lambda m: m["classes"].__setitem__(1, m["classes"][0]), "classes[1]: n9000000"),
+    "shard name escapes the folder": (lambda m: m["splits"]["test"]["shards"][0].update(name="../../etc/passwd"),
+                                      "splits.test.shards[0].name must be 'test-000000.tar', got '../../etc/passwd'"),
+    "split is a list": (lambda m: m["splits"].update(val=[]), "splits.val must be {count, shards}, got []"),
+    "shards is a dict": (lambda m: m["splits"]["val"].update(shards={}), "splits.val.shards must be a list"),
+    "seed is a float": (lambda m: m.update(seed=0.5), "'seed' must be a whole number of at least 0, got 0.5"),
+    "classes emptied": (lambda m: m.update(classes=[]), "'classes' is empty, but the train split holds labelled"),
+    "not an object": (lambda m: m.clear() or m.update(format=["x"]), "not a deep-ranking-shards/1 manifest"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_manifest_value_is_one_line_not_a_traceback(case, shards, capsys):
+    edit, message = MALFORMED[case]
+    edit_manifest(shards, edit)
+    assert verify_error(shards).startswith(f"{shards / 'manifest.json'}: {message}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["shards", "--verify", str(shards)])
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.splitlines()) == 1
