@@ -1,4 +1,7 @@
-"""`ranking shards SOURCE --out DIR`: repack Tiny ImageNet into WebDataset shards; `ranking shards --verify DIR`.
+"""`ranking shards SOURCE --out DIR`: repack a dataset into WebDataset shards; `ranking shards --verify DIR`.
+
+SOURCE is Tiny ImageNet (zip or folder), class folders of images, or a folder of unlabelled images
+(ranking.archive.open_archive); in the folder layouts images that are not RGB JPEGs are converted once.
 
 Output (DESIGN.md, "Shards"): `DIR/{train,val,test}-NNNNNN.tar` and `DIR/manifest.json`. A sample's id is its
 position in its split's files sorted by path; train samples are written in a seeded permutation so every shard
@@ -28,7 +31,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ranking.archive import SPLITS, Archive, ClassInfo, Sample, Source, open_source
+from ranking.archive import SPLITS, Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
 from ranking.config import ConfigError, add_dataclass_flags, build
 from ranking.errors import RankingError
 from ranking.files import write_text_atomically
@@ -39,6 +42,7 @@ JOURNAL = ".journal.jsonl"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
 MAX_IMAGE_PIXELS = 64 * 2**20  # decoding takes 3 bytes a pixel: 192 MiB at most
+JPEG_QUALITY = 95  # of the images converted to RGB JPEG (folder layouts: PNG, WebP, grayscale or CMYK JPEG...)
 
 
 @dataclass
@@ -49,6 +53,8 @@ class ShardsConfig:
     seed: int = 0  # train shuffle
     progress: bool = True
     overwrite: bool = False  # replace the shards of another source in --out (or write into a non-shard folder)
+    val_source: str = ""  # class folders: the val images, as class folders too
+    val_fraction: float = 0.0  # class folders: or this seeded share of each class's images becomes val
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class ShardPlan:
     name: str
     samples: tuple[Sample, ...]
     fingerprint: str  # sha256 of what the shard will hold: a finished shard with another fingerprint is stale
+    convert: frozenset[str] = frozenset()  # files to re-encode as RGB JPEG (folder layouts)
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ def shard_name(split: str, index: int) -> str:
 # ---------------------------------------------------------------------------------------------------------- plan
 
 
-def plan_shards(archive: Archive, shard_size: int, seed: int) -> list[ShardPlan]:
+def plan_shards(archive: Archive | FolderDataset, shard_size: int, seed: int) -> list[ShardPlan]:
     """Every shard of every split, with its samples in write order. Ids do not depend on shard size or seed."""
     classes = json.dumps([dataclasses.astuple(c) for c in archive.classes])
     plans = []
@@ -86,8 +93,12 @@ def plan_shards(archive: Archive, shard_size: int, seed: int) -> list[ShardPlan]
             random.Random(seed).shuffle(samples)
         for index, start in enumerate(range(0, len(samples), shard_size)):
             chunk = tuple(samples[start:start + shard_size])
-            content = json.dumps([FORMAT, classes, [dataclasses.astuple(s) for s in chunk]])
-            plans.append(ShardPlan(shard_name(split, index), chunk, hashlib.sha256(content.encode()).hexdigest()))
+            convert = frozenset(s.file for s in chunk if s.file in archive.converted)
+            content = [FORMAT, classes, [dataclasses.astuple(s) for s in chunk]]
+            if convert:  # (absent from Tiny ImageNet's plans, whose fingerprints stay those of earlier versions)
+                content.append([JPEG_QUALITY, sorted(convert)])
+            fingerprint = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+            plans.append(ShardPlan(shard_name(split, index), chunk, fingerprint, convert))
     return plans
 
 
@@ -114,10 +125,32 @@ def check_pixels(image: Image.Image, where: str) -> None:
                            f"(ranking.shards.MAX_IMAGE_PIXELS)")
 
 
-def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo]) -> dict:
+def to_rgb_jpeg(data: bytes, where: str) -> bytes:
+    """Decode any image PIL reads and encode it once as an RGB JPEG (transparency over white); RankingError naming
+    the file if it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image, where)
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RankingError(f"{where}: image does not decode ({e})") from None
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo], converted: bool = False) -> dict:
     info = classes[sample.label] if sample.label >= 0 else None
     meta = {"id": sample.id, "split": sample.split, "label": sample.label, "wnid": info and info.wnid,
             "words": info and info.words, "file": sample.file}
+    if converted:
+        meta["converted"] = True
     return {"__key__": sample_key(sample.split, sample.id), "jpg": jpeg, "cls": str(sample.label).encode(),
             "json": json.dumps(meta).encode()}
 
@@ -138,8 +171,11 @@ def write_shard(plan: ShardPlan, out: Path, source: Source, classes: list[ClassI
             with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
                 for sample in plan.samples:
                     jpeg = source.read(sample.file)
-                    check_jpeg(jpeg, source.describe(sample.file))
-                    writer.write(encode_sample(sample, jpeg, classes))
+                    if sample.file in plan.convert:
+                        jpeg = to_rgb_jpeg(jpeg, source.describe(sample.file))
+                    else:
+                        check_jpeg(jpeg, source.describe(sample.file))
+                    writer.write(encode_sample(sample, jpeg, classes, sample.file in plan.convert))
             f.flush()
             os.fsync(f.fileno())
         result = ShardResult(plan.name, len(plan.samples), file_sha256(tmp))
@@ -152,8 +188,8 @@ def write_shard(plan: ShardPlan, out: Path, source: Source, classes: list[ClassI
 _worker: dict = {}  # each pool process opens the source once
 
 
-def _open_worker_source(path: str, classes: list[ClassInfo]) -> None:
-    _worker.update(source=open_source(path), classes=classes)
+def _open_worker_source(spec: tuple, classes: list[ClassInfo]) -> None:
+    _worker.update(source=reopen_source(spec), classes=classes)
 
 
 def _write_in_worker(task: tuple[ShardPlan, str]) -> ShardResult:
@@ -161,13 +197,14 @@ def _write_in_worker(task: tuple[ShardPlan, str]) -> ShardResult:
     return write_shard(plan, Path(out), _worker["source"], _worker["classes"])
 
 
-def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> Iterator[ShardResult]:
+def pack(archive: Archive | FolderDataset, plans: list[ShardPlan], out: Path,
+         workers: int) -> Iterator[ShardResult]:
     """Write the shards, yielding each as it finishes (in any order with several workers)."""
     if workers <= 1 or len(plans) <= 1:
         for plan in plans:
             yield write_shard(plan, out, archive.source, archive.classes)
         return
-    initargs = (str(archive.path), archive.classes)
+    initargs = (archive.spec(), archive.classes)
     with multiprocessing.Pool(min(workers, len(plans)), _open_worker_source, initargs) as pool:
         yield from pool.imap_unordered(_write_in_worker, [(plan, str(out)) for plan in plans])
 
@@ -175,7 +212,7 @@ def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> I
 # ---------------------------------------------------------------------------------------------------------- resume
 
 
-def source_identity(archive: Archive) -> dict:
+def source_identity(archive: Archive | FolderDataset) -> dict:
     """What makes a re-run "the same source": its resolved path, or the same content (classes and every sample's
     split, file, label and size), so that the zip and its extracted folder are the same source."""
     listing = [[dataclasses.astuple(c) for c in archive.classes]]
@@ -308,30 +345,39 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------- main API
 
 
-def build_manifest(archive: Archive, plans: list[ShardPlan], results: dict[str, ShardResult], seed: int,
-                   shard_size: int) -> dict:
+def build_manifest(archive: Archive | FolderDataset, plans: list[ShardPlan], results: dict[str, ShardResult],
+                   seed: int, shard_size: int) -> dict:
     fingerprint = source_identity(archive)["fingerprint"]
     splits = {split: {"count": len(archive.samples(split)), "shards": []} for split in SPLITS}
     for plan in plans:
         split = plan.name.split("-")[0]
         splits[split]["shards"].append(dataclasses.asdict(results[plan.name]))
-    return {"format": FORMAT, "source": archive.path.name, "source_fingerprint": fingerprint, "seed": seed,
-            "shard_size": shard_size, "classes": [dataclasses.asdict(c) for c in archive.classes], "splits": splits}
+    manifest = {"format": FORMAT, "source": archive.path.name, "source_fingerprint": fingerprint, "seed": seed,
+                "shard_size": shard_size, "classes": [dataclasses.asdict(c) for c in archive.classes],
+                "splits": splits}
+    if archive.layout != "tiny-imagenet":  # (Tiny ImageNet's manifests stay as they were)
+        manifest["layout"] = archive.layout
+        for split, entry in splits.items():
+            entry["converted"] = sum(s.file in archive.converted for s in archive.samples(split))
+    return manifest
 
 
 def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, workers: int = 1,
-                 seed: int = 0, progress: bool = False, overwrite: bool = False) -> dict:
+                 seed: int = 0, progress: bool = False, overwrite: bool = False,
+                 val_source: str | os.PathLike | None = None, val_fraction: float = 0.0) -> dict:
     """Repack the archive into shards under `out`; finished shards of an earlier run are verified and kept.
 
     Bad input raises RankingError before anything is written (layout, annotations) or while packing (an
     unreadable member or JPEG); then the shards this run wrote are removed and no manifest.json exists.
     A folder holding shards of another source, or other files, is refused unless `overwrite` (check_destination).
+    `source` is Tiny ImageNet (zip or folder), class folders (with `val_source` or `val_fraction`, split by `seed`)
+    or a folder of images (ranking.archive.open_archive).
     """
     for name, value, least in (("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
         if value < least:
             raise ConfigError(f"{name} must be at least {least}; got {value}")
     out = Path(out)
-    with Archive(source) as archive:
+    with open_archive(source, val_source, val_fraction, seed) as archive:
         plans = plan_shards(archive, shard_size, seed)
         if out.exists() and not out.is_dir():
             raise RankingError(f"{out}: exists and is not a folder")
@@ -447,7 +493,7 @@ def check_manifest_consistency(manifest, path: Path) -> None:
     for key, least in (("seed", 0), ("shard_size", 1)):
         if key in manifest and not _is_count(manifest[key], least):
             fail(f"'{key}' must be a whole number of at least {least}, got {_short(manifest[key])}")
-    for key in ("source", "source_fingerprint"):
+    for key in ("source", "source_fingerprint", "layout"):
         if key in manifest and not isinstance(manifest[key], str):
             fail(f"'{key}' must be a string, got {_short(manifest[key])}")
     classes = manifest.get("classes")
@@ -483,6 +529,8 @@ def check_manifest_consistency(manifest, path: Path) -> None:
                 fail(f"{where}.count must be a whole number of at least 1, got {_short(shard.get('count'))}")
             if not (isinstance(shard.get("sha256"), str) and SHA256_HEX.match(shard["sha256"])):
                 fail(f"{where}.sha256 must be 64 lowercase hex digits, got {_short(shard.get('sha256'))}")
+        if "converted" in entry and not (_is_count(entry["converted"]) and entry["converted"] <= entry["count"]):
+            fail(f"splits.{split}.converted must be a whole number up to the count, got {_short(entry['converted'])}")
         total = sum(shard["count"] for shard in shards)
         if total != entry["count"]:
             fail(f"splits.{split}: count {entry['count']} is not the sum of its shards' counts ({total})")
@@ -575,7 +623,8 @@ def summary(manifest: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder")
+    parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder, a folder of class "
+                        "folders of images (ImageFolder), or a folder of unlabelled images (a gallery: the test split)")
     parser.add_argument("--verify", metavar="DIR", help="re-hash the shards of DIR against its manifest and exit")
     add_dataclass_flags(parser, ShardsConfig)
     args = parser.parse_args(argv)
@@ -590,6 +639,6 @@ def main(argv: list[str] | None = None) -> int:
     config = build(ShardsConfig, None, {k: v for k, v in vars(args).items() if k not in ("source", "verify")})
     out = config.out or str(Path("shards") / Path(args.source).name.removesuffix(".zip"))
     manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress,
-                            config.overwrite)
+                            config.overwrite, config.val_source or None, config.val_fraction)
     print(f"{out}: {summary(manifest)}")
     return 0
