@@ -11,9 +11,6 @@ import json
 import os
 import shutil
 import struct
-import tarfile
-import threading
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -24,7 +21,7 @@ from PIL import Image
 from ranking import cli
 from ranking.archive import MAX_FILE_BYTES, Archive, open_source
 from ranking.errors import RankingError
-from ranking.shards import MAX_IMAGE_PIXELS, load_manifest, main, verify_shards, write_shards
+from ranking.shards import MAX_IMAGE_PIXELS, main, verify_shards, write_shards
 
 ROOT = "tiny-imagenet-200/"
 TRAIN_JPEG = ROOT + "train/n90000003/images/n90000003_7.JPEG"
@@ -221,8 +218,8 @@ def test_shards_of_another_source_are_refused_and_kept(synth_zip, other_zip, tmp
         cli.main(["shards", str(other_zip), "--out", str(out), "--no-progress"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"ranking shards: error: {out}: holds shards of another source ({synth_zip}); give --overwrite to replace "
-        "them, or choose another --out"]
+        (f"ranking shards: error: {out}: holds shards of another source ({synth_zip}); give --overwrite to replace "
+         "them, or choose another --out")]
     assert tree(out) == before  # nothing deleted, nothing written
     verify_shards(out)
 

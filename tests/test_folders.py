@@ -230,7 +230,7 @@ def test_empty_folder_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["listing", "packing"])
 def test_unreadable_image_is_one_line_naming_the_file(where, tree, tmp_path):
-    root, written = tree
+    _, written = tree
     copy = tmp_path / "copy"
     for name, data in written.items():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def test_unreadable_image_is_one_line_naming_the_file(where, tree, tmp_path):
 
 
 def test_images_beside_class_folders_are_ambiguous(tree, tmp_path):
-    root, written = tree
+    _, written = tree
     mixed = tmp_path / "mixed"
     (mixed / "cat").mkdir(parents=True)
     (mixed / "cat" / "a.jpg").write_bytes(written[sorted(written)[0]])

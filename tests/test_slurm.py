@@ -62,9 +62,9 @@ def test_arithmetic_injection_in_a_knob_does_not_run(knob: str, tmp_path: Path) 
                      tmp_path)
     assert not (tmp_path / "injected").exists()
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == [f"slurm: error: {knob}=HOME\\[\\$\\(touch\\ injected\\)\\]: must be a "
-                                        f"whole number from {0 if knob == 'GPUS_PER_NODE' else 1} to "
-                                        f"{65535 if knob == 'MAIN_PROCESS_PORT' else 1024}"]
+    low, high = (0 if knob == "GPUS_PER_NODE" else 1), (65535 if knob == "MAIN_PROCESS_PORT" else 1024)
+    assert done.stderr.splitlines() == [
+        f"slurm: error: {knob}=HOME\\[\\$\\(touch\\ injected\\)\\]: must be a whole number from {low} to {high}"]
 
 
 @pytest.mark.parametrize("knob,value", [("PROCS_PER_NODE", "2x"), ("GPUS_PER_NODE", "8gpus"),
