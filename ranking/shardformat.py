@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from ranking.files import read_json, write_atomically
 FORMAT = "deep-ranking-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -42,25 +44,71 @@ def key_id(key: str) -> int:
 # ---------------------------------------------------------------------------------------------------------- manifest
 
 
+def shortened(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _check_manifest(manifest: Any, path: Path) -> None:
+    """The types and cross-checks of every manifest value, each failure a RankingError naming the field: run on
+    the parsed JSON before anything indexes into it, so a hand-edited manifest never gives a traceback."""
     def fail(problem: str) -> NoReturn:
         raise RankingError(f"{path}: {problem}")
 
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fail(f"not a {FORMAT} manifest")
-    classes, splits = manifest.get("classes"), manifest.get("splits")
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and {"wnid", "words"} <= c.keys()
-                                                for c in classes):
-        fail("'classes' must be a list of {wnid, words}")
+    for key, least in (("seed", 0), ("shard_size", 1)):
+        if key in manifest and not _is_count(manifest[key], least):
+            fail(f"'{key}' must be a whole number of at least {least}, got {shortened(manifest[key])}")
+    for key in ("source", "source_fingerprint", "layout"):
+        if key in manifest and not isinstance(manifest[key], str):
+            fail(f"'{key}' must be a string, got {shortened(manifest[key])}")
+    classes = manifest.get("classes")
+    if not isinstance(classes, list):
+        fail(f"'classes' must be a list of {{wnid, words}}, got {shortened(classes)}")
+    seen: set[str] = set()
+    for index, entry in enumerate(classes):
+        if not (isinstance(entry, dict) and isinstance(entry.get("wnid"), str) and entry["wnid"]
+                and isinstance(entry.get("words"), str)):
+            fail(f"classes[{index}] must be {{wnid: non-empty string, words: string}}, got {shortened(entry)}")
+        if entry["wnid"] in seen:
+            fail(f"classes[{index}]: {entry['wnid']} is listed twice")
+        seen.add(entry["wnid"])
+    splits = manifest.get("splits")
     if not isinstance(splits, dict) or set(splits) != set(SPLITS):
         fail(f"'splits' must have exactly {', '.join(SPLITS)}")
-    for split, entry in splits.items():
-        shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys()
-                                                   for s in shards):
-            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}")
-        if sum(s["count"] for s in shards) != entry.get("count"):
-            fail(f"splits.{split}: count {entry.get('count')} is not the sum of its shards' counts")
+    for split in SPLITS:
+        entry = splits[split]
+        if not isinstance(entry, dict):
+            fail(f"splits.{split} must be {{count, shards}}, got {shortened(entry)}")
+        if not _is_count(entry.get("count")):
+            fail(f"splits.{split}.count must be a whole number, got {shortened(entry.get('count'))}")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}, got {shortened(shards)}")
+        for index, shard in enumerate(shards):
+            where = f"splits.{split}.shards[{index}]"
+            if not isinstance(shard, dict):
+                fail(f"{where} must be {{name, count, sha256}}, got {shortened(shard)}")
+            if shard.get("name") != shard_name(split, index):  # also keeps paths inside the folder
+                fail(f"{where}.name must be {shard_name(split, index)!r}, got {shortened(shard.get('name'))}")
+            if not _is_count(shard.get("count"), 1):
+                fail(f"{where}.count must be a whole number of at least 1, got {shortened(shard.get('count'))}")
+            if not (isinstance(shard.get("sha256"), str) and SHA256_HEX.match(shard["sha256"])):
+                fail(f"{where}.sha256 must be 64 lowercase hex digits, got {shortened(shard.get('sha256'))}")
+        if "converted" in entry and not (_is_count(entry["converted"]) and entry["converted"] <= entry["count"]):
+            fail(f"splits.{split}.converted must be a whole number up to the count, "
+                 f"got {shortened(entry['converted'])}")
+        total = sum(shard["count"] for shard in shards)
+        if total != entry["count"]:
+            fail(f"splits.{split}: count {entry['count']} is not the sum of its shards' counts ({total})")
+    labelled = [split for split in ("train", "val") if splits[split]["count"]]
+    if labelled and not classes:
+        fail(f"'classes' is empty, but the {labelled[0]} split holds labelled samples")
 
 
 def load_manifest(directory: str | os.PathLike) -> dict:
