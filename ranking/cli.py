@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "evaluate": ("ranking.evaluate", "embed gallery and queries, compute retrieval metrics"),
     "report": ("ranking.report", "plots, ranked-result grids and the precision table of a run"),
     "search": ("ranking.search", "nearest gallery images for query images"),
+    "compare": ("ranking.compare", "runs side by side: differing config keys, final and best metrics, overlaid curves"),
     "demo": ("ranking.demo", "the whole pipeline on embedded synthetic data"),
 }
 
