@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ranking import cli, config, embed, evalfolder, models, retrieval, runfolder, tracking
+from ranking import cli, config, embed, evalfolder, models, retrieval, runfolder, tracking, validation
 from ranking.config import EvalConfig, TrainConfig
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
@@ -33,6 +33,12 @@ def check_complete(found: EmbeddingSet, expected: int, shards: str, split: str) 
     if len(found.ids) != expected or (expected and int(found.ids[-1]) != expected - 1):
         raise RankingError(f"{shards}: the {split} shards hold {len(found.ids)} distinct ids, manifest.json says "
                            f"{expected} (ids 0..{expected - 1})")
+
+
+def check_subset(found: EmbeddingSet, wanted: frozenset[int], shards: str) -> None:
+    if set(found.ids.tolist()) != wanted:
+        raise RankingError(f"{shards}: the train shards hold {len(found.ids)} of the {len(wanted)} gallery ids chosen "
+                           "from their own labels")
 
 
 def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, step: int, by_split: dict[str, RetrievalMetrics]) -> str:
@@ -62,15 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     model, train_cfg, step = models.load_trained(checkpoint_dir)
     cfg.shards = cfg.shards or train_cfg.shards
     counts = split_counts(cfg.shards, [cfg.gallery_split, cfg.query_split])
+    gallery_ids = validation.gallery_subset(cfg.shards, cfg.gallery_per_class, cfg.seed) \
+        if cfg.gallery_split == "train" else None
+    if gallery_ids is not None:
+        counts[cfg.gallery_split] = len(gallery_ids)
 
     accelerator = Accelerator(mixed_precision=precision(cfg.mixed_precision))
     model = model.to(accelerator.device)
     mean, std = models.input_normalization(train_cfg.backbone)
     gallery, query = (embed.embed_split(model, accelerator, cfg.shards, split, image_size=train_cfg.image_size,
                                         mean=mean, std=std, batch_size=cfg.batch_size, workers=cfg.workers,
-                                        dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip)
-                      for split in (cfg.gallery_split, cfg.query_split))
-    check_complete(gallery, counts[cfg.gallery_split], cfg.shards, cfg.gallery_split)
+                                        dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip,
+                                        only_ids=only_ids)
+                      for split, only_ids in ((cfg.gallery_split, gallery_ids), (cfg.query_split, None)))
+    if gallery_ids is not None:
+        check_subset(gallery, gallery_ids, cfg.shards)
+    else:
+        check_complete(gallery, counts[cfg.gallery_split], cfg.shards, cfg.gallery_split)
     check_complete(query, counts[cfg.query_split], cfg.shards, cfg.query_split)
 
     by_split = evaluate_splits(cfg, gallery, query)

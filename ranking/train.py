@@ -25,7 +25,20 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ranking import checkpoint, cli, config, distributed, losses, models, optim, runfolder, sampling, stream, tracking
+from ranking import (
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    losses,
+    models,
+    optim,
+    runfolder,
+    sampling,
+    stream,
+    tracking,
+    validation,
+)
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
@@ -72,7 +85,8 @@ def triplets_in(batch: Batch) -> int:
 
 
 class Meter:
-    """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step)."""
+    """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step).
+    Time spent validating is not training time: ``exclude`` takes it out of the rate."""
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, device=device)
@@ -82,6 +96,9 @@ class Meter:
         self.sums += weight * torch.stack([out.loss, out.active_fraction])
         self.steps += weight
         self.triplets += triplets
+
+    def exclude(self, seconds: float) -> None:
+        self.started += seconds
 
     def read(self, accelerator: Accelerator) -> tuple[float, float, float]:
         """(loss, active fraction) averaged over steps and ranks, and triplets/s; a collective; starts anew."""
@@ -110,6 +127,10 @@ class StopPolicy:
         self.steps, self.minutes = cfg.steps, cfg.time_limit_minutes
         self.signals, self.device = signals, device
         self.deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+
+    def exclude(self, seconds: float) -> None:
+        """The time limit counts training time: validation does not use it up."""
+        self.deadline += seconds
 
     def reason(self, step: int) -> Stop | None:
         signalled = distributed.any_rank(self.signals.requested, self.device)
@@ -161,21 +182,27 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     objective = losses.build_objective(cfg)
     set_seed(cfg.seed, device_specific=True)  # different augmentations and dropout on every rank
 
+    validator = validation.Validator(cfg, accelerator, run_dir) if cfg.eval_every else None
     step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
     if resume_from is not None:
-        step, run_id, data_seeds = restore(resume_from, accelerator, net, optimizer, scheduler, cfg)
+        restored = restore(resume_from, accelerator, net, optimizer, scheduler)
+        step, run_id = restored.step, restored.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
+        data_seeds = restored.stream_seeds or stream_seeds(cfg.seed, step)
+        if validator is not None:
+            validator.best = restored.best_validation
     if accelerator.is_main_process:
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
         tracking.init_trainer(accelerator, cfg.wandb_project, dataclasses.asdict(cfg), run_dir, run_id,
                               cfg.run_name or run_dir.name, cfg.wandb_group, cfg.wandb_tags)
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint(best: bool) -> Path:
         state = TrainState(step=step, model=net.state_dict(), optimizer=optimizer.state_dict(),
                            scheduler=scheduler.state_dict(),
                            scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step))
-        return checkpoint.save(run_dir, state, cfg.keep_checkpoints)
+                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step),
+                           best_validation=validator.best if validator is not None else None)
+        return checkpoint.save(run_dir, state, cfg.keep_checkpoints, best=best)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
     progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
@@ -212,9 +239,20 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                     progress.set_postfix(loss=f"{loss:.4f}", triplets_per_s=f"{triplets_per_s:.0f}")
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+            best = False
+            if validator is not None and validator.due(step):
+                validated = validator.run(net, step)  # a collective, in eval mode
+                models.set_train_mode(model, cfg.freeze_bn_stats)
+                meter.exclude(validated.seconds)
+                policy.exclude(validated.seconds)
+                best = validator.improved(validated)
+                if accelerator.is_main_process:
+                    runfolder.append_metrics(run_dir, {"step": step, **validated.record()})
+                accelerator.log(validated.record(), step=step)
+
             stop = policy.reason(step)
-            if stop is not None or step % cfg.checkpoint_every == 0:
-                saved = save_checkpoint()
+            if stop is not None or step % cfg.checkpoint_every == 0 or best:
+                saved = save_checkpoint(best)
             if stop is not None:
                 break
     progress.close()
@@ -243,8 +281,8 @@ def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
 
 
 def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig) -> tuple[int, str, tuple[int, int]]:
-    """Load a checkpoint into the prepared objects; returns (step, W&B run id, stream seeds)."""
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
+    """Load a checkpoint into the prepared objects and this rank's RNGs; returns what it held."""
     state = checkpoint.load_state(resume_from)
     try:
         net.load_state_dict(state.model)
@@ -258,9 +296,8 @@ def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, o
     rng = checkpoint.load_rng(resume_from, accelerator.process_index)
     if rng is not None:
         checkpoint.set_rng_state(rng)
-    run_id = state.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
     accelerator.print(f"ranking train: resumed from {resume_from} at step {state.step}", file=sys.stderr)
-    return state.step, run_id, state.stream_seeds or stream_seeds(cfg.seed, state.step)
+    return state
 
 
 def finish(accelerator: Accelerator, run_dir: Path) -> None:
