@@ -30,6 +30,7 @@ ScheduleName = Literal["cosine", "constant"]
 SamplerName = Literal["batch", "paper"]
 Precision = Literal["no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
+WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settings decide (ranking.tracking)
 ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.PER_QUERY
 
 C = TypeVar("C")
@@ -107,6 +108,10 @@ class TrainConfig:
     run_name: str = ""  # defaults to the run folder's name
     wandb_group: str = ""
     wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: WandbMode = ""  # online | offline | disabled; empty: WANDB_MODE, `wandb online/offline`, login decide
+    wandb_entity: str = ""  # the W&B team or user; empty: the default entity of the login
+    wandb_notes: str = ""
+    wandb_artifacts: bool = False  # log the best and last checkpoints and the evaluation's embeddings as artifacts
 
     def validate(self) -> None:
         for name in ("image_size", "classes_per_batch", "samples_per_class", "triplets_per_batch", "pos_per_query",

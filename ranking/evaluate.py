@@ -9,8 +9,10 @@ RUN_DIR/eval-<step>. Every rank embeds its share and evaluates its share of the 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -41,12 +43,27 @@ def check_subset(found: EmbeddingSet, wanted: frozenset[int], shards: str) -> No
                            "from their own labels")
 
 
-def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, step: int, by_split: dict[str, RetrievalMetrics]) -> str:
-    """Add the metrics to the run's W&B run. Returns its URL or folder."""
-    values = {f"eval/{split}/{key}": value for split, metrics in by_split.items()
-              for key, value in metrics.summary().items()}
-    return tracking.log_into_run(run_dir, train_cfg.wandb_project, train_cfg.run_name or run_dir.resolve().name,
-                                 lambda wandb: {"eval/step": step, **values})
+def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, cfg: EvalConfig, step: int, metrics: dict,
+                 out: Path) -> str:
+    """The metrics as values and tables, and the PR curves as a table with a line plot (so runs overlay), in an
+    "eval" run beside the training run; the embeddings as an artifact with --wandb-artifacts. Returns its URL or
+    folder."""
+    def values(wandb: Any) -> dict[str, Any]:
+        logged: dict[str, Any] = {f"eval/{split}/{key}": value for split, summary in metrics["splits"].items()
+                                  for key, value in summary.items()}
+        header, rows = evalfolder.table_rows(metrics)
+        logged["eval/metrics"] = wandb.Table(columns=header, data=rows)
+        curve = wandb.Table(columns=["split", "recall", "precision"],
+                            data=[[split, r, p] for split, points in metrics["pr_curve"].items()
+                                  for r, p in zip(points["recall"], points["precision"])])
+        logged["eval/pr_curve"] = wandb.plot.line(curve, "recall", "precision", stroke="split",
+                                                  title=f"precision-recall, step {step}")
+        return logged
+
+    artifacts = {f"embeddings-{tracking.run_name(train_cfg, run_dir)}-step-{step}":
+                 ("embeddings", out / evalfolder.EMBEDDINGS)} if train_cfg.wandb_artifacts else None
+    return tracking.log_job(run_dir, train_cfg, "eval", step, values, config=dataclasses.asdict(cfg),
+                            artifacts=artifacts)
 
 
 def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet) -> dict[str, RetrievalMetrics]:
@@ -101,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{evalfolder.markdown_table(metrics)}")
         print(f"wrote {out}/{evalfolder.EMBEDDINGS}, {evalfolder.METRICS}, {evalfolder.TABLE}", flush=True)
         if train_cfg.wandb:
-            print(f"logged to W&B: {log_to_wandb(run_dir, train_cfg, step, by_split)}", flush=True)
+            print(f"logged to W&B: {log_to_wandb(run_dir, train_cfg, cfg, step, metrics, out)}", flush=True)
     accelerator.end_training()
     return 0
 

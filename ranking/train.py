@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
 from ranking.losses import StepLoss
 from ranking.sampling import Batch
-from ranking.shardformat import load_manifest
+from ranking.shardformat import load_manifest, manifest_digest
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -85,28 +86,37 @@ def triplets_in(batch: Batch) -> int:
 
 
 class Meter:
-    """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step).
-    Time spent validating is not training time: ``exclude`` takes it out of the rate."""
+    """What one logging interval measured; loss sums stay on the device (no sync per step).
+
+    Time spent validating is not training time: ``exclude`` takes it out of the rates. The time spent waiting for
+    the next batch (``waited``) shows an input-bound run: step_s is a step's whole time, data_wait_s its wait.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, device=device)
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
+        self.steps, self.triplets, self.waiting, self.started = 0.0, 0, 0.0, time.perf_counter()
 
     def add(self, out: StepLoss, triplets: int, weight: float) -> None:
         self.sums += weight * torch.stack([out.loss, out.active_fraction])
         self.steps += weight
         self.triplets += triplets
 
+    def waited(self, seconds: float) -> None:
+        self.waiting += seconds
+
     def exclude(self, seconds: float) -> None:
         self.started += seconds
 
-    def read(self, accelerator: Accelerator) -> tuple[float, float, float]:
-        """(loss, active fraction) averaged over steps and ranks, and triplets/s; a collective; starts anew."""
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        """Loss and active fraction averaged over steps and ranks, triplets/s, step and data-wait seconds (this
+        rank's); a collective; starts anew."""
         loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
-        triplets_per_s = self.triplets / (time.perf_counter() - self.started)
+        seconds = time.perf_counter() - self.started
+        read = {"loss": loss, "active_fraction": active_fraction, "triplets_per_s": self.triplets / seconds,
+                "step_s": seconds / self.steps, "data_wait_s": self.waiting / self.steps}
         self.sums.zero_()
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
-        return loss, active_fraction, triplets_per_s
+        self.steps, self.triplets, self.waiting, self.started = 0.0, 0, 0.0, time.perf_counter()
+        return read
 
 
 class Stop(enum.Enum):
@@ -155,8 +165,6 @@ class StopPolicy:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
-    if cfg.wandb:
-        tracking.apply_default_mode()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
     try:
@@ -193,8 +201,8 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     if accelerator.is_main_process:
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
-        tracking.init_trainer(accelerator, cfg.wandb_project, dataclasses.asdict(cfg), run_dir, run_id,
-                              cfg.run_name or run_dir.name, cfg.wandb_group, cfg.wandb_tags)
+        mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
+        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator), run_dir, run_id, mode)
 
     def save_checkpoint(best: bool) -> Path:
         state = TrainState(step=step, model=net.state_dict(), optimizer=optimizer.state_dict(),
@@ -214,9 +222,12 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     with distributed.StopRequest() as signals:
         policy = StopPolicy(cfg, signals, accelerator.device)
         while True:
+            lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(cfg.grad_accum):
+                waiting = time.perf_counter()
                 batch = to_device(next(batches), accelerator.device, cfg.channels_last)
+                meter.waited(time.perf_counter() - waiting)
                 with accelerator.accumulate(model):
                     out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)
@@ -231,12 +242,12 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
             progress.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, active_fraction, triplets_per_s = meter.read(accelerator)
-                record = {"step": step, "loss": loss, "active_fraction": active_fraction, "lr": lr,
-                          "triplets_per_s": triplets_per_s}
+                measured = meter.read(accelerator)
+                record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, record)
-                    progress.set_postfix(loss=f"{loss:.4f}", triplets_per_s=f"{triplets_per_s:.0f}")
+                    progress.set_postfix(loss=f"{measured['loss']:.4f}",
+                                         triplets_per_s=f"{measured['triplets_per_s']:.0f}")
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
             best = False
@@ -259,8 +270,19 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     assert stop is not None
     if stop is not Stop.DONE:
         accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
-    finish(accelerator, run_dir)
+    finish(accelerator, run_dir, artifacts=cfg.wandb and cfg.wandb_artifacts)
     return stop.exit_code
+
+
+def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+    """The run's config as W&B shows it: the TrainConfig and what it does not say (world size, global batch,
+    the code's commit, the shards' manifest digest), so runs can be compared and filtered by them."""
+    per_rank = sampling.images_per_batch(cfg)
+    return {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes,
+            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+            "images_per_step_per_rank": per_rank * cfg.grad_accum,
+            "global_batch": per_rank * cfg.grad_accum * accelerator.num_processes,
+            "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
 
 
 def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
@@ -300,13 +322,16 @@ def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, o
     return state
 
 
-def finish(accelerator: Accelerator, run_dir: Path) -> None:
+def finish(accelerator: Accelerator, run_dir: Path, artifacts: bool = False) -> None:
     """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
-    others, which must not cut rank 0 while it still writes."""
+    others, which must not cut rank 0 while it still writes. ``artifacts``: the latest and best checkpoints go to
+    the W&B run as artifacts."""
     if accelerator.is_main_process and (run_dir / runfolder.METRICS).exists():
         from ranking import plots  # matplotlib: only where a plot is drawn
 
         plots.plot_loss(runfolder.read_metrics_log(run_dir), run_dir / runfolder.LOSS_PLOT, run_dir.name)
+    if artifacts and accelerator.is_main_process:
+        tracking.log_checkpoints(accelerator.get_tracker("wandb", unwrap=True), run_dir)
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers.clear()
