@@ -5,6 +5,7 @@ and survives rotation; W&B gets the val metrics at the training step."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from test_train import launch, metrics, train_flags, wandb_history_and_config
@@ -12,9 +13,18 @@ from test_train import launch, metrics, train_flags, wandb_history_and_config
 from ranking import checkpoint, runfolder
 from ranking.evalfolder import read_metrics
 from ranking.evaluate import main as evaluate
+from ranking.shardformat import manifest_digest
 from ranking.validation import gallery_subset
 
 PER_CLASS = 10
+
+
+def wait_for_history(run_folder, seconds: float = 60) -> list[dict]:
+    """The history of an offline run that this process logged: wandb's service writes its file asynchronously."""
+    deadline = time.monotonic() + seconds
+    while not (history := wandb_history_and_config(run_folder)[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return history
 
 
 def test_gallery_subset_is_per_class_fixed_by_seed(synth_shards, tmp_path):
@@ -54,8 +64,18 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     assert standalone["knn1_accuracy"] == pytest.approx(best["val/knn1"], abs=1e-6)
     assert standalone["map"] == pytest.approx(best["val/mAP"], abs=1e-6)
 
-    training_segment = sorted((run_dir / "wandb").glob("offline-run-*"))[0]  # (the evaluation logs in a later one)
-    history, _ = wandb_history_and_config(training_segment)
+    training_run, eval_run = sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda p: p.name)
+    history, run_config = wandb_history_and_config(training_run)
     logged = {int(h["_step"]): h["val/precision@30"] for h in history if "val/precision@30" in h}
     assert logged == {r["step"]: pytest.approx(r["val/precision@30"]) for r in rows}
+    # what the TrainConfig does not say, for comparing runs: 2 ranks x 3 classes x 4 images
+    assert run_config["world_size"] == 2 and run_config["global_batch"] == 24
+    assert run_config["shards_manifest_sha256"] == manifest_digest(synth_shards)
+    assert all(h["step_s"] >= h["data_wait_s"] >= 0 for h in history if "loss" in h)
+
+    # the standalone evaluation is a run of its own beside the training run, at the training step it measured
+    eval_history = wait_for_history(eval_run)
+    assert eval_history[0]["trainer/step"] == best["step"]
+    assert eval_history[0]["eval/val/precision_at_k"] == pytest.approx(standalone["precision_at_k"])
+    assert "eval/pr_curve_table" in eval_history[0] or any(k.startswith("eval/pr_curve") for k in eval_history[0])
     assert not os.path.exists(run_dir / "checkpoints" / ".best.tmp")
