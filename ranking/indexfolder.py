@@ -95,9 +95,15 @@ class LazyItems(Sequence[Item]):
     def __len__(self) -> int:
         return len(self.lines)
 
+    def __iter__(self) -> Iterator[Item]:
+        return (self[row] for row in range(len(self)))
+
     def __getitem__(self, row):
         if isinstance(row, slice):
             return [self[i] for i in range(*row.indices(len(self)))]
+        if not -len(self) <= row < len(self):
+            raise IndexError(row)
+        row %= len(self)
         try:
             item = Item.from_dict(json.loads(self.lines[row]))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:

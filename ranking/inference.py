@@ -21,6 +21,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,19 +302,24 @@ class EmbeddingModel:
                     "std": json.dumps(list(self.preprocessing.std)), "embed_dim": str(self.dim),
                     "input": "images", "output": "embeddings", MODEL_JSON: json.dumps(described)}
         try:
-            if fmt == "safetensors":
-                from safetensors.torch import save
+            with warnings.catch_warnings():
+                # torch.jit and the TorchScript-based ONNX exporter are deprecated in favour of torch.export, but their
+                # files are what onnxruntime and a C++ libtorch load today; the user asked for them
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if fmt == "safetensors":
+                    from safetensors.torch import save
 
-                state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-                payload = save(state, metadata=metadata)
-            elif fmt == "torchscript":
-                with torch.inference_mode(False), torch.no_grad():
-                    traced = torch.jit.trace(net, example, check_trace=False)
-                buffer = io.BytesIO()
-                torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
-                payload = buffer.getvalue()
-            else:
-                payload = _onnx_bytes(net, example, metadata)
+                    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+                    payload = save(state, metadata=metadata)
+                elif fmt == "torchscript":
+                    with torch.inference_mode(False), torch.no_grad():
+                        traced = torch.jit.trace(net, example, check_trace=False)
+                    buffer = io.BytesIO()
+                    torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
+                    payload = buffer.getvalue()
+                else:
+                    payload = _onnx_bytes(net, example, metadata)
         finally:
             self.net.to(self.device)
         return write_atomically(Path(path), lambda f: f.write(payload))
