@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "search": ("ranking.search", "nearest gallery images for query images (an index or an evaluation folder)"),
     "index": ("ranking.index", "a portable index of your own images: model, embeddings, thumbnails"),
     "export": ("ranking.export", "the embedding network as ONNX, TorchScript or safetensors"),
+    "compare": ("ranking.compare", "runs side by side: differing config keys, final and best metrics, overlaid curves"),
     "demo": ("ranking.demo", "the whole pipeline on embedded synthetic data"),
 }
 

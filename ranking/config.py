@@ -30,6 +30,8 @@ ScheduleName = Literal["cosine", "constant"]
 SamplerName = Literal["batch", "paper"]
 Precision = Literal["no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
+WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settings decide (ranking.tracking)
+ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.PER_QUERY
 
 C = TypeVar("C")
 
@@ -96,6 +98,9 @@ class TrainConfig:
     seed: int = 0
     resume: str = ""  # "" | "latest" | path to a checkpoint folder
     progress: bool = True
+    eval_every: int = 250  # validation (val queries against a train gallery) every N steps, on all ranks; 0: none
+    eval_gallery_per_class: int = 50  # the gallery: this many train images of each class (fixed by seed); 0: all
+    eval_metric: ValMetric = "precision_at_k"  # what checkpoints/best maximises
 
     # Weights & Biases
     wandb: bool = True
@@ -103,13 +108,17 @@ class TrainConfig:
     run_name: str = ""  # defaults to the run folder's name
     wandb_group: str = ""
     wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: WandbMode = ""  # online | offline | disabled; empty: WANDB_MODE, `wandb online/offline`, login decide
+    wandb_entity: str = ""  # the W&B team or user; empty: the default entity of the login
+    wandb_notes: str = ""
+    wandb_artifacts: bool = False  # log the best and last checkpoints and the evaluation's embeddings as artifacts
 
     def validate(self) -> None:
         for name in ("image_size", "classes_per_batch", "samples_per_class", "triplets_per_batch", "pos_per_query",
                      "neg_per_query", "buffer_per_class", "embed_dim", "steps", "grad_accum", "log_every",
                      "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
-        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes"):
+        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "eval_every", "eval_gallery_per_class"):
             at_least(name, getattr(self, name), 0)
         pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", self.freeze_bn_stats),
                                                    ("--frozen-stages 0", self.frozen_stages > 0)) if used]
@@ -134,6 +143,7 @@ class EvalConfig:
     mixed_precision: Precision = "bf16"
     flip: bool = False  # embed each image as the mean of its and its mirror image's embeddings (2x the compute)
     k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
+    gallery_per_class: int = 0  # this many train images of each class, chosen by --seed as the trainer does; 0: all
     chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
     pr_points: int = 50  # recall levels of the precision-recall curve
     triplets: int = 10000  # sampled triplets per split for triplet accuracy
@@ -141,7 +151,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         for name, least in (("k", 1), ("batch_size", 1), ("chunk_size", 1), ("pr_points", 2), ("triplets", 0),
-                            ("workers", 0)):
+                            ("workers", 0), ("gallery_per_class", 0)):
             at_least(name, getattr(self, name), least)
 
 

@@ -74,6 +74,14 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP syncs them only at the start of a
+    forward pass, so after one each rank holds statistics updated by its own batch."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def broadcast_from_main(value: T) -> T:
     """Rank 0's ``value`` on every rank (any picklable object; a collective)."""
     if not is_distributed():

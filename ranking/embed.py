@@ -56,14 +56,15 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
 
 def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
                 mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
-                normalize: bool, flip: bool = False) -> EmbeddingSet:
-    """Embed ``split`` of the shards over all ranks; every rank returns the whole split, sorted by id.
+                normalize: bool, flip: bool = False, only_ids: frozenset[int] | None = None) -> EmbeddingSet:
+    """Embed ``split`` of the shards (or its samples in ``only_ids``) over all ranks; every rank returns the whole
+    split, sorted by id.
 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
     (by id) and over DataLoader workers (by shard).
     """
     samples = stream.eval_samples(shards, split, image_size, mean, std, accelerator.process_index,
-                                  accelerator.num_processes)
+                                  accelerator.num_processes, only_ids)
     loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
                         pin_memory=accelerator.device.type == "cuda")
     return embed_loader(model, accelerator, loader, dim, normalize, flip)

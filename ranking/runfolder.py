@@ -6,6 +6,7 @@ evaluations, and how to find them from a run folder or from a checkpoint folder.
     RUN/loss.png
     RUN/checkpoints/step-0000100/      state.pt, rng-rank{r}.pt (ranking.checkpoint writes them)
     RUN/checkpoints/latest -> step-0000100
+    RUN/checkpoints/best -> step-0000050     the best validation so far (when the trainer validates)
     RUN/eval-0000100/                  an evaluation folder (ranking.evalfolder places and reads them)
 """
 
@@ -25,6 +26,7 @@ METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # checkpoints/best -> the step with the best validation metric (ranking.validation)
 STATE = "state.pt"  # the file that makes a folder a checkpoint
 
 

@@ -81,8 +81,9 @@ def train_samples(shards_dir: str, image_size: int, mean: Sequence[float], std: 
 
 
 def eval_samples(shards_dir: str, split: str, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 rank: int, world_size: int) -> wds.DataPipeline:
-    """Each sample of ``split`` once over all ranks: rank r keeps ids with ``id % world_size == r``.
+                 rank: int, world_size: int, only_ids: frozenset[int] | None = None) -> wds.DataPipeline:
+    """Each sample of ``split`` (or of its ids in ``only_ids``) once over all ranks: rank r keeps ids with
+    ``id % world_size == r``.
 
     Shards are split over DataLoader workers, and the id filter runs before decoding, so a rank decodes only its share.
     """
@@ -91,7 +92,7 @@ def eval_samples(shards_dir: str, split: str, image_size: int, mean: Sequence[fl
         wds.SimpleShardList(paths),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=_unreadable_shard),
-        wds.select(functools.partial(_owned_by, rank=rank, world_size=world_size)),
+        wds.select(functools.partial(_owned_by, rank=rank, world_size=world_size, only_ids=only_ids)),
         wds.map(_record),
         wds.map(Decoder(eval_transform(image_size, mean, std)).sample),
     )
@@ -104,8 +105,9 @@ def _nonempty_shards(shards_dir: str, split: str) -> list[str]:
     return paths
 
 
-def _owned_by(sample: dict, rank: int, world_size: int) -> bool:
-    return sample_id(sample) % world_size == rank
+def _owned_by(sample: dict, rank: int, world_size: int, only_ids: frozenset[int] | None = None) -> bool:
+    index = sample_id(sample)
+    return index % world_size == rank and (only_ids is None or index in only_ids)
 
 
 def _seeded_shuffle(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,13 +26,26 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ranking import checkpoint, cli, config, distributed, losses, models, optim, runfolder, sampling, stream, tracking
+from ranking import (
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    losses,
+    models,
+    optim,
+    runfolder,
+    sampling,
+    stream,
+    tracking,
+    validation,
+)
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
 from ranking.losses import StepLoss
 from ranking.sampling import Batch
-from ranking.shardformat import load_manifest
+from ranking.shardformat import load_manifest, manifest_digest
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -72,24 +86,37 @@ def triplets_in(batch: Batch) -> int:
 
 
 class Meter:
-    """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step)."""
+    """What one logging interval measured; loss sums stay on the device (no sync per step).
+
+    Time spent validating is not training time: ``exclude`` takes it out of the rates. The time spent waiting for
+    the next batch (``waited``) shows an input-bound run: step_s is a step's whole time, data_wait_s its wait.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, device=device)
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
+        self.steps, self.triplets, self.waiting, self.started = 0.0, 0, 0.0, time.perf_counter()
 
     def add(self, out: StepLoss, triplets: int, weight: float) -> None:
         self.sums += weight * torch.stack([out.loss, out.active_fraction])
         self.steps += weight
         self.triplets += triplets
 
-    def read(self, accelerator: Accelerator) -> tuple[float, float, float]:
-        """(loss, active fraction) averaged over steps and ranks, and triplets/s; a collective; starts anew."""
+    def waited(self, seconds: float) -> None:
+        self.waiting += seconds
+
+    def exclude(self, seconds: float) -> None:
+        self.started += seconds
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        """Loss and active fraction averaged over steps and ranks, triplets/s, step and data-wait seconds (this
+        rank's); a collective; starts anew."""
         loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
-        triplets_per_s = self.triplets / (time.perf_counter() - self.started)
+        seconds = time.perf_counter() - self.started
+        read = {"loss": loss, "active_fraction": active_fraction, "triplets_per_s": self.triplets / seconds,
+                "step_s": seconds / self.steps, "data_wait_s": self.waiting / self.steps}
         self.sums.zero_()
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
-        return loss, active_fraction, triplets_per_s
+        self.steps, self.triplets, self.waiting, self.started = 0.0, 0, 0.0, time.perf_counter()
+        return read
 
 
 class Stop(enum.Enum):
@@ -110,6 +137,10 @@ class StopPolicy:
         self.steps, self.minutes = cfg.steps, cfg.time_limit_minutes
         self.signals, self.device = signals, device
         self.deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+
+    def exclude(self, seconds: float) -> None:
+        """The time limit counts training time: validation does not use it up."""
+        self.deadline += seconds
 
     def reason(self, step: int) -> Stop | None:
         signalled = distributed.any_rank(self.signals.requested, self.device)
@@ -134,8 +165,6 @@ class StopPolicy:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
-    if cfg.wandb:
-        tracking.apply_default_mode()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
     try:
@@ -161,21 +190,27 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     objective = losses.build_objective(cfg)
     set_seed(cfg.seed, device_specific=True)  # different augmentations and dropout on every rank
 
+    validator = validation.Validator(cfg, accelerator, run_dir) if cfg.eval_every else None
     step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
     if resume_from is not None:
-        step, run_id, data_seeds = restore(resume_from, accelerator, net, optimizer, scheduler, cfg)
+        restored = restore(resume_from, accelerator, net, optimizer, scheduler)
+        step, run_id = restored.step, restored.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
+        data_seeds = restored.stream_seeds or stream_seeds(cfg.seed, step)
+        if validator is not None:
+            validator.best = restored.best_validation
     if accelerator.is_main_process:
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
-        tracking.init_trainer(accelerator, cfg.wandb_project, dataclasses.asdict(cfg), run_dir, run_id,
-                              cfg.run_name or run_dir.name, cfg.wandb_group, cfg.wandb_tags)
+        mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
+        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator), run_dir, run_id, mode)
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint(best: bool) -> Path:
         state = TrainState(step=step, model=net.state_dict(), optimizer=optimizer.state_dict(),
                            scheduler=scheduler.state_dict(),
                            scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step))
-        return checkpoint.save(run_dir, state, cfg.keep_checkpoints)
+                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step),
+                           best_validation=validator.best if validator is not None else None)
+        return checkpoint.save(run_dir, state, cfg.keep_checkpoints, best=best)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
     progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
@@ -187,9 +222,12 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     with distributed.StopRequest() as signals:
         policy = StopPolicy(cfg, signals, accelerator.device)
         while True:
+            lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(cfg.grad_accum):
+                waiting = time.perf_counter()
                 batch = to_device(next(batches), accelerator.device, cfg.channels_last)
+                meter.waited(time.perf_counter() - waiting)
                 with accelerator.accumulate(model):
                     out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)
@@ -204,25 +242,47 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
             progress.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, active_fraction, triplets_per_s = meter.read(accelerator)
-                record = {"step": step, "loss": loss, "active_fraction": active_fraction, "lr": lr,
-                          "triplets_per_s": triplets_per_s}
+                measured = meter.read(accelerator)
+                record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, record)
-                    progress.set_postfix(loss=f"{loss:.4f}", triplets_per_s=f"{triplets_per_s:.0f}")
+                    progress.set_postfix(loss=f"{measured['loss']:.4f}",
+                                         triplets_per_s=f"{measured['triplets_per_s']:.0f}")
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+            best = False
+            if validator is not None and validator.due(step):
+                validated = validator.run(net, step)  # a collective, in eval mode
+                models.set_train_mode(model, cfg.freeze_bn_stats)
+                meter.exclude(validated.seconds)
+                policy.exclude(validated.seconds)
+                best = validator.improved(validated)
+                if accelerator.is_main_process:
+                    runfolder.append_metrics(run_dir, {"step": step, **validated.record()})
+                accelerator.log(validated.record(), step=step)
+
             stop = policy.reason(step)
-            if stop is not None or step % cfg.checkpoint_every == 0:
-                saved = save_checkpoint()
+            if stop is not None or step % cfg.checkpoint_every == 0 or best:
+                saved = save_checkpoint(best)
             if stop is not None:
                 break
     progress.close()
     assert stop is not None
     if stop is not Stop.DONE:
         accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
-    finish(accelerator, run_dir)
+    finish(accelerator, run_dir, artifacts=cfg.wandb and cfg.wandb_artifacts)
     return stop.exit_code
+
+
+def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+    """The run's config as W&B shows it: the TrainConfig and what it does not say (world size, global batch,
+    the code's commit, the shards' manifest digest), so runs can be compared and filtered by them."""
+    per_rank = sampling.images_per_batch(cfg)
+    return {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes,
+            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+            "images_per_step_per_rank": per_rank * cfg.grad_accum,
+            "global_batch": per_rank * cfg.grad_accum * accelerator.num_processes,
+            "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
 
 
 def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
@@ -243,8 +303,8 @@ def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
 
 
 def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig) -> tuple[int, str, tuple[int, int]]:
-    """Load a checkpoint into the prepared objects; returns (step, W&B run id, stream seeds)."""
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
+    """Load a checkpoint into the prepared objects and this rank's RNGs; returns what it held."""
     state = checkpoint.load_state(resume_from)
     try:
         net.load_state_dict(state.model)
@@ -258,18 +318,20 @@ def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, o
     rng = checkpoint.load_rng(resume_from, accelerator.process_index)
     if rng is not None:
         checkpoint.set_rng_state(rng)
-    run_id = state.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
     accelerator.print(f"ranking train: resumed from {resume_from} at step {state.step}", file=sys.stderr)
-    return state.step, run_id, state.stream_seeds or stream_seeds(cfg.seed, state.step)
+    return state
 
 
-def finish(accelerator: Accelerator, run_dir: Path) -> None:
+def finish(accelerator: Accelerator, run_dir: Path, artifacts: bool = False) -> None:
     """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
-    others, which must not cut rank 0 while it still writes."""
+    others, which must not cut rank 0 while it still writes. ``artifacts``: the latest and best checkpoints go to
+    the W&B run as artifacts."""
     if accelerator.is_main_process and (run_dir / runfolder.METRICS).exists():
         from ranking import plots  # matplotlib: only where a plot is drawn
 
         plots.plot_loss(runfolder.read_metrics_log(run_dir), run_dir / runfolder.LOSS_PLOT, run_dir.name)
+    if artifacts and accelerator.is_main_process:
+        tracking.log_checkpoints(accelerator.get_tracker("wandb", unwrap=True), run_dir)
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers.clear()

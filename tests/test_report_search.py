@@ -176,16 +176,31 @@ def test_the_table_has_the_numbers_of_metrics_json(reported):
         assert [float(c) for c in cells] == pytest.approx([100 * metrics["splits"][split][k] for k in keys], abs=0.006)
 
 
-def test_report_logs_images_and_table_to_the_runs_wandb_run(reported):
-    runs = list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}"))
-    assert len(runs) == 1, "the report resumes the trainer's run id from the checkpoint"
-    records = (runs[0] / f"run-{RUN_ID}.wandb").read_bytes()
+def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(reported):
+    from test_train import wandb_history_and_config, wandb_records
+
+    assert not list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}")), \
+        "the training run is not reopened from another process (offline segments sync lossily)"
+    runs = list((reported["run"] / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = next(r.run for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run")
+    assert (run.job_type, run.run_group, run.display_name) == ("report", "run", f"run report step {STEP}")
+    history, _ = wandb_history_and_config(runs[0])
+    run_config = {item.key: json.loads(item.value_json) for item in run.config.update}  # wandb.init(config=...)
+    assert run_config["train_run_id"] == RUN_ID and history[0]["trainer/step"] == STEP
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
     media = runs[0] / "files" / "media"
     for key in ("loss_curve", "pr_curve", *(f"ranked_{i}" for i in range(5))):
         logged = list((media / "images" / "report").glob(f"{key}_*.png"))
         assert len(logged) == 1, key
         assert f"media/images/report/{logged[0].name}".encode() in records
     assert b"report/metrics" in records
+    ranked = json.loads(next((media / "table" / "report").glob("ranked_results_*.table.json")).read_text())
+    assert ranked["columns"][:6] == ["query id", "query file", "query class", "query", "end", "rank"]
+    assert len(ranked["data"]) == 5 * 2 * 10  # 5 queries, their 10 nearest and 10 farthest
+    nearest = [row for row in ranked["data"] if row[4] == "nearest"]
+    assert [row[5] for row in nearest[:10]] == list(range(1, 11))
+    assert all(isinstance(row[-1], bool) for row in ranked["data"])
     table = json.loads(next((media / "table" / "report").glob("metrics_*.table.json")).read_text())
     assert [row[0] for row in table["data"]] == ["train", "val"]
 
