@@ -16,7 +16,9 @@ SUBCOMMANDS = {
     "train": ("ranking.train", "train the embedding (one process; use `accelerate launch -m ranking.train` for DDP)"),
     "evaluate": ("ranking.evaluate", "embed gallery and queries, compute retrieval metrics"),
     "report": ("ranking.report", "plots, ranked-result grids and the precision table of a run"),
-    "search": ("ranking.search", "nearest gallery images for query images"),
+    "search": ("ranking.search", "nearest gallery images for query images (an index or an evaluation folder)"),
+    "index": ("ranking.index", "a portable index of your own images: model, embeddings, thumbnails"),
+    "export": ("ranking.export", "the embedding network as ONNX, TorchScript or safetensors"),
     "compare": ("ranking.compare", "runs side by side: differing config keys, final and best metrics, overlaid curves"),
     "demo": ("ranking.demo", "the whole pipeline on embedded synthetic data"),
 }

@@ -8,10 +8,10 @@ one row per id, sorted by id: every sample exactly once at any world size, on ev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader
 from ranking import models, stream
 from ranking.config import TrainConfig
 from ranking.retrieval import EmbeddingSet
+
+if TYPE_CHECKING:  # searching imports this module: it needs no launcher
+    from accelerate import Accelerator
 
 PADDING_ID = -1
 
@@ -64,6 +67,13 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
                                   accelerator.num_processes, only_ids)
     loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
                         pin_memory=accelerator.device.type == "cuda")
+    return embed_loader(model, accelerator, loader, dim, normalize, flip)
+
+
+def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int, normalize: bool,
+                 flip: bool = False) -> EmbeddingSet:
+    """Embed this rank's batches ``(images, labels, ids)`` of ``loader``, then gather every rank's rows: every rank
+    returns them all, one per id, sorted by id."""
     model.eval()
     split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
@@ -72,14 +82,16 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, config: TrainConfig, images: list[Image.Image], normalize: bool,
-                 flip: bool = False, batch_size: int = 64) -> torch.Tensor:
+def embed_images(model: nn.Module, config: TrainConfig, images: Sequence[Image.Image], normalize: bool,
+                 flip: bool = False, batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
     """[N, D] float32 embeddings on the CPU of images in memory, through the eval transform, in full precision;
-    ``flip`` as the index was embedded (``ranking evaluate --flip``)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there is one (the model is moved there)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     transform = stream.eval_transform(config.image_size, *models.input_normalization(config.backbone))
     model = model.to(device).eval()
-    batches = torch.stack([transform(image) for image in images]).split(batch_size)
-    embeddings = torch.cat([models.embed_with_mirror(model, batch.to(device), flip).float().cpu()
-                            for batch in batches])
-    return F.normalize(embeddings, dim=1) if normalize else embeddings
+    embeddings = [torch.zeros(0, config.embed_dim)]
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(image) for image in images[start:start + batch_size]])
+        embeddings.append(models.embed_with_mirror(model, batch.to(device), flip).float().cpu())
+    embeddings_cpu = torch.cat(embeddings)
+    return F.normalize(embeddings_cpu, dim=1) if normalize else embeddings_cpu

@@ -14,7 +14,8 @@ import pytest
 from ranking import config, losses, miners, models, optim, retrieval, sampling
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ranking"
-STAGES = {"train", "evaluate", "search", "report", "compare", "shards", "synth", "demo"}  # each a `ranking SUBCOMMAND`
+# each a `ranking SUBCOMMAND`
+STAGES = {"train", "evaluate", "search", "report", "compare", "shards", "synth", "demo", "index", "export"}
 
 
 def ranking_imports(path: Path) -> set[str]:
