@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import submitit
 
-from ranking.config import add_dataclass_flags, at_least, build
+from ranking.config import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.errors import EXIT_REQUEUE, RankingError
 
 CLUSTERS = ("slurm", "local", "debug")
@@ -145,7 +145,7 @@ def node_address(node: str, num_nodes: int) -> str:
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
     """The launcher's flags (LaunchConfig fields); the stage adds its own."""
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=description,
+    p = ArgumentParser(prog=f"python -m jobs.{stage}", description=description,
                                 usage=f"python -m jobs.{stage} [launcher flags] [-- ranking {stage} flags]",
                                 epilog=f"Arguments after -- go to ranking.{stage} unchanged.")
     add_dataclass_flags(p, LaunchConfig)

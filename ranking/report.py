@@ -22,13 +22,15 @@ import torch
 from PIL import Image
 
 from ranking import evalfolder, runfolder, tracking
-from ranking.config import TrainConfig, build
+from ranking.config import ArgumentParser, TrainConfig, at_least, at_most, build
 from ranking.distances import squared_distances
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
 from ranking.grids import OTHER_CLASS, QUERY, SAME_CLASS, Tile, caption, draw_grid, save_png, short_name
 from ranking.plots import plot_loss, plot_pr_curve
 from ranking.shardformat import SampleInfo, read_images, split_index
+
+MAX_GRID = 50  # queries and images per row a grid can show legibly
 
 # ---------------------------------------------------------------------------------------------------------------
 # ranked examples: a few val queries of different classes, their nearest and farthest gallery items
@@ -120,15 +122,20 @@ def log_to_wandb(run_dir: Path, images: dict[str, Path], metrics: dict | None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="the run folder (metrics.jsonl, config.yaml, checkpoints/)")
     parser.add_argument("eval_dir", type=Path, nargs="?", help="the evaluation folder (default: the newest in RUN)")
     parser.add_argument("--shards", default=None, help="shards folder, if it moved since the evaluation")
-    parser.add_argument("--queries", type=int, default=5, help="val queries shown, each from a different class")
-    parser.add_argument("--top", type=int, default=10, help="nearest and farthest gallery images per query")
+    parser.add_argument("--queries", type=int, default=5,
+                        help=f"val queries shown, each from a different class (1 to {MAX_GRID}; default: 5)")
+    parser.add_argument("--top", type=int, default=10,
+                        help=f"nearest and farthest gallery images per query (1 to {MAX_GRID}; default: 10)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
                         help="log the pictures and the table to the run's W&B run")
     args = parser.parse_args(argv)
+    for name in ("queries", "top"):
+        at_least(f"--{name}", getattr(args, name), 1)
+        at_most(f"--{name}", getattr(args, name), MAX_GRID)
     if not args.run_dir.is_dir():
         raise RankingError(f"{args.run_dir}: no such run folder")
 

@@ -8,7 +8,6 @@ file, wnid and words (read from the shards; the index is cached in EVAL_DIR as `
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from ranking import evalfolder, runfolder
-from ranking.config import TrainConfig, at_least
+from ranking.config import ArgumentParser, TrainConfig, at_least
 from ranking.embed import embed_images
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
@@ -67,7 +66,7 @@ def result_lines(distances: torch.Tensor, indices: torch.Tensor, gallery_ids: to
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="query image files (any size, grayscale or colour)")
     parser.add_argument("--index", type=Path, required=True, help="an evaluation folder (holds embeddings.pt)")
     parser.add_argument("--top", type=int, default=10, help="results per image")
