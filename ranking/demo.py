@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     run(ranking + ["shards", str(archive), "--out", str(shards), "--shard-size", "200"], env)
     run(launch_command(args.processes) + ["-m", "ranking.train", "--shards", str(shards), "--run-dir", str(run_dir),
                                           "--steps", str(args.steps), "--classes-per-batch", str(min(8, args.classes)),
-                                          "--run-name", "demo",
+                                          "--run-name", "demo", "--overwrite",  # a rerun moves the last aside
                                           "--wandb-tags", "demo", "--workers", "1"], env)
     run(launch_command(args.processes) + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out",
                                           str(eval_dir), "--workers", "1"], env)

@@ -7,6 +7,8 @@ one row per id, sorted by id: every sample exactly once at any world size, on ev
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -21,20 +23,32 @@ from ranking.config import TrainConfig
 from ranking.retrieval import EmbeddingSet
 
 PADDING_ID = -1
+LOG_EVERY_S = 30.0  # seconds between a rank's progress lines while it embeds
+log = logging.getLogger("ranking.embed")
 
 
 @torch.inference_mode()
 def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
-                flip: bool = False) -> EmbeddingSet:
-    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none)."""
+                flip: bool = False, name: str = "", expected: int | None = None) -> EmbeddingSet:
+    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); a log line
+    every LOG_EVERY_S seconds and at the end, naming the split (``name``) and this rank's count so far."""
     device = accelerator.device
     embeddings = [torch.zeros(0, dim, device=device)]
     ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    started = last = time.perf_counter()
+    done = 0
+    of = f"/{expected}" if expected is not None else ""
     for images, batch_labels, batch_ids in loader:
         with accelerator.autocast():
             embeddings.append(models.embed_with_mirror(model, images.to(device, non_blocking=True), flip).float())
         labels.append(batch_labels.long())
         ids.append(batch_ids.long())
+        done += len(batch_ids)
+        if time.perf_counter() - last > LOG_EVERY_S:
+            last = time.perf_counter()
+            log.info(f"{name}: embedded {done}{of} images ({done / (last - started):.0f} images/s)")
+    seconds = time.perf_counter() - started
+    log.info(f"{name}: embedded {done}{of} images in {seconds:.1f} s")
     return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
 
 
@@ -53,7 +67,7 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
 
 def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
                 mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
-                normalize: bool, flip: bool = False) -> EmbeddingSet:
+                normalize: bool, flip: bool = False, total: int | None = None) -> EmbeddingSet:
     """Embed ``split`` of the shards over all ranks; every rank returns the whole split, sorted by id.
 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
@@ -64,7 +78,9 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
     loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
                         pin_memory=accelerator.device.type == "cuda")
     model.eval()
-    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = None if total is None else len(range(rank, total, world))  # ids with id % world == rank
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip, split, mine))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set

@@ -11,8 +11,10 @@ SIGUSR1 or SIGTERM: finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -23,15 +25,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ranking import checkpoint, cli, config, distributed, losses, models, optim, runfolder, sampling, stream, tracking
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
+from ranking.logs import Progress, setup_logging
 from ranking.losses import StepLoss
+from ranking.precision import resolve as resolve_precision
 from ranking.sampling import Batch
-from ranking.shardformat import load_manifest
+from ranking.shardformat import load_manifest, split_counts
+
+log = logging.getLogger("ranking.train")
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -72,24 +77,28 @@ def triplets_in(batch: Batch) -> int:
 
 
 class Meter:
-    """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step)."""
+    """Loss, active fraction, triplets and images per second since the last read; kept on the device (no sync per
+    step)."""
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, device=device)
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
+        self.steps, self.triplets, self.images, self.started = 0.0, 0, 0, time.perf_counter()
 
-    def add(self, out: StepLoss, triplets: int, weight: float) -> None:
+    def add(self, out: StepLoss, triplets: int, images: int, weight: float) -> None:
         self.sums += weight * torch.stack([out.loss, out.active_fraction])
         self.steps += weight
         self.triplets += triplets
+        self.images += images
 
-    def read(self, accelerator: Accelerator) -> tuple[float, float, float]:
-        """(loss, active fraction) averaged over steps and ranks, and triplets/s; a collective; starts anew."""
+    def read(self, accelerator: Accelerator) -> tuple[float, float, float, float]:
+        """(loss, active fraction) averaged over steps and ranks, triplets/s and images/s (all ranks); a collective;
+        starts anew."""
         loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
-        triplets_per_s = self.triplets / (time.perf_counter() - self.started)
+        seconds = time.perf_counter() - self.started
+        triplets_per_s, images_per_s = self.triplets / seconds, self.images / seconds
         self.sums.zero_()
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
-        return loss, active_fraction, triplets_per_s
+        self.steps, self.triplets, self.images, self.started = 0.0, 0, 0, time.perf_counter()
+        return loss, active_fraction, triplets_per_s, images_per_s
 
 
 class Stop(enum.Enum):
@@ -134,22 +143,37 @@ class StopPolicy:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
+    chosen = resolve_precision(cfg.mixed_precision)
+    cfg = dataclasses.replace(cfg, mixed_precision=chosen.value)  # config.yaml and W&B record what ran
     if cfg.wandb:
         tracking.apply_default_mode()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+    accelerator = Accelerator(mixed_precision=chosen.value, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
+    setup_logging(accelerator.process_index)
     try:
-        return train(cfg, accelerator)
+        with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock until the run ends
+            resume_from = distributed.decided_by_main(lambda: check_inputs(cfg, held))
+            if accelerator.is_main_process:
+                log.info(chosen.describe())
+            return train(cfg, accelerator, resume_from)
     finally:
         distributed.shutdown()
 
 
-def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_checkpoint(cfg, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        runfolder.write_config(cfg, run_dir)
+def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
+    """Rank 0, before anything is written, downloaded or started: the shards, the run folder (then locked for the
+    run; --overwrite moves an old run aside) and the checkpoint to resume and its config. Returns that checkpoint."""
+    if split_counts(cfg.shards, ["train"])["train"] == 0:
+        raise RankingError(f"{cfg.shards}: the train split is empty (a folder of unlabelled images cannot train)")
+    resume_from, aside = runfolder.open_run(cfg, held)
+    if aside is not None:
+        log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")
+    return resume_from
 
+
+def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) -> int:
+    """The run itself, once check_inputs has passed; config.yaml is written only after a resume has succeeded."""
+    run_dir = Path(cfg.run_dir)
     set_seed(cfg.seed)  # the same initial weights on every rank
     with accelerator.main_process_first():  # pretrained weights are downloaded once, then read from the cache
         net = models.build_model(cfg)
@@ -165,6 +189,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     if resume_from is not None:
         step, run_id, data_seeds = restore(resume_from, accelerator, net, optimizer, scheduler, cfg)
     if accelerator.is_main_process:
+        runfolder.write_config(cfg, run_dir)
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
         tracking.init_trainer(accelerator, cfg.wandb_project, dataclasses.asdict(cfg), run_dir, run_id,
@@ -178,8 +203,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         return checkpoint.save(run_dir, state, cfg.keep_checkpoints)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
-    progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
-                    dynamic_ncols=True)
+    progress = Progress(log, cfg.steps, step, shown=accelerator.is_main_process, bar=cfg.progress)
     meter = Meter(accelerator.device)
     stop: Stop | None = None
     saved = runfolder.checkpoints_dir(run_dir)
@@ -197,19 +221,20 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                meter.add(out, triplets_in(batch) * accelerator.num_processes, weight=1 / cfg.grad_accum)
+                meter.add(out, triplets_in(batch) * accelerator.num_processes,
+                          len(batch.ids) * accelerator.num_processes, weight=1 / cfg.grad_accum)
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
                 scheduler.step()
             step += 1
-            progress.update(1)
+            progress.update(step)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, active_fraction, triplets_per_s = meter.read(accelerator)
+                loss, active_fraction, triplets_per_s, images_per_s = meter.read(accelerator)
                 record = {"step": step, "loss": loss, "active_fraction": active_fraction, "lr": lr,
                           "triplets_per_s": triplets_per_s}
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, record)
-                    progress.set_postfix(loss=f"{loss:.4f}", triplets_per_s=f"{triplets_per_s:.0f}")
+                progress.log(step, loss, active_fraction, lr, images_per_s)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
             stop = policy.reason(step)
@@ -223,23 +248,6 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
     finish(accelerator, run_dir)
     return stop.exit_code
-
-
-def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
-    """The checkpoint to resume from, decided by rank 0 for every rank (``latest`` may move while ranks look);
-    a bad ``--resume`` fails on every rank with rank 0's message."""
-    if not cfg.resume:
-        return None
-    found: tuple[Path | None, str] = (None, "")
-    if is_main_process:
-        try:
-            found = (runfolder.resume_checkpoint(cfg.run_dir, cfg.resume), "")
-        except RankingError as e:
-            found = (None, str(e))
-    path, error = distributed.broadcast_from_main(found)
-    if error:
-        raise RankingError(error)
-    return path
 
 
 def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -259,7 +267,8 @@ def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, o
     if rng is not None:
         checkpoint.set_rng_state(rng)
     run_id = state.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
-    accelerator.print(f"ranking train: resumed from {resume_from} at step {state.step}", file=sys.stderr)
+    if accelerator.is_main_process:
+        log.info(f"resumed from {resume_from} at step {state.step}")
     return state.step, run_id, state.stream_seeds or stream_seeds(cfg.seed, state.step)
 
 
