@@ -93,8 +93,10 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
 
 
 def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    # one process: the stage's flag sets the precision; two: accelerate launch's flag does (the same rule as training)
+    precision = ["--mixed-precision", "no"] if processes == 1 else []
     flags = ["--checkpoint", str(run), "--shards", str(shards), "--out", str(out), "--batch-size", "16",
-             "--workers", "1", "--mixed-precision", "no", "--k", "5", "--chunk-size", "7", "--pr-points", "6",
+             "--workers", "1", *precision, "--k", "5", "--chunk-size", "7", "--pr-points", "6",
              "--triplets", "300", *extra]
     if processes == 1:
         command = [sys.executable, "-m", "ranking", "evaluate", *flags]
@@ -123,6 +125,8 @@ def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
                 share = len(range(rank, counts[split], processes))
                 assert f" rank {rank}] ranking.embed: {split}: embedded {share}/{share} images in " in result.stderr
         assert " rank 0] ranking.evaluate: metrics: " in result.stderr and "\r" not in result.stderr
+        source = "--mixed-precision" if processes == 1 else "Accelerate: accelerate launch's flag"
+        assert f"mixed precision no ({source}" in result.stderr
         assert "| train |" in result.stdout and "| val |" in result.stdout
         assert sorted(p.name for p in out.iterdir()) == ["embeddings.pt", "metrics.json", "table.md"]
 
