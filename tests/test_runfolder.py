@@ -4,6 +4,7 @@ printed once under accelerate launch)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 from test_train import launch, train_flags
 
-from ranking import runfolder
+from ranking import config, runfolder
+from ranking.config import TrainConfig
 from ranking.errors import RankingError
 from ranking.files import LOCK, check_writable_folder, folder_lock
+from ranking.train import check_inputs
 
 
 def tiny_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
@@ -23,9 +26,9 @@ def tiny_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
                                             "checkpoint-every": 100, "no-wandb": None} | overrides))
 
 
-def train(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def train(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ranking", "train", *flags], capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "1", **(env or {})})
+                          timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
 
 
 def snapshot(folder: Path) -> dict[str, bytes | str]:
@@ -88,12 +91,20 @@ def test_overwrite_moves_the_old_run_aside(finished_run, synth_shards, tmp_path)
     assert runfolder.read_metrics_log(run_dir)[-1]["step"] == 1  # the new run, from scratch
 
 
+def trainer_config(shards: Path, run_dir: Path, *flags: str) -> TrainConfig:
+    return config.parse(TrainConfig, tiny_flags(shards, run_dir) + list(flags), "ranking train", "")
+
+
 def test_a_second_training_into_a_locked_run_folder_fails_at_once(synth_shards, tmp_path):
+    """What rank 0 of a second `ranking train` runs first (train.check_inputs), while the first one holds the lock."""
     run_dir = tmp_path / "run"
-    with folder_lock(run_dir, "ranking train"):  # the first training, as rank 0 holds it
-        line = one_error_line(train(*tiny_flags(synth_shards, run_dir)))
-    assert f"{run_dir}: in use by ranking train (pid {os.getpid()} on " in line
+    with folder_lock(run_dir, "ranking train"), contextlib.ExitStack() as held:
+        with pytest.raises(RankingError, match=rf"{run_dir}: in use by ranking train \(pid {os.getpid()} on "):
+            check_inputs(trainer_config(synth_shards, run_dir), held)
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]  # the second one wrote nothing
+    with contextlib.ExitStack() as held:  # the first one ended: the folder is free
+        assert check_inputs(trainer_config(synth_shards, run_dir), held) is None
+        assert f"ranking train (pid {os.getpid()} on " in (run_dir / LOCK).read_text()
 
 
 def test_the_lock_goes_with_its_holder(tmp_path):
@@ -117,18 +128,12 @@ def test_output_folders_are_checked_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # checking created nothing
 
 
-def test_an_unwritable_run_folder_is_one_line(synth_shards):
-    line = one_error_line(train(*tiny_flags(synth_shards, Path("/proc/deep-ranking-run"))))
-    assert "/proc/deep-ranking-run: --run-dir is not writable" in line
-
-
-def test_bad_shards_leave_no_config_download_or_wandb_run(tmp_path):
-    run_dir = tmp_path / "run"
-    flags = tiny_flags(tmp_path / "no-shards", run_dir)
-    flags[flags.index("--no-wandb")] = "--wandb"  # W&B would have started: nothing may appear before the check
-    line = one_error_line(train(*flags, env={"WANDB_MODE": "offline"}))
-    assert f"{tmp_path / 'no-shards'}/manifest.json: missing" in line
-    assert not run_dir.exists()
+def test_an_unwritable_run_folder_or_missing_shards_are_refused_before_anything_is_written(synth_shards, tmp_path):
+    with contextlib.ExitStack() as held, pytest.raises(RankingError, match="--run-dir is not writable"):
+        check_inputs(trainer_config(synth_shards, Path("/proc/deep-ranking-run")), held)
+    with contextlib.ExitStack() as held, pytest.raises(RankingError, match="no-shards/manifest.json: missing"):
+        check_inputs(trainer_config(tmp_path / "no-shards", tmp_path / "run"), held)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_under_accelerate_launch_is_printed_once_and_is_the_launchers_root_cause(tmp_path):
