@@ -26,6 +26,7 @@ from ranking.config import ArgumentParser, TrainConfig, at_least, at_most, build
 from ranking.distances import squared_distances
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.grids import OTHER_CLASS, QUERY, SAME_CLASS, Tile, caption, draw_grid, save_png, short_name
 from ranking.plots import plot_loss, plot_pr_curve
 from ranking.shardformat import SampleInfo, read_images, split_index
@@ -139,16 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run_dir.is_dir():
         raise RankingError(f"{args.run_dir}: no such run folder")
 
-    images = {"loss_curve": plot_loss(runfolder.read_metrics_log(args.run_dir), args.run_dir / runfolder.LOSS_PLOT,
-                                      args.run_dir.resolve().name)}
+    # every input is read and checked before the first picture is written
+    records = runfolder.read_metrics_log(args.run_dir)
     eval_dir, metrics = args.eval_dir or evalfolder.find_in_run(args.run_dir), None
+    if eval_dir is not None:
+        metrics = evalfolder.read_metrics(eval_dir)
+        index = evalfolder.EvalIndex.load(eval_dir)
+        shards = index.shards_dir(eval_dir, args.shards)
+        check_writable_folder(eval_dir, "EVAL_DIR")
+    check_writable_folder(args.run_dir, "RUN_DIR")
+
+    images = {"loss_curve": plot_loss(records, args.run_dir / runfolder.LOSS_PLOT, args.run_dir.resolve().name)}
     if eval_dir is None:
         print(f"no evaluation folder in {args.run_dir} (run `ranking evaluate`): only the loss curve")
     else:
-        metrics = evalfolder.read_metrics(eval_dir)
+        assert metrics is not None
         images["pr_curve"] = plot_pr_curve(metrics, eval_dir / "pr_curve.png")
-        index = evalfolder.EvalIndex.load(eval_dir)
-        shards = index.shards_dir(eval_dir, args.shards)
         for n, path in enumerate(write_ranked_grids(index, eval_dir, shards, args.queries, args.top)):
             images[f"ranked_{n}"] = path
         print(evalfolder.markdown_table(metrics))

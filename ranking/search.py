@@ -19,6 +19,7 @@ from ranking.config import ArgumentParser, TrainConfig, at_least
 from ranking.embed import embed_images
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.grids import NEUTRAL, QUERY, Tile, caption, draw_grid, save_png
 from ranking.models import load_trained
 from ranking.retrieval import nearest_neighbors
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     at_least("--top", args.top, 1)
 
+    if args.grid is not None:
+        if args.grid.is_dir():
+            raise RankingError(f"{args.grid}: --grid is a folder; give a file name such as results.png")
+        check_writable_folder(args.grid.parent, "--grid's folder")
     images = [load_image(path) for path in args.images]  # bad input fails before the model loads
     eval_index = EvalIndex.load(args.index)
     shards = eval_index.shards_dir(args.index, args.shards)

@@ -302,3 +302,20 @@ def test_report_of_a_run_without_wandb_never_imports_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"wrote {run_dir / 'loss.png'}" in done.stdout
+
+
+def test_report_reads_every_input_before_it_writes_a_picture(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run", config.TrainConfig(wandb=False), {})
+    eval_dir = run_dir / "eval-0000010"
+    eval_dir.mkdir()
+    (eval_dir / "metrics.json").write_text(json.dumps({"k": 30, "step": STEP, "splits": {}, "pr_curve": {}}))
+    with pytest.raises(RankingError, match="embeddings.pt"):  # the evaluation folder lacks its embeddings
+        report.main([str(run_dir), str(eval_dir), "--no-wandb"])
+    assert not (run_dir / "loss.png").exists() and sorted(p.name for p in eval_dir.iterdir()) == ["metrics.json"]
+
+
+def test_search_refuses_a_folder_as_grid_before_embedding(index, tmp_path):
+    image = tmp_path / "query.png"
+    Image.new("RGB", (20, 20)).save(image)
+    with pytest.raises(RankingError, match=f"{tmp_path}: --grid is a folder"):
+        search.main([str(image), "--index", str(index["eval"]), "--grid", str(tmp_path)])
