@@ -12,7 +12,6 @@ and skips finished shards. `manifest.json` is written last, atomically.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -34,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ranking.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
-from ranking.config import add_dataclass_flags, at_least, build
+from ranking.config import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.errors import RankingError
 from ranking.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
 from ranking.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
@@ -484,7 +483,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder, a folder of class "
                         "folders of images (ImageFolder), or a folder of unlabelled images (a gallery: the test split)")
     parser.add_argument("--verify", metavar="DIR", help="re-hash the shards of DIR against its manifest and exit")
