@@ -7,6 +7,8 @@ one row per id, sorted by id: every sample exactly once at any world size, on ev
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,20 +26,32 @@ if TYPE_CHECKING:  # searching imports this module: it needs no launcher
     from accelerate import Accelerator
 
 PADDING_ID = -1
+LOG_EVERY_S = 30.0  # seconds between a rank's progress lines while it embeds
+log = logging.getLogger("ranking.embed")
 
 
 @torch.inference_mode()
 def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
-                flip: bool = False) -> EmbeddingSet:
-    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none)."""
+                flip: bool = False, name: str = "", expected: int | None = None) -> EmbeddingSet:
+    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); a log line
+    every LOG_EVERY_S seconds and at the end, naming the split (``name``) and this rank's count so far."""
     device = accelerator.device
     embeddings = [torch.zeros(0, dim, device=device)]
     ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    started = last = time.perf_counter()
+    done = 0
+    of = f"/{expected}" if expected is not None else ""
     for images, batch_labels, batch_ids in loader:
         with accelerator.autocast():
             embeddings.append(models.embed_with_mirror(model, images.to(device, non_blocking=True), flip).float())
         labels.append(batch_labels.long())
         ids.append(batch_ids.long())
+        done += len(batch_ids)
+        if time.perf_counter() - last > LOG_EVERY_S:
+            last = time.perf_counter()
+            log.info(f"{name}: embedded {done}{of} images ({done / (last - started):.0f} images/s)")
+    seconds = time.perf_counter() - started
+    log.info(f"{name}: embedded {done}{of} images in {seconds:.1f} s")
     return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
 
 
@@ -56,9 +70,10 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
 
 def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
                 mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
-                normalize: bool, flip: bool = False, only_ids: frozenset[int] | None = None) -> EmbeddingSet:
+                normalize: bool, flip: bool = False, only_ids: frozenset[int] | None = None,
+                total: int | None = None) -> EmbeddingSet:
     """Embed ``split`` of the shards (or its samples in ``only_ids``) over all ranks; every rank returns the whole
-    split, sorted by id.
+    split, sorted by id. ``total``, the split's sample count, lets each rank log its progress out of its share.
 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
     (by id) and over DataLoader workers (by shard).
@@ -67,15 +82,20 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
                                   accelerator.num_processes, only_ids)
     loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
                         pin_memory=accelerator.device.type == "cuda")
-    return embed_loader(model, accelerator, loader, dim, normalize, flip)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if only_ids is not None:
+        mine: int | None = sum(1 for i in only_ids if i % world == rank)
+    else:
+        mine = None if total is None else len(range(rank, total, world))  # ids with id % world == rank
+    return embed_loader(model, accelerator, loader, dim, normalize, flip, split, mine)
 
 
 def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int, normalize: bool,
-                 flip: bool = False) -> EmbeddingSet:
+                 flip: bool = False, name: str = "", expected: int | None = None) -> EmbeddingSet:
     """Embed this rank's batches ``(images, labels, ids)`` of ``loader``, then gather every rank's rows: every rank
-    returns them all, one per id, sorted by id."""
+    returns them all, one per id, sorted by id (``name`` and ``expected`` go into this rank's progress lines)."""
     model.eval()
-    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip))
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip, name, expected))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set

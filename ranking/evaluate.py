@@ -10,24 +10,67 @@ RUN_DIR/eval-<step>. Every rank embeds its share and evaluates its share of the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
 from accelerate import Accelerator
 
-from ranking import cli, config, embed, evalfolder, models, retrieval, runfolder, tracking, validation
+from ranking import (
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    embed,
+    evalfolder,
+    logs,
+    models,
+    precision,
+    retrieval,
+    runfolder,
+    tracking,
+    validation,
+)
 from ranking.config import EvalConfig, TrainConfig
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.retrieval import EmbeddingSet, RetrievalMetrics
 from ranking.shardformat import split_counts
 
+log = logging.getLogger("ranking.evaluate")
 
-def precision(mixed_precision: str) -> str:
-    """fp16 autocast needs a GPU; on a CPU-only machine evaluate in bf16 instead."""
-    return "bf16" if mixed_precision == "fp16" and not torch.cuda.is_available() else mixed_precision
+
+class Inputs(NamedTuple):
+    """What rank 0 checked before any work, for every rank."""
+
+    checkpoint: Path
+    shards: str
+    counts: dict[str, int]
+    out: Path
+    gallery_ids: frozenset[int] | None  # --gallery-per-class: the fixed subset of the train split, else None
+
+
+def check_inputs(cfg: EvalConfig) -> Inputs:
+    """The checkpoint (and the config its model is rebuilt from), the shards' splits and the output folder, before
+    any image is embedded or anything is written."""
+    if not cfg.checkpoint:
+        raise RankingError("--checkpoint is required: a run folder or one of its checkpoints/step-* folders")
+    checkpoint_dir = runfolder.resolve_checkpoint(cfg.checkpoint)
+    run_dir = runfolder.run_of(checkpoint_dir)
+    train_cfg = runfolder.read_config(run_dir)
+    step = checkpoint.load_weights(checkpoint_dir)[1]
+    shards = cfg.shards or train_cfg.shards
+    counts = split_counts(shards, [cfg.gallery_split, cfg.query_split])
+    for split, count in counts.items():
+        if count == 0:
+            raise RankingError(f"{shards}: the {split} split is empty")
+    out = Path(cfg.out or evalfolder.default_dir(run_dir, step))
+    check_writable_folder(out, "--out")
+    gallery_ids = validation.gallery_subset(shards, cfg.gallery_per_class, cfg.seed) \
+        if cfg.gallery_split == "train" else None
+    return Inputs(checkpoint_dir, shards, counts, out, gallery_ids)
 
 
 def check_complete(found: EmbeddingSet, expected: int, shards: str, split: str) -> None:
@@ -78,35 +121,34 @@ def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet)
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(EvalConfig, argv, "ranking evaluate", "embed gallery and queries, compute retrieval metrics")
-    if not cfg.checkpoint:
-        raise RankingError("--checkpoint is required: a run folder or one of its checkpoints/step-* folders")
-    checkpoint_dir = runfolder.resolve_checkpoint(cfg.checkpoint)
-    run_dir = runfolder.run_of(checkpoint_dir)
-    model, train_cfg, step = models.load_trained(checkpoint_dir)
-    cfg.shards = cfg.shards or train_cfg.shards
-    counts = split_counts(cfg.shards, [cfg.gallery_split, cfg.query_split])
-    gallery_ids = validation.gallery_subset(cfg.shards, cfg.gallery_per_class, cfg.seed) \
-        if cfg.gallery_split == "train" else None
-    if gallery_ids is not None:
-        counts[cfg.gallery_split] = len(gallery_ids)
+    chosen = precision.for_inference(precision.resolve(cfg.mixed_precision))
+    accelerator = Accelerator(mixed_precision=chosen.value)
+    logs.setup_logging(accelerator.process_index)
+    inputs = distributed.decided_by_main(lambda: check_inputs(cfg))
+    cfg.shards, counts, out = inputs.shards, inputs.counts, inputs.out
+    model, train_cfg, step = models.load_trained(inputs.checkpoint)
+    run_dir = runfolder.run_of(inputs.checkpoint)
+    if accelerator.is_main_process:
+        log.info(f"{inputs.checkpoint} (step {step}), {chosen.describe()}, {accelerator.num_processes} process(es)")
 
-    accelerator = Accelerator(mixed_precision=precision(cfg.mixed_precision))
     model = model.to(accelerator.device)
     mean, std = models.input_normalization(train_cfg.backbone)
     gallery, query = (embed.embed_split(model, accelerator, cfg.shards, split, image_size=train_cfg.image_size,
                                         mean=mean, std=std, batch_size=cfg.batch_size, workers=cfg.workers,
                                         dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip,
-                                        only_ids=only_ids)
-                      for split, only_ids in ((cfg.gallery_split, gallery_ids), (cfg.query_split, None)))
-    if gallery_ids is not None:
-        check_subset(gallery, gallery_ids, cfg.shards)
+                                        only_ids=only_ids, total=counts[split])
+                      for split, only_ids in ((cfg.gallery_split, inputs.gallery_ids), (cfg.query_split, None)))
+    if inputs.gallery_ids is not None:
+        check_subset(gallery, inputs.gallery_ids, cfg.shards)
     else:
         check_complete(gallery, counts[cfg.gallery_split], cfg.shards, cfg.gallery_split)
     check_complete(query, counts[cfg.query_split], cfg.shards, cfg.query_split)
 
+    if accelerator.is_main_process:
+        log.info(f"metrics: {len(query.ids)} {cfg.query_split} and {len(gallery.ids)} {cfg.gallery_split} queries "
+                 f"against {len(gallery.ids)} {cfg.gallery_split} images, on every rank's share")
     by_split = evaluate_splits(cfg, gallery, query)
     if accelerator.is_main_process:
-        out = Path(cfg.out or evalfolder.default_dir(run_dir, step))
         out.mkdir(parents=True, exist_ok=True)
         EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
                   gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=train_cfg.normalize,

@@ -22,13 +22,16 @@ import torch
 from PIL import Image
 
 from ranking import evalfolder, runfolder, tracking
-from ranking.config import TrainConfig, build
+from ranking.config import ArgumentParser, TrainConfig, at_least, at_most, build
 from ranking.distances import squared_distances
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.grids import OTHER_CLASS, QUERY, SAME_CLASS, Tile, caption, draw_grid, save_png, short_name
 from ranking.plots import plot_loss, plot_pr_curve
 from ranking.shardformat import SampleInfo, read_images, split_index
+
+MAX_GRID = 50  # queries and images per row a grid can show legibly
 
 # ---------------------------------------------------------------------------------------------------------------
 # ranked examples: a few val queries of different classes, their nearest and farthest gallery items
@@ -157,31 +160,42 @@ def log_to_wandb(run_dir: Path, step: int, images: dict[str, Path], metrics: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="the run folder (metrics.jsonl, config.yaml, checkpoints/)")
     parser.add_argument("eval_dir", type=Path, nargs="?", help="the evaluation folder (default: the newest in RUN)")
     parser.add_argument("--shards", default=None, help="shards folder, if it moved since the evaluation")
-    parser.add_argument("--queries", type=int, default=5, help="val queries shown, each from a different class")
-    parser.add_argument("--top", type=int, default=10, help="nearest and farthest gallery images per query")
+    parser.add_argument("--queries", type=int, default=5,
+                        help=f"val queries shown, each from a different class (1 to {MAX_GRID}; default: 5)")
+    parser.add_argument("--top", type=int, default=10,
+                        help=f"nearest and farthest gallery images per query (1 to {MAX_GRID}; default: 10)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
                         help="log the pictures and the table to the run's W&B run")
     args = parser.parse_args(argv)
+    for name in ("queries", "top"):
+        at_least(f"--{name}", getattr(args, name), 1)
+        at_most(f"--{name}", getattr(args, name), MAX_GRID)
     if not args.run_dir.is_dir():
         raise RankingError(f"{args.run_dir}: no such run folder")
 
-    images = {"loss_curve": plot_loss(runfolder.read_metrics_log(args.run_dir), args.run_dir / runfolder.LOSS_PLOT,
-                                      args.run_dir.resolve().name)}
+    # every input is read and checked before the first picture is written
     records = runfolder.read_metrics_log(args.run_dir)
     step = records[-1]["step"] if records else 0
     eval_dir, metrics, results = args.eval_dir or evalfolder.find_in_run(args.run_dir), None, None
+    if eval_dir is not None:
+        metrics = evalfolder.read_metrics(eval_dir)
+        index = evalfolder.EvalIndex.load(eval_dir)
+        shards = index.shards_dir(eval_dir, args.shards)
+        check_writable_folder(eval_dir, "EVAL_DIR")
+    check_writable_folder(args.run_dir, "RUN_DIR")
+
+    images = {"loss_curve": plot_loss(records, args.run_dir / runfolder.LOSS_PLOT, args.run_dir.resolve().name)}
     if eval_dir is None:
         print(f"no evaluation folder in {args.run_dir} (run `ranking evaluate`): only the loss curve")
     else:
-        metrics = evalfolder.read_metrics(eval_dir)
+        assert metrics is not None
         images["pr_curve"] = plot_pr_curve(metrics, eval_dir / "pr_curve.png")
-        index = evalfolder.EvalIndex.load(eval_dir)
         step = index.step
-        results = ranked_results(index, eval_dir, index.shards_dir(eval_dir, args.shards), args.queries, args.top)
+        results = ranked_results(index, eval_dir, shards, args.queries, args.top)
         for n, path in enumerate(write_ranked_grids(results, eval_dir)):
             images[f"ranked_{n}"] = path
         print(evalfolder.markdown_table(metrics))

@@ -11,7 +11,6 @@ compared by squared Euclidean distance. Prints, for each image, one line per res
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,9 +19,10 @@ import torch
 from torch import nn
 
 from ranking import evalfolder, indexfolder, runfolder
-from ranking.config import TrainConfig, at_least
+from ranking.config import ArgumentParser, TrainConfig, at_least
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
 from ranking.indexfolder import Index, Item, Result
 from ranking.inference import EmbeddingModel, load_image, parse_device
@@ -83,7 +83,7 @@ def caption(result: Result) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="query image files (any size, grayscale or colour)")
     parser.add_argument("--index", type=Path, required=True,
                         help="an index folder (`ranking index`) or an evaluation folder (holds embeddings.pt)")
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     at_least("--top", args.top, 1)
     device = parse_device(args.device)
 
+    if args.grid is not None:
+        if args.grid.is_dir():
+            raise RankingError(f"{args.grid}: --grid is a folder; give a file name such as results.png")
+        check_writable_folder(args.grid.parent, "--grid's folder")
     images = [load_image(path) for path in args.images]  # bad input fails before the model loads
     gallery = open_gallery(args.index, args.shards, device)
     found = gallery.search(images, args.top)

@@ -11,8 +11,10 @@ SIGUSR1 or SIGTERM: finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import logging
 import os
 import sys
 import time
@@ -24,7 +26,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ranking import (
     checkpoint,
@@ -43,9 +44,13 @@ from ranking import (
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
+from ranking.logs import Progress, setup_logging
 from ranking.losses import StepLoss
+from ranking.precision import resolve as resolve_precision
 from ranking.sampling import Batch
-from ranking.shardformat import load_manifest, manifest_digest
+from ranking.shardformat import load_manifest, manifest_digest, split_counts
+
+log = logging.getLogger("ranking.train")
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -94,12 +99,14 @@ class Meter:
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, device=device)
-        self.steps, self.triplets, self.waiting, self.started = 0.0, 0, 0.0, time.perf_counter()
+        self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
+        self.started = time.perf_counter()
 
-    def add(self, out: StepLoss, triplets: int, weight: float) -> None:
+    def add(self, out: StepLoss, triplets: int, images: int, weight: float) -> None:
         self.sums += weight * torch.stack([out.loss, out.active_fraction])
         self.steps += weight
         self.triplets += triplets
+        self.images += images
 
     def waited(self, seconds: float) -> None:
         self.waiting += seconds
@@ -108,14 +115,16 @@ class Meter:
         self.started += seconds
 
     def read(self, accelerator: Accelerator) -> dict[str, float]:
-        """Loss and active fraction averaged over steps and ranks, triplets/s, step and data-wait seconds (this
-        rank's); a collective; starts anew."""
+        """Loss and active fraction averaged over steps and ranks, triplets/s and images/s (all ranks), step and
+        data-wait seconds (this rank's); a collective; starts anew."""
         loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
         seconds = time.perf_counter() - self.started
         read = {"loss": loss, "active_fraction": active_fraction, "triplets_per_s": self.triplets / seconds,
-                "step_s": seconds / self.steps, "data_wait_s": self.waiting / self.steps}
+                "images_per_s": self.images / seconds, "step_s": seconds / self.steps,
+                "data_wait_s": self.waiting / self.steps}
         self.sums.zero_()
-        self.steps, self.triplets, self.waiting, self.started = 0.0, 0, 0.0, time.perf_counter()
+        self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
+        self.started = time.perf_counter()
         return read
 
 
@@ -165,20 +174,35 @@ class StopPolicy:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+    chosen = resolve_precision(cfg.mixed_precision)
+    cfg = dataclasses.replace(cfg, mixed_precision=chosen.value)  # config.yaml and W&B record what ran
+    accelerator = Accelerator(mixed_precision=chosen.value, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
+    setup_logging(accelerator.process_index)
     try:
-        return train(cfg, accelerator)
+        with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock until the run ends
+            resume_from = distributed.decided_by_main(lambda: check_inputs(cfg, held))
+            if accelerator.is_main_process:
+                log.info(chosen.describe())
+            return train(cfg, accelerator, resume_from)
     finally:
         distributed.shutdown()
 
 
-def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_checkpoint(cfg, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        runfolder.write_config(cfg, run_dir)
+def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
+    """Rank 0, before anything is written, downloaded or started: the shards, the run folder (then locked for the
+    run; --overwrite moves an old run aside) and the checkpoint to resume and its config. Returns that checkpoint."""
+    if split_counts(cfg.shards, ["train"])["train"] == 0:
+        raise RankingError(f"{cfg.shards}: the train split is empty (a folder of unlabelled images cannot train)")
+    resume_from, aside = runfolder.open_run(cfg, held)
+    if aside is not None:
+        log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")
+    return resume_from
 
+
+def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) -> int:
+    """The run itself, once check_inputs has passed; config.yaml is written only after a resume has succeeded."""
+    run_dir = Path(cfg.run_dir)
     set_seed(cfg.seed)  # the same initial weights on every rank
     with accelerator.main_process_first():  # pretrained weights are downloaded once, then read from the cache
         net = models.build_model(cfg)
@@ -199,6 +223,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         if validator is not None:
             validator.best = restored.best_validation
     if accelerator.is_main_process:
+        runfolder.write_config(cfg, run_dir)
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
         mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
@@ -213,8 +238,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         return checkpoint.save(run_dir, state, cfg.keep_checkpoints, best=best)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
-    progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
-                    dynamic_ncols=True)
+    progress = Progress(log, cfg.steps, step, shown=accelerator.is_main_process, bar=cfg.progress)
     meter = Meter(accelerator.device)
     stop: Stop | None = None
     saved = runfolder.checkpoints_dir(run_dir)
@@ -235,19 +259,19 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                meter.add(out, triplets_in(batch) * accelerator.num_processes, weight=1 / cfg.grad_accum)
+                meter.add(out, triplets_in(batch) * accelerator.num_processes,
+                          len(batch.ids) * accelerator.num_processes, weight=1 / cfg.grad_accum)
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
                 scheduler.step()
             step += 1
-            progress.update(1)
+            progress.update(step)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 measured = meter.read(accelerator)
                 record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, record)
-                    progress.set_postfix(loss=f"{measured['loss']:.4f}",
-                                         triplets_per_s=f"{measured['triplets_per_s']:.0f}")
+                progress.log(step, measured["loss"], measured["active_fraction"], lr, measured["images_per_s"])
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
             best = False
@@ -285,23 +309,6 @@ def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
             "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
 
 
-def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
-    """The checkpoint to resume from, decided by rank 0 for every rank (``latest`` may move while ranks look);
-    a bad ``--resume`` fails on every rank with rank 0's message."""
-    if not cfg.resume:
-        return None
-    found: tuple[Path | None, str] = (None, "")
-    if is_main_process:
-        try:
-            found = (runfolder.resume_checkpoint(cfg.run_dir, cfg.resume), "")
-        except RankingError as e:
-            found = (None, str(e))
-    path, error = distributed.broadcast_from_main(found)
-    if error:
-        raise RankingError(error)
-    return path
-
-
 def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
     """Load a checkpoint into the prepared objects and this rank's RNGs; returns what it held."""
@@ -318,7 +325,8 @@ def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, o
     rng = checkpoint.load_rng(resume_from, accelerator.process_index)
     if rng is not None:
         checkpoint.set_rng_state(rng)
-    accelerator.print(f"ranking train: resumed from {resume_from} at step {state.step}", file=sys.stderr)
+    if accelerator.is_main_process:
+        log.info(f"resumed from {resume_from} at step {state.step}")
     return state
 
 

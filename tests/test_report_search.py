@@ -296,3 +296,41 @@ def test_a_text_file_is_one_line_error_and_exit_2(index, tmp_path, capsys):
     assert err.count("\n") == 1 and str(notes) in err and "not an image" in err
     with pytest.raises(RankingError, match="missing.png: no such image file"):
         search.main([str(tmp_path / "missing.png"), "--index", str(index["eval"])])
+
+
+@pytest.mark.parametrize("flags,message", [(["--top", "-5"], "--top must be at least 1; got -5"),
+                                           (["--top", "51"], "--top must be at most 50; got 51"),
+                                           (["--queries", "0"], "--queries must be at least 1; got 0")])
+def test_report_bounds_the_grids(flags, message, tmp_path):
+    with pytest.raises(RankingError, match=message):
+        report.main([str(tmp_path), *flags])
+
+
+def test_report_of_a_run_without_wandb_never_imports_it(tmp_path):
+    """A --no-wandb run is reported where wandb is not installed (an import of it fails in this process)."""
+    import subprocess
+    import sys
+
+    run_dir = write_run_dir(tmp_path / "run", config.TrainConfig(wandb=False), {})
+    code = ("import sys; sys.modules['wandb'] = None  # as if not installed: `import wandb` raises ImportError\n"
+            f"from ranking import cli; cli.main(['report', {str(run_dir)!r}])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {run_dir / 'loss.png'}" in done.stdout
+
+
+def test_report_reads_every_input_before_it_writes_a_picture(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run", config.TrainConfig(wandb=False), {})
+    eval_dir = run_dir / "eval-0000010"
+    eval_dir.mkdir()
+    (eval_dir / "metrics.json").write_text(json.dumps({"k": 30, "step": STEP, "splits": {}, "pr_curve": {}}))
+    with pytest.raises(RankingError, match="embeddings.pt"):  # the evaluation folder lacks its embeddings
+        report.main([str(run_dir), str(eval_dir), "--no-wandb"])
+    assert not (run_dir / "loss.png").exists() and sorted(p.name for p in eval_dir.iterdir()) == ["metrics.json"]
+
+
+def test_search_refuses_a_folder_as_grid_before_embedding(index, tmp_path):
+    image = tmp_path / "query.png"
+    Image.new("RGB", (20, 20)).save(image)
+    with pytest.raises(RankingError, match=f"{tmp_path}: --grid is a folder"):
+        search.main([str(image), "--index", str(index["eval"]), "--grid", str(tmp_path)])
