@@ -14,6 +14,7 @@ import inspect
 import io
 import os
 import re
+import sys
 import textwrap
 import tokenize
 import types
@@ -299,10 +300,32 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        args = self.sweep_style(sys.argv[1:] if args is None else list(args))
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             self.error(self.unknown_message(unknown))
         return parsed
+
+    def sweep_style(self, args: list[str]) -> list[str]:
+        """Flags as a W&B sweep agent writes them: ``--trunk_lr_scale=0.1`` is ``--trunk-lr-scale 0.1`` and
+        ``--pretrained=True`` / ``=false`` is ``--pretrained`` / ``--no-pretrained``."""
+        switches = {option for option, action in self._option_string_actions.items()
+                    if isinstance(action, argparse.BooleanOptionalAction)}
+        normalized = []
+        for arg in args:
+            if not arg.startswith("--") or arg == "--":
+                normalized.append(arg)
+                continue
+            name, has_value, value = arg.partition("=")
+            name = "--" + name[2:].replace("_", "-")
+            if has_value and name in switches and not name.startswith("--no-"):
+                truth = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+                if value.lower() not in truth:
+                    self.error(f"{name} takes true or false, got {value!r}")
+                normalized.append(name if truth[value.lower()] else "--no-" + name[2:])
+            else:
+                normalized.append(f"{name}={value}" if has_value else name)
+        return normalized
 
     def unknown_message(self, unknown: list[str]) -> str:
         flag = next((arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")), None)

@@ -58,9 +58,11 @@ def _wandb_configured() -> bool:
 
 
 def new_run_id() -> str:
+    """A new run's id: the one a W&B sweep agent assigned (WANDB_RUN_ID), so the run counts in its sweep, else a
+    fresh one."""
     from wandb.sdk.lib.runid import generate_id  # what wandb.init uses (wandb 0.31 dropped wandb.util.generate_id)
 
-    return generate_id()
+    return os.environ.get("WANDB_RUN_ID") or generate_id()
 
 
 def code_version() -> str:

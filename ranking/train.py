@@ -175,7 +175,8 @@ class StopPolicy:
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
     chosen = resolve_precision(cfg.mixed_precision)
-    cfg = dataclasses.replace(cfg, mixed_precision=chosen.value)  # config.yaml and W&B record what ran
+    # config.yaml and W&B record the precision that ran; $WANDB_RUN_ID in --run-dir gives each sweep run its own
+    cfg = dataclasses.replace(cfg, mixed_precision=chosen.value, run_dir=expand_run_dir(cfg.run_dir))
     accelerator = Accelerator(mixed_precision=chosen.value, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
     setup_logging(accelerator.process_index)
@@ -187,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             return train(cfg, accelerator, resume_from)
     finally:
         distributed.shutdown()
+
+
+def expand_run_dir(run_dir: str) -> str:
+    """Environment variables in --run-dir (a W&B sweep agent's $WANDB_RUN_ID, Slurm's $SLURM_JOB_ID) expanded."""
+    expanded = os.path.expandvars(run_dir)
+    if "$" in expanded:
+        raise RankingError(f"--run-dir {run_dir}: names an environment variable that is not set")
+    return expanded
 
 
 def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
