@@ -5,6 +5,8 @@ and survives rotation; W&B gets the val metrics at the training step."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +14,6 @@ from test_train import launch, metrics, train_flags, wandb_history_and_config
 
 from ranking import checkpoint, runfolder
 from ranking.evalfolder import read_metrics
-from ranking.evaluate import main as evaluate
 from ranking.shardformat import manifest_digest
 from ranking.validation import gallery_subset
 
@@ -57,8 +58,11 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     assert runfolder.step_dir_name(6) in kept and best_dir.resolve().name in kept  # keep 1, but best is kept too
 
     out = tmp_path / "eval"
-    assert evaluate(["--checkpoint", str(best_dir), "--out", str(out), "--gallery-per-class", str(PER_CLASS),
-                     "--workers", "0", "--mixed-precision", "no", "--triplets", "0"]) == 0
+    evaluated = subprocess.run([sys.executable, "-m", "ranking", "evaluate", "--checkpoint", str(best_dir), "--out",
+                                str(out), "--gallery-per-class", str(PER_CLASS), "--workers", "0",
+                                "--mixed-precision", "no", "--triplets", "0"], capture_output=True, text=True,
+                               env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
     standalone = read_metrics(out)["splits"]["val"]
     assert standalone["precision_at_k"] == pytest.approx(best["val/precision@30"], abs=1e-6)
     assert standalone["knn1_accuracy"] == pytest.approx(best["val/knn1"], abs=1e-6)
