@@ -37,6 +37,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from ranking.errors import RankingError
 from ranking.shardformat import SPLITS
@@ -248,7 +249,36 @@ def _is_image(file: str) -> bool:
     return file.lower().endswith(IMAGE_SUFFIXES)
 
 
-class Archive:
+S = TypeVar("S", bound="SampleSource")
+
+
+class SampleSource:
+    """What `ranking shards` packs: classes, each split's samples, and their bytes; a context manager that closes
+    its source (an Archive of Tiny ImageNet, or a FolderDataset of class folders or plain images)."""
+
+    source: Source
+    _samples: dict[str, list[Sample]]
+
+    def __enter__(self: S) -> S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def samples(self, split: str) -> list[Sample]:
+        return self._samples[split]
+
+    def read(self, file: str) -> bytes:
+        return self.source.read(file)
+
+    def describe(self, file: str) -> str:
+        return self.source.describe(file)
+
+
+class Archive(SampleSource):
     """The classes (index = position of the wnid in sorted(wnids.txt)) and the samples of each split."""
 
     layout = "tiny-imagenet"
@@ -264,24 +294,6 @@ class Archive:
         except BaseException:
             self.source.close()
             raise
-
-    def __enter__(self) -> Archive:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.source.close()
-
-    def samples(self, split: str) -> list[Sample]:
-        return self._samples[split]
-
-    def read(self, file: str) -> bytes:
-        return self.source.read(file)
-
-    def describe(self, file: str) -> str:
-        return self.source.describe(file)
 
     def spec(self) -> tuple:
         """What a pool worker needs to reopen the source (see reopen_source)."""
@@ -400,12 +412,14 @@ def needs_conversion(path: Path) -> bool:
         raise RankingError(f"{path}: not a readable image ({e})") from None
 
 
-class FolderDataset:
+class FolderDataset(SampleSource):
     """The `imagefolder` and `flat` layouts, with Archive's interface (classes, samples, read, describe, close).
 
     A sample's `file` is its path relative to the source folder; with `val_source`, `train/...` is relative to the
     source and `val/...` to the val folder. Class wnid and words are both the folder name.
     """
+
+    source: FolderTreeSource
 
     def __init__(self, path: str | os.PathLike, val_source: str | os.PathLike | None = None,
                  val_fraction: float = 0.0, seed: int = 0):
@@ -482,24 +496,6 @@ class FolderDataset:
             chosen = random.Random(f"{seed}/{info.wnid}").sample(files, take)
             val.update({f: label for f in chosen})
         return val
-
-    def __enter__(self) -> FolderDataset:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.source.close()
-
-    def samples(self, split: str) -> list[Sample]:
-        return self._samples[split]
-
-    def read(self, file: str) -> bytes:
-        return self.source.read(file)
-
-    def describe(self, file: str) -> str:
-        return self.source.describe(file)
 
     def spec(self) -> tuple:
         """What a pool worker needs to reopen the source (see reopen_source)."""
