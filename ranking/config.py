@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,30 @@ def at_least(name: str, value: float, least: float) -> None:
     """The one bound check of config values and flags."""
     if value < least:
         raise ConfigError(f"{name} must be at least {least}; got {value}")
+
+
+def finite(name: str, value: float) -> None:
+    """NaN and infinities pass ``<`` comparisons silently; every float of a config is checked with this first."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value}")
+
+
+def above(name: str, value: float, bound: float) -> None:
+    if not value > bound:
+        raise ConfigError(f"{name} must be greater than {bound}; got {value}")
+
+
+def below(name: str, value: float, bound: float) -> None:
+    if not value < bound:
+        raise ConfigError(f"{name} must be less than {bound}; got {value}")
+
+
+def finite_floats(config: Any) -> None:
+    """Every float field of a config dataclass is finite (``.nan``, ``.inf`` in YAML or flags are refused)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float):
+            finite(f.name, value)
 
 
 @dataclass
@@ -96,6 +121,8 @@ class TrainConfig:
     seed: int = 0
     resume: str = ""  # "" | "latest" | path to a checkpoint folder
     progress: bool = True
+    batch_timeout_s: float = 300.0  # no batch for this long: a one-line error naming the shards (a stalled stream)
+    collective_timeout_s: float = 300.0  # a collective waiting this long on another rank ends the run (frozen peer)
 
     # Weights & Biases
     wandb: bool = True
@@ -109,8 +136,15 @@ class TrainConfig:
                      "neg_per_query", "buffer_per_class", "embed_dim", "steps", "grad_accum", "log_every",
                      "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
-        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes"):
+        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "workers", "shuffle_buffer",
+                     "weight_decay", "grad_clip", "momentum", "warmup_steps", "keep_checkpoints"):
             at_least(name, getattr(self, name), 0)
+        finite_floats(self)
+        for name in ("lr", "margin", "smooth_ap_tau", "batch_timeout_s", "collective_timeout_s"):
+            above(name, getattr(self, name), 0)
+        below("dropout", self.dropout, 1)
+        at_least("dropout", self.dropout, 0)
+        below("momentum", self.momentum, 1)
         pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", self.freeze_bn_stats),
                                                    ("--frozen-stages 0", self.frozen_stages > 0)) if used]
         if not self.pretrained and pretrained_only:
@@ -138,11 +172,14 @@ class EvalConfig:
     pr_points: int = 50  # recall levels of the precision-recall curve
     triplets: int = 10000  # sampled triplets per split for triplet accuracy
     seed: int = 0
+    collective_timeout_s: float = 300.0  # a collective waiting this long on another rank ends the run (frozen peer)
 
     def validate(self) -> None:
         for name, least in (("k", 1), ("batch_size", 1), ("chunk_size", 1), ("pr_points", 2), ("triplets", 0),
                             ("workers", 0)):
             at_least(name, getattr(self, name), least)
+        finite_floats(self)
+        above("collective_timeout_s", self.collective_timeout_s, 0)
 
 
 def _is_bool(tp: Any) -> bool:
