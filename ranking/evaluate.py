@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ranking import cli, config, embed, evalfolder, models, retrieval, runfolder, tracking
+from ranking import checkpoint, cli, config, distributed, embed, evalfolder, models, retrieval, runfolder, tracking
 from ranking.config import EvalConfig, TrainConfig
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.shards = cfg.shards or train_cfg.shards
     counts = split_counts(cfg.shards, [cfg.gallery_split, cfg.query_split])
 
-    accelerator = Accelerator(mixed_precision=precision(cfg.mixed_precision))
+    accelerator = Accelerator(mixed_precision=precision(cfg.mixed_precision),
+                              kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
     model = model.to(accelerator.device)
     mean, std = models.input_normalization(train_cfg.backbone)
     gallery, query = (embed.embed_split(model, accelerator, cfg.shards, split, image_size=train_cfg.image_size,
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
                   gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=train_cfg.normalize,
-                  flip=cfg.flip, gallery=gallery, query=query).save(out)
+                  flip=cfg.flip, gallery=gallery, query=query, model_sha256=checkpoint.state_sha256(checkpoint_dir),
+                  embed_dim=train_cfg.embed_dim).save(out)
         metrics = evalfolder.metrics_record(step, cfg.k, by_split)
         evalfolder.write_metrics(out, metrics)
         print(f"{run_dir} step {step}: {len(gallery.ids)} {cfg.gallery_split} gallery images, {len(query.ids)} "
