@@ -20,6 +20,8 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
 
+from ranking.errors import RankingError
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LAUNCHER_PID = os.getppid()  # the parent when this module was first imported: torchrun's agent under a launch
@@ -103,6 +105,16 @@ def process_group_kwargs(timeout_s: float) -> InitProcessGroupKwargs:
     """Accelerator's process group settings: a collective that waits ``timeout_s`` on a frozen or lost peer raises
     instead of waiting torch's default 30 minutes (gloo on CPU; NCCL's watchdog on GPUs)."""
     return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def timed_out(error: RuntimeError, timeout_s: float) -> Exception:
+    """A collective that gave up on a frozen or lost peer, as one line (gloo and NCCL raise a DistBackendError or a
+    RuntimeError whose message says it timed out); any other error unchanged."""
+    text = str(error)
+    if not (isinstance(error, dist.DistBackendError) or "timed out" in text.lower() or "timeout" in text.lower()):
+        return error
+    return RankingError(f"rank {rank()}: a collective waited more than {timeout_s:g} s (--collective-timeout-s) for "
+                        "another rank, which is frozen or gone; resume from the last checkpoint")
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

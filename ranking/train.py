@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                               kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
     try:
         return train(cfg, accelerator)
+    except RuntimeError as e:
+        raise distributed.timed_out(e, cfg.collective_timeout_s) from None
     finally:
         distributed.shutdown()
 

@@ -358,6 +358,8 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(synth_shards, 
     # rank 0's collective gives up after the timeout (torch's default waits 30 minutes); the launcher then ends
     # the frozen rank (SIGTERM, which a stopped process keeps pending, then SIGKILL)
     assert timeout_s - 2 < ended_in < timeout_s + 90, (ended_in, output)
+    assert (f"error: rank 0: a collective waited more than {timeout_s} s (--collective-timeout-s) for another rank"
+            in output), output
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
 
 
