@@ -117,7 +117,7 @@ def timed_out(error: RuntimeError, timeout_s: float) -> Exception:
                         "another rank, which is frozen or gone; resume from the last checkpoint")
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
+def ignore_stop_signals(worker_id: int = 0, rank_pid: int | None = None) -> None:
     """A DataLoader worker's ``worker_init_fn``: stop signals from anyone but its rank are ignored.
 
     A signal to every process of a job (Slurm preemption, scancel, ``kill -- -PGID``) must reach the ranks only,
@@ -125,9 +125,12 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal"). The rank's own SIGTERM (the DataLoader's ``terminate()`` at shutdown, multiprocessing's at exit) still
     ends the worker: ignoring it too would hang the rank's exit on a worker stuck in its dataset. The signals are
     blocked and a thread reads who sent each (``sigwaitinfo``); the worker also dies with its rank (SIGKILL).
+    ``rank_pid`` (bind it with ``functools.partial``) names the rank when the worker's parent is not the rank (a
+    forkserver start method); by default it is the parent.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    threading.Thread(target=_obey_parent_only, args=(os.getppid(),), name="stop-signals", daemon=True).start()
+    threading.Thread(target=_obey_parent_only, args=(rank_pid or os.getppid(),), name="stop-signals",
+                     daemon=True).start()
     _set_parent_death_signal(signal.SIGKILL)
 
 
