@@ -287,7 +287,8 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                     diverged |= ~torch.isfinite(out.loss.detach())
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
                         norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        diverged |= ~torch.isfinite(torch.as_tensor(norm, device=accelerator.device))
+                        if accelerator.scaler is None:  # fp16: an inf norm is an overflow the scaler skips
+                            diverged |= ~torch.isfinite(torch.as_tensor(norm, device=accelerator.device))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.add(out, triplets_in(batch) * accelerator.num_processes, weight=1 / cfg.grad_accum)
