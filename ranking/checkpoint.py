@@ -3,15 +3,19 @@
     RUN/checkpoints/step-0000100/state.pt        a TrainState: model (unwrapped state_dict), optimizer, scheduler,
                                                  scaler, step, wandb run id, stream seeds: written by rank 0
     RUN/checkpoints/step-0000100/rng-rank{r}.pt  rank r's step and torch / python / numpy (/ cuda) RNG states
+    RUN/checkpoints/step-0000100/checkpoint.json the sha256 of each file above, written last
     RUN/checkpoints/latest -> step-0000100
 
 A checkpoint is assembled in ``.tmp-step-0000100/`` and renamed once every rank has written its part, so a folder
-named ``step-*`` is always complete. Everything is stored as tensors and plain containers: loads use
+named ``step-*`` is always complete; ``verify`` checks its files against ``checkpoint.json`` (flipped bytes, a
+truncated file), and ``resumable`` falls back from a damaged ``latest`` to the newest intact checkpoint.
+Everything is stored as tensors and plain containers: loads use
 ``torch.load(weights_only=True)``. ``TrainState`` alone knows the keys of ``state.pt``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -26,8 +30,19 @@ import torch
 
 from ranking import distributed
 from ranking.errors import RankingError
-from ranking.files import write_atomically
-from ranking.runfolder import BEST, LATEST, STATE, checkpoint_dir, checkpoints_dir
+from ranking.files import file_sha256, read_json, write_atomically, write_text_atomically
+from ranking.runfolder import (
+    BEST,
+    LATEST,
+    STATE,
+    checkpoint_dir,
+    checkpoints_dir,
+    resolve_checkpoint,
+    resume_checkpoint,
+)
+
+MANIFEST = "checkpoint.json"  # {"format", "step", "files": {name: sha256}}, the last file of a checkpoint
+FORMAT = "deep-ranking-checkpoint/1"
 
 
 @dataclass
@@ -87,6 +102,7 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = 
         _write(state.to_dict(), tmp / STATE)
     distributed.barrier()
     if rank == 0:
+        _write_manifest(tmp, state.step)
         _publish(tmp, final)
         if best:
             _point(root / BEST, final.name)
@@ -97,6 +113,69 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = 
 
 def _write(obj: object, path: Path) -> None:
     write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    files = {path.name: file_sha256(path) for path in sorted(folder.iterdir())
+             if path.is_file() and not path.name.startswith(".") and path.name != MANIFEST}
+    write_text_atomically(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+
+
+def verify(checkpoint: Path) -> None:
+    """Every file listed in ``checkpoint.json`` is there with its sha256; a RankingError names the first that is not.
+
+    A checkpoint written before manifests existed (no ``checkpoint.json``) has nothing to check and passes.
+    """
+    path = checkpoint / MANIFEST
+    if not path.exists():
+        if not (checkpoint / STATE).is_file():
+            raise RankingError(f"{checkpoint / STATE}: checkpoint file missing")
+        return
+    manifest = read_json(path, "missing")
+    files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    if not isinstance(files, dict) or STATE not in files:
+        raise RankingError(f"{path}: not a {FORMAT} manifest listing {STATE}")
+    for name, digest in files.items():
+        file = checkpoint / str(name)
+        if "/" in str(name) or not file.is_file():
+            raise RankingError(f"{file}: listed in {MANIFEST} but missing")
+        if file_sha256(file) != digest:
+            raise RankingError(f"{file}: sha256 differs from {MANIFEST} (damaged since it was written)")
+
+
+def state_sha256(checkpoint: Path) -> str:
+    """What identifies a checkpoint's model: its ``state.pt``'s sha256 (from ``checkpoint.json`` once verified,
+    else hashed here)."""
+    verify(checkpoint)
+    manifest = checkpoint / MANIFEST
+    return str(read_json(manifest, "missing")["files"][STATE]) if manifest.exists() else file_sha256(checkpoint / STATE)
+
+
+def resumable(run_dir: str | os.PathLike, resume: str) -> tuple[Path, list[str]]:
+    """The checkpoint ``--resume`` names, verified, and why others were skipped.
+
+    ``--resume PATH`` must be intact. ``--resume latest`` tries ``latest``, then every ``step-*`` from the newest
+    down, and takes the first intact one: a damaged latest checkpoint costs the steps since the one before it,
+    not the run.
+    """
+    if resume != LATEST:
+        path = resolve_checkpoint(resume)
+        verify(path)
+        return path, []
+    root = checkpoints_dir(run_dir)
+    candidates = [path.resolve() for path in [root / LATEST] if path.exists()]
+    candidates += [path for path in sorted(root.glob("step-*"), reverse=True) if path.resolve() not in candidates]
+    if not candidates:
+        return resume_checkpoint(run_dir, resume), []  # its error: nothing to resume from
+    skipped = []
+    for path in candidates:
+        try:
+            verify(path)
+        except RankingError as e:
+            skipped.append(f"skipping checkpoint {path.name}: {e}")
+            continue
+        return path.resolve(), skipped
+    raise RankingError(f"{root}: no intact checkpoint to resume from ({'; '.join(skipped)})")
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -138,7 +217,8 @@ def load_state(checkpoint: Path) -> TrainState:
 
 
 def load_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """(model state_dict, step) only: mmap, so the optimizer state is never read in."""
+    """(model state_dict, step) only: mmap, so the optimizer state is never read in; the files verified first."""
+    verify(checkpoint)
     state = _load(checkpoint / STATE, mmap=True)
     if not isinstance(state, dict) or "model" not in state:
         raise RankingError(f"{checkpoint / STATE}: no model weights in this checkpoint")

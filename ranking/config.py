@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import re
 import sys
@@ -62,6 +63,30 @@ def not_empty(name: str, value: str) -> None:
     """An empty path would silently mean the current folder."""
     if not value.strip():
         raise ConfigError(f"{name} must not be empty (an empty path would mean the current folder)")
+
+
+def finite(name: str, value: float) -> None:
+    """NaN and infinities pass ``<`` comparisons silently; every float of a config is checked with this first."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value}")
+
+
+def above(name: str, value: float, bound: float) -> None:
+    if not value > bound:
+        raise ConfigError(f"{name} must be greater than {bound}; got {value}")
+
+
+def below(name: str, value: float, bound: float) -> None:
+    if not value < bound:
+        raise ConfigError(f"{name} must be less than {bound}; got {value}")
+
+
+def finite_floats(config: Any) -> None:
+    """Every float field of a config dataclass is finite (``.nan``, ``.inf`` in YAML or flags are refused)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float):
+            finite(f.name, value)
 
 
 @dataclass
@@ -124,6 +149,9 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in a run folder that holds a run: its content is moved aside, not deleted
     progress: bool = True  # a progress bar on a terminal (elsewhere: one log line every log_every steps)
 
+    batch_timeout_s: float = 300.0  # no batch for this long: a one-line error naming the shards (a stalled stream)
+    collective_timeout_s: float = 300.0  # a collective waiting this long on another rank ends the run (frozen peer)
+
     # validation during training
     eval_every: int = 250  # validation (val queries against a train gallery) every N steps, on all ranks; 0: none
     eval_gallery_per_class: int = 50  # the gallery: this many train images of each class (fixed by seed); 0: all
@@ -158,8 +186,16 @@ class TrainConfig:
                      "neg_per_query", "buffer_per_class", "embed_dim", "steps", "grad_accum", "log_every",
                      "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
-        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "eval_every", "eval_gallery_per_class"):
+        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "workers", "shuffle_buffer",
+                     "weight_decay", "grad_clip", "momentum", "warmup_steps", "keep_checkpoints", "eval_every",
+                     "eval_gallery_per_class"):
             at_least(name, getattr(self, name), 0)
+        finite_floats(self)
+        for name in ("lr", "margin", "smooth_ap_tau", "batch_timeout_s", "collective_timeout_s"):
+            above(name, getattr(self, name), 0)
+        below("dropout", self.dropout, 1)
+        at_least("dropout", self.dropout, 0)
+        below("momentum", self.momentum, 1)
         pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", self.freeze_bn_stats),
                                                    ("--frozen-stages 0", self.frozen_stages > 0)) if used]
         if not self.pretrained and pretrained_only:
@@ -189,6 +225,7 @@ class EvalConfig:
     pr_points: int = 50  # recall levels of the precision-recall curve
     triplets: int = 10000  # sampled triplets per split for triplet accuracy
     seed: int = 0  # the sampled triplets
+    collective_timeout_s: float = 300.0  # a collective waiting this long on another rank ends the run (frozen peer)
 
     def validate(self) -> None:
         for name in ("gallery_split", "query_split"):
@@ -198,6 +235,8 @@ class EvalConfig:
         for name, least in (("k", 1), ("batch_size", 1), ("chunk_size", 1), ("pr_points", 2), ("triplets", 0),
                             ("workers", 0), ("gallery_per_class", 0)):
             at_least(name, getattr(self, name), least)
+        finite_floats(self)
+        above("collective_timeout_s", self.collective_timeout_s, 0)
 
 
 def _is_bool(tp: Any) -> bool:

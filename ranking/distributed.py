@@ -6,19 +6,25 @@ Accelerate sets the process group up; stages ask here, not ``torch.distributed``
 
 from __future__ import annotations
 
+import ctypes
+import datetime
 import os
 import signal
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
 
 from ranking.errors import RankingError
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LAUNCHER_PID = os.getppid()  # the parent when this module was first imported: torchrun's agent under a launch
 T = TypeVar("T")
 
 
@@ -118,6 +124,86 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def process_group_kwargs(timeout_s: float) -> InitProcessGroupKwargs:
+    """Accelerator's process group settings: a collective that waits ``timeout_s`` on a frozen or lost peer raises
+    instead of waiting torch's default 30 minutes (gloo on CPU; NCCL's watchdog on GPUs)."""
+    return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def timed_out(error: RuntimeError, timeout_s: float) -> Exception:
+    """A collective that gave up on a frozen or lost peer, as one line (gloo and NCCL raise a DistBackendError or a
+    RuntimeError whose message says it timed out); any other error unchanged."""
+    text = str(error)
+    if not (isinstance(error, dist.DistBackendError) or "timed out" in text.lower() or "timeout" in text.lower()):
+        return error
+    return RankingError(f"rank {rank()}: a collective waited more than {timeout_s:g} s (--collective-timeout-s) for "
+                        "another rank, which is frozen or gone; resume from the last checkpoint")
+
+
+def ignore_stop_signals(worker_id: int = 0, rank_pid: int | None = None) -> None:
+    """A DataLoader worker's ``worker_init_fn``: stop signals from anyone but its rank are ignored.
+
+    A signal to every process of a job (Slurm preemption, scancel, ``kill -- -PGID``) must reach the ranks only,
+    which checkpoint and exit; a worker that died of it crashed its rank first ("DataLoader worker ... killed by
+    signal"). The rank's own SIGTERM (the DataLoader's ``terminate()`` at shutdown, multiprocessing's at exit) still
+    ends the worker: ignoring it too would hang the rank's exit on a worker stuck in its dataset. The signals are
+    blocked and a thread reads who sent each (``sigwaitinfo``); the worker also dies with its rank (SIGKILL).
+    ``rank_pid`` (bind it with ``functools.partial``) names the rank when the worker's parent is not the rank (a
+    forkserver start method); by default it is the parent.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_obey_parent_only, args=(rank_pid or os.getppid(),), name="stop-signals",
+                     daemon=True).start()
+    _set_parent_death_signal(signal.SIGKILL)
+
+
+def _obey_parent_only(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(set(STOP_SIGNALS))
+        if info.si_pid == parent:  # asked to end by its rank: a clean exit, which torch's SIGCHLD check accepts
+            os._exit(0)
+
+
+def _set_parent_death_signal(sig: signal.Signals) -> bool:
+    """Linux ``prctl(PR_SET_PDEATHSIG, sig)``: the kernel sends ``sig`` when the thread that started us exits."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
+def launched() -> bool:
+    """Started by torchrun / ``accelerate launch`` (a rank process whose parent is the launcher's agent)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def stop_with_launcher(sig: signal.Signals = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its launcher dies (Linux ``PR_SET_PDEATHSIG``).
+
+    torch elastic starts ranks in sessions of their own, so a launcher killed by SIGKILL (or an unhandled SIGUSR1)
+    left them training with parent 1. With ``sig`` a stop signal, such a rank checkpoints and exits like on
+    preemption. A launcher that died before this call is caught by comparing the parent with the one at import.
+    """
+    if launched() and _set_parent_death_signal(sig) and os.getppid() != LAUNCHER_PID:
+        os.kill(os.getpid(), sig)
+
+
+def any_rank_of(flags: Tensor) -> list[bool]:
+    """``any_rank`` of each flag of a 1-d tensor (on this rank's device), in one all-reduce (a collective).
+
+    The flags travel as the digits of one integer in base world_size + 1, summed: a scalar all-reduce costs the
+    same as ``any_rank``'s (a 3-element one took 2-3 times as long on gloo), and NCCL has no bitwise OR.
+    """
+    base = world_size() + 1
+    weights = base ** torch.arange(len(flags), device=flags.device, dtype=torch.int64)
+    packed = (flags.to(torch.int64) * weights).sum()
+    if is_distributed():
+        dist.all_reduce(packed)
+    total = int(packed.item())
+    return [total // base**digit % base > 0 for digit in range(len(flags))]
+
+
 def shutdown() -> None:
     """Destroy the process group; torchrun reports an error at exit when it is left alive."""
     if is_distributed():
@@ -125,13 +211,16 @@ def shutdown() -> None:
 
 
 class StopRequest:
-    """Set by SIGUSR1 or SIGTERM; the trainer finishes its step, checkpoints and exits with EX_TEMPFAIL.
+    """Set by SIGUSR1 or SIGTERM (or the launcher's death); the trainer finishes its step, checkpoints and exits with
+    EX_TEMPFAIL.
 
     A context manager: the previous handlers come back on exit, so an in-process launcher (submitit) keeps its own.
+    ``on_request`` runs in the handler (the trainer uses it to cut short a wait for a batch that does not come).
     """
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
+        self.on_request: Callable[[], None] | None = None
         self._previous: dict[signal.Signals, signal._HANDLER] = {}
 
     @property
@@ -140,10 +229,13 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signal.Signals(signum)
+        if self.on_request is not None:
+            self.on_request()
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        stop_with_launcher(signal.SIGTERM)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -46,6 +46,8 @@ class EvalIndex:
     """What ``EVAL/embeddings.pt`` holds (load with ``weights_only=True``); rows sorted by id.
 
     File names, wnids and words are not stored: they come from the shards by id (``ranking.shardformat``).
+    ``model_sha256`` (the checkpoint's ``state.pt``) and ``embed_dim`` say which model embedded the rows, so that
+    search refuses another one; indexes written before they existed load with "" and the embeddings' width.
     """
 
     run_dir: str
@@ -57,6 +59,8 @@ class EvalIndex:
     flip: bool
     gallery: EmbeddingSet
     query: EmbeddingSet
+    model_sha256: str = ""
+    embed_dim: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         def rows(s: EmbeddingSet) -> dict[str, torch.Tensor]:
@@ -64,7 +68,8 @@ class EvalIndex:
 
         return {"run_dir": self.run_dir, "step": self.step, "shards": self.shards,
                 "gallery_split": self.gallery_split, "query_split": self.query_split, "normalized": self.normalized,
-                "flip": self.flip, "gallery": rows(self.gallery), "query": rows(self.query)}
+                "flip": self.flip, "gallery": rows(self.gallery), "query": rows(self.query),
+                "model_sha256": self.model_sha256, "embed_dim": self.embed_dim or int(self.gallery.embeddings.shape[1])}
 
     def save(self, eval_dir: str | os.PathLike) -> Path:
         stored = self.to_dict()
@@ -89,7 +94,9 @@ class EvalIndex:
         return cls(run_dir=str(data.get("run_dir") or ""), step=int(data.get("step", 0)),
                    shards=str(data.get("shards") or ""), gallery_split=data.get("gallery_split", "train"),
                    query_split=data.get("query_split", "val"), normalized=bool(data.get("normalized")),
-                   flip=bool(data.get("flip")), gallery=rows("gallery"), query=rows("query"))
+                   flip=bool(data.get("flip")), gallery=rows("gallery"), query=rows("query"),
+                   model_sha256=str(data.get("model_sha256") or ""),
+                   embed_dim=int(data.get("embed_dim") or data["gallery"]["embeddings"].shape[-1]))
 
     def shards_dir(self, eval_dir: str | os.PathLike, override: str | None = None) -> Path:
         """The shards this evaluation read (a relative path starts where `ranking evaluate` ran), or ``override``."""

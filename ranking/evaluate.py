@@ -122,7 +122,8 @@ def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet)
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(EvalConfig, argv, "ranking evaluate", "embed gallery and queries, compute retrieval metrics")
     chosen = precision.for_inference(precision.resolve(cfg.mixed_precision))
-    accelerator = Accelerator(mixed_precision=chosen.value)
+    accelerator = Accelerator(mixed_precision=chosen.value,
+                              kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
     logs.setup_logging(accelerator.process_index)
     inputs = distributed.decided_by_main(lambda: check_inputs(cfg))
     cfg.shards, counts, out = inputs.shards, inputs.counts, inputs.out
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
                   gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=train_cfg.normalize,
-                  flip=cfg.flip, gallery=gallery, query=query).save(out)
+                  flip=cfg.flip, gallery=gallery, query=query, model_sha256=checkpoint.state_sha256(inputs.checkpoint),
+                  embed_dim=train_cfg.embed_dim).save(out)
         metrics = evalfolder.metrics_record(step, cfg.k, by_split)
         evalfolder.write_metrics(out, metrics)
         print(f"{run_dir} step {step}: {len(gallery.ids)} {cfg.gallery_split} gallery images, {len(query.ids)} "

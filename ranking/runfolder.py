@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -65,12 +66,15 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise RankingError(f"{path}: not found (is {run_dir} a run folder written by `ranking train`?)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if _torn_last_line(path, lines, number):
+                continue
             raise RankingError(f"{path}: line {number} is not JSON ({e.msg})") from None
         if not isinstance(record, dict) or "step" not in record:
             raise RankingError(f"{path}: line {number} has no step")
@@ -83,8 +87,28 @@ def restart_metrics_log(run_dir: str | os.PathLike, resumed_step: int) -> None:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resumed_step]
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if _torn_last_line(path, lines, number):
+                continue
+            raise RankingError(f"{path}: line {number} is not a metrics record ({getattr(e, 'msg', e)})") from None
+        if step <= resumed_step:
+            kept.append(line)
     write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def _torn_last_line(path: Path, lines: list[str], number: int) -> bool:
+    """A crash during ``append_line`` leaves at most the last line torn: skipped with a warning, never an error."""
+    if any(line.strip() for line in lines[number:]):
+        return False
+    print(f"warning: {path}: skipping the torn last line {number} (a crash while it was written)", file=sys.stderr)
+    return True
 
 
 def append_metrics(run_dir: str | os.PathLike, record: dict) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
@@ -61,6 +61,25 @@ def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: i
     """``decode(sample) -> image tensor`` runs when a batch is formed (``stream.Decoder.image`` for the records of
     ``stream.train_records``); without it the samples already hold image tensors."""
     return SAMPLERS[config.sampler](samples, config, num_classes, seed, decode)
+
+
+def check_feasible(config: TrainConfig, counts: dict[int, int]) -> None:
+    """Refuse, before training, a sampler that can never form a batch from these per-class image counts (label ->
+    images): it would wait on the infinite stream forever, with no step and no message."""
+    def fail(need: str, have: str) -> NoReturn:
+        raise RankingError(f"{config.shards}: the {config.sampler} sampler needs {need}, but the train shards have "
+                           f"{have} ({sum(counts.values())} images in {len(counts)} classes)")
+
+    if config.sampler == "batch":
+        enough = sum(count >= config.samples_per_class for count in counts.values())
+        if enough < config.classes_per_batch:
+            fail(f"{config.classes_per_batch} classes (--classes-per-batch) of at least {config.samples_per_class} "
+                 "images (--samples-per-class)", f"{enough} such classes")
+    else:  # the warm-up of PaperTripletSampler: a class with a query and its positives, and another for negatives
+        ready = sum(count >= config.pos_per_query + 1 for count in counts.values())
+        if ready < 1 or len(counts) < 2:
+            fail(f"a class of at least {config.pos_per_query + 1} images (a query and --pos-per-query positives) "
+                 "and another class for the negatives", f"{ready} classes of {config.pos_per_query + 1} images")
 
 
 def to_batch(samples: list[Sample], triplets: list[tuple[int, int, int]] | None,

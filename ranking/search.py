@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ranking import evalfolder, indexfolder, runfolder
+from ranking import checkpoint, evalfolder, indexfolder, runfolder
 from ranking.config import ArgumentParser, TrainConfig, at_least
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
@@ -38,11 +38,20 @@ def load_index_model(index: EvalIndex, eval_dir: Path) -> tuple[nn.Module, Train
     if not runfolder.config_path(run_dir).is_file():
         raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: its run folder {index.run_dir!r} "
                            "(with config.yaml) is not found")
-    checkpoint = runfolder.checkpoint_dir(run_dir, index.step)
-    model, config, loaded_step = load_trained(checkpoint if checkpoint.is_dir() else run_dir)
+    at_step = runfolder.checkpoint_dir(run_dir, index.step)
+    found = runfolder.resolve_checkpoint(at_step if at_step.is_dir() else run_dir)
+    if index.model_sha256 and checkpoint.state_sha256(found) != index.model_sha256:
+        raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: embedded by another model than {found} (state.pt "
+                           f"sha256 {index.model_sha256[:12]}..., found {checkpoint.state_sha256(found)[:12]}...); "
+                           "search it from its own run folder or rerun `ranking evaluate`")
+    model, config, loaded_step = load_trained(found)
     if loaded_step != index.step:
         raise RankingError(f"{run_dir}: the index {eval_dir} was embedded at step {index.step}, but that checkpoint "
                            f"is gone (found step {loaded_step}); rerun `ranking evaluate` for this checkpoint")
+    if config.embed_dim != index.embed_dim:
+        raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: holds {index.embed_dim}-d embeddings, but the model "
+                           f"of {found} embeds in {config.embed_dim} dimensions (the folder was moved into another "
+                           "run?); rerun `ranking evaluate`")
     return model, config
 
 

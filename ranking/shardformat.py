@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,6 +143,50 @@ def shard_paths(directory: str | os.PathLike, split: str) -> list[str]:
     if missing:
         raise RankingError(f"{missing[0]}: shard listed in {MANIFEST} is missing ({len(missing)} missing)")
     return paths
+
+
+def shard_counts(directory: str | os.PathLike, split: str) -> dict[str, int]:
+    """Path (as ``shard_paths`` names it) -> the sample count the manifest lists for that shard."""
+    return {str(Path(directory) / s["name"]): s["count"] for s in load_manifest(directory)["splits"][split]["shards"]}
+
+
+def class_counts(directory: str | os.PathLike, split: str, cache_dir: Path | None = None) -> dict[int, int]:
+    """label -> number of samples of ``split``, from every sample's ``cls`` member (tarfile seeks over the JPEGs).
+
+    Cached in ``cache_dir`` as ``.{split}-class-counts.json``, keyed like ``split_index`` by the manifest's shard list
+    (names and sha256), so a changed shard is counted again.
+    """
+    shard_list = load_manifest(directory)["splits"][split]["shards"]
+    cache = cache_dir / f".{split}-class-counts.json" if cache_dir else None
+    if cache and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("shards") == shard_list:
+                return {int(label): int(count) for label, count in cached["counts"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            pass  # a stale or foreign cache is counted again
+    counts: Counter[int] = Counter()
+    for shard in shard_list:
+        path = Path(directory) / shard["name"]
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.name.endswith(".cls"):
+                        extracted = tar.extractfile(member)
+                        if extracted is None:
+                            raise ValueError(f"{member.name} is not a file")
+                        counts[int(extracted.read(32))] += 1
+        except (OSError, tarfile.TarError) as e:
+            raise RankingError(f"{path}: cannot read shard ({e})") from None
+        except ValueError as e:
+            raise RankingError(f"{path}: a sample's cls is not a class index ({e})") from None
+    if cache:
+        payload = json.dumps({"shards": shard_list, "counts": {str(k): v for k, v in sorted(counts.items())}})
+        try:
+            write_atomically(cache, lambda f: f.write(payload.encode()))
+        except OSError:
+            pass  # a read-only folder: count again next time
+    return dict(counts)
 
 
 # ---------------------------------------------------------------------------------------------------------- by id

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 from ranking import distributed
 from ranking.errors import RankingError
-from ranking.shardformat import key_id, shard_paths
+from ranking.shardformat import MANIFEST, key_id, shard_counts, shard_paths
 
 Sample = tuple[torch.Tensor, int, int]
 
@@ -67,7 +67,7 @@ def train_records(shards_dir: str, shuffle_buffer: int, seed: int) -> wds.DataPi
     paths = _nonempty_shards(shards_dir, "train")
     return wds.DataPipeline(
         wds.ResampledShards(paths, seed=seed, worker_seed=functools.partial(worker_seed, seed), deterministic=True),
-        wds.tarfile_to_samples(handler=_unreadable_shard),
+        functools.partial(counted_samples, expected=shard_counts(shards_dir, "train")),
         functools.partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed),
         wds.map(_record),
     )
@@ -91,11 +91,27 @@ def eval_samples(shards_dir: str, split: str, image_size: int, mean: Sequence[fl
     return wds.DataPipeline(
         wds.SimpleShardList(paths),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_unreadable_shard),
+        functools.partial(counted_samples, expected=shard_counts(shards_dir, split)),
         wds.select(functools.partial(_owned_by, rank=rank, world_size=world_size, only_ids=only_ids)),
         wds.map(_record),
         wds.map(Decoder(eval_transform(image_size, mean, std)).sample),
     )
+
+
+def counted_samples(sources: Iterator[dict], expected: dict[str, int]) -> Iterator[dict]:
+    """webdataset's ``tarfile_to_samples``, one shard at a time, checking each shard's sample count against the
+    manifest once it is read: a shard cut at a sample boundary (or emptied) is a valid, shorter tar that would
+    otherwise train silently on less data, or on nothing at all."""
+    expand = wds.tarfile_to_samples(handler=_unreadable_shard)
+    for source in sources:
+        count = 0
+        for sample in expand(iter([source])):
+            count += 1
+            yield sample
+        url = source["url"]
+        if count != expected.get(url):
+            raise RankingError(f"{url}: {count} samples, but {MANIFEST} lists {expected.get(url)} "
+                               "(truncated or replaced since `ranking shards`; check with `ranking shards --verify`)")
 
 
 def _nonempty_shards(shards_dir: str, split: str) -> list[str]:

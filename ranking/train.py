@@ -6,7 +6,9 @@ the paper sampler's triplets index into them, the batch sampler mines triplets o
 (``losses.DistributedLoss``).
 
 Run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/ (``--resume latest`` continues the run), wandb/.
-SIGUSR1 or SIGTERM: finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a launcher requeues the job.
+SIGUSR1 or SIGTERM (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a launcher
+requeues the job. A loss that is not finite ends the run with exit 2 and no checkpoint; so does a stream that gives
+no batch for ``--batch-timeout-s`` (a stop signal during such a wait exits 75 after a short grace, without one).
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,12 +49,12 @@ from ranking import (
 )
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
-from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
+from ranking.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, RankingError
 from ranking.logs import Progress, setup_logging
 from ranking.losses import StepLoss
 from ranking.precision import resolve as resolve_precision
 from ranking.sampling import Batch
-from ranking.shardformat import load_manifest, manifest_digest, split_counts
+from ranking.shardformat import class_counts, load_manifest, manifest_digest, split_counts
 
 log = logging.getLogger("ranking.train")
 
@@ -62,16 +68,86 @@ def stream_seeds(seed: int, step: int) -> tuple[int, int]:
 
 
 def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) -> Iterator[Batch]:
-    """This rank's infinite iterator of batches (stream.py mixes the rank and the worker into the seeds)."""
+    """This rank's infinite iterator of batches (stream.py mixes the rank and the worker into the seeds).
+
+    A sampler that can never form a batch from the shards' per-class counts is refused first (it would wait forever).
+    """
     num_classes = len(load_manifest(cfg.shards)["classes"])
+    sampling.check_feasible(cfg, class_counts(cfg.shards, "train", cache_dir=Path(cfg.shards)))
     mean, std = models.input_normalization(cfg.backbone)
     samples_seed, batches_seed = seeds
     records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
     decode = stream.Decoder(stream.train_transform(cfg.image_size, mean, std))
     batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode.image)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if cfg.workers > 0 else None)
+                        prefetch_factor=4 if cfg.workers > 0 else None,
+                        worker_init_fn=functools.partial(distributed.ignore_stop_signals, rank_pid=os.getpid()))
     return iter(loader)
+
+
+STOP_GRACE_S = 10.0  # a stop signal while a batch is awaited: wait this much longer, then exit without a checkpoint
+WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:RankingError|ConfigError): (.*)$")
+
+
+class BatchStall(BaseException):
+    """No batch within the allowed time (raised by SIGALRM in the main thread); a BaseException, so that no
+    ``except Exception`` in webdataset or the DataLoader, which the wait may be inside, takes it for its own."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(waited_s)
+        self.waited_s = waited_s
+
+
+def worker_error(error: RankingError) -> RankingError:
+    """A DataLoader worker's RankingError comes back as "Caught RankingError in DataLoader worker process 0" and the
+    worker's traceback: the one line it carried, again."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    found = WORKER_ERROR.match(lines[-1]) if len(lines) > 1 and lines[0].startswith("Caught ") else None
+    return RankingError(found.group(1)) if found else error
+
+
+class BatchWatchdog:
+    """``next(batches)`` with a deadline (``--batch-timeout-s``) that stop signals shorten to ``STOP_GRACE_S``.
+
+    A stalled stream (a sampler waiting for classes it never sees, a hung file system) used to block forever, and
+    the stop handler only set a flag that nothing read. SIGALRM interrupts the wait in the main thread, whether the
+    batch is formed there (``workers: 0``) or awaited from DataLoader workers.
+    """
+
+    def __init__(self, batches: Iterator[Batch], timeout_s: float, signals: distributed.StopRequest) -> None:
+        self.batches, self.timeout_s, self.signals = batches, timeout_s, signals
+        self.armed = threading.current_thread() is threading.main_thread()  # SIGALRM reaches the main thread only
+        self.started: float | None = None
+        signals.on_request = self._on_stop
+
+    def __next__(self) -> Batch:
+        if not self.armed or signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # another's alarm (pytest-timeout): keep it
+            return self._next()
+        previous = signal.signal(signal.SIGALRM, self._expired)
+        self.started = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, min(self.timeout_s, STOP_GRACE_S) if self.signals.requested
+                         else self.timeout_s)
+        try:
+            return self._next()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.started = None
+            signal.signal(signal.SIGALRM, previous)
+
+    def _next(self) -> Batch:
+        try:
+            return next(self.batches)
+        except RankingError as e:
+            raise worker_error(e) from None
+
+    def _on_stop(self) -> None:
+        if self.started is not None:
+            left = signal.getitimer(signal.ITIMER_REAL)[0]
+            if left == 0 or left > STOP_GRACE_S:
+                signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
+
+    def _expired(self, signum: int, frame: object) -> None:
+        raise BatchStall(time.monotonic() - (self.started or time.monotonic()))
 
 
 def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
@@ -132,11 +208,12 @@ class Stop(enum.Enum):
     DONE = "done"
     TIME_LIMIT = "time limit"
     SIGNAL = "signal"
+    DIVERGED = "diverged"  # a loss or gradient norm that is not finite, on any rank: no checkpoint, exit 2
 
     @property
     def exit_code(self) -> int:
         """A run stopped by a signal has more to do: exit 75 so that its launcher requeues it."""
-        return EXIT_REQUEUE if self is Stop.SIGNAL else EXIT_OK
+        return EXIT_REQUEUE if self is Stop.SIGNAL else EXIT_BAD_INPUT if self is Stop.DIVERGED else EXIT_OK
 
 
 class StopPolicy:
@@ -151,9 +228,14 @@ class StopPolicy:
         """The time limit counts training time: validation does not use it up."""
         self.deadline += seconds
 
-    def reason(self, step: int) -> Stop | None:
-        signalled = distributed.any_rank(self.signals.requested, self.device)
-        out_of_time = self.minutes > 0 and distributed.any_rank(time.monotonic() > self.deadline, self.device)
+    def reason(self, step: int, diverged: torch.Tensor) -> Stop | None:
+        """``diverged``: this rank's flag (a 0-d bool tensor on the device) that a loss or gradient norm of the step
+        was not finite. The three flags travel in one all-reduce, the collective this loop always made."""
+        local = torch.tensor([self.signals.requested, self.minutes > 0 and time.monotonic() > self.deadline],
+                             device=self.device)
+        signalled, out_of_time, not_finite = distributed.any_rank_of(torch.cat([local, diverged.view(1)]))
+        if not_finite:
+            return Stop.DIVERGED
         if step >= self.steps:
             return Stop.DONE
         return Stop.SIGNAL if signalled else Stop.TIME_LIMIT if out_of_time else None
@@ -178,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     # config.yaml and W&B record the precision that ran; $WANDB_RUN_ID in --run-dir gives each sweep run its own
     cfg = dataclasses.replace(cfg, mixed_precision=chosen.value, run_dir=expand_run_dir(cfg.run_dir))
     accelerator = Accelerator(mixed_precision=chosen.value, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with="wandb" if cfg.wandb else None)
+                              log_with="wandb" if cfg.wandb else None,
+                              kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
     setup_logging(accelerator.process_index)
     try:
         with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock until the run ends
@@ -186,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator.is_main_process:
                 log.info(chosen.describe())
             return train(cfg, accelerator, resume_from)
+    except RuntimeError as e:
+        raise distributed.timed_out(e, cfg.collective_timeout_s) from None
     finally:
         distributed.shutdown()
 
@@ -206,6 +291,10 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     resume_from, aside = runfolder.open_run(cfg, held)
     if aside is not None:
         log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")
+    if resume_from is not None:  # verified against its sha256 manifest; `latest` falls back to the newest intact one
+        resume_from, skipped = checkpoint.resumable(cfg.run_dir, cfg.resume)
+        for reason in skipped:
+            log.warning(reason)
     return resume_from
 
 
@@ -254,18 +343,26 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
     models.set_train_mode(model, cfg.freeze_bn_stats)
     with distributed.StopRequest() as signals:
         policy = StopPolicy(cfg, signals, accelerator.device)
+        fetch = BatchWatchdog(batches, cfg.batch_timeout_s, signals)
         while True:
             lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
             lr = optimizer.param_groups[0]["lr"]
+            diverged = torch.zeros((), dtype=torch.bool, device=accelerator.device)
             for _ in range(cfg.grad_accum):
                 waiting = time.perf_counter()
-                batch = to_device(next(batches), accelerator.device, cfg.channels_last)
+                try:
+                    batch = to_device(next(fetch), accelerator.device, cfg.channels_last)
+                except BatchStall as stall:
+                    return stalled(cfg, step, stall, signals, progress)
                 meter.waited(time.perf_counter() - waiting)
                 with accelerator.accumulate(model):
                     out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)
+                    diverged |= ~torch.isfinite(out.loss.detach())
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        if accelerator.scaler is None:  # fp16: an inf norm is an overflow the scaler skips
+                            diverged |= ~torch.isfinite(torch.as_tensor(norm, device=accelerator.device))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.add(out, triplets_in(batch) * accelerator.num_processes,
@@ -275,13 +372,19 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
             step += 1
             progress.update(step)
 
+            stop = policy.reason(step, diverged)  # before anything is logged or saved
+            if stop is Stop.DIVERGED:
+                progress.close()
+                raise RankingError(f"{run_dir}: the loss or gradient norm is not finite at step {step} (diverged: "
+                                   "lower --lr, check --margin and the data); no checkpoint written, the last is "
+                                   f"{latest_checkpoint(run_dir)}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 measured = meter.read(accelerator)
                 record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, record)
                 progress.log(step, measured["loss"], measured["active_fraction"], lr, measured["images_per_s"])
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                log_to_trackers(accelerator, {k: v for k, v in record.items() if k != "step"}, step)
 
             best = False
             if validator is not None and validator.due(step):
@@ -292,9 +395,8 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
                 best = validator.improved(validated)
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, {"step": step, **validated.record()})
-                accelerator.log(validated.record(), step=step)
+                log_to_trackers(accelerator, validated.record(), step)
 
-            stop = policy.reason(step)
             if stop is not None or step % cfg.checkpoint_every == 0 or best:
                 saved = save_checkpoint(best)
             if stop is not None:
@@ -316,6 +418,41 @@ def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
             "images_per_step_per_rank": per_rank * cfg.grad_accum,
             "global_batch": per_rank * cfg.grad_accum * accelerator.num_processes,
             "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
+
+
+def log_to_trackers(accelerator: Accelerator, values: dict, step: int) -> None:
+    """W&B's service process gets a job's stop signal too (Slurm signals every process): its death must not crash
+    the rank before it checkpoints. Warn once and go on without it; metrics.jsonl has every record."""
+    try:
+        accelerator.log(values, step=step)
+    except Exception as e:  # noqa: BLE001 - whatever the tracker raised, training goes on
+        accelerator.trackers.clear()
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        accelerator.print(f"ranking train: warning: W&B logging stopped at step {step} ({reason}); metrics.jsonl "
+                          "goes on", file=sys.stderr)
+
+
+def latest_checkpoint(run_dir: Path) -> str:
+    latest = runfolder.checkpoints_dir(run_dir) / runfolder.LATEST
+    return str(latest.resolve()) if latest.exists() else "none"
+
+
+def stalled(cfg: TrainConfig, step: int, stall: BatchStall, signals: distributed.StopRequest,
+            progress: Progress) -> int:
+    """No batch came: after a stop signal, exit 75 at once (no collective: the other ranks may be mid-step, and a
+    checkpoint would need them); otherwise a one-line error naming the shards and the likely causes."""
+    progress.close()
+    where = f"at step {step}/{cfg.steps} after waiting {stall.waited_s:.0f} s for a batch"
+    if signals.requested:
+        assert signals.signal is not None
+        print(f"ranking train: stopped {where} ({signals.signal.name}); no new checkpoint, the last is "
+              f"{latest_checkpoint(Path(cfg.run_dir))}; exit {EXIT_REQUEUE} to be requeued", file=sys.stderr)
+        return EXIT_REQUEUE
+    raise RankingError(f"{cfg.shards}: no batch for {cfg.batch_timeout_s:g} s (--batch-timeout-s) at step {step}: "
+                       f"the train stream stalled (a hung file system?) or the {cfg.sampler} sampler cannot form a "
+                       "batch from these shards")
+
+
 
 
 def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -106,6 +106,10 @@ def test_corrupt_or_missing_checkpoints_are_one_line_errors(tmp_path):
     write_run(tmp_path, step=3)
     state = tmp_path / "checkpoints" / "step-0000003" / "state.pt"
     state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(RankingError, match=r"state\.pt: sha256 differs from checkpoint.json") as error:
+        load_trained(tmp_path)  # checkpoint.json catches the truncation before torch reads the file
+    assert "\n" not in str(error.value)
+    (state.parent / "checkpoint.json").unlink()  # a checkpoint written before manifests: torch's error, one line
     with pytest.raises(RankingError, match=r"state\.pt: corrupt checkpoint") as error:
         load_trained(tmp_path)
     assert "\n" not in str(error.value)
