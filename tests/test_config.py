@@ -131,7 +131,7 @@ def test_help_documents_every_flag_with_its_comment_default_choices_and_section(
 @pytest.mark.parametrize("argv,message", [
     (["--step", "40"], "unknown flag --step; did you mean --steps?"),  # no abbreviations
     (["--stesp", "40"], "unknown flag --stesp; did you mean --steps?"),
-    (["--embed_dim", "8"], "unknown flag --embed_dim; did you mean --embed-dim?"),
+    (["--embed-dimm", "8"], "unknown flag --embed-dimm; did you mean --embed-dim?"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
     (["--run-dir", ""], "run_dir must not be empty"),
     (["--shards", " "], "shards must not be empty"),
