@@ -1,0 +1,166 @@
+"""The Python parts of bench/gpu_check.sh; each subcommand prints what it measured.
+
+    python bench/gpu_check.py install WHEELS_DIR TARGET_DIR   # pip-install the wheels whose package is missing
+    python bench/gpu_check.py ceiling [--sizes 64 256 512]    # the trainer's step on random images on the device
+    python bench/gpu_check.py train-summary RUN_DIR --per-step N
+    python bench/gpu_check.py util-summary FILE                # nvidia-smi utilization.gpu samples, one per line
+    python bench/gpu_check.py embed RUN_DIR --shards DIR      # the evaluation's embedding of a split, images/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+def install(args: argparse.Namespace) -> int:
+    """Install, without an index and without dependencies, every wheel of the folder whose distribution is not
+    installed yet, into ``target`` (put on PYTHONPATH by the caller): the machine's own packages stay as they are."""
+    wheels = sorted(Path(args.wheels).glob("*.whl"))
+    missing = []
+    for wheel in wheels:
+        name = wheel.name.split("-")[0].replace("_", "-").lower()
+        try:
+            version(name)
+        except PackageNotFoundError:
+            missing.append(wheel)
+    print(f"install: {len(wheels)} wheels in {args.wheels}, {len(missing)} not installed: "
+          f"{' '.join(w.name.split('-')[0] for w in missing) or '-'}")
+    if not missing:
+        return 0
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "--target", args.target, *map(str, missing)]
+    return subprocess.run(command, check=False).returncode
+
+
+def ceiling(args: argparse.Namespace) -> int:
+    """The default recipe's trainer step (bench_train's, through Accelerate: bf16, channels_last, mining on the
+    batch's P x K labels) on random images already on the device: the images/s no data path can beat."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import ours
+
+    from ranking.config import TrainConfig
+
+    cfg = TrainConfig(image_size=args.image_size)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for size in args.sizes:
+        images = torch.randn(size, 3, cfg.image_size, cfg.image_size)
+        labels = torch.arange(size) // cfg.samples_per_class  # P x K classes, as the batch sampler's
+        step = ours(cfg, images, labels, None)
+        for _ in range(args.warmup):
+            step()
+        sync()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        per_s = args.steps / (time.perf_counter() - started)
+        print(f"ceiling {size:>4} images/step ({cfg.backbone}, {cfg.image_size} px, random images on the device): "
+              f"{per_s:6.2f} steps/s, {per_s * size:8.0f} images/s", flush=True)
+        del step
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return 0
+
+
+def train_summary(args: argparse.Namespace) -> int:
+    """Mean triplets/s of the logged intervals, the first (start-up, cuDNN planning, workers' warm-up) left out."""
+    path = Path(args.run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = records[args.drop:]
+    if not kept:
+        print(f"{args.label}: no logged interval after the first {args.drop} ({len(records)} logged)")
+        return 1
+    rate = statistics.fmean(r["triplets_per_s"] for r in kept)
+    steps = kept[-1]["step"] - records[args.drop - 1]["step"] if args.drop else kept[-1]["step"]
+    print(f"{args.label}: {rate:8.0f} {args.unit}/s, {rate / args.per_step:6.2f} steps/s "
+          f"({len(kept)} logged intervals, {steps} steps after the first {args.drop})")
+    return 0
+
+
+def util_summary(args: argparse.Namespace) -> int:
+    values = []
+    for line in Path(args.file).read_text().splitlines():
+        try:
+            values.append(float(line.strip().split(",")[-1].strip().rstrip("%").strip()))
+        except ValueError:
+            continue
+    if not values:
+        print(f"{args.label}: no utilization samples")
+        return 1
+    busy = sum(v >= 90 for v in values) / len(values)
+    print(f"{args.label}: GPU utilization mean {statistics.fmean(values):.0f}%, median {statistics.median(values):.0f}%,"
+          f" min {min(values):.0f}%, >=90% in {busy:.0%} of {len(values)} samples")
+    return 0
+
+
+def embed(args: argparse.Namespace) -> int:
+    """``embed.embed_split`` (the evaluation's loader, eval transform in the workers) on a split, one process."""
+    import torch
+    from accelerate import Accelerator
+
+    from ranking import checkpoint, embed, models
+
+    model, cfg, _ = checkpoint.load_model(checkpoint.resolve(args.run_dir))
+    accelerator = Accelerator(mixed_precision="bf16")
+    model = model.to(accelerator.device)
+    mean, std = models.input_normalization(cfg.backbone)
+    options = dict(image_size=cfg.image_size, mean=mean, std=std, batch_size=args.batch_size, workers=args.workers,
+                   dim=cfg.embed_dim, normalize=cfg.normalize)
+    for split in args.splits:
+        started = time.perf_counter()
+        rows = embed.embed_split(model, accelerator, args.shards, split, **options)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        print(f"evaluation embedding of {split}: {len(rows.ids)} images in {seconds:.1f} s, "
+              f"{len(rows.ids) / seconds:.0f} images/s ({cfg.image_size} px, batch {args.batch_size}, "
+              f"{args.workers} workers, loader start-up included)", flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("install")
+    p.add_argument("wheels")
+    p.add_argument("target")
+    p.set_defaults(run=install)
+    p = sub.add_parser("ceiling")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
+    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=5)
+    p.set_defaults(run=ceiling)
+    p = sub.add_parser("train-summary")
+    p.add_argument("run_dir")
+    p.add_argument("--per-step", type=float, required=True, help="triplets per step, to give steps/s")
+    p.add_argument("--drop", type=int, default=1, help="first logged intervals to leave out")
+    p.add_argument("--label", default="trainer")
+    p.add_argument("--unit", default="images", help="what triplets_per_s counts (batch sampler: images)")
+    p.set_defaults(run=train_summary)
+    p = sub.add_parser("util-summary")
+    p.add_argument("file")
+    p.add_argument("--label", default="utilization")
+    p.set_defaults(run=util_summary)
+    p = sub.add_parser("embed")
+    p.add_argument("run_dir")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--splits", nargs="+", default=["val", "train"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=8)
+    p.set_defaults(run=embed)
+    args = parser.parse_args()
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
