@@ -5,6 +5,7 @@
     python bench/gpu_check.py train-summary RUN_DIR --per-step N
     python bench/gpu_check.py util-summary FILE                # nvidia-smi utilization.gpu samples, one per line
     python bench/gpu_check.py embed RUN_DIR --shards DIR      # the evaluation's embedding of a split, images/s
+    python bench/gpu_check.py augment                          # ranking/augment.py on the GPU: speed, CPU agreement
 """
 
 from __future__ import annotations
@@ -127,6 +128,58 @@ def embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def augment(args: argparse.Namespace) -> int:
+    """TrainAugment and EvalResize on the device: batches per second, and agreement with the CPU on the same crops;
+    nvJPEG's batched decode against the CPU's (what tests/test_augment.py checks where pytest is installed)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from ranking.augment import EvalResize, TrainAugment, decode_uint8, decode_uint8_batch, seeded_generator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for size in args.sizes:
+        train, evaluate = TrainAugment(args.image_size, mean, std), EvalResize(args.image_size, mean, std)
+        images = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8)
+        on_device = images.to(device)
+        same = (train(on_device, seeded_generator(0)).cpu() - train(images, seeded_generator(0))).abs().max()
+        same_eval = (evaluate(on_device).cpu() - evaluate(images)).abs().max()
+        timings = {}
+        for name, transform in (("TrainAugment", lambda: train(on_device, seeded_generator(1))),
+                                ("EvalResize", lambda: evaluate(on_device))):
+            for _ in range(3):
+                transform()
+            sync()
+            started = time.perf_counter()
+            for _ in range(args.repeats):
+                transform()
+            sync()
+            timings[name] = (time.perf_counter() - started) / args.repeats
+        print(f"augment {size:>4} images 64 -> {args.image_size} px on {device}: TrainAugment "
+              f"{1e3 * timings['TrainAugment']:.2f} ms ({size / timings['TrainAugment']:.0f} images/s), EvalResize "
+              f"{1e3 * timings['EvalResize']:.2f} ms; max |device - cpu| {same:.1e} (train), {same_eval:.1e} (eval)",
+              flush=True)
+    jpegs = []
+    for seed in range(args.decode):
+        buffer = io.BytesIO()
+        pixels = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
+        jpegs.append(buffer.getvalue())
+    decode_uint8_batch(jpegs[:8], device=device)
+    sync()
+    started = time.perf_counter()
+    decoded = decode_uint8_batch(jpegs, device=device)
+    sync()
+    seconds = time.perf_counter() - started
+    worst = max(int((a.cpu().int() - decode_uint8(j).int()).abs().max()) for a, j in zip(decoded, jpegs))
+    print(f"augment decode_uint8_batch of {len(jpegs)} JPEGs on {device}: {len(jpegs) / seconds:.0f} images/s; "
+          f"max level difference from the CPU's decode {worst}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +211,12 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=8)
     p.set_defaults(run=embed)
+    p = sub.add_parser("augment")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
+    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--decode", type=int, default=512, help="JPEGs in the batched decode")
+    p.set_defaults(run=augment)
     args = parser.parse_args()
     return args.run(args)
 

@@ -16,10 +16,11 @@
 #      (nvidia-smi utilization.gpu every 200 ms from the first logged step to the end);
 #   4. the seeds' recipe (configs/seed.yaml: paper sampler, 32 triplets): steps/s;
 #   5. the evaluation's embedding images/s (ranking.embed.embed_split over val and train);
-#   6. bench/bench_loader.py --device cuda: today's per-image data path against uint8 batches augmented on the GPU.
+#   6. ranking/augment.py on the GPU (speed, agreement with the CPU), then bench/bench_loader.py --device cuda:
+#      today's per-image data path against uint8 batches augmented on the GPU.
 # Environment overrides: PYTHON, WORKERS (DataLoader workers, 8), TRAIN_SECONDS (30 per run), BATCHES (P x K per
 # run, "16x4 32x8 32x16": 40 classes in the subset), TRAIN_EXTRA (flags added to every training run), CEILING_EXTRA,
-# EMBED_EXTRA, LOADER_EXTRA, DEADLINE_S, WORK (scratch folder). Logs and summary.txt go to $WORK, and to $OUT if set.
+# EMBED_EXTRA, AUGMENT_EXTRA, LOADER_EXTRA, DEADLINE_S, WORK (scratch folder). Logs and summary.txt go to $WORK, and to $OUT if set.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +35,7 @@ WORK="${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}"
 read -r -a train_extra <<<"${TRAIN_EXTRA:-}"
 read -r -a ceiling_extra <<<"${CEILING_EXTRA:-}"
 read -r -a embed_extra <<<"${EMBED_EXTRA:-}"
+read -r -a augment_extra <<<"${AUGMENT_EXTRA:-}"
 read -r -a loader_extra <<<"${LOADER_EXTRA:-}"
 mkdir -p "$WORK"
 SUMMARY="$WORK/summary.txt"
@@ -163,6 +165,7 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------ 6. the data path alone
+part augment 60 "$PY" "$here/gpu_check.py" augment "${augment_extra[@]}" && show augment "^augment" || true
 device=cpu
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then device=cuda; fi
 part loader 90 "$PY" "$here/bench_loader.py" --shards "$shards" --device "$device" --images 2048 \

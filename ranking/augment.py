@@ -110,11 +110,29 @@ class CropBoxes(NamedTuple):
     flips: Tensor  # [N] bool: mirror this image
 
 
-def _normalization(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(scale, shift) with ``pixel_uint8 * scale + shift == (pixel / 255 - mean) / std``, shaped [1, 3, 1, 1]."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return 1.0 / (255.0 * std_t), -mean_t / std_t
+class _PerDevice:
+    """Constant tensors made once per device: copying them from pageable host memory at each call would make the
+    CPU wait for the GPU's queued work (PyTorch synchronises a blocking host-to-device copy)."""
+
+    def __init__(self, make) -> None:
+        self.make, self.made = make, {}
+
+    def __call__(self, device: torch.device):
+        if device not in self.made:
+            self.made[device] = self.make(device)
+        return self.made[device]
+
+
+def _mean_std(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor to ``device`` without making the CPU wait for the GPU (pinned, non-blocking)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class TrainAugment:
@@ -131,7 +149,8 @@ class TrainAugment:
     output pixel, a box filter against aliasing. A flipped image is mirrored with its box before the crop.
 
     Parameters come from the ``torch.Generator`` passed in (``seeded_generator``), drawn on the CPU: the same
-    generator state gives the same crops on any device.
+    generator state gives the same crops on any device. They reach a GPU in one pinned, non-blocking copy, and the
+    normalisation constants are made once per device, so a call never makes the CPU wait for the GPU.
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
@@ -141,6 +160,12 @@ class TrainAugment:
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.scale, self.ratio = scale, ratio
+
+        def scale_shift(device: torch.device) -> tuple[Tensor, Tensor]:  # uint8 * scale + shift: normalised
+            mean_t, std_t = _mean_std(self.mean, self.std, device)
+            return 1.0 / (255.0 * std_t), -mean_t / std_t
+
+        self._scale_shift = _PerDevice(scale_shift)
 
     def sample_boxes(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
                      attempts: int = 10) -> CropBoxes:
@@ -188,16 +213,18 @@ class TrainAugment:
         if crops is None:
             crops = self.sample_boxes(n, height, width, generator)
         device = images.device
-        scale, shift = _normalization(self.mean, self.std, device)
+        scale, shift = self._scale_shift(device)
         # Normalise and mirror the stored pixels, 6x fewer than the output's at 160 px: bilinear weights sum to
         # one, so normalising first is exact, and resizing the mirrored crop is mirroring the resized crop.
         pixels = images.float().mul_(scale).add_(shift)
-        flips = crops.flips.to(device)
-        pixels = torch.where(flips.view(n, 1, 1, 1), pixels.flip(-1), pixels)
-        x1, y1, x2, y2 = crops.boxes.float().unbind(1)
+        x1, y1, x2, y2 = crops.boxes.float().cpu().unbind(1)
         mirrored = crops.flips.cpu()
         x1, x2 = torch.where(mirrored, width - x2, x1), torch.where(mirrored, width - x1, x2)
-        rois = torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x2, y2], dim=1).to(device)
+        # (image index, box, flip) in one small copy to the device
+        rois = _to_device(torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x2, y2, mirrored.float()],
+                                      dim=1), device)
+        flips, rois = rois[:, 5] > 0.5, rois[:, :5]
+        pixels = torch.where(flips.view(n, 1, 1, 1), pixels.flip(-1), pixels)
         # one sample per output pixel when every crop is upsampled (the same as sampling_ratio=0, and faster)
         sampling_ratio = 1 if max(height, width) <= self.image_size else 0
         return roi_align(pixels, rois, output_size=(self.image_size, self.image_size), spatial_scale=1.0,
@@ -205,18 +232,22 @@ class TrainAugment:
 
 
 class EvalResize:
-    """uint8 ``[N, 3, h, w]`` (or one ``[3, h, w]``) on any device -> float32 ``[N, 3, S, S]``, normalised: the same
+    """uint8 ``[N, 3, h, w]`` (one ``[3, h, w]`` gives ``[1, 3, S, S]``) on any device -> float32 ``[N, 3, S, S]``, normalised: the same
     ``torchvision.transforms.v2.functional`` ops as ``stream.eval_transform`` (shorter side to S with antialiasing,
     centre crop, scale to [0, 1], normalise), applied to the whole batch."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.image_size = image_size
         self.mean, self.std = list(mean), list(std)
+        self._mean_std = _PerDevice(lambda device: _mean_std(self.mean, self.std, device))
 
     def __call__(self, images: Tensor) -> Tensor:
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
         resized = TF.resize(images, [self.image_size], antialias=True)
         cropped = TF.center_crop(resized, [self.image_size, self.image_size])
-        return TF.normalize(TF.to_dtype(cropped, torch.float32, scale=True), self.mean, self.std)
+        mean, std = self._mean_std(images.device)  # TF.normalize's own sub_ and div_, its mean and std made once
+        return TF.to_dtype(cropped, torch.float32, scale=True).sub_(mean).div_(std)
 
 
 def _as_tensor(jpeg: bytes) -> Tensor:
