@@ -98,7 +98,8 @@ def util_summary(args: argparse.Namespace) -> int:
         print(f"{args.label}: no utilization samples")
         return 1
     busy = sum(v >= 90 for v in values) / len(values)
-    print(f"{args.label}: GPU utilization mean {statistics.fmean(values):.0f}%, median {statistics.median(values):.0f}%,"
+    mean, median = statistics.fmean(values), statistics.median(values)
+    print(f"{args.label}: GPU utilization mean {mean:.0f}%, median {median:.0f}%,"
           f" min {min(values):.0f}%, >=90% in {busy:.0%} of {len(values)} samples")
     return 0
 

@@ -1,4 +1,4 @@
-"""Batched image transforms on the training device: DataLoader workers ship images as stored, the device does the pixels.
+"""Batched image transforms on the training device: DataLoader workers ship images as stored, the device makes pixels.
 
 A Tiny ImageNet image is stored as a 64 px JPEG of about 2 KB. Augmenting it in a DataLoader worker (PIL decode,
 random resized crop to 160 px, float32, normalise) makes 307 KB per image to cross to the training process and costs
@@ -216,14 +216,14 @@ class TrainAugment:
         scale, shift = self._scale_shift(device)
         # Normalise and mirror the stored pixels, 6x fewer than the output's at 160 px: bilinear weights sum to
         # one, so normalising first is exact, and resizing the mirrored crop is mirroring the resized crop.
-        pixels = images.float().mul_(scale).add_(shift)
+        pixels = torch.addcmul(shift, images.float(), scale)  # a new tensor, even when the images are float32
         x1, y1, x2, y2 = crops.boxes.float().cpu().unbind(1)
         mirrored = crops.flips.cpu()
         x1, x2 = torch.where(mirrored, width - x2, x1), torch.where(mirrored, width - x1, x2)
         # (image index, box, flip) in one small copy to the device
         rois = _to_device(torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x2, y2, mirrored.float()],
                                       dim=1), device)
-        flips, rois = rois[:, 5] > 0.5, rois[:, :5]
+        flips, rois = rois[:, 5] > 0.5, rois[:, :5].contiguous()
         pixels = torch.where(flips.view(n, 1, 1, 1), pixels.flip(-1), pixels)
         # one sample per output pixel when every crop is upsampled (the same as sampling_ratio=0, and faster)
         sampling_ratio = 1 if max(height, width) <= self.image_size else 0
@@ -232,9 +232,9 @@ class TrainAugment:
 
 
 class EvalResize:
-    """uint8 ``[N, 3, h, w]`` (one ``[3, h, w]`` gives ``[1, 3, S, S]``) on any device -> float32 ``[N, 3, S, S]``, normalised: the same
-    ``torchvision.transforms.v2.functional`` ops as ``stream.eval_transform`` (shorter side to S with antialiasing,
-    centre crop, scale to [0, 1], normalise), applied to the whole batch."""
+    """uint8 ``[N, 3, h, w]`` on any device -> float32 ``[N, 3, S, S]``, normalised (one ``[3, h, w]`` gives
+    ``[1, 3, S, S]``): the ``torchvision.transforms.v2.functional`` ops of ``stream.eval_transform`` (shorter side to
+    S with antialiasing, centre crop, scale to [0, 1], normalise), applied to the whole batch at once."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.image_size = image_size

@@ -24,7 +24,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def random_images(n: int, height: int = 64, width: int = 64, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=generator)
 
 
 def jpeg(mode: str = "RGB", size: tuple[int, int] = (64, 64)) -> bytes:
@@ -88,6 +89,9 @@ def test_output_shape_dtype_and_normalisation():
     images = torch.stack([torch.full((3, 64, 64), value, dtype=torch.uint8) for value in (0, 100, 255)])
     out = augment(images, torch.Generator().manual_seed(0))
     assert out.shape == (3, 3, 40, 40) and out.dtype == torch.float32
+    floats = images.float()
+    augment(floats, torch.Generator().manual_seed(0))
+    assert torch.equal(floats, images.float()), "float input is left as it was"
     expected = normalized(images[:, :, :1, :1]).expand_as(out)  # a flat image stays flat whatever the crop
     assert torch.allclose(out, expected, atol=1e-5)
 
