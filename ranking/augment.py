@@ -11,6 +11,15 @@ the worker most of its time, which left the GPU idle most of each step. The path
 
 ``decode_uint8_batch`` decodes a list of JPEGs in one call, on the GPU where ``device="cuda"`` (nvJPEG), for a path
 where even the decoding moves to the device.
+
+Wiring (not done yet; issue 11 phase 2):
+- ``train.train_batches``: ``decode = augment.StoredDecoder()`` in place of ``stream.Decoder(train_transform(...))``;
+  the batches' images are then uint8 ``[N, 3, 64, 64]`` (pinned by the DataLoader as before).
+- the training loop: ``TrainAugment(cfg.image_size, mean, std)`` and ``seeded_generator(batches_seed, rank)`` made
+  once; after ``to_device``, ``images = augment(batch.images, generator)`` (then channels_last), before the model.
+- evaluation (``stream.eval_samples`` -> ``embed.embed_local``) and ``search.embed_images``: workers yield
+  ``StoredDecoder.sample``; ``EvalResize(image_size, mean, std)`` on the device before the model (one image at a
+  time where sizes differ, as for ``search``'s query files: ``EvalResize(...)(pil_to_tensor(image.convert("RGB")))``).
 """
 
 from __future__ import annotations
