@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 
 import torch
-from bench_train import ours, timed
 
+from bench_train import ours, timed
 from ranking.config import TrainConfig
 
 

@@ -1,6 +1,6 @@
 """Training triplets per second: our step vs. the seeds' loop, ResNet-18 at 64x64, 32 triplets a batch.
 
-- ours: the trainer's step (``ranking.train.ranking_loss`` through Accelerate): one forward pass over the q, p and n
+- ours: the trainer's step (``ranking.losses.DistributedLoss`` through Accelerate): one forward pass over the q, p and n
   images concatenated, bf16 autocast, channels_last.
 - seeds: ``model(q)``, ``model(p)``, ``model(n)`` (three forward calls), fp32, contiguous NCHW.
 
@@ -22,14 +22,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from ranking.config import TrainConfig
-from ranking.losses import build_loss
-from ranking.models import build_model
+from ranking.losses import build_objective
+from ranking.models import build_model, set_train_mode
+from ranking.optim import build_optimizer
 from ranking.sampling import Batch
-from ranking.train import build_optimizer, ranking_loss, set_train_mode
 
 
 def seed_recipe() -> TrainConfig:
-    return TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, trunk_lr_scale=1.0,
+    return TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0,
+                       trunk_lr_scale=1.0,
                        embed_dim=4096, normalize=False, loss="triplet_margin", margin=1.0,
                        optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-5)
 
@@ -63,13 +64,13 @@ def ours(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, triplets:
     accelerator = Accelerator(mixed_precision="bf16")
     model = build_model(cfg).to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
-    set_train_mode(model, accelerator, cfg)
-    loss_fn = build_loss(cfg)
+    set_train_mode(model, cfg.freeze_bn_stats)
+    loss_fn = build_objective(cfg)
     batch = Batch(images.to(accelerator.device).contiguous(memory_format=torch.channels_last), labels, labels,
                   triplets)
 
     def step() -> None:
-        accelerator.backward(ranking_loss(model, loss_fn, batch).objective)
+        accelerator.backward(loss_fn(model(batch.images), batch.labels, batch.triplets).objective)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -80,11 +81,11 @@ def one_forward_fp32(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tenso
     """Our single concatenated forward alone (fp32, NCHW, no Accelerate): separates its gain from bf16's."""
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
-    loss_fn = build_loss(cfg)
+    loss_fn = build_objective(cfg)
     batch = Batch(images, labels, labels, triplets)
 
     def step() -> None:
-        ranking_loss(model, loss_fn, batch).objective.backward()
+        loss_fn(model(batch.images), batch.labels, batch.triplets).objective.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -47,7 +47,6 @@ def ceiling(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import ours
-
     from ranking.config import TrainConfig
 
     cfg = TrainConfig(image_size=args.image_size)
@@ -149,8 +148,13 @@ def augment(args: argparse.Namespace) -> int:
         same = (train(on_device, seeded_generator(0)).cpu() - train(images, seeded_generator(0))).abs().max()
         same_eval = (evaluate(on_device).cpu() - evaluate(images)).abs().max()
         timings = {}
-        for name, transform in (("TrainAugment", lambda: train(on_device, seeded_generator(1))),
-                                ("EvalResize", lambda: evaluate(on_device))):
+        def run_train(train=train, on_device=on_device):
+            return train(on_device, seeded_generator(1))
+
+        def run_eval(evaluate=evaluate, on_device=on_device):
+            return evaluate(on_device)
+
+        for name, transform in (("TrainAugment", run_train), ("EvalResize", run_eval)):
             for _ in range(3):
                 transform()
             sync()

@@ -45,7 +45,7 @@ from ranking.archive import Archive, open_archive
 from ranking.config import TrainConfig
 from ranking.files import write_text_atomically
 from ranking.models import LITE0_STATS, build_lite0
-from ranking.retrieval import EmbeddingSet, evaluate_retrieval
+from ranking.retrieval import EmbeddingSet, evaluate_retrieval, titles
 from ranking.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 RECIPES = ("floor", "seed", "best")
 CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "default.yaml"}
 CALIBRATION_STEPS = 12  # timed over the second half: the first steps start the loader and fill the buffers
-METRICS = {"precision_at_k": "precision@{k}", "knn1_accuracy": "kNN-1", "hit_at_k": "hit@{k}", "map": "mAP"}
+METRICS = ("precision_at_k", "knn1_accuracy", "hit_at_k", "map")  # the table's columns, titled by the registry
 
 
 # ------------------------------------------------------------------------------------------------------------ floor
@@ -195,7 +195,7 @@ def save_result(path: Path, result: dict) -> dict:
 
 
 def table(results: dict, k: int) -> str:
-    header = ["recipe", "train time", "steps"] + [title.format(k=k) for title in METRICS.values()]
+    header = ["recipe", "train time", "steps"] + list(titles(k, METRICS).values())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for recipe in sorted(results, key=lambda name: RECIPES.index(name) if name in RECIPES else len(RECIPES)):
         result = results[recipe]

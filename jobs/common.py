@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import submitit
 
-from ranking.config import add_dataclass_flags, build
-from ranking.errors import RankingError
+from ranking.config import add_dataclass_flags, at_least, build
+from ranking.errors import EXIT_REQUEUE, RankingError
 
-EX_TEMPFAIL = 75  # the trainer checkpointed on a stop request; a launcher requeues
 CLUSTERS = ("slurm", "local", "debug")
 
 
@@ -43,6 +42,16 @@ class LaunchConfig:
     job_name: str = ""  # defaults to ranking-STAGE
     folder: str = "logs/submitit"  # submitit's pickles and the tasks' logs
     wait: bool = False  # block until the job ends and exit with its status
+
+    def validate(self) -> None:
+        if self.cluster not in CLUSTERS:
+            raise RankingError(f"--cluster must be one of {', '.join(CLUSTERS)}; got {self.cluster!r}")
+        for name in ("nodes", "cpus_per_task", "timeout_min"):
+            at_least(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        if self.gpus_per_node < 0 or self.tasks_per_node < 0:
+            raise RankingError("--gpus-per-node and --tasks-per-node cannot be negative")
+        if self.cluster != "slurm" and self.nodes > 1:
+            raise RankingError(f"--cluster {self.cluster} runs on this machine only; got --nodes {self.nodes}")
 
 
 class StageTask(submitit.helpers.Checkpointable):
@@ -73,7 +82,7 @@ class TrainTask(StageTask):
         # Until the trainer installs its handler a stop request is dropped rather than killing the task.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         code = self.run_stage()
-        if code == EX_TEMPFAIL and callable(requeue):
+        if code == EXIT_REQUEUE and callable(requeue):
             # Rank 0 pickles checkpoint() and requeues (Slurm: scontrol requeue; local: the controller reruns the
             # tasks), then exits; the other ranks return.
             requeue(time_limit, None)
@@ -153,17 +162,7 @@ def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[LaunchConfig, ar
 
 
 def launch_config(args: argparse.Namespace) -> LaunchConfig:
-    config = build(LaunchConfig, None, vars(args))
-    if config.cluster not in CLUSTERS:
-        raise RankingError(f"--cluster must be one of {', '.join(CLUSTERS)}; got {config.cluster!r}")
-    for name in ("nodes", "cpus_per_task", "timeout_min"):
-        if getattr(config, name) < 1:
-            raise RankingError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(config, name)}")
-    if config.gpus_per_node < 0 or config.tasks_per_node < 0:
-        raise RankingError("--gpus-per-node and --tasks-per-node cannot be negative")
-    if config.cluster != "slurm" and config.nodes > 1:
-        raise RankingError(f"--cluster {config.cluster} runs on this machine only; got --nodes {config.nodes}")
-    return config
+    return build(LaunchConfig, None, vars(args))
 
 
 def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:

@@ -1,4 +1,15 @@
-"""Read the official `tiny-imagenet-200.zip` (or its extracted folder) without extracting it: classes and samples.
+"""Read a dataset without extracting or copying it: classes and samples. Three layouts (open_archive picks one):
+
+- `tiny-imagenet`: the official `tiny-imagenet-200.zip` or its extracted folder (Archive), described below;
+- `imagefolder`: a folder of class folders, `ROOT/<class>/**/*.jpg` as torchvision's ImageFolder (FolderDataset):
+  class = folder name, class index = position in the sorted folder names; val images from a second such folder
+  (`val_source`) or a seeded per-class fraction of ROOT's (`val_fraction`); no test split;
+- `flat`: a folder of unlabelled images `ROOT/*.jpg` with no class folders (FolderDataset): a gallery only,
+  written as the test split with label -1 (training needs labels).
+
+In the folder layouts the images may be any format PIL reads (FOLDER_IMAGE_SUFFIXES); each is probed when listed,
+and those that are not RGB JPEGs (PNG, WebP, grayscale or CMYK JPEG...) are marked to be converted once to an RGB
+JPEG by the shard writer (`FolderDataset.converted`).
 
 The layout, inside a folder `tiny-imagenet-200/` (the folder may also be the source itself):
 
@@ -10,22 +21,39 @@ The layout, inside a folder `tiny-imagenet-200/` (the folder may also be the sou
 
 Stray files (`.DS_Store`, `__MACOSX/`, `*_boxes.txt`, directory entries) are ignored; CRLF line endings and a
 missing final newline are fine. Everything else that does not fit is a RankingError naming the file.
+
+No file is read whole on trust: a file (zip member or file on disk) over MAX_FILE_BYTES is refused, by its listed
+size before reading and again while reading (a zip header may lie), so a zip bomb costs at most that much memory.
+In a folder source every listed file must be a regular file (a symlink counts as what it points to): a FIFO, a
+device or a dangling symlink is refused by name, never opened for a read that would block or never end.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import stat
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ranking.errors import RankingError
+from ranking.shardformat import SPLITS
 
 ROOT_NAME = "tiny-imagenet-200"
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
+# torchvision's ImageFolder extensions
+FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 VAL_ANNOTATIONS = "val/val_annotations.txt"
+# The largest file read: an image (Tiny ImageNet's are ~2 KB; a 16 MiB JPEG is a ~50-megapixel photo) or a text
+# file (the official words.txt, all of WordNet, is 2.6 MB).
+MAX_FILE_BYTES = 16 * 2**20
+
+
+def _too_large(where: str, size: int | str) -> RankingError:
+    return RankingError(f"{where}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
+                        f"(ranking.archive.MAX_FILE_BYTES)")
 
 
 @dataclass(frozen=True)
@@ -38,7 +66,7 @@ class ClassInfo:
 class Sample:
     split: str
     id: int  # position in the split's canonical order (its files sorted by path)
-    file: str  # path relative to the tiny-imagenet-200/ folder
+    file: str  # path relative to the tiny-imagenet-200/ folder (folder layouts: see FolderDataset)
     label: int  # class index, -1 for test
     size: int  # bytes, as listed by the source (part of the plan's fingerprint)
 
@@ -88,9 +116,19 @@ class ZipSource(Source):
 
     def read(self, file: str) -> bytes:
         try:
-            return self.zip.read(self.prefix + file)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+            info = self.zip.getinfo(self.prefix + file)
+        except KeyError:
+            raise RankingError(f"{self.describe(file)}: no such member") from None
+        if info.file_size > MAX_FILE_BYTES:
+            raise _too_large(self.describe(file), f"{info.file_size} uncompressed")
+        try:
+            with self.zip.open(info) as member:
+                data = member.read(MAX_FILE_BYTES + 1)  # never more, whatever the header says
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
             raise RankingError(f"{self.describe(file)}: corrupt zip member ({e})") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise _too_large(self.describe(file), f"more than {MAX_FILE_BYTES} uncompressed")
+        return data
 
     def describe(self, file: str) -> str:
         return f"{self.path}:{self.prefix}{file}"
@@ -113,19 +151,63 @@ class FolderSource(Source):
             for name in names:
                 if not _is_stray((name,)):
                     full = Path(directory, name)
-                    self.sizes[(relative / name).as_posix()] = full.stat().st_size
+                    self.sizes[(relative / name).as_posix()] = _regular_file_size(full)
 
     def files(self) -> dict[str, int]:
         return self.sizes
 
     def read(self, file: str) -> bytes:
-        try:
-            return (self.root / file).read_bytes()
-        except OSError as e:
-            raise RankingError(f"{self.describe(file)}: cannot read ({e.strerror})") from None
+        return read_regular_file(self.root / file)
 
     def describe(self, file: str) -> str:
         return str(self.root / file)
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of a regular file (after symlinks); anything else is a RankingError naming it."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise RankingError(f"{path}: cannot read ({e.strerror}{', a dangling symlink' if path.is_symlink() else ''})"
+                           ) from None
+    if not stat.S_ISREG(info.st_mode):
+        via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise RankingError(f"{path}: {_kind(info.st_mode)}{via}, not a regular file; remove it from the source")
+    return info.st_size
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES. Opened without blocking and checked on the open file,
+    so a FIFO or device put in its place after the listing is refused, not waited on or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise RankingError(f"{path}: cannot read ({e.strerror})") from None
+    with open(fd, "rb", buffering=0) as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RankingError(f"{path}: {_kind(info.st_mode)}, not a regular file; remove it from the source")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_large(str(path), info.st_size)
+        try:
+            chunks, left = [], MAX_FILE_BYTES + 1
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                chunks.append(chunk)
+                left -= len(chunk)
+        except OSError as e:
+            raise RankingError(f"{path}: cannot read ({e.strerror})") from None
+    data = b"".join(chunks)
+    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
+        raise _too_large(str(path), f"more than {MAX_FILE_BYTES}")
+    return data
 
 
 def _find_root(source: Path, names: list[str]) -> str:
@@ -169,6 +251,9 @@ def _is_image(file: str) -> bool:
 class Archive:
     """The classes (index = position of the wnid in sorted(wnids.txt)) and the samples of each split."""
 
+    layout = "tiny-imagenet"
+    converted: frozenset[str] = frozenset()  # Tiny ImageNet's JPEGs are kept as they are, grayscale ones too
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.source = open_source(path)
@@ -197,6 +282,10 @@ class Archive:
 
     def describe(self, file: str) -> str:
         return self.source.describe(file)
+
+    def spec(self) -> tuple:
+        """What a pool worker needs to reopen the source (see reopen_source)."""
+        return ("tiny", str(self.path))
 
     def _read_classes(self) -> list[ClassInfo]:
         wnids: list[str] = []
@@ -266,5 +355,177 @@ class Archive:
         return labels
 
 
-def open_archive(path: str | os.PathLike) -> Archive:
+class FolderTreeSource(Source):
+    """Regular files under one or more folders, each mounted at a prefix ('' or 'train/', 'val/')."""
+
+    def __init__(self, roots: list[tuple[str, Path]]):
+        self.roots = [(prefix, Path(root)) for prefix, root in roots]
+        self.path = self.roots[0][1]
+
+    def _locate(self, file: str) -> Path:
+        for prefix, root in self.roots:
+            if file.startswith(prefix):
+                return root / file[len(prefix):]
+        raise RankingError(f"{file}: under none of {', '.join(str(root) for _, root in self.roots)}")
+
+    def read(self, file: str) -> bytes:
+        return read_regular_file(self._locate(file))
+
+    def describe(self, file: str) -> str:
+        return str(self._locate(file))
+
+
+def list_images(root: Path) -> dict[str, int]:
+    """Image files under root (any depth, stray files skipped): path relative to root -> size. Files with an
+    image suffix must be regular files (after symlinks); other files are ignored, as ImageFolder does."""
+    images = {}
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not _is_stray((d,)))
+        relative = Path(directory).relative_to(root)
+        for name in names:
+            if not _is_stray((name,)) and name.lower().endswith(FOLDER_IMAGE_SUFFIXES):
+                images[(relative / name).as_posix()] = _regular_file_size(Path(directory, name))
+    return images
+
+
+def needs_conversion(path: Path) -> bool:
+    """Whether the image must be re-encoded to be an RGB JPEG (read from its header only; RankingError if PIL cannot
+    identify it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return not (image.format == "JPEG" and image.mode == "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RankingError(f"{path}: not a readable image ({e})") from None
+
+
+class FolderDataset:
+    """The `imagefolder` and `flat` layouts, with Archive's interface (classes, samples, read, describe, close).
+
+    A sample's `file` is its path relative to the source folder; with `val_source`, `train/...` is relative to the
+    source and `val/...` to the val folder. Class wnid and words are both the folder name.
+    """
+
+    def __init__(self, path: str | os.PathLike, val_source: str | os.PathLike | None = None,
+                 val_fraction: float = 0.0, seed: int = 0):
+        self.path = Path(path)
+        if not 0.0 <= val_fraction < 1.0:
+            raise RankingError(f"val_fraction must be at least 0 and below 1; got {val_fraction}")
+        if val_source and val_fraction:
+            raise RankingError("give either a val folder or a val fraction, not both")
+        images = list_images(self.path)
+        if not images:
+            raise RankingError(f"{self.path}: no images (expected tiny-imagenet-200, class folders of images, "
+                               f"or a folder of images; image suffixes: {' '.join(FOLDER_IMAGE_SUFFIXES)})")
+        top = sorted(f for f in images if "/" not in f)
+        nested = sorted(f for f in images if "/" in f)
+        if top and nested:
+            raise RankingError(f"{self.path}: holds both images ({top[0]}) and class folders "
+                               f"({nested[0].split('/')[0]}/); expected one layout")
+        self._samples: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+        self.sizes: dict[str, int] = {}
+        if top:
+            if val_source or val_fraction:
+                raise RankingError(f"{self.path}: a folder of unlabelled images has no val split; "
+                                   "val images need class folders")
+            self.layout = "flat"
+            self.classes: list[ClassInfo] = []
+            self.source = FolderTreeSource([("", self.path)])
+            self.sizes = images
+            self._add("test", {f: -1 for f in images})
+        else:
+            self.layout = "imagefolder"
+            self.classes = [ClassInfo(name, name) for name in sorted({f.split("/")[0] for f in nested})]
+            self.label_of = {c.wnid: index for index, c in enumerate(self.classes)}
+            train = {f: self.label_of[f.split("/")[0]] for f in nested}
+            if val_source:
+                val_root = Path(val_source)
+                if not val_root.is_dir():
+                    raise RankingError(f"{val_root}: no such folder (the val images, as class folders)")
+                val = self._val_folder(val_root)
+                self.source = FolderTreeSource([("train/", self.path), ("val/", val_root)])
+                self.sizes = {"train/" + f: n for f, n in images.items()}
+                self.sizes.update({"val/" + f: n for f, n in val.items()})
+                train = {"train/" + f: label for f, label in train.items()}
+                val_labels = {"val/" + f: self.label_of[f.split("/")[0]] for f in val}
+            else:
+                self.source = FolderTreeSource([("", self.path)])
+                self.sizes = images
+                val_labels = self._split_off(train, val_fraction, seed)
+                train = {f: label for f, label in train.items() if f not in val_labels}
+            self._add("train", train)
+            self._add("val", val_labels)
+        self.converted = frozenset(f for f in self.sizes if needs_conversion(Path(self.source.describe(f))))
+
+    def _add(self, split: str, labelled: dict[str, int]) -> None:
+        self._samples[split] = [Sample(split, i, f, labelled[f], self.sizes[f]) for i, f in enumerate(sorted(labelled))]
+
+    def _val_folder(self, root: Path) -> dict[str, int]:
+        images = list_images(root)
+        if not images:
+            raise RankingError(f"{root}: no images (expected class folders of val images)")
+        for file in sorted(images):
+            if "/" not in file:
+                raise RankingError(f"{root / file}: val images belong in class folders, as in {self.path}")
+            if file.split("/")[0] not in self.label_of:
+                raise RankingError(f"{root / file.split('/')[0]}: class {file.split('/')[0]!r} has no folder "
+                                   f"in {self.path}")
+        return images
+
+    def _split_off(self, train: dict[str, int], fraction: float, seed: int) -> dict[str, int]:
+        """A seeded share of each class's images (rounded; every class keeps at least one train image)."""
+        val: dict[str, int] = {}
+        for label, info in enumerate(self.classes):
+            files = sorted(f for f, lab in train.items() if lab == label)
+            take = min(round(fraction * len(files)), len(files) - 1)
+            chosen = random.Random(f"{seed}/{info.wnid}").sample(files, take)
+            val.update({f: label for f in chosen})
+        return val
+
+    def __enter__(self) -> FolderDataset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.source.close()
+
+    def samples(self, split: str) -> list[Sample]:
+        return self._samples[split]
+
+    def read(self, file: str) -> bytes:
+        return self.source.read(file)
+
+    def describe(self, file: str) -> str:
+        return self.source.describe(file)
+
+    def spec(self) -> tuple:
+        """What a pool worker needs to reopen the source (see reopen_source)."""
+        return ("folders", tuple((prefix, str(root)) for prefix, root in self.source.roots))
+
+
+def is_tiny_imagenet(path: Path) -> bool:
+    """A zip, or a folder with any of Tiny ImageNet's own files (so one missing wnids.txt is named as missing
+    rather than its train/ val/ test/ folders taken for classes)."""
+    marks = ("wnids.txt", "words.txt", VAL_ANNOTATIONS)
+    return path.is_file() or any((p / mark).is_file() for p in (path, path / ROOT_NAME) for mark in marks)
+
+
+def open_archive(path: str | os.PathLike, val_source: str | os.PathLike | None = None, val_fraction: float = 0.0,
+                 seed: int = 0) -> Archive | FolderDataset:
+    """The dataset at `path` in whichever layout it has: a zip or a folder with wnids.txt is Tiny ImageNet, any other
+    folder class folders (imagefolder) or a folder of images (flat)."""
+    path = Path(path)
+    if path.is_dir() and not is_tiny_imagenet(path):
+        return FolderDataset(path, val_source, val_fraction, seed)
+    if val_source or val_fraction:
+        raise RankingError(f"{path}: is Tiny ImageNet, which has its own val split; a val folder or val fraction "
+                           "only applies to class folders")
     return Archive(path)
+
+
+def reopen_source(spec: tuple) -> Source:
+    kind, where = spec
+    return open_source(where) if kind == "tiny" else FolderTreeSource([(p, Path(r)) for p, r in where])

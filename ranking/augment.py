@@ -124,7 +124,8 @@ class _PerDevice:
     CPU wait for the GPU's queued work (PyTorch synchronises a blocking host-to-device copy)."""
 
     def __init__(self, make) -> None:
-        self.make, self.made = make, {}
+        self.make = make
+        self.made: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, device: torch.device):
         if device not in self.made:

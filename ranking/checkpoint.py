@@ -1,61 +1,85 @@
-"""Checkpoints of a run (DESIGN.md "Checkpoints"), written atomically by all ranks, and the model they hold.
+"""Checkpoints of a run (DESIGN.md "Checkpoints"), written atomically by all ranks, and the training state they hold.
 
-    RUN/checkpoints/step-0000100/state.pt        model (unwrapped state_dict), optimizer, scheduler, scaler, step,
-                                                 wandb run id, stream state: written by rank 0
+    RUN/checkpoints/step-0000100/state.pt        a TrainState: model (unwrapped state_dict), optimizer, scheduler,
+                                                 scaler, step, wandb run id, stream seeds: written by rank 0
     RUN/checkpoints/step-0000100/rng-rank{r}.pt  rank r's step and torch / python / numpy (/ cuda) RNG states
     RUN/checkpoints/latest -> step-0000100
 
 A checkpoint is assembled in ``.tmp-step-0000100/`` and renamed once every rank has written its part, so a folder
 named ``step-*`` is always complete. Everything is stored as tensors and plain containers: loads use
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. ``TrainState`` alone knows the keys of ``state.pt``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import random
 import shutil
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ranking import distributed
-from ranking.config import ConfigError, TrainConfig, build
 from ranking.errors import RankingError
-
-STATE = "state.pt"
-LATEST = "latest"
-
-
-def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+from ranking.files import write_atomically
+from ranking.runfolder import LATEST, STATE, checkpoint_dir, checkpoints_dir
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the RNG states; ``to_dict`` / ``from_dict`` define ``state.pt``."""
+
+    step: int
+    model: dict[str, torch.Tensor]  # the unwrapped model's state_dict
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any] = field(default_factory=dict)  # empty unless fp16
+    wandb_run_id: str = ""
+    # the seeds of the stream a resumed run restarts with: new data after a resume, reproducible
+    stream_seeds: tuple[int, int] | None = None
+
+    REQUIRED = ("model", "optimizer", "scheduler", "step")
+
+    def to_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                                 "scaler": self.scaler, "step": self.step, "wandb_run_id": self.wandb_run_id}
+        if self.stream_seeds is not None:
+            state["stream"] = dict(zip(("samples_seed", "batches_seed"), self.stream_seeds))
+        return state
+
+    @classmethod
+    def from_dict(cls, state: Any, path: Path) -> TrainState:
+        missing = set(cls.REQUIRED) - (state.keys() if isinstance(state, dict) else set())
+        if missing:
+            raise RankingError(f"{path}: not a training checkpoint (missing {', '.join(sorted(missing))})")
+        stream = state.get("stream")
+        return cls(step=int(state["step"]), model=state["model"], optimizer=state["optimizer"],
+                   scheduler=state["scheduler"], scaler=state.get("scaler") or {},
+                   wandb_run_id=state.get("wandb_run_id") or "",
+                   stream_seeds=(int(stream["samples_seed"]), int(stream["batches_seed"])) if stream else None)
 
 
-def save(run_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path:
-    """Write the checkpoint of ``step``; a collective: every rank calls it, only rank 0's ``state`` is written.
+def save(run_dir: str | os.PathLike, state: TrainState, keep: int) -> Path:
+    """Write the checkpoint of ``state.step``; a collective: every rank calls it, only rank 0's ``state`` is written.
 
     Keeps the newest ``keep`` checkpoints and points ``latest`` at this one. Returns the checkpoint folder.
     """
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(step)
+    final = checkpoint_dir(run_dir, state.step)
+    root = final.parent
     tmp = root / f".tmp-{final.name}"
     rank = distributed.rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir(parents=True)
     distributed.barrier()
-    _write({"step": step, "rng": rng_state()}, tmp / f"rng-rank{rank}.pt")  # each rank records its own step
+    _write({"step": state.step, "rng": rng_state()}, tmp / f"rng-rank{rank}.pt")  # each rank records its own step
     if rank == 0:
-        _write(state, tmp / STATE)
+        _write(state.to_dict(), tmp / STATE)
     distributed.barrier()
     if rank == 0:
         _publish(tmp, final)
@@ -65,10 +89,7 @@ def save(run_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path:
 
 
 def _write(obj: object, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -90,30 +111,7 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder from itself or from a run folder (its ``checkpoints/latest``); symlinks resolved."""
-    path = Path(path)
-    if (path / STATE).is_file():
-        return path.resolve()
-    latest = checkpoints_dir(path) / LATEST
-    if (latest / STATE).is_file():
-        return latest.resolve()
-    if path.is_dir() and (path.name.startswith("step-") or path.name == LATEST):
-        raise RankingError(f"{path}: checkpoint folder without {STATE} (incomplete or deleted)")
-    raise RankingError(f"{path}: neither a checkpoint folder with {STATE} nor a run folder with checkpoints/latest")
-
-
-def resume_path(run_dir: str | os.PathLike, resume: str) -> Path:
-    """The checkpoint folder of ``--resume latest`` (in ``run_dir``) or ``--resume PATH``."""
-    if resume == LATEST:
-        latest = checkpoints_dir(run_dir) / LATEST
-        if not latest.exists():
-            raise RankingError(f"{latest}: no checkpoint to resume from (drop --resume to start the run)")
-        return resolve(latest)
-    return resolve(resume)
-
-
-def _load(path: Path, mmap: bool = False) -> dict:
+def _load(path: Path, mmap: bool = False) -> Any:
     if not path.is_file():
         raise RankingError(f"{path}: checkpoint file missing")
     try:
@@ -123,12 +121,25 @@ def _load(path: Path, mmap: bool = False) -> dict:
         raise RankingError(f"{path}: corrupt checkpoint ({first_line})") from None
 
 
-def load_state(checkpoint: Path) -> dict:
-    state = _load(checkpoint / STATE)
-    missing = {"model", "optimizer", "scheduler", "step"} - state.keys()
-    if missing:
-        raise RankingError(f"{checkpoint / STATE}: not a training checkpoint (missing {', '.join(sorted(missing))})")
-    return state
+def load_state(checkpoint: Path) -> TrainState:
+    return TrainState.from_dict(_load(checkpoint / STATE), checkpoint / STATE)
+
+
+def load_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """(model state_dict, step) only: mmap, so the optimizer state is never read in."""
+    state = _load(checkpoint / STATE, mmap=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise RankingError(f"{checkpoint / STATE}: no model weights in this checkpoint")
+    return state["model"], int(state["step"])
+
+
+def wandb_run_id(run_dir: str | os.PathLike) -> str | None:
+    """The W&B run id of a run's latest checkpoint (mmap: only the small entry is read, not the weights)."""
+    state = checkpoints_dir(run_dir) / LATEST / STATE
+    if not state.is_file():
+        return None
+    loaded = _load(state, mmap=True)
+    return (loaded.get("wandb_run_id") if isinstance(loaded, dict) else None) or None
 
 
 def load_rng(checkpoint: Path, rank: int) -> dict | None:
@@ -140,11 +151,11 @@ def load_rng(checkpoint: Path, rank: int) -> dict | None:
 def rng_state() -> dict:
     """The RNG states of this process as tensors and lists (``weights_only`` loads them)."""
     version, mt_state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state = {
         "torch": torch.get_rng_state(),
         "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss,
+        "numpy": {"kind": kind, "keys": np.asarray(keys).tolist(), "pos": pos, "has_gauss": has_gauss,
                   "cached_gaussian": cached_gaussian},
     }
     if torch.cuda.is_available():
@@ -161,34 +172,3 @@ def set_rng_state(state: dict) -> None:
                          numpy["has_gauss"], numpy["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise RankingError(f"{path}: missing: the run's config is needed to rebuild its model")
-    try:
-        return build(TrainConfig, str(path))
-    except ConfigError as e:
-        raise RankingError(f"{path}: cannot rebuild the run's config ({e})") from None
-
-
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig, int]:
-    """(model on the CPU in eval mode, the run's TrainConfig, step) from a run folder or a checkpoint folder.
-
-    The model is rebuilt from ``RUN/config.yaml`` with ``pretrained=False`` and loaded with the checkpoint's weights.
-    """
-    from ranking.models import build_model  # the trainer imports this module before it needs any model
-
-    checkpoint = resolve(path)
-    config = dataclasses.replace(run_config(checkpoint.parent.parent), pretrained=False)
-    state = _load(checkpoint / STATE, mmap=True)  # mmap: the optimizer state is never read in
-    if "model" not in state:
-        raise RankingError(f"{checkpoint / STATE}: no model weights in this checkpoint")
-    model = build_model(config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise RankingError(f"{checkpoint / STATE}: weights do not fit the model of "
-                           f"{checkpoint.parent.parent / 'config.yaml'} ({str(e).splitlines()[0]})") from None
-    return model.eval(), config, int(state["step"])

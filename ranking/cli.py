@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
-from ranking.errors import RankingError
+from ranking.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, RankingError
 
 SUBCOMMANDS = {
     "synth": ("ranking.synth", "write a procedurally generated archive in the official Tiny ImageNet layout"),
@@ -29,27 +31,27 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        sys.exit(0 if argv else 2)
+        sys.exit(0 if argv else EXIT_BAD_INPUT)
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         print(f"ranking: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     run_stage(module.main, rest, f"ranking {name}")
 
 
-def run_stage(stage_main, argv: list[str], prog: str) -> None:
+def run_stage(stage_main: Callable[[list[str]], int | None], argv: list[str], prog: str) -> NoReturn:
     """Run a stage's main; a RankingError becomes one line on stderr and exit status 2."""
     try:
         code = stage_main(argv)
     except RankingError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:  # `ranking search ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+        sys.exit(EXIT_BROKEN_PIPE)
     sys.exit(code or 0)
 
 

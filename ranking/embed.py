@@ -12,10 +12,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ranking import models, stream
+from ranking.config import TrainConfig
 from ranking.retrieval import EmbeddingSet
 
 PADDING_ID = -1
@@ -66,3 +68,17 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set
+
+
+@torch.inference_mode()
+def embed_images(model: nn.Module, config: TrainConfig, images: list[Image.Image], normalize: bool,
+                 flip: bool = False, batch_size: int = 64) -> torch.Tensor:
+    """[N, D] float32 embeddings on the CPU of images in memory, through the eval transform, in full precision;
+    ``flip`` as the index was embedded (``ranking evaluate --flip``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transform = stream.eval_transform(config.image_size, *models.input_normalization(config.backbone))
+    model = model.to(device).eval()
+    batches = torch.stack([transform(image) for image in images]).split(batch_size)
+    embeddings = torch.cat([models.embed_with_mirror(model, batch.to(device), flip).float().cpu()
+                            for batch in batches])
+    return F.normalize(embeddings, dim=1) if normalize else embeddings

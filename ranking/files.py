@@ -1,28 +1,74 @@
-"""Files appear under their final names only when complete: write a temporary name, fsync, rename."""
+"""Files appear under their final names only when complete: write a temporary name, fsync, rename.
+
+Every durable write of the project goes through here: config.yaml, metrics.jsonl, checkpoints' parts, shards,
+manifests, evaluation files and pictures.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from ranking.errors import RankingError
 
 
-def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through ``write(file)`` under a temporary name in the same folder, fsync, then rename to ``path``."""
+def temporary_name(path: Path) -> Path:
+    """The name a file is written under before it is renamed to ``path``; readers skip names like it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], object],
+                     before_publish: Callable[[Path], object] | None = None) -> Path:
+    """Write through ``write(file)`` under a temporary name in the same folder, fsync, then rename to ``path``.
+
+    ``before_publish(temporary_path)`` runs on the complete, synced file before the rename (a sha256 of what is about
+    to appear, say); an exception there or in ``write`` leaves nothing behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_publish is not None:
+            before_publish(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def write_text_atomically(path: Path, text: str) -> Path:
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line and fsync it: a crash leaves at most a torn last line, which readers skip."""
+    with open(path, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: str | os.PathLike, if_missing: str) -> Any:
+    """A JSON file's content; a missing or unparsable file is a one-line RankingError (``if_missing`` says why)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RankingError(f"{path}: {if_missing}") from None
+    except (ValueError, OSError) as e:
+        raise RankingError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

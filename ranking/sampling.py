@@ -1,4 +1,4 @@
-"""Batches for training, formed online from the infinite sample stream, and triplet miners.
+"""Batches for training, formed online from the infinite sample stream (the miners are in ``ranking.miners``).
 
 Two samplers turn ``(image, label, id)`` samples into ``Batch``es (DESIGN.md "Batches"):
 - ``PaperTripletSampler``: the paper's online triplet sampling from per-class reservoir buffers; the batch holds
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from ranking.config import TrainConfig
+from ranking.config import SamplerName, TrainConfig
 from ranking.errors import RankingError
 from ranking.stream import Sample, worker_seed
 
@@ -31,18 +31,29 @@ class Batch(NamedTuple):
     triplets: Tensor | None  # [T, 3] long (query, positive, negative) row indices, or None: mine them
 
 
-def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
-                  decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
-    """``decode(sample) -> image tensor`` runs when a batch is formed (``stream.Decoder.image`` for the records of
-    ``stream.train_records``); without it the samples already hold image tensors."""
-    if config.sampler == "paper":
-        return PaperTripletSampler(samples, num_classes, config.triplets_per_batch, config.pos_per_query,
-                                   config.neg_per_query, config.buffer_per_class, seed, decode)
+def paper_sampler(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
+                  decode: Callable[[Any], Tensor] | None) -> IterableDataset:
+    return PaperTripletSampler(samples, num_classes, config.triplets_per_batch, config.pos_per_query,
+                               config.neg_per_query, config.buffer_per_class, seed, decode)
+
+
+def pk_sampler(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
+               decode: Callable[[Any], Tensor] | None) -> IterableDataset:
     if config.classes_per_batch > num_classes:
         raise RankingError(f"{config.shards}: classes_per_batch {config.classes_per_batch} exceeds the "
                            f"{num_classes} classes in the shards")
     return PKBatcher(samples, config.classes_per_batch, config.samples_per_class, seed,
                      max_per_class=max(config.samples_per_class, config.buffer_per_class), decode=decode)
+
+
+SAMPLERS: dict[SamplerName, Callable[..., IterableDataset]] = {"batch": pk_sampler, "paper": paper_sampler}
+
+
+def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
+                  decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
+    """``decode(sample) -> image tensor`` runs when a batch is formed (``stream.Decoder.image`` for the records of
+    ``stream.train_records``); without it the samples already hold image tensors."""
+    return SAMPLERS[config.sampler](samples, config, num_classes, seed, decode)
 
 
 def to_batch(samples: list[Sample], triplets: Tensor | list[tuple[int, int, int]] | None,
@@ -220,51 +231,3 @@ class PKBatcher(IterableDataset):
             if len(queue) < self.samples_per_class:
                 ready.discard(label)
         return to_batch(batch, None, self.decode)
-
-
-@torch.no_grad()
-def mine_triplets(embeddings: Tensor, labels: Tensor, strategy: str, margin: float) -> Tensor:
-    """(anchor, positive, negative) row indices ``[T, 3]`` by squared Euclidean distance.
-
-    - "hard": batch-hard, one triplet per anchor: its farthest positive and its closest negative.
-    - "semihard": FaceNet, one triplet per (anchor, positive) pair: the closest negative farther than the positive
-      but within the margin (``d_ap < d_an < d_ap + margin``); the closest negative when there is none such.
-    - "all": every valid triplet.
-    Anchors without a positive or without a negative in the batch yield no triplet.
-    """
-    distances = squared_distances(embeddings.float())
-    labels = labels.to(embeddings.device)
-    same = labels[:, None] == labels[None, :]
-    positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=embeddings.device)
-    negative = ~same
-    if strategy == "hard":
-        return _batch_hard(distances, positive, negative)
-    if strategy == "semihard":
-        return _semihard(distances, positive, negative, margin)
-    if strategy == "all":
-        return (positive[:, :, None] & negative[:, None, :]).nonzero()
-    raise ValueError(f"unknown mining strategy {strategy!r}")
-
-
-def squared_distances(x: Tensor) -> Tensor:
-    squared_norms = x.pow(2).sum(dim=1)
-    return (squared_norms[:, None] + squared_norms[None, :] - 2 * x @ x.T).clamp(min=0)
-
-
-def _batch_hard(distances: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-    anchors = (positive.any(dim=1) & negative.any(dim=1)).nonzero().squeeze(1)
-    hardest_positive = distances.masked_fill(~positive, -float("inf")).argmax(dim=1)
-    hardest_negative = distances.masked_fill(~negative, float("inf")).argmin(dim=1)
-    return torch.stack([anchors, hardest_positive[anchors], hardest_negative[anchors]], dim=1)
-
-
-def _semihard(distances: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
-    anchors, positives = (positive & negative.any(dim=1, keepdim=True)).nonzero().unbind(dim=1)
-    d_ap = distances[anchors, positives][:, None]  # [pairs, 1]
-    d_an = distances[anchors]  # [pairs, N]
-    negatives = negative[anchors]
-    semihard = negatives & (d_an > d_ap) & (d_an < d_ap + margin)
-    closest_semihard = d_an.masked_fill(~semihard, float("inf")).argmin(dim=1)
-    closest = d_an.masked_fill(~negatives, float("inf")).argmin(dim=1)
-    chosen = torch.where(semihard.any(dim=1), closest_semihard, closest)
-    return torch.stack([anchors, positives, chosen], dim=1)

@@ -1,4 +1,7 @@
-"""`ranking shards SOURCE --out DIR`: repack Tiny ImageNet into WebDataset shards; `ranking shards --verify DIR`.
+"""`ranking shards SOURCE --out DIR`: repack a dataset into WebDataset shards; `ranking shards --verify DIR`.
+
+SOURCE is Tiny ImageNet (zip or folder), class folders of images, or a folder of unlabelled images
+(ranking.archive.open_archive); in the folder layouts images that are not RGB JPEGs are converted once.
 
 Output (DESIGN.md, "Shards"): `DIR/{train,val,test}-NNNNNN.tar` and `DIR/manifest.json`. A sample's id is its
 position in its split's files sorted by path; train samples are written in a seeded permutation so every shard
@@ -19,24 +22,27 @@ import os
 import random
 import re
 import sys
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ranking.archive import SPLITS, Archive, ClassInfo, Sample, Source, open_source
-from ranking.config import ConfigError, add_dataclass_flags, build
+from ranking.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
+from ranking.config import add_dataclass_flags, at_least, build
 from ranking.errors import RankingError
-from ranking.files import write_text_atomically
+from ranking.files import append_line, file_sha256, write_atomically, write_text_atomically
+from ranking.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
 
-FORMAT = "deep-ranking-shards/1"
-MANIFEST = "manifest.json"
 JOURNAL = ".journal.jsonl"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
+MAX_IMAGE_PIXELS = 64 * 2**20  # decoding takes 3 bytes a pixel: 192 MiB at most
+JPEG_QUALITY = 95  # of the images converted to RGB JPEG (folder layouts: PNG, WebP, grayscale or CMYK JPEG...)
 
 
 @dataclass
@@ -46,6 +52,13 @@ class ShardsConfig:
     workers: int = 0  # packing processes; 0 = one per CPU core, up to 8
     seed: int = 0  # train shuffle
     progress: bool = True
+    overwrite: bool = False  # replace the shards of another source in --out (or write into a non-shard folder)
+    val_source: str = ""  # class folders: the val images, as class folders too
+    val_fraction: float = 0.0  # class folders: or this seeded share of each class's images becomes val
+
+    def validate(self) -> None:
+        for name, least in (("shard_size", 1), ("workers", 0), ("seed", 0)):
+            at_least(name, getattr(self, name), least)
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class ShardPlan:
     name: str
     samples: tuple[Sample, ...]
     fingerprint: str  # sha256 of what the shard will hold: a finished shard with another fingerprint is stale
+    convert: frozenset[str] = frozenset()  # files to re-encode as RGB JPEG (folder layouts)
 
 
 @dataclass(frozen=True)
@@ -62,18 +76,10 @@ class ShardResult:
     sha256: str
 
 
-def sample_key(split: str, sample_id: int) -> str:
-    return f"{split}_{sample_id:07d}"
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
 # ---------------------------------------------------------------------------------------------------------- plan
 
 
-def plan_shards(archive: Archive, shard_size: int, seed: int) -> list[ShardPlan]:
+def plan_shards(archive: Archive | FolderDataset, shard_size: int, seed: int) -> list[ShardPlan]:
     """Every shard of every split, with its samples in write order. Ids do not depend on shard size or seed."""
     classes = json.dumps([dataclasses.astuple(c) for c in archive.classes])
     plans = []
@@ -83,8 +89,12 @@ def plan_shards(archive: Archive, shard_size: int, seed: int) -> list[ShardPlan]
             random.Random(seed).shuffle(samples)
         for index, start in enumerate(range(0, len(samples), shard_size)):
             chunk = tuple(samples[start:start + shard_size])
-            content = json.dumps([FORMAT, classes, [dataclasses.astuple(s) for s in chunk]])
-            plans.append(ShardPlan(shard_name(split, index), chunk, hashlib.sha256(content.encode()).hexdigest()))
+            convert = frozenset(s.file for s in chunk if s.file in archive.converted)
+            content: list[Any] = [FORMAT, classes, [dataclasses.astuple(s) for s in chunk]]
+            if convert:  # (absent from Tiny ImageNet's plans, whose fingerprints stay those of earlier versions)
+                content.append([JPEG_QUALITY, sorted(convert)])
+            fingerprint = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+            plans.append(ShardPlan(shard_name(split, index), chunk, fingerprint, convert))
     return plans
 
 
@@ -97,51 +107,72 @@ def check_jpeg(data: bytes, where: str) -> None:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "JPEG":
                 raise RankingError(f"{where}: not a JPEG (a {image.format} image)")
+            check_pixels(image, where)
             image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise RankingError(f"{where}: JPEG does not decode ({e})") from None
 
 
-def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo]) -> dict:
+def check_pixels(image: Image.Image, where: str) -> None:
+    """Refuse, before decoding, an image whose pixels would take more memory than any photo needs (a small file
+    can declare a huge uniform image)."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise RankingError(f"{where}: {image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+                           f"(ranking.shards.MAX_IMAGE_PIXELS)")
+
+
+def to_rgb_jpeg(data: bytes, where: str) -> bytes:
+    """Decode any image PIL reads and encode it once as an RGB JPEG (transparency over white); RankingError naming
+    the file if it does not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image, where)
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RankingError(f"{where}: image does not decode ({e})") from None
+    buffer = io.BytesIO()
+    rgb.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo], converted: bool = False) -> dict:
     info = classes[sample.label] if sample.label >= 0 else None
     meta = {"id": sample.id, "split": sample.split, "label": sample.label, "wnid": info and info.wnid,
             "words": info and info.words, "file": sample.file}
+    if converted:
+        meta["converted"] = True
     return {"__key__": sample_key(sample.split, sample.id), "jpg": jpeg, "cls": str(sample.label).encode(),
             "json": json.dumps(meta).encode()}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shard(plan: ShardPlan, out: Path, source: Source, classes: list[ClassInfo]) -> ShardResult:
-    """Write one shard under a temporary name, fsync, rename. Byte-identical for the same plan."""
-    tmp = out / f".{plan.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
-                for sample in plan.samples:
-                    jpeg = source.read(sample.file)
+    """Write one shard atomically, hashed before it appears under its name. Byte-identical for the same plan."""
+    def write(f: IO[bytes]) -> None:
+        with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
+            for sample in plan.samples:
+                jpeg = source.read(sample.file)
+                if sample.file in plan.convert:
+                    jpeg = to_rgb_jpeg(jpeg, source.describe(sample.file))
+                else:
                     check_jpeg(jpeg, source.describe(sample.file))
-                    writer.write(encode_sample(sample, jpeg, classes))
-            f.flush()
-            os.fsync(f.fileno())
-        result = ShardResult(plan.name, len(plan.samples), file_sha256(tmp))
-        os.replace(tmp, out / plan.name)
-        return result
-    finally:
-        tmp.unlink(missing_ok=True)
+                writer.write(encode_sample(sample, jpeg, classes, sample.file in plan.convert))
+
+    digest: list[str] = []
+    write_atomically(out / plan.name, write, before_publish=lambda tmp: digest.append(file_sha256(tmp)))
+    return ShardResult(plan.name, len(plan.samples), digest[0])
 
 
 _worker: dict = {}  # each pool process opens the source once
 
 
-def _open_worker_source(path: str, classes: list[ClassInfo]) -> None:
-    _worker.update(source=open_source(path), classes=classes)
+def _open_worker_source(spec: tuple, classes: list[ClassInfo]) -> None:
+    _worker.update(source=reopen_source(spec), classes=classes)
 
 
 def _write_in_worker(task: tuple[ShardPlan, str]) -> ShardResult:
@@ -149,13 +180,14 @@ def _write_in_worker(task: tuple[ShardPlan, str]) -> ShardResult:
     return write_shard(plan, Path(out), _worker["source"], _worker["classes"])
 
 
-def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> Iterator[ShardResult]:
+def pack(archive: Archive | FolderDataset, plans: list[ShardPlan], out: Path,
+         workers: int) -> Iterator[ShardResult]:
     """Write the shards, yielding each as it finishes (in any order with several workers)."""
     if workers <= 1 or len(plans) <= 1:
         for plan in plans:
             yield write_shard(plan, out, archive.source, archive.classes)
         return
-    initargs = (str(archive.path), archive.classes)
+    initargs = (archive.spec(), archive.classes)
     with multiprocessing.Pool(min(workers, len(plans)), _open_worker_source, initargs) as pool:
         yield from pool.imap_unordered(_write_in_worker, [(plan, str(out)) for plan in plans])
 
@@ -163,9 +195,81 @@ def pack(archive: Archive, plans: list[ShardPlan], out: Path, workers: int) -> I
 # ---------------------------------------------------------------------------------------------------------- resume
 
 
+def source_identity(archive: Archive | FolderDataset) -> dict:
+    """What makes a re-run "the same source": its resolved path, or the same content (classes and every sample's
+    split, file, label and size), so that the zip and its extracted folder are the same source."""
+    listing: list[list[Any]] = [[dataclasses.astuple(c) for c in archive.classes]]
+    listing += [[s.split, s.file, s.label, s.size] for split in SPLITS for s in archive.samples(split)]
+    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return {"path": str(archive.path.resolve()), "name": archive.path.name, "fingerprint": fingerprint}
+
+
+def read_journal_source(out: Path) -> dict | None:
+    """The source recorded by the journal's first line ({"source": {...}}); None in a journal without one."""
+    try:
+        with open(out / JOURNAL) as f:
+            record = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    source = record.get("source") if isinstance(record, dict) else None
+    return source if isinstance(source, dict) else None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_destination(out: Path, source: dict, plans: list[ShardPlan]) -> None:
+    """Refuse to write into a folder that holds shards of another source, or other files, before touching it.
+
+    Same source: the journal's recorded source (path or content fingerprint), else the manifest's
+    `source_fingerprint`, else (folders written before these were recorded) the manifest's `source` name or a
+    journal record of one of this run's planned shards. An empty folder, or one holding only temporaries, is free.
+    """
+    if not out.is_dir():
+        return
+    entries = {p.name for p in out.iterdir() if not TEMPORARY.match(p.name)}
+    if not entries or (entries == {JOURNAL} and not read_journal(out)):  # empty, or a run that wrote no shard
+        return
+    hint = "give --overwrite to replace them, or choose another --out"
+    recorded = read_journal_source(out)
+    manifest = _read_json(out / MANIFEST)
+    manifest = manifest if isinstance(manifest, dict) else {}
+    if recorded is not None:
+        if recorded.get("path") == source["path"] or recorded.get("fingerprint") == source["fingerprint"]:
+            return
+        raise RankingError(f"{out}: holds shards of another source ({recorded.get('path')}); {hint}")
+    if isinstance(manifest.get("source_fingerprint"), str):
+        if manifest["source_fingerprint"] == source["fingerprint"]:
+            return
+        raise RankingError(f"{out}: holds shards of another source ({manifest.get('source')}); {hint}")
+    if manifest.get("format") == FORMAT:
+        if manifest.get("source") == source["name"]:
+            return
+        raise RankingError(f"{out}: holds shards of another source ({manifest.get('source')}); {hint}")
+    journal = read_journal(out)
+    if journal:
+        planned = {plan.name: plan.fingerprint for plan in plans}
+        if any(planned.get(name) == record.get("plan") for name, record in journal.items()):
+            return
+        raise RankingError(f"{out}: holds shards of an unfinished run of another source or plan; {hint}")
+    raise RankingError(f"{out}: is not empty and not a shard folder (no {MANIFEST} or {JOURNAL}); give --overwrite "
+                       "to write shards into it anyway (other files are left alone), or choose an empty or new folder")
+
+
+def start_journal(out: Path, source: dict, keep: bool) -> None:
+    """Record the source as the journal's first line before any shard is written; keep the finished shards'
+    records of a re-run of the same source, drop them when overwriting another source's."""
+    kept = "".join(json.dumps(record) + "\n" for record in read_journal(out).values()) if keep else ""
+    write_text_atomically(out / JOURNAL, json.dumps({"source": source}) + "\n" + kept)
+
+
 def read_journal(out: Path) -> dict[str, dict]:
     """Finished shards by name (the last record wins); a line torn by a crash is ignored."""
-    records = {}
+    records: dict[str, dict] = {}
     try:
         lines = (out / JOURNAL).read_text().splitlines()
     except FileNotFoundError:
@@ -184,10 +288,7 @@ def journal_line(plan: ShardPlan, result: ShardResult) -> str:
 
 
 def append_journal(out: Path, line: str) -> None:
-    with open(out / JOURNAL, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    append_line(out / JOURNAL, line)
 
 
 def finished_shards(out: Path, plans: list[ShardPlan]) -> dict[str, ShardResult]:
@@ -224,33 +325,52 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------- main API
 
 
-def build_manifest(archive: Archive, plans: list[ShardPlan], results: dict[str, ShardResult], seed: int,
-                   shard_size: int) -> dict:
-    splits = {split: {"count": len(archive.samples(split)), "shards": []} for split in SPLITS}
+def build_manifest(archive: Archive | FolderDataset, plans: list[ShardPlan], results: dict[str, ShardResult],
+                   seed: int, shard_size: int) -> dict:
+    fingerprint = source_identity(archive)["fingerprint"]
+    splits: dict[str, dict[str, Any]] = {split: {"count": len(archive.samples(split)), "shards": []}
+                                         for split in SPLITS}
     for plan in plans:
         split = plan.name.split("-")[0]
         splits[split]["shards"].append(dataclasses.asdict(results[plan.name]))
-    return {"format": FORMAT, "source": archive.path.name, "seed": seed, "shard_size": shard_size,
-            "classes": [dataclasses.asdict(c) for c in archive.classes], "splits": splits}
+    manifest = {"format": FORMAT, "source": archive.path.name, "source_fingerprint": fingerprint, "seed": seed,
+                "shard_size": shard_size, "classes": [dataclasses.asdict(c) for c in archive.classes],
+                "splits": splits}
+    if archive.layout != "tiny-imagenet":  # (Tiny ImageNet's manifests stay as they were)
+        manifest["layout"] = archive.layout
+        for split, entry in splits.items():
+            entry["converted"] = sum(s.file in archive.converted for s in archive.samples(split))
+    return manifest
 
 
 def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, workers: int = 1,
-                 seed: int = 0, progress: bool = False) -> dict:
+                 seed: int = 0, progress: bool = False, overwrite: bool = False,
+                 val_source: str | os.PathLike | None = None, val_fraction: float = 0.0) -> dict:
     """Repack the archive into shards under `out`; finished shards of an earlier run are verified and kept.
 
     Bad input raises RankingError before anything is written (layout, annotations) or while packing (an
     unreadable member or JPEG); then the shards this run wrote are removed and no manifest.json exists.
+    A folder holding shards of another source, or other files, is refused unless `overwrite` (check_destination).
+    `source` is Tiny ImageNet (zip or folder), class folders (with `val_source` or `val_fraction`, split by `seed`)
+    or a folder of images (ranking.archive.open_archive).
     """
-    for name, value, least in (("shard_size", shard_size, 1), ("workers", workers, 0), ("seed", seed, 0)):
-        if value < least:
-            raise ConfigError(f"{name} must be at least {least}; got {value}")
+    ShardsConfig(str(out), shard_size, workers, seed).validate()
     out = Path(out)
-    with Archive(source) as archive:
+    with open_archive(source, val_source, val_fraction, seed) as archive:
         plans = plan_shards(archive, shard_size, seed)
         if out.exists() and not out.is_dir():
             raise RankingError(f"{out}: exists and is not a folder")
+        identity = source_identity(archive)
+        try:
+            check_destination(out, identity, plans)
+            same_source = True
+        except RankingError:
+            if not overwrite:
+                raise
+            same_source = False
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        start_journal(out, identity, keep=same_source)
         remove_leftovers(out, plans)
         results = finished_shards(out, plans)
         todo = [plan for plan in plans if plan.name not in results]
@@ -275,68 +395,82 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
                 remove_leftovers(out, plans)  # temporaries of pool workers stopped mid-shard
 
         manifest = build_manifest(archive, plans, results, seed, shard_size)
-        write_text_atomically(out / JOURNAL, "".join(journal_line(plan, results[plan.name]) for plan in plans))
+        write_text_atomically(out / JOURNAL, json.dumps({"source": identity}) + "\n"
+                              + "".join(journal_line(plan, results[plan.name]) for plan in plans))
         write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
-def _check_manifest(manifest, path: Path) -> None:
-    def fail(problem: str):
-        raise RankingError(f"{path}: {problem}")
-
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        fail(f"not a {FORMAT} manifest")
-    classes, splits = manifest.get("classes"), manifest.get("splits")
-    if not isinstance(classes, list) or not all(isinstance(c, dict) and {"wnid", "words"} <= c.keys()
-                                                for c in classes):
-        fail("'classes' must be a list of {wnid, words}")
-    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
-        fail(f"'splits' must have exactly {', '.join(SPLITS)}")
-    for split, entry in splits.items():
-        shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "count", "sha256"} <= s.keys()
-                                                   for s in shards):
-            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}")
-        if sum(s["count"] for s in shards) != entry.get("count"):
-            fail(f"splits.{split}: count {entry.get('count')} is not the sum of its shards' counts")
-
-
-def load_manifest(directory: str | os.PathLike) -> dict:
-    """The validated manifest.json of a shard folder."""
-    path = Path(directory) / MANIFEST
+def check_shard_samples(path: Path, split: str, expected: int, num_classes: int, ids: set[int]) -> list[str]:
+    """Open one shard: its samples' count, keys and labels against the manifest; adds the ids it holds to `ids`.
+    Problems come back as text naming the shard."""
+    name, found, problems = path.name, 0, []
+    samples: dict[str, dict[str, bytes]] = {}
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RankingError(f"{path}: missing (not a shard folder, or `ranking shards` did not finish)") from None
-    except (ValueError, OSError) as e:
-        raise RankingError(f"{path}: not readable JSON ({e})") from None
-    _check_manifest(manifest, path)
-    return manifest
-
-
-def shard_paths(directory: str | os.PathLike, split: str) -> list[str]:
-    """The split's shard files in manifest order."""
-    if split not in SPLITS:
-        raise RankingError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    paths = [str(Path(directory) / s["name"]) for s in load_manifest(directory)["splits"][split]["shards"]]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise RankingError(f"{missing[0]}: shard listed in {MANIFEST} is missing ({len(missing)} missing)")
-    return paths
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, extension = member.name.partition(".")
+                samples.setdefault(key, {})
+                extracted = tar.extractfile(member) if extension == "cls" else None
+                if extracted is not None:
+                    samples[key]["cls"] = extracted.read(32)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return [f"{name} is not a readable tar ({e})"]
+    for key, fields in samples.items():
+        found += 1
+        prefix, _, digits = key.rpartition("_")
+        if prefix != split or not digits.isdigit():
+            problems.append(f"{name} holds sample {shortened(key)}, not a {split}_NNNNNNN key")
+            continue
+        sample_id = int(digits)
+        if sample_id in ids:
+            problems.append(f"{name} holds sample {key} twice or also another shard does")
+        ids.add(sample_id)
+        try:
+            label = int(fields.get("cls", b"").decode())
+        except ValueError:
+            problems.append(f"{name}: sample {key} has no integer label")
+            continue
+        if split == "test" and label != -1:
+            problems.append(f"{name}: test sample {key} has label {label}; test samples are unlabelled (-1)")
+        elif split != "test" and not 0 <= label < num_classes:
+            problems.append(f"{name}: sample {key} has label {label}, outside the {num_classes} classes")
+    if found != expected:
+        problems.append(f"{name} holds {found} samples, the manifest says {expected}")
+    return problems[:3]
 
 
 def verify_shards(directory: str | os.PathLike) -> dict:
-    """Re-hash every shard against the manifest; returns the manifest, raises RankingError naming bad shards."""
+    """Check a shard folder end to end; returns the manifest, raises RankingError naming bad shards.
+
+    Every manifest value is checked (load_manifest), every shard re-hashed against it, then opened:
+    its sample count, keys and labels must match the manifest and the split's ids must be exactly 0..count-1.
+    """
     directory = Path(directory)
     manifest = load_manifest(directory)
     problems = []
     for split in SPLITS:
+        ids: set[int] = set()
+        readable = True
         for shard in manifest["splits"][split]["shards"]:
             path = directory / shard["name"]
             if not path.is_file():
                 problems.append(f"{shard['name']} missing")
             elif file_sha256(path) != shard["sha256"]:
                 problems.append(f"{shard['name']} sha256 mismatch")
+            else:
+                found = check_shard_samples(path, split, shard["count"], len(manifest["classes"]), ids)
+                problems += found
+                readable = readable and not found
+                continue
+            readable = False
+        count = manifest["splits"][split]["count"]
+        if readable and ids != set(range(count)):
+            outside = sorted(ids - set(range(count)))
+            problems.append(f"{split} shards hold ids outside 0..{count - 1}, e.g. {outside[0]}" if outside else
+                            f"{split} shards lack ids of 0..{count - 1}, e.g. {min(set(range(count)) - ids)}")
     if problems:
         raise RankingError(f"{directory}: {len(problems)} shard(s) fail verification: {', '.join(problems)}")
     return manifest
@@ -349,7 +483,8 @@ def summary(manifest: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder")
+    parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder, a folder of class "
+                        "folders of images (ImageFolder), or a folder of unlabelled images (a gallery: the test split)")
     parser.add_argument("--verify", metavar="DIR", help="re-hash the shards of DIR against its manifest and exit")
     add_dataclass_flags(parser, ShardsConfig)
     args = parser.parse_args(argv)
@@ -363,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("SOURCE is required (or --verify DIR)")
     config = build(ShardsConfig, None, {k: v for k, v in vars(args).items() if k not in ("source", "verify")})
     out = config.out or str(Path("shards") / Path(args.source).name.removesuffix(".zip"))
-    manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress)
+    manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress,
+                            config.overwrite, config.val_source or None, config.val_fraction)
     print(f"{out}: {summary(manifest)}")
     return 0

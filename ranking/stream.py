@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torchvision.transforms import v2
 
+from ranking import distributed
 from ranking.errors import RankingError
-from ranking.shards import shard_paths
+from ranking.shardformat import key_id, shard_paths
 
 Sample = tuple[torch.Tensor, int, int]
 
@@ -48,22 +47,15 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
     ])
 
 
-def process_rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
 def worker_seed(seed: int) -> int:
     """A seed of its own for each (seed, rank, DataLoader worker); call it where the data is read (in the worker)."""
     info = torch.utils.data.get_worker_info()
     worker = info.id if info is not None else 0
-    return int(np.random.SeedSequence([seed % 2**64, process_rank(), worker]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed % 2**64, distributed.launched_rank(), worker]).generate_state(1)[0])
 
 
 def sample_id(sample: dict) -> int:
-    """The integer id in the key ``{split}_{id:07d}``."""
-    return int(sample["__key__"].rsplit("_", 1)[1])
+    return key_id(sample["__key__"])
 
 
 def train_records(shards_dir: str, shuffle_buffer: int, seed: int) -> wds.DataPipeline:

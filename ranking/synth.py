@@ -16,11 +16,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ranking.config import ConfigError, parse
+from ranking.config import at_least, parse
+from ranking.errors import ConfigError
+from ranking.files import write_atomically
 
 ROOT = "tiny-imagenet-200"
 SIZE = 64
@@ -42,6 +45,12 @@ class SynthConfig:
     val_per_class: int = 30
     test_count: int = 100  # unlabelled test images
     seed: int = 0
+
+    def validate(self) -> None:
+        if not 2 <= self.classes <= MAX_CLASSES:
+            raise ConfigError(f"classes must be between 2 and {MAX_CLASSES}; got {self.classes}")
+        for name, least in (("train_per_class", 1), ("val_per_class", 1), ("test_count", 0), ("seed", 0)):
+            at_least(name, getattr(self, name), least)
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,7 @@ def _shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float) -
         draw.ellipse((x - 0.55 * r, y - 0.55 * r, x + 0.55 * r, y + 0.55 * r), fill=0)
     else:
         draw.polygon(_polygon(shape, x, y, r, angle), fill=255)
-    return np.asarray(mask.resize((SIZE, SIZE), Image.BOX), dtype=np.float32)[..., None] / 255
+    return np.asarray(mask.resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255
 
 
 def _texture(style: Style, rng: np.random.Generator) -> np.ndarray:
@@ -146,8 +155,8 @@ def render_image(class_index: int, rng: np.random.Generator) -> tuple[Image.Imag
     pixels = mask * _texture(style, rng) + (1 - mask) * _background(rng)
     pixels += rng.normal(0, rng.uniform(2, 10), size=pixels.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    box = tuple(int(np.clip(v, 0, SIZE - 1)) for v in (cx - radius, cy - radius, cx + radius, cy + radius))
-    return image, box
+    x0, y0, x1, y1 = (int(np.clip(v, 0, SIZE - 1)) for v in (cx - radius, cy - radius, cx + radius, cy + radius))
+    return image, (x0, y0, x1, y1)
 
 
 def encode_jpeg(image: Image.Image, grayscale: bool, quality: int) -> bytes:
@@ -210,30 +219,17 @@ def archive_members(classes: int, train_per_class: int, val_per_class: int, test
 
 def write_synthetic_archive(path: str | os.PathLike, classes: int = 6, train_per_class: int = 40,
                             val_per_class: int = 10, test_count: int = 10, seed: int = 0) -> Path:
-    """Write the zip under a temporary name, then rename it; returns the path."""
-    if not 2 <= classes <= MAX_CLASSES:
-        raise ConfigError(f"classes must be between 2 and {MAX_CLASSES}; got {classes}")
-    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1; got {value}")
-    for name, value in (("test_count", test_count), ("seed", seed)):
-        if value < 0:
-            raise ConfigError(f"{name} must be at least 0; got {value}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+    """Write the zip atomically; returns the path."""
+    SynthConfig(str(path), classes, train_per_class, val_per_class, test_count, seed).validate()
+
+    def write(f: IO[bytes]) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
             for name, data in archive_members(classes, train_per_class, val_per_class, test_count, seed):
                 info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
                 info.external_attr = (0o40755 if name.endswith("/") else 0o100644) << 16
                 archive.writestr(info, data)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return write_atomically(path, write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Every rank streams its own infinite, resampled view of the train shards, so every rank takes exactly
 ``--steps`` optimizer steps whatever the number of shards. Each step embeds the batch's images in one forward pass;
-the paper sampler's triplets index into them, the batch sampler mines triplets on the batch gathered from all ranks.
+the paper sampler's triplets index into them, the batch sampler mines triplets on the batch gathered from all ranks
+(``losses.DistributedLoss``).
 
 Run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/ (``--resume latest`` continues the run), wandb/.
 SIGUSR1 or SIGTERM: finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a launcher requeues the job.
@@ -11,73 +12,29 @@ SIGUSR1 or SIGTERM: finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
+import enum
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ranking import checkpoint, cli, config, distributed, losses, models, sampling, shards, stream
+from ranking import checkpoint, cli, config, distributed, losses, models, optim, runfolder, sampling, stream, tracking
+from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
-from ranking.errors import RankingError
+from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
+from ranking.losses import StepLoss
 from ranking.sampling import Batch
+from ranking.shardformat import load_manifest
 
-EX_TEMPFAIL = 75  # stopped on request after checkpointing: requeue me
-METRICS = "metrics.jsonl"
+# ------------------------------------------------------------------------------------------------------------ data
 
-
-# ----------------------------------------------------------------------------------------------------------- the step
-
-class StepLoss(NamedTuple):
-    objective: Tensor  # what to back-propagate
-    loss: Tensor  # the loss value, detached, for logging
-    active_fraction: Tensor  # share of triplets with non-zero loss, detached
-
-
-def ranking_loss(model: nn.Module, loss_fn: nn.Module, batch: Batch) -> StepLoss:
-    """One forward pass over all the batch's images, then the loss.
-
-    Triplets given (paper sampler): each rank's own triplets and mean loss; with equal-sized batches DDP's gradient
-    average is the gradient of the concatenated batch. Triplets mined (batch sampler): the loss is mined on the
-    embeddings of all ranks, identical on every rank; each rank's gradient reaches only its own rows, so the
-    objective is scaled by the world size to make DDP's average equal the concatenated batch's gradient.
-    """
-    embeddings = model(batch.images)
-    if batch.triplets is not None:
-        loss, active_fraction = loss_fn(embeddings, batch.labels, batch.triplets)
-        return StepLoss(loss, loss.detach(), active_fraction)
-    all_embeddings = distributed.all_gather_with_grad(embeddings)
-    all_labels = distributed.all_gather(batch.labels)
-    loss, active_fraction = loss_fn(all_embeddings, all_labels, None)
-    return StepLoss(loss * distributed.world_size(), loss.detach(), active_fraction)
-
-
-def triplets_in(batch: Batch) -> int:
-    """Triplets a batch trains on; a mined batch counts one per anchor image (exact for batch-hard mining)."""
-    return len(batch.triplets) if batch.triplets is not None else len(batch.ids)
-
-
-def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    triplets = None if batch.triplets is None else batch.triplets.to(device, non_blocking=True)
-    return Batch(images, batch.labels.to(device, non_blocking=True), batch.ids, triplets)
-
-
-# ------------------------------------------------------------------------------------------ data, optimizer, schedule
 
 def stream_seeds(seed: int, step: int) -> tuple[int, int]:
     """(samples seed, batches seed) of the stream starting at ``step``: a resumed run reads new, reproducible data."""
@@ -87,7 +44,7 @@ def stream_seeds(seed: int, step: int) -> tuple[int, int]:
 
 def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) -> Iterator[Batch]:
     """This rank's infinite iterator of batches (stream.py mixes the rank and the worker into the seeds)."""
-    num_classes = len(shards.load_manifest(cfg.shards)["classes"])
+    num_classes = len(load_manifest(cfg.shards)["classes"])
     mean, std = models.input_normalization(cfg.backbone)
     samples_seed, batches_seed = seeds
     records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
@@ -98,59 +55,21 @@ def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) ->
     return iter(loader)
 
 
-def parameter_groups(cfg: TrainConfig, model: models.EmbeddingNet) -> list[dict]:
-    """The head learns at ``lr`` (the first group: the logged lr), the pretrained trunk at ``lr * trunk_lr_scale``.
-
-    A scale of 0 freezes the whole trunk, ``frozen_stages`` its first stages: frozen parameters get no gradients at
-    all, so no backward pass runs through them (fine-tuning's cost is mostly the backward pass of the early layers).
-    """
-    if cfg.trunk_lr_scale == 0:
-        model.trunk.requires_grad_(False)
-    elif cfg.frozen_stages:
-        models.freeze_stages(model, cfg.frozen_stages)
-    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
-    in_trunk = {id(p) for p in model.trunk.parameters()}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_trunk]
-    if not trunk:
-        return [{"params": rest}]
-    if cfg.trunk_lr_scale == 1:
-        return [{"params": rest + trunk}]
-    return [{"params": rest}, {"params": trunk, "lr": cfg.lr * cfg.trunk_lr_scale}]
+def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
+    images = batch.images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    triplets = None if batch.triplets is None else batch.triplets.to(device, non_blocking=True)
+    return Batch(images, batch.labels.to(device, non_blocking=True), batch.ids, triplets)
 
 
-def set_train_mode(model: nn.Module, accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Train mode, except the trunk's BatchNorm layers whose statistics are frozen (all of them with
-    ``freeze_bn_stats``, else those in a frozen part of the trunk): the running statistics of small class-balanced
-    batches of upsampled 64-px crops drift far from the pretrained ones and ruin the features the evaluation sees."""
-    model.train()
-    for module in accelerator.unwrap_model(model).trunk.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            frozen = module.weight is not None and not module.weight.requires_grad
-            if cfg.freeze_bn_stats or frozen:
-                module.eval()
+def triplets_in(batch: Batch) -> int:
+    """Triplets a batch trains on; a mined batch counts one per anchor image (exact for batch-hard mining)."""
+    return len(batch.triplets) if batch.triplets is not None else len(batch.ids)
 
 
-def build_optimizer(cfg: TrainConfig, model: models.EmbeddingNet) -> torch.optim.Optimizer:
-    params = parameter_groups(cfg, model)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+# ------------------------------------------------------------------------------------------------ logs and stops
 
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to zero at ``steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ------------------------------------------------------------------------------------------------ logs and W&B
 
 class Meter:
     """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step)."""
@@ -173,47 +92,50 @@ class Meter:
         return loss, active_fraction, triplets_per_s
 
 
-def start_metrics(run_dir: Path, resumed_step: int) -> None:
-    """Keep the logged steps up to the resumed one, so the resumed curve continues without duplicates."""
-    path = run_dir / METRICS
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resumed_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+class Stop(enum.Enum):
+    DONE = "done"
+    TIME_LIMIT = "time limit"
+    SIGNAL = "signal"
+
+    @property
+    def exit_code(self) -> int:
+        """A run stopped by a signal has more to do: exit 75 so that its launcher requeues it."""
+        return EXIT_REQUEUE if self is Stop.SIGNAL else EXIT_OK
 
 
-def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class StopPolicy:
+    """Why the loop stops after a step, the same answer on every rank (a collective: all ranks ask every step)."""
 
+    def __init__(self, cfg: TrainConfig, signals: distributed.StopRequest, device: torch.device) -> None:
+        self.steps, self.minutes = cfg.steps, cfg.time_limit_minutes
+        self.signals, self.device = signals, device
+        self.deadline = time.monotonic() + 60 * cfg.time_limit_minutes
 
-def use_wandb_offline_without_key() -> None:
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        os.environ["WANDB_MODE"] = "offline"
+    def reason(self, step: int) -> Stop | None:
+        signalled = distributed.any_rank(self.signals.requested, self.device)
+        out_of_time = self.minutes > 0 and distributed.any_rank(time.monotonic() > self.deadline, self.device)
+        if step >= self.steps:
+            return Stop.DONE
+        return Stop.SIGNAL if signalled else Stop.TIME_LIMIT if out_of_time else None
 
-
-def init_wandb(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path, run_id: str) -> None:
-    init = {"name": cfg.run_name or run_dir.name, "group": cfg.wandb_group or None, "tags": cfg.wandb_tags,
-            "id": run_id, "resume": "allow", "dir": str(run_dir)}
-    accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg), init_kwargs={"wandb": init})
-
-
-def new_run_id(cfg: TrainConfig) -> str:
-    if not cfg.wandb:
+    def explain(self, stop: Stop, step: int, saved: Path) -> str:
+        if stop is Stop.SIGNAL:
+            why = self.signals.signal.name if self.signals.signal else "another rank's stop request"
+            return (f"ranking train: stopped at step {step}/{self.steps} ({why}); checkpoint {saved}; "
+                    f"exit {stop.exit_code} to be requeued")
+        if stop is Stop.TIME_LIMIT:
+            return (f"ranking train: time limit of {self.minutes:g} min reached at step {step}/{self.steps}; "
+                    "checkpoint saved")
         return ""
-    from wandb.sdk.lib.runid import generate_id  # what wandb.init uses (wandb 0.31 dropped wandb.util.generate_id)
-
-    return generate_id()
 
 
 # ---------------------------------------------------------------------------------------------------------- training
 
+
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
     if cfg.wandb:
-        use_wandb_offline_without_key()
+        tracking.apply_default_mode()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
     try:
@@ -224,56 +146,52 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     run_dir = Path(cfg.run_dir)
-    resume_from = checkpoint.resume_path(run_dir, cfg.resume) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg, accelerator.is_main_process)
     if accelerator.is_main_process:
-        config.save(cfg, run_dir / "config.yaml")
+        runfolder.write_config(cfg, run_dir)
 
     set_seed(cfg.seed)  # the same initial weights on every rank
     with accelerator.main_process_first():  # pretrained weights are downloaded once, then read from the cache
-        model = models.build_model(cfg)
+        net = models.build_model(cfg)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    # Not given to accelerate.prepare: its scheduler wrapper steps once per process per optimizer step.
-    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = losses.build_loss(cfg)
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = optim.build_optimizer(cfg, net)
+    scheduler = optim.build_scheduler(cfg, optimizer)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    objective = losses.build_objective(cfg)
     set_seed(cfg.seed, device_specific=True)  # different augmentations and dropout on every rank
 
-    step, run_id, data_seeds = 0, new_run_id(cfg), stream_seeds(cfg.seed, 0)
+    step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
     if resume_from is not None:
-        step, run_id, data_seeds = restore(resume_from, accelerator, model, optimizer, scheduler, cfg)
+        step, run_id, data_seeds = restore(resume_from, accelerator, net, optimizer, scheduler, cfg)
     if accelerator.is_main_process:
-        start_metrics(run_dir, step)
+        runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
-        init_wandb(accelerator, cfg, run_dir, run_id)
+        tracking.init_trainer(accelerator, cfg.wandb_project, dataclasses.asdict(cfg), run_dir, run_id,
+                              cfg.run_name or run_dir.name, cfg.wandb_group, cfg.wandb_tags)
 
-    def save_checkpoint() -> None:
-        state = {
-            "model": accelerator.unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-            "step": step,
-            "wandb_run_id": run_id,
-            # a resumed run reads a new stream, not the first segment's samples again
-            "stream": dict(zip(("samples_seed", "batches_seed"), stream_seeds(cfg.seed, step))),
-        }
-        checkpoint.save(run_dir, step, state, cfg.keep_checkpoints)
+    def save_checkpoint() -> Path:
+        state = TrainState(step=step, model=net.state_dict(), optimizer=optimizer.state_dict(),
+                           scheduler=scheduler.state_dict(),
+                           scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step))
+        return checkpoint.save(run_dir, state, cfg.keep_checkpoints)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
     progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
                     dynamic_ncols=True)
     meter = Meter(accelerator.device)
-    set_train_mode(model, accelerator, cfg)
-    deadline = time.monotonic() + 60 * cfg.time_limit_minutes
-    with distributed.StopRequest() as stop:
-        while step < cfg.steps:
+    stop: Stop | None = None
+    saved = runfolder.checkpoints_dir(run_dir)
+    models.set_train_mode(model, cfg.freeze_bn_stats)
+    with distributed.StopRequest() as signals:
+        policy = StopPolicy(cfg, signals, accelerator.device)
+        while True:
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(batches), accelerator.device, cfg.channels_last)
                 with accelerator.accumulate(model):
-                    out = ranking_loss(model, loss_fn, batch)
+                    out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -290,63 +208,68 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                 record = {"step": step, "loss": loss, "active_fraction": active_fraction, "lr": lr,
                           "triplets_per_s": triplets_per_s}
                 if accelerator.is_main_process:
-                    append_metrics(run_dir, record)
+                    runfolder.append_metrics(run_dir, record)
                     progress.set_postfix(loss=f"{loss:.4f}", triplets_per_s=f"{triplets_per_s:.0f}")
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-            stopping = distributed.any_rank(stop.requested, accelerator.device)
-            out_of_time = cfg.time_limit_minutes > 0 and distributed.any_rank(time.monotonic() > deadline,
-                                                                             accelerator.device)
-            if stopping or out_of_time or step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint()
-            if stopping and step < cfg.steps:
-                progress.close()
-                why = stop.signal.name if stop.signal else "another rank's stop request"
-                accelerator.print(f"ranking train: stopped at step {step}/{cfg.steps} ({why}); checkpoint "
-                                  f"{checkpoint.checkpoints_dir(run_dir) / checkpoint.step_dir_name(step)}; "
-                                  f"exit {EX_TEMPFAIL} to be requeued", file=sys.stderr)
-                finish(accelerator, run_dir)
-                return EX_TEMPFAIL
-            if out_of_time and step < cfg.steps:
-                accelerator.print(f"ranking train: time limit of {cfg.time_limit_minutes:g} min reached at step "
-                                  f"{step}/{cfg.steps}; checkpoint saved", file=sys.stderr)
+            stop = policy.reason(step)
+            if stop is not None or step % cfg.checkpoint_every == 0:
+                saved = save_checkpoint()
+            if stop is not None:
                 break
     progress.close()
+    assert stop is not None
+    if stop is not Stop.DONE:
+        accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
     finish(accelerator, run_dir)
-    return 0
+    return stop.exit_code
 
 
-def restore(resume_from: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: LambdaLR, cfg: TrainConfig) -> tuple[int, str, tuple[int, int]]:
+def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
+    """The checkpoint to resume from, decided by rank 0 for every rank (``latest`` may move while ranks look);
+    a bad ``--resume`` fails on every rank with rank 0's message."""
+    if not cfg.resume:
+        return None
+    found: tuple[Path | None, str] = (None, "")
+    if is_main_process:
+        try:
+            found = (runfolder.resume_checkpoint(cfg.run_dir, cfg.resume), "")
+        except RankingError as e:
+            found = (None, str(e))
+    path, error = distributed.broadcast_from_main(found)
+    if error:
+        raise RankingError(error)
+    return path
+
+
+def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig) -> tuple[int, str, tuple[int, int]]:
     """Load a checkpoint into the prepared objects; returns (step, W&B run id, stream seeds)."""
     state = checkpoint.load_state(resume_from)
     try:
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        net.load_state_dict(state.model)
     except RuntimeError as e:
         raise RankingError(f"{resume_from}: weights do not fit the configured model "
-                                      f"({str(e).splitlines()[0]})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
+                           f"({str(e).splitlines()[0]})") from None
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    if accelerator.scaler is not None and state.scaler:
+        accelerator.scaler.load_state_dict(state.scaler)
     rng = checkpoint.load_rng(resume_from, accelerator.process_index)
     if rng is not None:
         checkpoint.set_rng_state(rng)
-    run_id = state.get("wandb_run_id") or new_run_id(cfg)
-    step = int(state["step"])
-    stream = state.get("stream")
-    data_seeds = (stream["samples_seed"], stream["batches_seed"]) if stream else stream_seeds(cfg.seed, step)
-    accelerator.print(f"ranking train: resumed from {resume_from} at step {step}", file=sys.stderr)
-    return step, run_id, data_seeds
+    run_id = state.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
+    accelerator.print(f"ranking train: resumed from {resume_from} at step {state.step}", file=sys.stderr)
+    return state.step, run_id, state.stream_seeds or stream_seeds(cfg.seed, state.step)
 
 
 def finish(accelerator: Accelerator, run_dir: Path) -> None:
     """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
     others, which must not cut rank 0 while it still writes."""
-    if accelerator.is_main_process and (run_dir / METRICS).exists():
-        from ranking import report  # matplotlib and PIL: only where a plot is drawn
+    if accelerator.is_main_process and (run_dir / runfolder.METRICS).exists():
+        from ranking import plots  # matplotlib: only where a plot is drawn
 
-        report.plot_loss(report.read_metrics_log(run_dir), run_dir / "loss.png", run_dir.name)
+        plots.plot_loss(runfolder.read_metrics_log(run_dir), run_dir / runfolder.LOSS_PLOT, run_dir.name)
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers.clear()

@@ -5,10 +5,59 @@
 # Knobs (environment): VENV (a virtualenv to activate), PYTHON (default python3), GPUS_PER_NODE (default: the GPUs
 # Slurm gave this node, else the GPUs nvidia-smi sees), PROCS_PER_NODE (processes per node on nodes without GPUs;
 # default 1), MAIN_PROCESS_PORT (default 20000 + job id % 20000), EXTRA_ARGS (appended to the stage's arguments).
+#
+# The numeric knobs must be plain decimal integers (validate_knobs checks them before any shell arithmetic reads
+# them: bash arithmetic would evaluate a value such as `HOME[$(cmd)]` as an expression and run cmd); a bad value
+# stops the script with one line naming the knob and exit status 2.
+# EXTRA_ARGS is split on whitespace like a shell command line, but quotes, `$(...)` and globs are not interpreted,
+# so one argument cannot contain a space; arguments after the script name are passed as they are.
 
 set -euo pipefail
 
 log() { echo "[$(date +%T) ${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-local}] $*"; }
+
+# knob_error NAME VALUE PROBLEM: one line on stderr, exit status 2 (bad input).
+knob_error() {
+  echo "slurm: error: $1=$(printf '%q' "$2"): $3" >&2
+  exit 2
+}
+
+# require_integer NAME MIN MAX: the variable NAME, if set and not empty, is a decimal integer in [MIN, MAX].
+# Checked with a regex before any arithmetic reads it; leading zeros are refused (bash would read 010 as octal).
+require_integer() {
+  local name=$1 min=$2 max=$3 value
+  value=${!name:-}
+  if [[ -z "$value" ]]; then
+    return 0
+  fi
+  if ! [[ "$value" =~ ^(0|[1-9][0-9]{0,8})$ ]]; then
+    knob_error "$name" "$value" "must be a whole number from $min to $max"
+  fi
+  if ((value < min || value > max)); then
+    knob_error "$name" "$value" "must be a whole number from $min to $max"
+  fi
+}
+
+# split_extra_args: the array EXTRA from EXTRA_ARGS, split on spaces, tabs and newlines; nothing in it is expanded
+# or unquoted (a plain `read -a` would also drop every line after the first).
+# shellcheck disable=SC2034  # EXTRA is used by the scripts that source this file
+split_extra_args() {
+  local IFS=$' \t\n'
+  EXTRA=()
+  if [[ -n "${EXTRA_ARGS:-}" ]]; then
+    read -r -d '' -a EXTRA <<<"$EXTRA_ARGS" || true
+  fi
+}
+
+# validate_knobs: the numeric knobs of the environment, and the Slurm variables the launch does arithmetic on.
+validate_knobs() {
+  require_integer GPUS_PER_NODE 0 1024
+  require_integer PROCS_PER_NODE 1 1024
+  require_integer MAIN_PROCESS_PORT 1 65535
+  require_integer SLURM_NNODES 1 100000
+  require_integer SLURM_JOB_ID 0 999999999
+  require_integer SLURM_GPUS_ON_NODE 0 1024
+}
 
 setup_python() {
   if [[ -n "${VENV:-}" ]]; then
@@ -47,9 +96,13 @@ gpus_per_node() {
 # Sets PROCS_PER_NODE and NUM_PROCESSES; without GPUs, takes the CPU/gloo path.
 plan_processes() {
   local gpus
+  validate_knobs
   gpus=$(gpus_per_node)
-  if ((gpus > 0)); then
-    PROCS_PER_NODE=$gpus
+  if ! [[ "$gpus" =~ ^[0-9]{1,4}$ ]]; then
+    knob_error GPUS_PER_NODE "$gpus" "found no whole number of GPUs on this node; set GPUS_PER_NODE"
+  fi
+  if ((10#$gpus > 0)); then
+    PROCS_PER_NODE=$((10#$gpus))
   else
     PROCS_PER_NODE=${PROCS_PER_NODE:-1}
     export ACCELERATE_USE_CPU=1

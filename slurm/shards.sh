@@ -3,7 +3,7 @@
 #
 #   SOURCE=data/tiny-imagenet-200.zip OUT=shards/tiny-imagenet-200 sbatch slurm/shards.sh [SHARDS FLAGS]
 #
-# Knobs (environment): SOURCE, OUT, EXTRA_ARGS, and VENV / PYTHON of slurm/common.sh.
+# Knobs (environment): SOURCE, OUT, EXTRA_ARGS (split on whitespace, see slurm/common.sh), and VENV / PYTHON of slurm/common.sh.
 #SBATCH --job-name=ranking-shards
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -17,7 +17,7 @@ setup_python
 
 SOURCE=${SOURCE:-data/tiny-imagenet-200.zip}
 OUT=${OUT:-shards/tiny-imagenet-200}
-read -r -a extra <<<"${EXTRA_ARGS:-}"
+split_extra_args
 
-log "ranking shards $SOURCE --out $OUT ${extra[*]} $*"
-"$PYTHON" -m ranking shards "$SOURCE" --out "$OUT" "${extra[@]}" "$@"
+log "ranking shards $SOURCE --out $OUT ${EXTRA[*]} $*"
+"$PYTHON" -m ranking shards "$SOURCE" --out "$OUT" "${EXTRA[@]}" "$@"

@@ -5,7 +5,8 @@
 #   sbatch --nodes=4 --time=12:00:00 slurm/train.sh --steps 20000
 #
 # Knobs (environment): SHARDS, RUN_DIR (default runs/JOBNAME-JOBID, kept across requeues), CONFIG (a YAML file),
-# EXTRA_ARGS (more train flags), and those of slurm/common.sh (VENV, PYTHON, GPUS_PER_NODE, PROCS_PER_NODE).
+# EXTRA_ARGS (more train flags, split on whitespace; arguments after the script name are passed as they are),
+# and those of slurm/common.sh (VENV, PYTHON, GPUS_PER_NODE, PROCS_PER_NODE, MAIN_PROCESS_PORT).
 #
 # USR1 goes to this batch shell (B:) 120 s before the time limit: the shell forwards it to the step (srun forwards
 # it to every process there), the trainer checkpoints and exits, and only then does the shell requeue the job.
@@ -25,10 +26,11 @@
 # shellcheck source=slurm/common.sh
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 setup_python
+validate_knobs
 
 SHARDS=${SHARDS:-shards/tiny-imagenet-200}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
-read -r -a extra <<<"${EXTRA_ARGS:-}"
+split_extra_args
 
 args=(--shards "$SHARDS" --run-dir "$RUN_DIR")
 if [[ -n "${CONFIG:-}" ]]; then
@@ -40,5 +42,5 @@ fi
 log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"
 
 rc=0
-accelerate_launch ranking.train "${args[@]}" "${extra[@]}" "$@" || rc=$?
+accelerate_launch ranking.train "${args[@]}" "${EXTRA[@]}" "$@" || rc=$?
 requeue_if_stopped "$rc"

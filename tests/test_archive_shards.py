@@ -13,7 +13,8 @@ import webdataset as wds
 from ranking import cli
 from ranking.archive import Archive
 from ranking.errors import RankingError
-from ranking.shards import load_manifest, main, shard_paths, verify_shards, write_shards
+from ranking.shardformat import load_manifest, shard_paths
+from ranking.shards import main, verify_shards, write_shards
 
 SPLITS = ("train", "val", "test")
 
@@ -83,7 +84,8 @@ def test_synth_shards_equal_the_source(synth_shards, synth_zip):
     assert [s["name"] for s in manifest["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(5)]
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [50, 50, 50, 50, 40]
     assert sorted(p.name for p in synth_shards.iterdir() if not p.name.startswith(".")) == sorted(
-        [f"train-{i:06d}.tar" for i in range(5)] + ["val-000000.tar", "val-000001.tar", "test-000000.tar", "manifest.json"])
+        [f"train-{i:06d}.tar" for i in range(5)]
+        + ["val-000000.tar", "val-000001.tar", "test-000000.tar", "manifest.json"])
 
 
 def test_train_shards_mix_classes(synth_shards):

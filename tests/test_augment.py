@@ -12,8 +12,16 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ranking.augment import (CropBoxes, EvalResize, StoredDecoder, TrainAugment, collate_uint8, decode_uint8,
-                             decode_uint8_batch, seeded_generator)
+from ranking.augment import (
+    CropBoxes,
+    EvalResize,
+    StoredDecoder,
+    TrainAugment,
+    collate_uint8,
+    decode_uint8,
+    decode_uint8_batch,
+    seeded_generator,
+)
 from ranking.errors import RankingError
 from ranking.stream import eval_transform
 
@@ -193,17 +201,3 @@ def test_stored_decoder_gives_a_fixed_size_and_pickles():
 def test_eval_resize_takes_one_image():
     image = random_images(1, 48, 64)[0]
     assert torch.equal(EvalResize(32, MEAN, STD)(image), EvalResize(32, MEAN, STD)(image[None]))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_the_gpu_gives_the_cpus_crops_and_pixels():
-    augment, images = TrainAugment(160, MEAN, STD), random_images(16)
-    cpu = augment(images, seeded_generator(0))
-    gpu = augment(images.cuda(), seeded_generator(0))
-    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
-    evaluate = EvalResize(160, MEAN, STD)
-    assert (evaluate(images.cuda()).cpu() - evaluate(images)).abs().max() < 1.5 / 255 / min(STD)  # uint8 rounding
-    datas = [jpeg(), jpeg("L")]
-    decoded = decode_uint8_batch(datas, device="cuda")
-    assert all(d.device.type == "cuda" and d.shape == (3, 64, 64) for d in decoded)
-    assert all((d.cpu().int() - decode_uint8(data).int()).abs().max() <= 3 for d, data in zip(decoded, datas))

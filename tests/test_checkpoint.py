@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -9,42 +10,43 @@ import pytest
 import torch
 
 from conftest import SMOKE
-from ranking import checkpoint, config
+from ranking import checkpoint, config, runfolder
 from ranking.config import TrainConfig
 from ranking.errors import RankingError
-from ranking.models import build_model
+from ranking.models import build_model, load_trained
 
 
-def tiny_state(step: int) -> dict:
-    return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "scheduler": {}, "scaler": {},
-            "step": step, "wandb_run_id": "abc123", "stream": {"seed": 0, "start_step": step}}
+def tiny_state(step: int, **changes) -> checkpoint.TrainState:
+    return checkpoint.TrainState(step=step, model={"w": torch.full((2,), float(step))}, optimizer={}, scheduler={},
+                                 wandb_run_id="abc123", stream_seeds=(0, step)) if not changes else \
+        dataclasses.replace(tiny_state(step), **changes)
 
 
 def test_save_keeps_newest_and_points_latest(tmp_path):
     for step in (10, 20, 30):
-        folder = checkpoint.save(tmp_path, step, tiny_state(step), keep=2)
+        folder = checkpoint.save(tmp_path, tiny_state(step), keep=2)
         assert folder.name == f"step-{step:07d}"
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000020", "step-0000030"]
     assert (root / "latest").is_symlink() and (root / "latest").resolve() == root / "step-0000030"
 
-    latest = checkpoint.resume_path(tmp_path, "latest")
+    latest = runfolder.resume_checkpoint(tmp_path, "latest")
     state = checkpoint.load_state(latest)
-    assert state["step"] == 30 and state["wandb_run_id"] == "abc123"
-    assert torch.equal(state["model"]["w"], torch.full((2,), 30.0))
+    assert state.step == 30 and state.wandb_run_id == "abc123" and state.stream_seeds == (0, 30)
+    assert torch.equal(state.model["w"], torch.full((2,), 30.0))
     rank_file = torch.load(latest / "rng-rank0.pt", weights_only=True)
     assert rank_file["step"] == 30
 
 
 def test_same_step_saved_twice_is_replaced(tmp_path):
-    checkpoint.save(tmp_path, 5, tiny_state(5), keep=2)
-    state = tiny_state(5) | {"wandb_run_id": "second"}
-    checkpoint.save(tmp_path, 5, state, keep=2)
-    assert checkpoint.load_state(checkpoint.resume_path(tmp_path, "latest"))["wandb_run_id"] == "second"
+    checkpoint.save(tmp_path, tiny_state(5), keep=2)
+    state = tiny_state(5, wandb_run_id="second")
+    checkpoint.save(tmp_path, state, keep=2)
+    assert checkpoint.load_state(runfolder.resume_checkpoint(tmp_path, "latest")).wandb_run_id == "second"
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    checkpoint.save(tmp_path, 10, tiny_state(10), keep=2)
+    checkpoint.save(tmp_path, tiny_state(10), keep=2)
     real_write = checkpoint._write
 
     def crash_on_state(obj, path):
@@ -54,29 +56,30 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint, "_write", crash_on_state)
     with pytest.raises(OSError):
-        checkpoint.save(tmp_path, 20, tiny_state(20), keep=2)
+        checkpoint.save(tmp_path, tiny_state(20), keep=2)
     root = tmp_path / "checkpoints"
     assert not (root / "step-0000020").exists()  # never under its final name half-written
-    assert checkpoint.load_state(checkpoint.resume_path(tmp_path, "latest"))["step"] == 10
+    assert checkpoint.load_state(runfolder.resume_checkpoint(tmp_path, "latest")).step == 10
 
     monkeypatch.setattr(checkpoint, "_write", real_write)
-    checkpoint.save(tmp_path, 20, tiny_state(20), keep=2)  # the next save clears the leftover
+    checkpoint.save(tmp_path, tiny_state(20), keep=2)  # the next save clears the leftover
     assert not (root / ".tmp-step-0000020").exists()
-    assert checkpoint.load_state(checkpoint.resume_path(tmp_path, "latest"))["step"] == 20
+    assert checkpoint.load_state(runfolder.resume_checkpoint(tmp_path, "latest")).step == 20
 
 
 def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
     torch.randn(3), random.random(), np.random.rand()  # move away from the seeded states
-    checkpoint.save(tmp_path, 1, tiny_state(1), keep=1)
+    checkpoint.save(tmp_path, tiny_state(1), keep=1)
     expected = torch.randn(4), random.random(), np.random.rand(3)
 
     torch.manual_seed(99), random.seed(99), np.random.seed(99)
-    rng = checkpoint.load_rng(checkpoint.resume_path(tmp_path, "latest"), rank=0)
+    rng = checkpoint.load_rng(runfolder.resume_checkpoint(tmp_path, "latest"), rank=0)
     checkpoint.set_rng_state(rng)
     again = torch.randn(4), random.random(), np.random.rand(3)
     assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and np.array_equal(expected[2], again[2])
-    assert checkpoint.load_rng(checkpoint.resume_path(tmp_path, "latest"), rank=5) is None  # more ranks than before
+    latest = runfolder.resume_checkpoint(tmp_path, "latest")
+    assert checkpoint.load_rng(latest, rank=5) is None  # more ranks than before
 
 
 def write_run(run_dir, step: int) -> tuple[torch.nn.Module, TrainConfig]:
@@ -85,14 +88,14 @@ def write_run(run_dir, step: int) -> tuple[torch.nn.Module, TrainConfig]:
     model = build_model(cfg)
     with torch.no_grad():
         model.head.bias.fill_(0.5)  # not the initialisation: the loaded weights must be these
-    checkpoint.save(run_dir, step, {**tiny_state(step), "model": model.state_dict()}, keep=2)
+    checkpoint.save(run_dir, tiny_state(step, model=model.state_dict()), keep=2)
     return model, cfg
 
 
 def test_load_model_from_run_or_checkpoint_folder(tmp_path):
     model, cfg = write_run(tmp_path, step=7)
     for path in (tmp_path, tmp_path / "checkpoints" / "step-0000007", tmp_path / "checkpoints" / "latest"):
-        loaded, loaded_cfg, step = checkpoint.load_model(path)
+        loaded, loaded_cfg, step = load_trained(path)
         assert step == 7 and loaded_cfg.embed_dim == 8 and loaded_cfg.pretrained is False
         assert not loaded.training
         for key, value in model.state_dict().items():
@@ -104,16 +107,16 @@ def test_corrupt_or_missing_checkpoints_are_one_line_errors(tmp_path):
     state = tmp_path / "checkpoints" / "step-0000003" / "state.pt"
     state.write_bytes(state.read_bytes()[:200])
     with pytest.raises(RankingError, match=r"state\.pt: corrupt checkpoint") as error:
-        checkpoint.load_model(tmp_path)
+        load_trained(tmp_path)
     assert "\n" not in str(error.value)
 
     state.unlink()
     with pytest.raises(RankingError, match="without state.pt"):
-        checkpoint.load_model(state.parent)
+        load_trained(state.parent)
     with pytest.raises(RankingError, match="neither a checkpoint folder"):
-        checkpoint.load_model(tmp_path / "nowhere")
+        load_trained(tmp_path / "nowhere")
     with pytest.raises(RankingError, match="no checkpoint to resume from"):
-        checkpoint.resume_path(tmp_path / "fresh-run", "latest")
+        runfolder.resume_checkpoint(tmp_path / "fresh-run", "latest")
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
@@ -121,4 +124,4 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     cfg = config.build(TrainConfig, str(tmp_path / "config.yaml"), {"embed_dim": 16})
     config.save(cfg, tmp_path / "config.yaml")
     with pytest.raises(RankingError, match="do not fit the model"):
-        checkpoint.load_model(tmp_path)
+        load_trained(tmp_path)

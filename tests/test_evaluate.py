@@ -109,7 +109,7 @@ def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str
 
 
 def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
-    from ranking.shards import load_manifest
+    from ranking.shardformat import load_manifest
 
     counts = {split: load_manifest(synth_shards)["splits"][split]["count"] for split in ("train", "val")}
     outputs = {}

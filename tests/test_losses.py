@@ -1,4 +1,5 @@
-"""Losses: the paper's hinge by hand, TripletMarginLoss against torch, Smooth-AP against exact AP."""
+"""Losses: the paper's hinge by hand, TripletMarginLoss against torch, Smooth-AP against exact AP, and the
+distributed wrapper that mines (its DDP behaviour is tested with real processes in test_train.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from ranking.config import TrainConfig
-from ranking.losses import HingeTripletLoss, SmoothAPLoss, TripletMarginLoss, build_loss
-from ranking.sampling import mine_triplets
+from ranking.losses import (
+    DistributedLoss,
+    HingeTripletLoss,
+    SmoothAPLoss,
+    TripletMarginLoss,
+    build_loss,
+    build_objective,
+)
+from ranking.miners import MINERS, mine_triplets
 
 
 def test_hinge_matches_hand_computation():
@@ -17,7 +25,7 @@ def test_hinge_matches_hand_computation():
     labels = torch.tensor([0, 0, 1, 0])
     triplets = torch.tensor([[0, 1, 2], [0, 3, 1]])
     # D(q,p) = 1, D(q,n) = 4: max(0, 0.2 + 1 - 4) = 0;  D(q,p) = 9, D(q,n) = 1: 0.2 + 9 - 1 = 8.2
-    loss, active = HingeTripletLoss(margin=0.2, miner="hard")(embeddings, labels, triplets)
+    loss, active = HingeTripletLoss(margin=0.2)(embeddings, labels, triplets)
     assert loss.item() == pytest.approx(8.2 / 2)
     assert active.item() == pytest.approx(0.5)
     loss.backward()
@@ -28,7 +36,7 @@ def test_hinge_matches_hand_computation():
 def test_hinge_is_zero_when_every_triplet_is_satisfied():
     embeddings = torch.tensor([[0.0, 0.0], [0.1, 0.0], [3.0, 0.0], [3.0, 0.1]], requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])
-    loss, active = HingeTripletLoss(margin=0.2, miner="all")(embeddings, labels, None)
+    loss, active = HingeTripletLoss(margin=0.2)(embeddings, labels, mine_triplets(embeddings, labels, "all", 0.2))
     assert loss.item() == 0.0 and active.item() == 0.0
     loss.backward()
     assert embeddings.grad.abs().sum() == 0
@@ -39,7 +47,7 @@ def test_triplet_margin_matches_torch():
     embeddings = torch.randn(12, 8, generator=g)
     labels = torch.arange(12) % 3
     triplets = torch.tensor([[0, 3, 1], [1, 4, 2], [2, 5, 0], [6, 9, 7]])
-    loss, active = TripletMarginLoss(margin=1.0, miner="hard")(embeddings, labels, triplets)
+    loss, active = TripletMarginLoss(margin=1.0)(embeddings, labels, triplets)
     q, p, n = embeddings[triplets].unbind(1)
     expected = torch.nn.TripletMarginLoss(margin=1.0)(q, p, n)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -48,12 +56,12 @@ def test_triplet_margin_matches_torch():
 
 
 @pytest.mark.parametrize("miner", ["hard", "semihard", "all"])
-def test_triplet_losses_mine_when_no_triplets_are_given(miner):
+def test_the_objective_mines_when_no_triplets_are_given(miner):
     g = torch.Generator().manual_seed(1)
     embeddings = torch.randn(16, 4, generator=g, requires_grad=True)
     labels = torch.arange(16) % 4
-    loss_fn = HingeTripletLoss(margin=0.5, miner=miner)
-    loss, _ = loss_fn(embeddings, labels, None)
+    loss_fn = HingeTripletLoss(margin=0.5)
+    loss = DistributedLoss(loss_fn, miner, margin=0.5)(embeddings, labels).objective
     mined = mine_triplets(embeddings, labels, miner, 0.5)
     assert loss.item() == pytest.approx(loss_fn(embeddings, labels, mined)[0].item())
     loss.backward()
@@ -64,14 +72,14 @@ def test_losses_compute_in_float32_under_bf16():
     g = torch.Generator().manual_seed(2)
     embeddings = torch.randn(8, 4, generator=g).to(torch.bfloat16)
     labels = torch.arange(8) % 2
-    for loss_fn in (HingeTripletLoss(0.2, "hard"), SmoothAPLoss(0.01)):
-        loss, active = loss_fn(embeddings, labels, None)
+    for loss_fn in (HingeTripletLoss(0.2), SmoothAPLoss(0.01)):
+        _, loss, active = DistributedLoss(loss_fn, "hard", 0.2)(embeddings, labels)
         assert loss.dtype == torch.float32 and 0 <= active.item() <= 1
 
 
 def test_no_valid_triplet_gives_a_zero_loss_with_a_graph():
     embeddings = torch.randn(4, 3, requires_grad=True)
-    loss, active = HingeTripletLoss(0.2, "hard")(embeddings, torch.zeros(4, dtype=torch.long), None)
+    loss, _, active = DistributedLoss(HingeTripletLoss(0.2), "hard", 0.2)(embeddings, torch.zeros(4, dtype=torch.long))
     assert loss.item() == 0 and active.item() == 0
     loss.backward()  # DDP needs every rank to run backward through the model
     assert embeddings.grad is not None
@@ -137,6 +145,8 @@ def test_smooth_ap_gradient_descent_reduces_it():
 def test_build_loss():
     assert isinstance(build_loss(TrainConfig(loss="hinge", margin=0.3)), HingeTripletLoss)
     margin_loss = build_loss(TrainConfig(loss="triplet_margin", margin=1.0, miner="all"))
-    assert isinstance(margin_loss, TripletMarginLoss) and margin_loss.margin == 1.0 and margin_loss.miner == "all"
+    assert isinstance(margin_loss, TripletMarginLoss) and margin_loss.margin == 1.0
+    objective = build_objective(TrainConfig(loss="triplet_margin", margin=1.0, miner="all"))
+    assert objective.miner == "all" and objective.margin == 1.0 and MINERS[objective.miner] is not None
     smooth = build_loss(TrainConfig(loss="smooth_ap", smooth_ap_tau=0.05))
     assert isinstance(smooth, SmoothAPLoss) and smooth.tau == 0.05

@@ -7,8 +7,8 @@ import os
 import sys
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest

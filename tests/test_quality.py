@@ -14,8 +14,8 @@ from test_train import launch, train_flags
 from ranking import config
 from ranking.config import TrainConfig
 from ranking.errors import RankingError
-from ranking.models import build_model
-from ranking.train import build_optimizer, set_train_mode
+from ranking.models import build_model, set_train_mode
+from ranking.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,6 @@ def test_trunk_lr_scale_zero_freezes_the_trunk():
 
 
 def test_frozen_stages_get_no_gradients_and_keep_their_statistics():
-    from accelerate import Accelerator
-
     cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, trunk_lr_scale=0.1, frozen_stages=2,
                       freeze_bn_stats=False)
     model = build_model(cfg)
@@ -61,7 +59,7 @@ def test_frozen_stages_get_no_gradients_and_keep_their_statistics():
     assert trunk["lr"] == 1e-4 and len(trunk["params"]) == len(names) - first
 
     before = {name: tensor.clone() for name, tensor in model.trunk.state_dict().items()}
-    set_train_mode(model, Accelerator(cpu=True), cfg)
+    set_train_mode(model, cfg.freeze_bn_stats)
     model(torch.randn(4, 3, 32, 32) + 3.0).sum().backward()
     assert all(p.grad is None for p in frozen) and model.trunk.layer3[0].conv1.weight.grad is not None
     after = model.trunk.state_dict()
@@ -87,19 +85,17 @@ def test_frozen_stages_count_each_backbones_own_stages(backbone, stages, first_t
 
 
 def test_frozen_bn_stats_keep_the_pretrained_statistics_while_the_rest_trains():
-    from accelerate import Accelerator
-
     cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, freeze_bn_stats=True, frozen_stages=0)
     model = build_model(cfg)
     before = model.trunk.bn1.running_mean.clone()
-    set_train_mode(model, Accelerator(cpu=True), cfg)
+    set_train_mode(model, cfg.freeze_bn_stats)
     model(torch.randn(4, 3, 32, 32) + 3.0).sum().backward()
     assert torch.equal(model.trunk.bn1.running_mean, before)
     assert model.training and model.head.training and not model.trunk.bn1.training
     assert model.trunk.bn1.weight.grad is not None  # the affine parameters still learn
 
     cfg.freeze_bn_stats = False
-    set_train_mode(model, Accelerator(cpu=True), cfg)
+    set_train_mode(model, cfg.freeze_bn_stats)
     model(torch.randn(4, 3, 32, 32) + 3.0)
     assert not torch.equal(model.trunk.bn1.running_mean, before)
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import SMOKE
-from ranking import cli, config, report, search
+from ranking import cli, config, evalfolder, grids, report, retrieval, search, shardformat
 from ranking.errors import RankingError
-from ranking.shards import shard_paths
+from ranking.shardformat import shard_paths
 
 RUN_ID = "reporttest01"
 STEP = 10
@@ -101,7 +101,7 @@ def reported(synth_shards, tmp_path_factory):
     with redirect_stdout(output):
         assert report.main([str(run_dir)]) == 0  # finds run/eval on its own
     return {"run": run_dir, "eval": eval_dir, "gallery": gallery, "query": query, "stdout": output.getvalue(),
-            "eval_data": report.read_embeddings(eval_dir)}
+            "eval_data": evalfolder.EvalIndex.load(eval_dir)}
 
 
 def open_png(path: Path) -> Image.Image:
@@ -116,11 +116,11 @@ def open_png(path: Path) -> Image.Image:
 def test_report_writes_valid_pngs_of_the_expected_size(reported):
     assert open_png(reported["run"] / "loss.png").size == (800, 600)
     assert open_png(reported["eval"] / "pr_curve.png").size == (600, 500)
-    grids = sorted(reported["eval"].glob("ranked_*.png"))
-    assert [p.name for p in grids] == [f"ranked_{i}.png" for i in range(5)]
-    for path in grids:
+    pictures = sorted(reported["eval"].glob("ranked_*.png"))
+    assert [p.name for p in pictures] == [f"ranked_{i}.png" for i in range(5)]
+    for path in pictures:
         grid = np.asarray(open_png(path))
-        assert grid.shape[:2][::-1] == report.grid_size(rows=2, columns=11)
+        assert grid.shape[:2][::-1] == grids.grid_size(rows=2, columns=11)
         assert grid.std() > 20  # pictures, not a blank canvas
     leftovers = [p.name for p in reported["eval"].iterdir() if ".tmp" in p.name]
     assert leftovers == []
@@ -151,15 +151,15 @@ def test_grid_borders_are_green_for_the_same_class_and_red_for_others(reported):
     for n, r in enumerate(ranked):
         grid = np.asarray(open_png(reported["eval"] / f"ranked_{n}.png")).astype(int)
 
-        def border(row: int, column: int) -> tuple[int, ...]:
-            x, y = report.cell_origin(row, column)
-            return tuple(grid[y + report.BORDER // 2, x + report.CELL_WIDTH // 2])
+        def border(row: int, column: int, grid: np.ndarray = grid) -> tuple[int, ...]:
+            x, y = grids.cell_origin(row, column)
+            return tuple(grid[y + grids.BORDER // 2, x + grids.CELL_WIDTH // 2])
 
-        assert border(0, 0) == report.QUERY
+        assert border(0, 0) == grids.QUERY
         for row, results in ((0, r.nearest), (1, r.farthest)):
             for column, (gallery_id, _) in enumerate(results, 1):
                 same = label_of[gallery_id] == r.label
-                assert border(row, column) == (report.SAME_CLASS if same else report.OTHER_CLASS)
+                assert border(row, column) == (grids.SAME_CLASS if same else grids.OTHER_CLASS)
                 colours["same" if same else "other"] += 1
     assert colours["same"] > 0 and colours["other"] > 0
 
@@ -171,7 +171,7 @@ def test_the_table_has_the_numbers_of_metrics_json(reported):
     assert header[:3] == ["split", "precision@30", "kNN-1"]
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
     assert list(rows) == ["train", "val"]
-    keys = list(report.TABLE_COLUMNS)
+    keys = [metric.name for metric in retrieval.METRICS]
     for split, cells in rows.items():
         assert [float(c) for c in cells] == pytest.approx([100 * metrics["splits"][split][k] for k in keys], abs=0.006)
 
@@ -197,12 +197,12 @@ def test_report_names_a_missing_metrics_log(tmp_path):
 
 def test_grid_pads_any_image_into_its_tile():
     tall = Image.new("L", (30, 200), 0)
-    grid = np.asarray(report.draw_grid([[report.Tile(tall, ["a", "b"], report.SAME_CLASS), None]], "t"))
-    assert grid.shape[:2][::-1] == report.grid_size(rows=1, columns=2)
-    x, y = report.cell_origin(0, 0)
-    centre = grid[y + report.BORDER + report.TILE // 2, x + report.BORDER + report.TILE // 2]
-    edge = grid[y + report.BORDER + report.TILE // 2, x + report.BORDER + 2]
-    assert tuple(centre) == (0, 0, 0) and tuple(edge) == report.BACKGROUND  # letterboxed, not stretched
+    grid = np.asarray(grids.draw_grid([[grids.Tile(tall, ["a", "b"], grids.SAME_CLASS), None]], "t"))
+    assert grid.shape[:2][::-1] == grids.grid_size(rows=1, columns=2)
+    x, y = grids.cell_origin(0, 0)
+    centre = grid[y + grids.BORDER + grids.TILE // 2, x + grids.BORDER + grids.TILE // 2]
+    edge = grid[y + grids.BORDER + grids.TILE // 2, x + grids.BORDER + 2]
+    assert tuple(centre) == (0, 0, 0) and tuple(edge) == grids.BACKGROUND  # letterboxed, not stretched
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_a_gallery_image_finds_itself_first(index, tmp_path, capsys):
     results = lines[2:7]
     assert len(results) == 5 and lines[7] == ""
     rank, distance, file, wnid, *words = results[0].split()
-    info = report.split_index(index["shards"], "train")[sample_id]
+    info = shardformat.split_index(index["shards"], "train")[sample_id]
     assert (rank, file, wnid) == ("1", info.file, info.wnid) and " ".join(words) == info.words
     assert float(distance) < 1e-4
     distances = [float(line.split()[1]) for line in results]
@@ -268,7 +268,7 @@ def test_grayscale_and_odd_sized_images_work_and_draw_a_grid(index, tmp_path, ca
     assert [line for line in lines if line.endswith((".png", ".jpg"))][:2] == [str(gray), str(big)]
     assert sum(1 for line in lines if line[:4].strip().isdigit()) == 6
     image = open_png(grid)
-    assert image.size == report.grid_size(rows=2, columns=4)
+    assert image.size == grids.grid_size(rows=2, columns=4)
 
 
 def test_a_text_file_is_one_line_error_and_exit_2(index, tmp_path, capsys):

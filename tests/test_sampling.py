@@ -11,8 +11,8 @@ import torch
 
 from ranking.config import TrainConfig
 from ranking.errors import RankingError
-from ranking.sampling import (Batch, ClassReservoirs, PaperTripletSampler, PKBatcher, build_batches,
-                              mine_triplets)
+from ranking.miners import mine_triplets
+from ranking.sampling import Batch, ClassReservoirs, PaperTripletSampler, PKBatcher, build_batches
 
 
 def fake_stream(num_classes: int, seed: int = 0, ids: int = 10_000):

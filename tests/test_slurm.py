@@ -47,6 +47,73 @@ def test_every_stage_has_a_script() -> None:
     assert {p.name for p in SCRIPTS} >= {"train.sh", "shards.sh", "evaluate.sh", "common.sh"}
 
 
+def common_sh(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """Source slurm/common.sh in a fresh bash and run `script` there, with only `env` (and PATH) set."""
+    return subprocess.run(["bash", "-c", f'source "{REPO}/slurm/common.sh"; {script}'], cwd=cwd, text=True,
+                          capture_output=True, env={"PATH": os.environ["PATH"], **env}, timeout=30)
+
+
+@pytest.mark.parametrize("knob", ["GPUS_PER_NODE", "PROCS_PER_NODE", "MAIN_PROCESS_PORT"])
+def test_arithmetic_injection_in_a_knob_does_not_run(knob: str, tmp_path: Path) -> None:
+    """bash arithmetic evaluates `HOME[$(cmd)]` as an array subscript and runs cmd; the knob is refused first."""
+    env = {"SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "0",
+           knob: "HOME[$(touch injected)]"}
+    done = common_sh('plan_processes; echo "port ${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"', env,
+                     tmp_path)
+    assert not (tmp_path / "injected").exists()
+    assert done.returncode == 2 and done.stdout == ""
+    low, high = (0 if knob == "GPUS_PER_NODE" else 1), (65535 if knob == "MAIN_PROCESS_PORT" else 1024)
+    assert done.stderr.splitlines() == [
+        f"slurm: error: {knob}=HOME\\[\\$\\(touch\\ injected\\)\\]: must be a whole number from {low} to {high}"]
+
+
+@pytest.mark.parametrize("knob,value", [("PROCS_PER_NODE", "2x"), ("GPUS_PER_NODE", "8gpus"),
+                                        ("PROCS_PER_NODE", "0"), ("GPUS_PER_NODE", "08"), ("GPUS_PER_NODE", "-1"),
+                                        ("MAIN_PROCESS_PORT", "70000"), ("GPUS_PER_NODE", " 2"),
+                                        ("SLURM_NNODES", "2 nodes")])
+def test_bad_numeric_knob_exits_2_with_one_line(knob: str, value: str, tmp_path: Path) -> None:
+    env = {"SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "PROCS_PER_NODE": "1", knob: value}
+    done = common_sh('plan_processes; echo "$NUM_PROCESSES"', env, tmp_path)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"slurm: error: {knob}=") and "must be a whole number" in lines[0]
+
+
+def test_good_knobs_plan_the_processes(tmp_path: Path) -> None:
+    cpu = common_sh('plan_processes; echo "$NUM_PROCESSES $PROCS_PER_NODE ${ACCELERATE_USE_CPU:-}"',
+                    {"SLURM_NNODES": "3", "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2"}, tmp_path)
+    assert (cpu.returncode, cpu.stdout, cpu.stderr) == (0, "6 2 1\n", "")
+    gpu = common_sh('plan_processes; echo "$NUM_PROCESSES $PROCS_PER_NODE ${ACCELERATE_USE_CPU:-}"',
+                    {"SLURM_NNODES": "2", "GPUS_PER_NODE": "8", "MAIN_PROCESS_PORT": "29500"}, tmp_path)
+    assert (gpu.returncode, gpu.stdout, gpu.stderr) == (0, "16 8 \n", "")
+
+
+def test_train_script_refuses_a_bad_knob_before_launching(tmp_path: Path) -> None:
+    done = subprocess.run(["bash", str(REPO / "slurm" / "train.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, env={"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO),
+                                           "PYTHON": "true", "GPUS_PER_NODE": "8gpus"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["slurm: error: GPUS_PER_NODE=8gpus: must be a whole number from 0 to 1024"]
+
+
+def test_extra_args_are_split_on_whitespace_and_never_expanded(tmp_path: Path) -> None:
+    """EXTRA_ARGS: words split on spaces, tabs and newlines (all lines); no $(...), glob or quote processing."""
+    (tmp_path / "a-file").write_text("")
+    args = tmp_path / "args.txt"
+    recorder = tmp_path / "python"  # stands in for Python: records the arguments shards.sh passes
+    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {args}\n')
+    recorder.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": str(recorder), "SOURCE": "src.zip",
+           "OUT": "out", "EXTRA_ARGS": '--seed  3\t"two words" $(touch injected) *\n--workers 1'}
+    done = subprocess.run(["bash", str(REPO / "slurm" / "shards.sh"), "--shard-size", "a b"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
+    assert args.read_text().splitlines() == ["-m", "ranking", "shards", "src.zip", "--out", "out", "--seed", "3",
+                                             '"two', 'words"', "$(touch", "injected)", "*", "--workers", "1",
+                                             "--shard-size", "a b"]
+    assert not (tmp_path / "injected").exists()
+
+
 # ------------------------------------------------------------------------------------------------ a real Slurm
 
 @pytest.fixture(scope="session")

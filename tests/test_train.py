@@ -24,8 +24,9 @@ from torch import nn
 from conftest import SMOKE
 from ranking import config, losses
 from ranking.config import TrainConfig
+from ranking.miners import mine_triplets
+from ranking.optim import lr_factor
 from ranking.sampling import Batch
-from ranking.train import lr_factor, ranking_loss
 
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # fp32; the two sides differ only in summation order
 
@@ -48,9 +49,9 @@ def launch(args: list[str], processes: int = 2, timeout: float = 240, script: st
 
 
 def train_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
-    flags = {"config": SMOKE, "shards": shards, "run-dir": run_dir, "image-size": 32, "embed-dim": 32, "shuffle-buffer": 50,
-             "workers": 0, "mixed-precision": "no", "warmup-steps": 3, "log-every": 1, "no-progress": None,
-             "wandb-tags": "test"} | overrides
+    flags = {"config": SMOKE, "shards": shards, "run-dir": run_dir, "image-size": 32, "embed-dim": 32,
+             "shuffle-buffer": 50, "workers": 0, "mixed-precision": "no", "warmup-steps": 3, "log-every": 1,
+             "no-progress": None, "wandb-tags": "test"} | overrides
     argv = []
     for name, value in flags.items():
         argv += [f"--{name}"] + ([] if value is None else [str(value)])
@@ -245,7 +246,7 @@ def fixed_problem(world: int) -> tuple[nn.Module, nn.Module, torch.Tensor, torch
         positive = torch.stack([rows[(local_labels == local_labels[q]) & (rows != q)][0] for q in query])
         negative = torch.stack([rows[local_labels != local_labels[q]][q % 3] for q in query])
         triplets.append(torch.stack([query, positive, negative], dim=1))
-    return model, losses.build_loss(cfg), images, labels, triplets
+    return model, losses.build_objective(cfg), images, labels, triplets
 
 
 def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -265,11 +266,12 @@ def ddp_gradients_worker(out: str) -> None:
     for path, batch in (("mined", Batch(images[rows], labels[rows], labels[rows], None)),
                         ("triplets", Batch(images[rows], labels[rows], labels[rows], triplets[rank]))):
         ddp_model.zero_grad()
-        accelerator.backward(ranking_loss(ddp_model, loss_fn, batch).objective)
+        accelerator.backward(loss_fn(ddp_model(batch.images), batch.labels, batch.triplets).objective)
         results[path] = gradients(accelerator.unwrap_model(ddp_model))
     # control: mining each rank's batch alone is a different problem, so the check can tell the difference
     ddp_model.zero_grad()
-    local_loss, _ = loss_fn(ddp_model(images[rows]), labels[rows], None)
+    local = ddp_model(images[rows])
+    local_loss, _ = loss_fn.loss(local, labels[rows], mine_triplets(local, labels[rows], loss_fn.miner, loss_fn.margin))
     accelerator.backward(local_loss)
     results["local-mining"] = gradients(accelerator.unwrap_model(ddp_model))
     if rank == 0:
@@ -289,7 +291,7 @@ def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
     for path, batch in (("mined", Batch(images, labels, labels, None)),
                         ("triplets", Batch(images, labels, labels, concatenated_triplets))):
         model.zero_grad()
-        ranking_loss(model, loss_fn, batch).objective.backward()  # one process: no gather, no scaling
+        loss_fn(model(batch.images), batch.labels, batch.triplets).objective.backward()  # one process: no gather
         reference = gradients(model)
         assert reference["head.weight"].abs().max() > 0
         for name, grad in reference.items():

@@ -1,0 +1,139 @@
+"""The evaluation folder's contract (DESIGN.md "Evaluation folder"): ``ranking evaluate`` writes it, the report
+and search read it, all through this module.
+
+    EVAL/embeddings.pt   an EvalIndex: gallery and query embeddings with their ids and labels, and where they came from
+    EVAL/metrics.json    the retrieval metrics of each split and their PR curves
+    EVAL/table.md        the train/val table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ranking.errors import RankingError
+from ranking.files import read_json, write_atomically, write_text_atomically
+from ranking.retrieval import EmbeddingSet, RetrievalMetrics, titles
+from ranking.shardformat import MANIFEST
+
+EMBEDDINGS = "embeddings.pt"
+METRICS = "metrics.json"
+TABLE = "table.md"
+
+
+def default_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """Where ``ranking evaluate`` writes the evaluation of a run's checkpoint at ``step``."""
+    return Path(run_dir) / f"eval-{step:07d}"
+
+
+def find_in_run(run_dir: str | os.PathLike) -> Path | None:
+    """The most recently written evaluation folder of a run (any sub-folder holding metrics.json)."""
+    candidates = [p.parent for p in Path(run_dir).glob(f"*/{METRICS}")]
+    return max(candidates, key=lambda p: (p / METRICS).stat().st_mtime) if candidates else None
+
+
+# ---------------------------------------------------------------------------------------------------------- embeddings
+
+
+@dataclass
+class EvalIndex:
+    """What ``EVAL/embeddings.pt`` holds (load with ``weights_only=True``); rows sorted by id.
+
+    File names, wnids and words are not stored: they come from the shards by id (``ranking.shardformat``).
+    """
+
+    run_dir: str
+    step: int
+    shards: str
+    gallery_split: str
+    query_split: str
+    normalized: bool
+    flip: bool
+    gallery: EmbeddingSet
+    query: EmbeddingSet
+
+    def to_dict(self) -> dict[str, Any]:
+        def rows(s: EmbeddingSet) -> dict[str, torch.Tensor]:
+            return {"embeddings": s.embeddings.cpu(), "ids": s.ids.cpu(), "labels": s.labels.cpu()}
+
+        return {"run_dir": self.run_dir, "step": self.step, "shards": self.shards,
+                "gallery_split": self.gallery_split, "query_split": self.query_split, "normalized": self.normalized,
+                "flip": self.flip, "gallery": rows(self.gallery), "query": rows(self.query)}
+
+    def save(self, eval_dir: str | os.PathLike) -> Path:
+        stored = self.to_dict()
+        return write_atomically(Path(eval_dir) / EMBEDDINGS, lambda f: torch.save(stored, f))
+
+    @classmethod
+    def load(cls, eval_dir: str | os.PathLike) -> EvalIndex:
+        path = Path(eval_dir) / EMBEDDINGS
+        if not path.is_file():
+            raise RankingError(f"{path}: not found (run `ranking evaluate` first?)")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a damaged file
+            raise RankingError(f"{path}: cannot load ({str(e).splitlines()[0]})") from None
+        for part in ("gallery", "query"):
+            if not isinstance(data, dict) or not all(k in data.get(part, {}) for k in ("embeddings", "ids", "labels")):
+                raise RankingError(f"{path}: missing {part} embeddings, ids or labels")
+
+        def rows(part: str) -> EmbeddingSet:
+            return EmbeddingSet(data[part]["embeddings"], data[part]["ids"], data[part]["labels"])
+
+        return cls(run_dir=str(data.get("run_dir") or ""), step=int(data.get("step", 0)),
+                   shards=str(data.get("shards") or ""), gallery_split=data.get("gallery_split", "train"),
+                   query_split=data.get("query_split", "val"), normalized=bool(data.get("normalized")),
+                   flip=bool(data.get("flip")), gallery=rows("gallery"), query=rows("query"))
+
+    def shards_dir(self, eval_dir: str | os.PathLike, override: str | None = None) -> Path:
+        """The shards this evaluation read (a relative path starts where `ranking evaluate` ran), or ``override``."""
+        shards = Path(override or self.shards)
+        if not (shards / MANIFEST).is_file():
+            raise RankingError(f"{Path(eval_dir) / EMBEDDINGS}: its shards folder {str(shards)!r} has no {MANIFEST} "
+                               "(pass --shards DIR)")
+        return shards
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+
+
+def metrics_record(step: int, k: int, by_split: dict[str, RetrievalMetrics]) -> dict:
+    return {"k": k, "step": step, "splits": {name: m.summary() for name, m in by_split.items()},
+            "pr_curve": {name: {"recall": m.recall_levels, "precision": m.pr_precision}
+                         for name, m in by_split.items()}}
+
+
+def write_metrics(eval_dir: str | os.PathLike, metrics: dict) -> None:
+    """EVAL/metrics.json and EVAL/table.md, each atomically."""
+    write_text_atomically(Path(eval_dir) / METRICS, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomically(Path(eval_dir) / TABLE, markdown_table(metrics))
+
+
+def read_metrics(eval_dir: str | os.PathLike) -> dict:
+    path = Path(eval_dir) / METRICS
+    metrics = read_json(path, "not found (run `ranking evaluate` first?)")
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("splits"), dict):
+        raise RankingError(f"{path}: no 'splits' entry")
+    return metrics
+
+
+def table_rows(metrics: dict) -> tuple[list[str], list[list[Any]]]:
+    """Header and one row per split (train first, like the seeds' table), with the fractions of metrics.json."""
+    columns = titles(metrics.get("k", 30))
+    splits = sorted(metrics["splits"], key=lambda s: (s != "train", s))
+    return (["split", *columns.values()],
+            [[s] + [float(metrics["splits"][s].get(name, math.nan)) for name in columns] for s in splits])
+
+
+def markdown_table(metrics: dict) -> str:
+    """The train/val table in percent, formatted as evaluate's table.md."""
+    header, rows = table_rows(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([row[0]] + [f"{100 * v:.2f}" for v in row[1:]]) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

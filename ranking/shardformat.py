@@ -1,0 +1,217 @@
+"""The shard folder's contract (DESIGN.md "Shards"): its manifest, its file and sample names, and reading samples
+back by id. ``ranking shards`` writes such folders; the stream, the trainer, the evaluation, the report and search
+read them through this module only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from PIL import Image
+
+from ranking.errors import RankingError
+from ranking.files import read_json, write_atomically
+
+FORMAT = "deep-ranking-shards/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, sample_id: int) -> str:
+    """A sample's ``__key__``: unique in the folder, without dots (webdataset splits extensions at the first dot)."""
+    return f"{split}_{sample_id:07d}"
+
+
+def key_id(key: str) -> int:
+    """The integer id in a key ``{split}_{id:07d}``."""
+    return int(key.rsplit("_", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------------------- manifest
+
+
+def shortened(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """The types and cross-checks of every manifest value, each failure a RankingError naming the field: run on
+    the parsed JSON before anything indexes into it, so a hand-edited manifest never gives a traceback."""
+    def fail(problem: str) -> NoReturn:
+        raise RankingError(f"{path}: {problem}")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fail(f"not a {FORMAT} manifest")
+    for key, least in (("seed", 0), ("shard_size", 1)):
+        if key in manifest and not _is_count(manifest[key], least):
+            fail(f"'{key}' must be a whole number of at least {least}, got {shortened(manifest[key])}")
+    for key in ("source", "source_fingerprint", "layout"):
+        if key in manifest and not isinstance(manifest[key], str):
+            fail(f"'{key}' must be a string, got {shortened(manifest[key])}")
+    classes = manifest.get("classes")
+    if not isinstance(classes, list):
+        fail(f"'classes' must be a list of {{wnid, words}}, got {shortened(classes)}")
+    seen: set[str] = set()
+    for index, entry in enumerate(classes):
+        if not (isinstance(entry, dict) and isinstance(entry.get("wnid"), str) and entry["wnid"]
+                and isinstance(entry.get("words"), str)):
+            fail(f"classes[{index}] must be {{wnid: non-empty string, words: string}}, got {shortened(entry)}")
+        if entry["wnid"] in seen:
+            fail(f"classes[{index}]: {entry['wnid']} is listed twice")
+        seen.add(entry["wnid"])
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        fail(f"'splits' must have exactly {', '.join(SPLITS)}")
+    for split in SPLITS:
+        entry = splits[split]
+        if not isinstance(entry, dict):
+            fail(f"splits.{split} must be {{count, shards}}, got {shortened(entry)}")
+        if not _is_count(entry.get("count")):
+            fail(f"splits.{split}.count must be a whole number, got {shortened(entry.get('count'))}")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            fail(f"splits.{split}.shards must be a list of {{name, count, sha256}}, got {shortened(shards)}")
+        for index, shard in enumerate(shards):
+            where = f"splits.{split}.shards[{index}]"
+            if not isinstance(shard, dict):
+                fail(f"{where} must be {{name, count, sha256}}, got {shortened(shard)}")
+            if shard.get("name") != shard_name(split, index):  # also keeps paths inside the folder
+                fail(f"{where}.name must be {shard_name(split, index)!r}, got {shortened(shard.get('name'))}")
+            if not _is_count(shard.get("count"), 1):
+                fail(f"{where}.count must be a whole number of at least 1, got {shortened(shard.get('count'))}")
+            if not (isinstance(shard.get("sha256"), str) and SHA256_HEX.match(shard["sha256"])):
+                fail(f"{where}.sha256 must be 64 lowercase hex digits, got {shortened(shard.get('sha256'))}")
+        if "converted" in entry and not (_is_count(entry["converted"]) and entry["converted"] <= entry["count"]):
+            fail(f"splits.{split}.converted must be a whole number up to the count, "
+                 f"got {shortened(entry['converted'])}")
+        total = sum(shard["count"] for shard in shards)
+        if total != entry["count"]:
+            fail(f"splits.{split}: count {entry['count']} is not the sum of its shards' counts ({total})")
+    labelled = [split for split in ("train", "val") if splits[split]["count"]]
+    if labelled and not classes:
+        fail(f"'classes' is empty, but the {labelled[0]} split holds labelled samples")
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """The validated manifest.json of a shard folder."""
+    path = Path(directory) / MANIFEST
+    manifest = read_json(path, "missing (not a shard folder, or `ranking shards` did not finish)")
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def split_counts(directory: str | os.PathLike, splits: Iterable[str]) -> dict[str, int]:
+    """Sample count of each split from the manifest (read before any work, so a bad folder fails fast)."""
+    splits = list(splits)
+    manifest = load_manifest(directory)
+    missing = [split for split in splits if split not in manifest["splits"]]
+    if missing:
+        raise RankingError(f"{directory}: no {', '.join(missing)} split in {MANIFEST}")
+    return {split: manifest["splits"][split]["count"] for split in splits}
+
+
+def shard_paths(directory: str | os.PathLike, split: str) -> list[str]:
+    """The split's shard files in manifest order."""
+    if split not in SPLITS:
+        raise RankingError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    paths = [str(Path(directory) / s["name"]) for s in load_manifest(directory)["splits"][split]["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise RankingError(f"{missing[0]}: shard listed in {MANIFEST} is missing ({len(missing)} missing)")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------- by id
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    id: int
+    label: int
+    file: str
+    wnid: str | None
+    words: str | None
+    shard: str  # file name inside the shards folder
+
+
+def split_index(shards_dir: Path, split: str, cache_dir: Path | None = None) -> dict[int, SampleInfo]:
+    """id -> SampleInfo for every sample of ``split``, from the samples' json; cached in ``cache_dir``.
+
+    The cache names the shards it was built from (name and sha256 from the manifest) and is rebuilt when they change.
+    """
+    shard_list = load_manifest(shards_dir)["splits"][split]["shards"]
+    cache = cache_dir / f"{split}-index.json" if cache_dir else None
+    if cache and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("shards") == shard_list:
+                return {s["id"]: SampleInfo(**s) for s in cached["samples"]}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a stale or foreign cache is rebuilt
+    index = {info.id: info for shard in shard_list for info in _scan_shard(shards_dir / shard["name"])}
+    if cache:
+        samples = [asdict(index[i]) for i in sorted(index)]
+        payload = json.dumps({"shards": shard_list, "samples": samples}).encode()
+        try:
+            write_atomically(cache, lambda f: f.write(payload))
+        except OSError:
+            pass  # a read-only index folder: scan again next time
+    return index
+
+
+def _scan_shard(path: Path) -> Iterable[SampleInfo]:
+    """The json of every sample in one tar; tarfile seeks over the JPEG bytes instead of reading them."""
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    extracted = tar.extractfile(member)
+                    if extracted is None:
+                        raise KeyError(member.name)
+                    meta = json.load(extracted)
+                    yield SampleInfo(id=int(meta["id"]), label=int(meta["label"]), file=str(meta["file"]),
+                                     wnid=meta.get("wnid"), words=meta.get("words"), shard=path.name)
+    except (OSError, tarfile.TarError) as e:
+        raise RankingError(f"{path}: cannot read shard ({e})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RankingError(f"{path}: a sample's json is not in the shard format ({e})") from None
+
+
+def read_images(shards_dir: Path, split: str, samples: Iterable[SampleInfo]) -> dict[int, Image.Image]:
+    """id -> RGB image of each requested sample, opening each shard that holds one of them once."""
+    by_shard: dict[str, list[int]] = defaultdict(list)
+    for info in samples:
+        by_shard[info.shard].append(info.id)
+    images = {}
+    for shard, ids in by_shard.items():
+        path = shards_dir / shard
+        try:
+            with tarfile.open(path) as tar:
+                for sample_id in ids:
+                    member = tar.extractfile(f"{sample_key(split, sample_id)}.jpg")
+                    if member is None:
+                        raise KeyError(sample_key(split, sample_id))
+                    with Image.open(io.BytesIO(member.read())) as image:
+                        images[sample_id] = image.convert("RGB")
+        except (OSError, tarfile.TarError, KeyError) as e:
+            raise RankingError(f"{path}: cannot read a sample image ({e})") from None
+    return images
