@@ -12,14 +12,14 @@ the worker most of its time, which left the GPU idle most of each step. The path
 ``decode_uint8_batch`` decodes a list of JPEGs in one call, on the GPU where ``device="cuda"`` (nvJPEG), for a path
 where even the decoding moves to the device.
 
-Wiring (not done yet; issue 11 phase 2):
-- ``train.train_batches``: ``decode = augment.StoredDecoder()`` in place of ``stream.Decoder(train_transform(...))``;
-  the batches' images are then uint8 ``[N, 3, 64, 64]`` (pinned by the DataLoader as before).
-- the training loop: ``TrainAugment(cfg.image_size, mean, std)`` and ``seeded_generator(batches_seed, rank)`` made
-  once; after ``to_device``, ``images = augment(batch.images, generator)`` (then channels_last), before the model.
-- evaluation (``stream.eval_samples`` -> ``embed.embed_local``) and ``search.embed_images``: workers yield
-  ``StoredDecoder.sample``; ``EvalResize(image_size, mean, std)`` on the device before the model (one image at a
-  time where sizes differ, as for ``search``'s query files: ``EvalResize(...)(pil_to_tensor(image.convert("RGB")))``).
+Where it runs:
+- training (``train.train_batches``): workers decode with ``StoredDecoder().image``; the samplers stack uint8
+  ``[N, 3, 64, 64]`` batches (pinned by the DataLoader); the training loop moves a batch to its device and runs
+  ``TrainAugment`` there, its crops drawn from ``seeded_generator(batches seed, rank)``, then the model.
+- evaluation (``stream.eval_samples``, ``embed.embed_split``): workers decode with ``StoredDecoder(None)`` (the size
+  as stored: folder sources hold images of any size), ``collate_samples`` stacks a batch (a list where sizes differ),
+  and ``EvalResize`` makes the model's input on the device; ``embed.embed_images`` (``ranking search``'s query files,
+  any size) runs the same ``EvalResize`` on each image.
 """
 
 from __future__ import annotations
@@ -85,15 +85,26 @@ def collate_uint8(images: Sequence[Tensor], stored_size: int | None = STORED_SIZ
     return torch.stack([fit_stored_size(image, stored_size) for image in images])
 
 
-class StoredDecoder:
-    """JPEG bytes -> uint8 ``[3, s, s]``; picklable, a drop-in for ``stream.Decoder`` in DataLoader workers
-    (``decode=StoredDecoder().image`` for ``sampling.build_batches``): the batch's images stay uint8."""
+def collate_samples(samples: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:
+    """A DataLoader's ``collate_fn`` for ``(uint8 image, label, id)`` samples of any size: the images stacked into
+    one ``[N, 3, h, w]`` tensor when they share a size (every Tiny ImageNet batch), else a list (``EvalResize`` takes
+    both), and the labels and ids as long tensors."""
+    images = [sample[0] for sample in samples]
+    same = all(image.shape == images[0].shape for image in images)
+    return (torch.stack(images) if same else images, torch.tensor([sample[1] for sample in samples]),
+            torch.tensor([sample[2] for sample in samples]))
 
-    def __init__(self, stored_size: int = STORED_SIZE) -> None:
+
+class StoredDecoder:
+    """JPEG bytes -> uint8 ``[3, s, s]``; picklable, for DataLoader workers (``decode=StoredDecoder().image`` for
+    ``sampling.build_batches``): the batch's images stay uint8. ``stored_size=None`` keeps each image's own size."""
+
+    def __init__(self, stored_size: int | None = STORED_SIZE) -> None:
         self.stored_size = stored_size
 
     def __call__(self, jpeg: bytes, source: str = "?") -> Tensor:
-        return fit_stored_size(decode_uint8(jpeg, source), self.stored_size)
+        image = decode_uint8(jpeg, source)
+        return image if self.stored_size is None else fit_stored_size(image, self.stored_size)
 
     def image(self, record: Any) -> Tensor:  # a stream.Record: image bytes, label, id, source
         return self(record.image, record.source)
@@ -243,15 +254,18 @@ class TrainAugment:
 
 class EvalResize:
     """uint8 ``[N, 3, h, w]`` on any device -> float32 ``[N, 3, S, S]``, normalised (one ``[3, h, w]`` gives
-    ``[1, 3, S, S]``): the ``torchvision.transforms.v2.functional`` ops of ``stream.eval_transform`` (shorter side to
-    S with antialiasing, centre crop, scale to [0, 1], normalise), applied to the whole batch at once."""
+    ``[1, 3, S, S]``; a list of images of different sizes is resized one by one and concatenated): the
+    ``torchvision.transforms.v2.functional`` ops of ``stream.eval_transform`` (shorter side to S with antialiasing,
+    centre crop, scale to [0, 1], normalise), applied to the whole batch at once."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         self.image_size = image_size
         self.mean, self.std = list(mean), list(std)
         self._mean_std = _PerDevice(lambda device: _mean_std(self.mean, self.std, device))
 
-    def __call__(self, images: Tensor) -> Tensor:
+    def __call__(self, images: Tensor | Sequence[Tensor]) -> Tensor:
+        if not isinstance(images, Tensor):
+            return torch.cat([self(image) for image in images])
         if images.dim() == 3:
             images = images.unsqueeze(0)
         resized = TF.resize(images, [self.image_size], antialias=True)

@@ -1,5 +1,8 @@
 """Sharded embedding: every rank embeds its share of a split, then all ranks gather the whole split, once per id.
 
+DataLoader workers decode to uint8; ``augment.EvalResize`` (resize, centre crop, normalise) makes the model's input
+on the device, for the shards' splits as for images in memory (``ranking search``'s query files).
+
 The eval stream gives rank r the samples with ``id % world_size == r``, so ranks hold different numbers of rows.
 The gather pads every rank's rows to the longest (padding rows carry id -1), gathers, drops the padding and keeps
 one row per id, sorted by id: every sample exactly once at any world size, on every rank.
@@ -15,8 +18,10 @@ from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ranking import models, stream
+from ranking.augment import EvalResize, collate_samples
 from ranking.config import TrainConfig
 from ranking.retrieval import EmbeddingSet
 
@@ -24,18 +29,26 @@ PADDING_ID = -1
 
 
 @torch.inference_mode()
-def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
+def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, resize: EvalResize, dim: int,
                 flip: bool = False) -> EmbeddingSet:
-    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none)."""
+    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); the loader's
+    uint8 images (``augment.collate_samples``) are resized and normalised on the device."""
     device = accelerator.device
     embeddings = [torch.zeros(0, dim, device=device)]
     ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for images, batch_labels, batch_ids in loader:
+        pixels = resize(to_device(images, device))
         with accelerator.autocast():
-            embeddings.append(models.embed_with_mirror(model, images.to(device, non_blocking=True), flip).float())
+            embeddings.append(models.embed_with_mirror(model, pixels, flip).float())
         labels.append(batch_labels.long())
         ids.append(batch_ids.long())
     return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
+
+
+def to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True)
+    return [image.to(device, non_blocking=True) for image in images]
 
 
 def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet:
@@ -59,12 +72,12 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
     (by id) and over DataLoader workers (by shard).
     """
-    samples = stream.eval_samples(shards, split, image_size, mean, std, accelerator.process_index,
-                                  accelerator.num_processes)
-    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
+    samples = stream.eval_samples(shards, split, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples,
                         pin_memory=accelerator.device.type == "cuda")
     model.eval()
-    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip))
+    resize = EvalResize(image_size, mean, std)
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, resize, dim, flip))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set
@@ -73,12 +86,16 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
 @torch.inference_mode()
 def embed_images(model: nn.Module, config: TrainConfig, images: list[Image.Image], normalize: bool,
                  flip: bool = False, batch_size: int = 64) -> torch.Tensor:
-    """[N, D] float32 embeddings on the CPU of images in memory, through the eval transform, in full precision;
-    ``flip`` as the index was embedded (``ranking evaluate --flip``)."""
+    """[N, D] float32 embeddings on the CPU of images in memory (any sizes), through the evaluation's ``EvalResize``
+    on the device, in full precision; ``flip`` as the index was embedded (``ranking evaluate --flip``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transform = stream.eval_transform(config.image_size, *models.input_normalization(config.backbone))
+    resize = EvalResize(config.image_size, *models.input_normalization(config.backbone))
     model = model.to(device).eval()
-    batches = torch.stack([transform(image) for image in images]).split(batch_size)
-    embeddings = torch.cat([models.embed_with_mirror(model, batch.to(device), flip).float().cpu()
-                            for batch in batches])
+    pixels = [pil_to_tensor(image.convert("RGB")) for image in images]  # uint8, each its own size
+    embeddings = torch.cat([models.embed_with_mirror(model, resize(to_device(batch, device)), flip).float().cpu()
+                            for batch in chunks(pixels, batch_size)])
     return F.normalize(embeddings, dim=1) if normalize else embeddings
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[start:start + size] for start in range(0, len(items), size)]

@@ -17,6 +17,7 @@ from ranking.augment import (
     EvalResize,
     StoredDecoder,
     TrainAugment,
+    collate_samples,
     collate_uint8,
     decode_uint8,
     decode_uint8_batch,
@@ -57,6 +58,9 @@ def test_crops_are_reproducible_for_a_seed_and_differ_for_another():
     assert torch.equal(a, b)
     assert not torch.equal(a, augment(images, seeded_generator(1, rank=0)))
     assert not torch.equal(a, augment(images, seeded_generator(0, rank=1))), "each rank augments its own way"
+    assert not torch.equal(a, augment(images, seeded_generator(0, rank=0, worker=1))), "and each worker"
+    assert torch.equal(augment(images, seeded_generator(5, rank=2, worker=3)),
+                       augment(images, seeded_generator(5, rank=2, worker=3)))
     boxes = augment.sample_boxes(8, 64, 64, torch.Generator().manual_seed(3))
     again = augment.sample_boxes(8, 64, 64, torch.Generator().manual_seed(3))
     assert torch.equal(boxes.boxes, again.boxes) and torch.equal(boxes.flips, again.flips)
@@ -151,6 +155,44 @@ def test_eval_resize_is_the_eval_transform(size, height, width):
     one_by_one = torch.stack([eval_transform(size, MEAN, STD)(image) for image in images])
     assert batched.shape == (3, 3, size, size) and batched.dtype == torch.float32
     assert (batched - one_by_one).abs().max() < 1e-3
+
+
+def test_eval_resize_takes_images_of_different_sizes():
+    images = [random_images(1, 48, 64)[0], random_images(1, 64, 64)[0], random_images(1, 100, 30)[0]]
+    resize = EvalResize(32, MEAN, STD)
+    assert torch.equal(resize(images), torch.cat([resize(image) for image in images]))
+    same, labels, ids = collate_samples([(image, 1, 7) for image in images[:1] * 2])
+    assert isinstance(same, torch.Tensor) and same.shape == (2, 3, 48, 64) and torch.equal(ids, torch.tensor([7, 7]))
+    mixed, _, _ = collate_samples([(image, 0, i) for i, image in enumerate(images)])
+    assert isinstance(mixed, list) and [tuple(image.shape) for image in mixed] == [tuple(i.shape) for i in images]
+
+
+def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
+    """The model's embeddings of uint8 images through EvalResize (as ``ranking evaluate`` and ``ranking search``
+    make them, on the device) equal those through torchvision v2's Resize, CenterCrop and Normalize."""
+    from ranking.config import TrainConfig
+    from ranking.embed import embed_images
+    from ranking.models import build_model, input_normalization
+
+    cfg = TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=16,
+                      image_size=48)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    mean, std = input_normalization(cfg.backbone)
+    torchvision_eval = v2.Compose([v2.Resize(cfg.image_size, antialias=True), v2.CenterCrop(cfg.image_size),
+                                   v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    batch = random_images(6, seed=1)
+    with torch.inference_mode():
+        ours = model(EvalResize(cfg.image_size, mean, std)(batch))
+        reference = model(torch.stack([torchvision_eval(image) for image in batch]))
+    torch.testing.assert_close(ours, reference, rtol=1.6e-2, atol=1e-5)  # torch.testing's bf16 tolerances
+
+    odd = [random_images(1, 50, 90, seed=2)[0], random_images(1, 120, 64, seed=3)[0]]  # query files: any size
+    pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in odd]
+    searched = embed_images(model, cfg, pil, normalize=False)
+    with torch.inference_mode():
+        reference = model(torch.stack([torchvision_eval(image) for image in odd]))
+    torch.testing.assert_close(searched, reference, rtol=1.6e-2, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- decoding
