@@ -1,7 +1,9 @@
 """Train the deep-ranking embedding: ``ranking train ...`` (one process) or ``accelerate launch -m ranking.train ...``.
 
 Every rank streams its own infinite, resampled view of the train shards, so every rank takes exactly
-``--steps`` optimizer steps whatever the number of shards. Each step embeds the batch's images in one forward pass;
+``--steps`` optimizer steps whatever the number of shards. DataLoader workers ship uint8 batches at the stored size;
+each step augments its batch on the training device (``augment.TrainAugment``: a random resized crop and flip of its
+own for each image, resize, normalise) and embeds its images in one forward pass;
 the paper sampler's triplets index into them, the batch sampler mines triplets on the batch gathered from all ranks
 (``losses.DistributedLoss``).
 
@@ -25,7 +27,20 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ranking import checkpoint, cli, config, distributed, losses, models, optim, runfolder, sampling, stream, tracking
+from ranking import (
+    augment,
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    losses,
+    models,
+    optim,
+    runfolder,
+    sampling,
+    stream,
+    tracking,
+)
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
@@ -43,24 +58,33 @@ def stream_seeds(seed: int, step: int) -> tuple[int, int]:
 
 
 def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) -> Iterator[Batch]:
-    """This rank's infinite iterator of batches (stream.py mixes the rank and the worker into the seeds)."""
+    """This rank's infinite iterator of batches of uint8 images at the stored size, not yet augmented (stream.py
+    mixes the rank and the worker into the seeds)."""
     num_classes = len(load_manifest(cfg.shards)["classes"])
-    mean, std = models.input_normalization(cfg.backbone)
     samples_seed, batches_seed = seeds
     records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
-    decode = stream.Decoder(stream.train_transform(cfg.image_size, mean, std))
-    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode.image)
+    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, augment.StoredDecoder().image)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     return iter(loader)
 
 
-def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    triplets = None if batch.triplets is None else batch.triplets.to(device, non_blocking=True)
-    return Batch(images, batch.labels.to(device, non_blocking=True), batch.ids, triplets)
+class DeviceAugment:
+    """A worker's uint8 batch -> the model's input on the training device: ``augment.TrainAugment`` there, its crops
+    and flips drawn from a generator of this run segment's stream seed and this rank (a resumed run restarts from
+    the seeds of its step: the same crops again), then channels_last."""
+
+    def __init__(self, cfg: TrainConfig, seeds: tuple[int, int], rank: int, device: torch.device) -> None:
+        self.augment = augment.TrainAugment(cfg.image_size, *models.input_normalization(cfg.backbone))
+        self.generator = augment.seeded_generator(seeds[1], rank)
+        self.device, self.channels_last = device, cfg.channels_last
+
+    def __call__(self, batch: Batch) -> Batch:
+        images = self.augment(batch.images.to(self.device, non_blocking=True), self.generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        triplets = None if batch.triplets is None else batch.triplets.to(self.device, non_blocking=True)
+        return Batch(images, batch.labels.to(self.device, non_blocking=True), batch.ids, triplets)
 
 
 def triplets_in(batch: Batch) -> int:
@@ -178,6 +202,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         return checkpoint.save(run_dir, state, cfg.keep_checkpoints)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
+    on_device = DeviceAugment(cfg, data_seeds, accelerator.process_index, accelerator.device)
     progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
                     dynamic_ncols=True)
     meter = Meter(accelerator.device)
@@ -189,7 +214,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         while True:
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(cfg.grad_accum):
-                batch = to_device(next(batches), accelerator.device, cfg.channels_last)
+                batch = on_device(next(batches))
                 with accelerator.accumulate(model):
                     out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)

@@ -124,6 +124,32 @@ def test_warmup_then_cosine_schedule():
     assert lr_factor(109, constant) == 1.0
 
 
+def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible(synth_shards, monkeypatch):
+    """Workers ship uint8 at the stored size; the device side crops with a generator of (stream seeds, rank): the
+    same seeds and rank give the same model input, as a resumed run that restarts from its step's seeds does."""
+    from ranking.train import DeviceAugment, stream_seeds, train_batches
+
+    cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "workers": 2, "shuffle_buffer": 50,
+                                                 "classes_per_batch": 3, "samples_per_class": 4})
+
+    def model_inputs(step: int, rank: int) -> list[Batch]:
+        monkeypatch.setenv("RANK", str(rank))  # the rank the stream's workers seed from
+        seeds = stream_seeds(cfg.seed, step)
+        batches = train_batches(cfg, seeds, pin_memory=False)
+        raw = [next(batches) for _ in range(3)]
+        assert all(b.images.dtype == torch.uint8 and b.images.shape == (12, 3, 64, 64) for b in raw)
+        on_device = DeviceAugment(cfg, seeds, rank, torch.device("cpu"))
+        return [on_device(batch) for batch in raw]
+
+    first = model_inputs(step=0, rank=0)
+    assert all(b.images.dtype == torch.float32 and b.images.shape == (12, 3, 32, 32) for b in first)
+    assert first[0].images.is_contiguous(memory_format=torch.channels_last)
+    again = model_inputs(step=0, rank=0)
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.ids, b.ids) for a, b in zip(first, again))
+    for other in (model_inputs(step=0, rank=1), model_inputs(step=30, rank=0)):  # another rank; a resumed run
+        assert not any(torch.equal(a.images, b.images) for a, b in zip(first, other))
+
+
 # ------------------------------------------------------------------------------- 2 ranks: train, stop, resume
 
 STEPS = 40
