@@ -66,6 +66,7 @@ class TrainConfig:
     dropout: float = 0.0
     normalize: bool = True  # L2-normalise embeddings
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model: fewer kernel launches where small steps leave a GPU waiting
 
     # loss
     loss: LossName = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap

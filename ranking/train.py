@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -182,6 +183,8 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     optimizer = optim.build_optimizer(cfg, net)
     scheduler = optim.build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(net, optimizer)
+    if cfg.compile:
+        model = compiled(model, accelerator.device)
     objective = losses.build_objective(cfg)
     set_seed(cfg.seed, device_specific=True)  # different augmentations and dropout on every rank
 
@@ -248,6 +251,24 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
         accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
     finish(accelerator, run_dir)
     return stop.exit_code
+
+
+def compiled(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile`` of the prepared model (TorchInductor; the first steps pay for compiling), refused in one line
+    where it cannot run: Inductor builds its kernels with a C compiler (C++ on the CPU, Triton's launchers on CUDA).
+    Checkpoints keep saving the plain module's weights."""
+    import shutil
+
+    import torch._dynamo
+
+    compilers = ("g++", "c++", "clang++") if device.type == "cpu" else ("cc", "gcc", "clang")
+    if not torch._dynamo.is_dynamo_supported():
+        raise RankingError(f"--compile: torch.compile is not supported with Python {sys.version.split()[0]} and "
+                           f"torch {torch.__version__}; run without --compile")
+    if not any(shutil.which(name) for name in compilers):
+        raise RankingError(f"--compile: no C compiler found ({', '.join(compilers)}) for TorchInductor's "
+                           f"{device.type} kernels; install one or run without --compile")
+    return cast(torch.nn.Module, torch.compile(model))
 
 
 def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:

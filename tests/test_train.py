@@ -150,6 +150,19 @@ def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible
         assert not any(torch.equal(a.images, b.images) for a, b in zip(first, other))
 
 
+def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):
+    """--compile (torch.compile; a tiny CPU run compiles in about 2 minutes here, too slow for the suite) is refused
+    before training where TorchInductor has no C compiler to build its kernels with."""
+    import shutil
+
+    from ranking.errors import RankingError
+    from ranking.train import compiled
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RankingError, match=r"^--compile: no C compiler found \(g\+\+, .*run without --compile$"):
+        compiled(nn.Linear(2, 2), torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------- 2 ranks: train, stop, resume
 
 STEPS = 40
