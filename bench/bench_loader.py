@@ -1,12 +1,14 @@
-"""The data path alone, shards to a ready augmented batch on the training device (no model): today's path against
-the device-side one of ranking/augment.py, in the same run, on the same samples.
+"""The data path alone, shards to a ready augmented batch on the training device (no model): the per-image worker
+transform the trainer ran before against the device-side path it runs now (ranking/augment.py), in the same run, on
+the same samples.
 
-- current: what ``ranking.train.train_batches`` runs in a DataLoader worker today: ``stream.train_records``, the
-  sampler, and ``stream.Decoder(train_transform)`` per image (PIL decode, random resized crop to the output size,
-  flip, float32, normalise); the worker ships float32 ``[N, 3, S, S]``.
-- new: the same records and sampler, ``augment.StoredDecoder`` per image (JPEG -> uint8 64 px); the worker ships uint8
-  ``[N, 3, 64, 64]``; the training process runs ``augment.TrainAugment`` on the batch (here on the CPU, the device of
-  a CPU-only run; on a GPU this part leaves the CPU altogether).
+- current: what ``ranking.train.train_batches`` ran in a DataLoader worker before issue 11 phase 2 (kept in
+  ``stream.py`` as the reference): ``stream.train_records``, the sampler, and ``stream.Decoder(train_transform)`` per
+  image (PIL decode, random resized crop to the output size, flip, float32, normalise); the worker ships float32
+  ``[N, 3, S, S]``.
+- new: what the trainer runs now: the same records and sampler, ``augment.StoredDecoder`` per image (JPEG -> uint8
+  64 px); the worker ships uint8 ``[N, 3, 64, 64]``; the training process runs ``augment.TrainAugment`` on the batch
+  (here on the CPU, the device of a CPU-only run; on a GPU this part leaves the CPU altogether).
 
 Both paths run in this process, one batch each in turn (a machine shared with other jobs slows them alike), as a
 DataLoader worker would run them: "worker" is the CPU time of producing a batch (read, decode, per-image transform,
@@ -141,12 +143,12 @@ def report(results: dict[int, dict[str, DataPath]], args: argparse.Namespace, nu
     if 160 not in results:
         return
     current, new = results[160]["current"], results[160]["new"]
-    today = current.worker_cpu + current.device_cpu  # today's whole path is the worker's
-    worker_share = (new.worker_cpu / new.rows) / (today / current.rows)
-    whole = ((new.worker_cpu + new.device_cpu) / new.rows) / (today / current.rows)
+    old = current.worker_cpu + current.device_cpu  # the old whole path is the worker's
+    worker_share = (new.worker_cpu / new.rows) / (old / current.rows)
+    whole = ((new.worker_cpu + new.device_cpu) / new.rows) / (old / current.rows)
     rate = (new.rows / new.wall) / (current.rows / current.wall)
-    print(f"targets at 160 px: new worker CPU / today's whole path {worker_share:.2f} (at most 0.33); "
-          f"new whole path CPU / today's {whole:.2f}, images/s {rate:.2f}x today's (no slower); "
+    print(f"targets at 160 px: new worker CPU / current whole path {worker_share:.2f} (at most 0.33); "
+          f"new whole path CPU / current's {whole:.2f}, images/s {rate:.2f}x current's (no slower); "
           f"{new.bytes / new.rows / 1000:.1f} KB per image from a worker (at most 13 KB)")
     print(f"worker-side speed-up at 160 px: {1 / worker_share:.1f}x")
 

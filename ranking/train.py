@@ -186,7 +186,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     if cfg.compile:
         model = compiled(model, accelerator.device)
     objective = losses.build_objective(cfg)
-    set_seed(cfg.seed, device_specific=True)  # different augmentations and dropout on every rank
+    set_seed(cfg.seed, device_specific=True)  # different dropout on every rank (crops: DeviceAugment's generator)
 
     step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
     if resume_from is not None:
