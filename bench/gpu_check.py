@@ -42,29 +42,41 @@ def install(args: argparse.Namespace) -> int:
 
 def ceiling(args: argparse.Namespace) -> int:
     """The default recipe's trainer step (bench_train's, through Accelerate: bf16, channels_last, mining on the
-    batch's P x K labels) on random images already on the device: the images/s no data path can beat."""
+    batch's P x K labels) on random images already on the device: the images/s no data path can beat; and the same
+    step after the trainer's device-side augmentation of uint8 64 px images already on the device (what the data
+    path adds on the GPU itself)."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import ours
+    from ranking.augment import TrainAugment, seeded_generator
     from ranking.config import TrainConfig
+    from ranking.models import input_normalization
 
     cfg = TrainConfig(image_size=args.image_size)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    augment = TrainAugment(cfg.image_size, *input_normalization(cfg.backbone))
+    generator = seeded_generator(0)
     for size in args.sizes:
         images = torch.randn(size, 3, cfg.image_size, cfg.image_size)
+        stored = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, device=device)
         labels = torch.arange(size) // cfg.samples_per_class  # P x K classes, as the batch sampler's
         step = ours(cfg, images, labels, None)
-        for _ in range(args.warmup):
-            step()
-        sync()
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        per_s = args.steps / (time.perf_counter() - started)
-        print(f"ceiling {size:>4} images/step ({cfg.backbone}, {cfg.image_size} px, random images on the device): "
-              f"{per_s:6.2f} steps/s, {per_s * size:8.0f} images/s", flush=True)
+        rates = {}
+        for name, run in (("random images on the device", lambda step=step: step(None)),
+                          ("+ TrainAugment of uint8 64 px", lambda step=step, stored=stored: step(
+                              augment(stored, generator).contiguous(memory_format=torch.channels_last)))):
+            for _ in range(args.warmup):
+                run()
+            sync()
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                run()
+            sync()
+            rates[name] = args.steps / (time.perf_counter() - started)
+        parts = [f"{name}: {per_s:6.2f} steps/s, {per_s * size:6.0f} images/s" for name, per_s in rates.items()]
+        print(f"ceiling {size:>4} images/step ({cfg.backbone}, {cfg.image_size} px): {'; '.join(parts)}", flush=True)
         del step
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -104,13 +116,14 @@ def util_summary(args: argparse.Namespace) -> int:
 
 
 def embed(args: argparse.Namespace) -> int:
-    """``embed.embed_split`` (the evaluation's loader, eval transform in the workers) on a split, one process."""
+    """``embed.embed_split`` (the evaluation's loader: uint8 from the workers, EvalResize on the device) on a split,
+    one process."""
     import torch
     from accelerate import Accelerator
 
-    from ranking import checkpoint, embed, models
+    from ranking import embed, models
 
-    model, cfg, _ = checkpoint.load_model(checkpoint.resolve(args.run_dir))
+    model, cfg, _ = models.load_trained(args.run_dir)
     accelerator = Accelerator(mixed_precision="bf16")
     model = model.to(accelerator.device)
     mean, std = models.input_normalization(cfg.backbone)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Issue 11 ("Feed the GPU"): what one NVIDIA GPU does with today's data path, in under 8 minutes, no network.
+# Issue 11 ("Feed the GPU"): what one NVIDIA GPU does with the trainer's data path (DataLoader workers ship uint8
+# 64 px batches, ranking/augment.py crops, flips, resizes and normalises them on the GPU), in under 8 minutes, no
+# network.
 #
 #   bash bench/gpu_check.sh            # from anywhere; run it where the repository and its bench/ inputs are
 #
@@ -10,17 +12,22 @@
 #
 # Prints, each part under its own time limit, all within DEADLINE_S (480 s):
 #   1. installs the missing wheels into a scratch folder (the machine's packages are left alone), builds shards;
-#   2. the model-step ceiling: the default recipe's trainer step on random images on the GPU, 64/256/512 images;
+#   2. the model-step ceiling: the default recipe's trainer step on random images on the GPU, 64/256/512 images, and
+#      the same step after TrainAugment of uint8 64 px images already on the GPU;
 #   3. the trainer (accelerate launch -m ranking.train, default recipe, batch sampler) at 64, 256 and 512
-#      images/step: images/s from metrics.jsonl (the first logged interval left out) and the GPU's utilization
-#      (nvidia-smi utilization.gpu every 200 ms from the first logged step to the end);
+#      images/step (256 is configs/gpu.yaml's batch): images/s from metrics.jsonl (the first logged interval left
+#      out) and the GPU's utilization (nvidia-smi utilization.gpu every 200 ms from the first logged step to the end);
 #   4. the seeds' recipe (configs/seed.yaml: paper sampler, 32 triplets): steps/s;
-#   5. the evaluation's embedding images/s (ranking.embed.embed_split over val and train);
+#   5. the evaluation's embedding images/s (ranking.embed.embed_split over val and train: uint8 from the workers,
+#      EvalResize on the GPU);
 #   6. ranking/augment.py on the GPU (speed, agreement with the CPU), then bench/bench_loader.py --device cuda:
-#      today's per-image data path against uint8 batches augmented on the GPU.
+#      the old per-image worker transform against the trainer's uint8 batches augmented on the GPU;
+#   7. the trainer at 64 images/step with --compile (torch.compile; its first logged interval, which compiles, is
+#      left out), last because compiling takes a while: it runs in what time is left.
 # Environment overrides: PYTHON, WORKERS (DataLoader workers, 8), TRAIN_SECONDS (30 per run), BATCHES (P x K per
-# run, "16x4 32x8 32x16": 40 classes in the subset), TRAIN_EXTRA (flags added to every training run), CEILING_EXTRA,
-# EMBED_EXTRA, AUGMENT_EXTRA, LOADER_EXTRA, DEADLINE_S, WORK (scratch folder). Logs and summary.txt go to $WORK, and to $OUT if set.
+# run, "16x4 32x8 32x16": 40 classes in the subset), COMPILE_SECONDS (90, added to the --compile run for compiling;
+# 0 skips that run), TRAIN_EXTRA (flags added to every training run), CEILING_EXTRA, EMBED_EXTRA, AUGMENT_EXTRA,
+# LOADER_EXTRA, DEADLINE_S, WORK (scratch folder). Logs and summary.txt go to $WORK, and to $OUT if set.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +36,7 @@ cd "$repo"
 PY="${PYTHON:-python3}"
 WORKERS="${WORKERS:-8}"
 TRAIN_SECONDS="${TRAIN_SECONDS:-30}"
+COMPILE_SECONDS="${COMPILE_SECONDS:-90}"
 BATCHES="${BATCHES:-16x4 32x8 32x16}"
 DEADLINE_S="${DEADLINE_S:-480}"
 WORK="${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}"
@@ -110,12 +118,13 @@ part shards 60 "$PY" -m ranking shards "$data" --out "$shards" --workers "$WORKE
 part ceiling 90 "$PY" "$here/gpu_check.py" ceiling "${ceiling_extra[@]}" && show ceiling "^ceiling" || true
 
 # ------------------------------------------------------------------------------------------ 3., 4. the trainer
-# train NAME PER_STEP UNIT ARGS...: one launch, time-limited; utilization sampled once the first step is logged.
+# train NAME PER_STEP UNIT SECONDS ARGS...: one launch, time-limited; utilization sampled once the first step is
+# logged.
 train() {
-  local name=$1 per_step=$2 unit=$3
-  shift 3
+  local name=$1 per_step=$2 unit=$3 seconds=$4
+  shift 4
   local run_dir="$WORK/runs/$name" minutes
-  minutes=$(awk "BEGIN {print $TRAIN_SECONDS / 60}")
+  minutes=$(awk "BEGIN {print $seconds / 60}")
   local launch=("$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no
     -m ranking.train --shards "$shards" --run-dir "$run_dir" --steps 1000000 --time-limit-minutes "$minutes"
     --workers "$WORKERS" --log-every 10 --checkpoint-every 1000000 --no-wandb --no-progress "$@" "${train_extra[@]}")
@@ -128,7 +137,7 @@ train() {
   ) &
   sampler_pid=$!
   local ok=0
-  part "$name" $((TRAIN_SECONDS + 60)) "${launch[@]}" || ok=$?
+  part "$name" $((seconds + 60)) "${launch[@]}" || ok=$?
   pkill -P "$sampler_pid" 2>/dev/null || true
   kill "$sampler_pid" 2>/dev/null || true
   wait "$sampler_pid" 2>/dev/null || true
@@ -148,12 +157,13 @@ first_run=""
 for pk in $BATCHES; do
   p=${pk%x*} k=${pk#*x}
   name="default-$((p * k))"
-  if train "$name" $((p * k)) images --config configs/default.yaml --classes-per-batch "$p" --samples-per-class "$k"; then
+  if train "$name" $((p * k)) images "$TRAIN_SECONDS" --config configs/default.yaml --classes-per-batch "$p" \
+    --samples-per-class "$k"; then
     first_run=${first_run:-$name}
   fi
 done
 # The seeds' recipe counts triplets: 32 per step (paper sampler, one positive and one negative per query).
-train seed-recipe 32 triplets --config configs/seed.yaml || true
+train seed-recipe 32 triplets "$TRAIN_SECONDS" --config configs/seed.yaml || true
 
 # ------------------------------------------------------------------------------------------ 5. evaluation
 if [[ -n "$first_run" ]]; then
@@ -170,5 +180,20 @@ device=cpu
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then device=cuda; fi
 part loader 90 "$PY" "$here/bench_loader.py" --shards "$shards" --device "$device" --images 2048 \
   "${loader_extra[@]}" && show loader "." || true
+
+# ------------------------------------------------------------------------------------------ 7. torch.compile
+# The trainer's own time limit fits in what is left (launch and start-up take about 40 s more), so that it stops
+# and logs instead of being killed.
+compile_seconds=$((TRAIN_SECONDS + COMPILE_SECONDS))
+((compile_seconds < $(left) - 45)) || compile_seconds=$(($(left) - 45))
+if ((COMPILE_SECONDS <= 0)); then
+  say "[default-64-compile] skipped: COMPILE_SECONDS=0"
+elif ((compile_seconds < COMPILE_SECONDS)); then
+  say "[default-64-compile] skipped: ${compile_seconds} s left for it, under COMPILE_SECONDS=${COMPILE_SECONDS}"
+  failed+=(default-64-compile)
+else
+  train default-64-compile 64 images "$compile_seconds" --config configs/default.yaml \
+    --classes-per-batch 16 --samples-per-class 4 --compile || true
+fi
 
 ((${#failed[@]} == 0))
