@@ -51,15 +51,16 @@ SAMPLERS: dict[SamplerName, Callable[..., IterableDataset]] = {"batch": pk_sampl
 
 def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
                   decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
-    """``decode(sample) -> image tensor`` runs when a batch is formed (``stream.Decoder.image`` for the records of
-    ``stream.train_records``); without it the samples already hold image tensors."""
+    """``decode(sample) -> image tensor`` runs when a batch is formed (the trainer's ``augment.StoredDecoder().image``:
+    uint8 at the stored size, for the records of ``stream.train_records``); without it the samples already hold image
+    tensors."""
     return SAMPLERS[config.sampler](samples, config, num_classes, seed, decode)
 
 
 def to_batch(samples: list[Sample], triplets: Tensor | list[tuple[int, int, int]] | None,
              decode: Callable[[Any], Tensor] | None = None) -> Batch:
     images = [sample[0] for sample in samples]
-    if decode is not None:  # a buffered image is augmented anew each time a batch uses it
+    if decode is not None:  # decoded per use: a buffered image is augmented anew each time a batch uses it
         images = [decode(sample) for sample in samples]
     labels, ids = [sample[1] for sample in samples], [sample[2] for sample in samples]
     return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids),
