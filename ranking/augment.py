@@ -25,7 +25,6 @@ Where it runs:
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -76,13 +75,6 @@ def fit_stored_size(image: Tensor, stored_size: int = STORED_SIZE) -> Tensor:
     if tuple(image.shape[-2:]) == (stored_size, stored_size):
         return image
     return TF.resize(image, [stored_size, stored_size], antialias=True)
-
-
-def collate_uint8(images: Sequence[Tensor], stored_size: int | None = STORED_SIZE) -> Tensor:
-    """Stack uint8 ``[3, h, w]`` images into ``[N, 3, s, s]``; ``stored_size=None`` takes the most common size."""
-    if stored_size is None:
-        stored_size = Counter(tuple(image.shape[-2:]) for image in images).most_common(1)[0][0][0]
-    return torch.stack([fit_stored_size(image, stored_size) for image in images])
 
 
 def collate_samples(samples: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor | list[Tensor], Tensor, Tensor]:

@@ -18,7 +18,6 @@ from ranking.augment import (
     StoredDecoder,
     TrainAugment,
     collate_samples,
-    collate_uint8,
     decode_uint8,
     decode_uint8_batch,
     seeded_generator,
@@ -234,10 +233,10 @@ def test_stored_decoder_gives_a_fixed_size_and_pickles():
     decoder = pickle.loads(pickle.dumps(StoredDecoder(64)))
     odd = decoder(jpeg(size=(80, 48)), "x")
     assert odd.shape == (3, 64, 64) and odd.dtype == torch.uint8
-    batch = collate_uint8([decoder(jpeg()), odd, decode_uint8(jpeg(size=(32, 32)))])
+    batch = torch.stack([decoder(jpeg()), odd, decoder(jpeg(size=(32, 32)))])  # as the samplers stack a batch
     assert batch.shape == (3, 3, 64, 64) and batch.dtype == torch.uint8
     assert batch[0].numel() * batch.element_size() == 12288  # what crosses from a worker per image
-    assert collate_uint8([decode_uint8(jpeg(size=(32, 32)))] * 2 + [odd], stored_size=None).shape == (3, 3, 32, 32)
+    assert StoredDecoder(None)(jpeg(size=(80, 48))).shape == (3, 48, 80), "None keeps the stored size"
 
 
 def test_eval_resize_takes_one_image():
