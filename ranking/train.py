@@ -59,12 +59,14 @@ def stream_seeds(seed: int, step: int) -> tuple[int, int]:
 
 
 def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) -> Iterator[Batch]:
-    """This rank's infinite iterator of batches of uint8 images at the stored size, not yet augmented (stream.py
-    mixes the rank and the worker into the seeds)."""
+    """This rank's infinite iterator of batches of uint8 ``[N, 3, stored_size, stored_size]`` images, not yet
+    augmented (stream.py mixes the rank and the worker into the seeds). An image of another size is resized to the
+    square (aspect ratio not kept): raise ``stored_size`` for a folder source of larger images."""
     num_classes = len(load_manifest(cfg.shards)["classes"])
     samples_seed, batches_seed = seeds
     records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
-    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, augment.StoredDecoder().image)
+    decode = augment.StoredDecoder(cfg.stored_size).image
+    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                         prefetch_factor=4 if cfg.workers > 0 else None)
     return iter(loader)

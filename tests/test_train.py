@@ -5,6 +5,7 @@ This file is also the script of the DDP gradient check: `accelerate launch tests
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -148,6 +149,8 @@ def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible
     assert all(torch.equal(a.images, b.images) and torch.equal(a.ids, b.ids) for a, b in zip(first, again))
     for other in (model_inputs(step=0, rank=1), model_inputs(step=30, rank=0)):  # another rank; a resumed run
         assert not any(torch.equal(a.images, b.images) for a, b in zip(first, other))
+    larger = dataclasses.replace(cfg, stored_size=48, workers=0)  # e.g. a folder source of larger images
+    assert next(train_batches(larger, stream_seeds(0, 0), pin_memory=False)).images.shape == (12, 3, 48, 48)
 
 
 def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):
