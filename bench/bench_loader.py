@@ -80,7 +80,7 @@ def build_paths(cfg: TrainConfig, shards_dir: str, num_classes: int, seed: int,
     train_augment = augment.TrainAugment(cfg.image_size, mean, std)
     generator = augment.seeded_generator(seed, rank=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return {  # the device side includes the copy to the device (none on the CPU), as train.to_device does
+    return {  # the device side includes the copy to the device (none on the CPU), as the trainer's DeviceAugment does
         "current": DataPath("current", batches(current.image), lambda batch: batch.images.to(device), sync),
         "new": DataPath("new", batches(augment.StoredDecoder().image),
                         lambda batch: train_augment(batch.images.to(device), generator), sync),

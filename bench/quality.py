@@ -117,7 +117,7 @@ def run_module(module: str, argv: list[str], log: Path) -> None:
 def train_argv(recipe: str, args: argparse.Namespace, run_dir: Path, steps: int, minutes: float,
                log_every: int) -> list[str]:
     return ["--config", str(args.configs[recipe]), "--shards", str(args.shards), "--run-dir", str(run_dir),
-            "--workers", "1", "--steps", str(steps), "--time-limit-minutes", f"{minutes:g}",
+            "--workers", "1", "--steps", str(steps), "--time-limit-minutes", f"{minutes:g}", "--eval-every", "0",
             "--checkpoint-every", str(max(steps, 1)), "--keep-checkpoints", "1", "--log-every", str(log_every),
             "--no-wandb", "--no-progress"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import submitit
 
-from ranking.config import add_dataclass_flags, at_least, build
+from ranking.config import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.errors import EXIT_REQUEUE, RankingError
 
 CLUSTERS = ("slurm", "local", "debug")
@@ -32,13 +32,13 @@ CLUSTERS = ("slurm", "local", "debug")
 @dataclass
 class LaunchConfig:
     cluster: str = "slurm"  # slurm | local (processes on this machine) | debug (one task in this process)
-    nodes: int = 1
+    nodes: int = 1  # Slurm nodes
     gpus_per_node: int = 8  # 0: CPU processes over gloo
     tasks_per_node: int = 0  # processes per node; 0 means one per GPU (one on a CPU node)
-    cpus_per_task: int = 8
-    timeout_min: int = 24 * 60
+    cpus_per_task: int = 8  # CPU cores per task (DataLoader workers and decoding)
+    timeout_min: int = 24 * 60  # the job's time limit in minutes (a requeue starts a new one)
     signal_delay_s: int = 120  # time-limit warning, enough to write a checkpoint
-    partition: str = ""
+    partition: str = ""  # Slurm partition; empty: the cluster's default
     job_name: str = ""  # defaults to ranking-STAGE
     folder: str = "logs/submitit"  # submitit's pickles and the tasks' logs
     wait: bool = False  # block until the job ends and exit with its status
@@ -145,7 +145,7 @@ def node_address(node: str, num_nodes: int) -> str:
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
     """The launcher's flags (LaunchConfig fields); the stage adds its own."""
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{stage}", description=description,
+    p = ArgumentParser(prog=f"python -m jobs.{stage}", description=description,
                                 usage=f"python -m jobs.{stage} [launcher flags] [-- ranking {stage} flags]",
                                 epilog=f"Arguments after -- go to ranking.{stage} unchanged.")
     add_dataclass_flags(p, LaunchConfig)

@@ -27,7 +27,7 @@ import torch
 from ranking import distributed
 from ranking.errors import RankingError
 from ranking.files import write_atomically
-from ranking.runfolder import LATEST, STATE, checkpoint_dir, checkpoints_dir
+from ranking.runfolder import BEST, LATEST, STATE, checkpoint_dir, checkpoints_dir
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainState:
     wandb_run_id: str = ""
     # the seeds of the stream a resumed run restarts with: new data after a resume, reproducible
     stream_seeds: tuple[int, int] | None = None
+    best_validation: float | None = None  # the value checkpoints/best holds, so a resumed run keeps comparing
 
     REQUIRED = ("model", "optimizer", "scheduler", "step")
 
@@ -50,6 +51,8 @@ class TrainState:
                                  "scaler": self.scaler, "step": self.step, "wandb_run_id": self.wandb_run_id}
         if self.stream_seeds is not None:
             state["stream"] = dict(zip(("samples_seed", "batches_seed"), self.stream_seeds))
+        if self.best_validation is not None:
+            state["best_validation"] = self.best_validation
         return state
 
     @classmethod
@@ -61,13 +64,15 @@ class TrainState:
         return cls(step=int(state["step"]), model=state["model"], optimizer=state["optimizer"],
                    scheduler=state["scheduler"], scaler=state.get("scaler") or {},
                    wandb_run_id=state.get("wandb_run_id") or "",
-                   stream_seeds=(int(stream["samples_seed"]), int(stream["batches_seed"])) if stream else None)
+                   stream_seeds=(int(stream["samples_seed"]), int(stream["batches_seed"])) if stream else None,
+                   best_validation=state.get("best_validation"))
 
 
-def save(run_dir: str | os.PathLike, state: TrainState, keep: int) -> Path:
+def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = False) -> Path:
     """Write the checkpoint of ``state.step``; a collective: every rank calls it, only rank 0's ``state`` is written.
 
-    Keeps the newest ``keep`` checkpoints and points ``latest`` at this one. Returns the checkpoint folder.
+    Keeps the newest ``keep`` checkpoints (and the one ``best`` points at) and points ``latest`` at this one, and
+    ``best`` too when ``best``. Returns the checkpoint folder.
     """
     final = checkpoint_dir(run_dir, state.step)
     root = final.parent
@@ -83,6 +88,8 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int) -> Path:
     distributed.barrier()
     if rank == 0:
         _publish(tmp, final)
+        if best:
+            _point(root / BEST, final.name)
         _prune(root, keep)
     distributed.barrier()
     return final
@@ -97,17 +104,22 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():  # the same step saved again (stopped right on a checkpoint step): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    link = final.parent / f".{LATEST}.tmp"
-    link.unlink(missing_ok=True)
-    os.symlink(final.name, link)
-    os.replace(link, final.parent / LATEST)
+    _point(final.parent / LATEST, final.name)
+
+
+def _point(link: Path, target: str) -> None:
+    """Replace the symlink ``link`` atomically by one to ``target``."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
 
 
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(root.glob("step-*"), key=lambda path: path.name)
-    latest = (root / LATEST).resolve()
+    kept = {(root / LATEST).resolve(), (root / BEST).resolve()}
     for old in steps[:-keep] if keep > 0 else []:
-        if old.resolve() != latest:
+        if old.resolve() not in kept:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -6,7 +6,6 @@ Each stage is the same command a user would type, run as a subprocess, so the de
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ranking.config import ArgumentParser
 from ranking.errors import RankingError
 
 
@@ -38,7 +38,7 @@ def run(command: list[str], env: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking demo", description=__doc__)
+    parser = ArgumentParser(prog="ranking demo", description=__doc__)
     parser.add_argument("--workdir", default="demo", help="where the synthetic archive and the run go")
     parser.add_argument("--shards", default="shards/demo", help="where the shards go")
     parser.add_argument("--classes", type=int, default=10)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     run(ranking + ["shards", str(archive), "--out", str(shards), "--shard-size", "200"], env)
     run(launch_command(args.processes) + ["-m", "ranking.train", "--shards", str(shards), "--run-dir", str(run_dir),
                                           "--steps", str(args.steps), "--classes-per-batch", str(min(8, args.classes)),
-                                          "--run-name", "demo",
+                                          "--run-name", "demo", "--overwrite",  # a rerun moves the last aside
                                           "--wandb-tags", "demo", "--workers", "1"], env)
     run(launch_command(args.processes) + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out",
                                           str(eval_dir), "--workers", "1"], env)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ranking.errors import RankingError
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
 T = TypeVar("T")
@@ -74,6 +77,14 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP syncs them only at the start of a
+    forward pass, so after one each rank holds statistics updated by its own batch."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def broadcast_from_main(value: T) -> T:
     """Rank 0's ``value`` on every rank (any picklable object; a collective)."""
     if not is_distributed():
@@ -81,6 +92,21 @@ def broadcast_from_main(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_main(check: Callable[[], T]) -> T:
+    """Rank 0 runs ``check`` and every rank gets its result (a collective); when ``check`` raises a RankingError,
+    every rank raises it with rank 0's message, marked so that only rank 0 prints it."""
+    outcome: tuple[T | None, str] = (None, "")
+    if rank() == 0:
+        try:
+            outcome = (check(), "")
+        except RankingError as e:
+            outcome = (None, str(e) or type(e).__name__)
+    result, error = broadcast_from_main(outcome)
+    if error:
+        raise RankingError(error).everywhere()
+    return result  # type: ignore[return-value]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -10,11 +10,13 @@ one row per id, sorted by id: every sample exactly once at any world size, on ev
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -25,23 +27,41 @@ from ranking.augment import EvalResize, collate_samples
 from ranking.config import TrainConfig
 from ranking.retrieval import EmbeddingSet
 
+if TYPE_CHECKING:  # searching imports this module: it needs no launcher
+    from accelerate import Accelerator
+
 PADDING_ID = -1
+LOG_EVERY_S = 30.0  # seconds between a rank's progress lines while it embeds
+log = logging.getLogger("ranking.embed")
 
 
 @torch.inference_mode()
-def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, resize: EvalResize, dim: int,
-                flip: bool = False) -> EmbeddingSet:
-    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); the loader's
-    uint8 images (``augment.collate_samples``) are resized and normalised on the device."""
+def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
+                flip: bool = False, name: str = "", expected: int | None = None,
+                resize: EvalResize | None = None) -> EmbeddingSet:
+    """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); a log line
+    every LOG_EVERY_S seconds and at the end, naming the split (``name``) and this rank's count so far. With
+    ``resize``, the loader's images are uint8 (``augment.collate_samples``), resized and normalised on the device;
+    without it they are the model's input already."""
     device = accelerator.device
     embeddings = [torch.zeros(0, dim, device=device)]
     ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    started = last = time.perf_counter()
+    done = 0
+    of = f"/{expected}" if expected is not None else ""
     for images, batch_labels, batch_ids in loader:
-        pixels = resize(to_device(images, device))
+        moved = to_device(images, device)
+        pixels = resize(moved) if resize is not None else torch.stack(list(moved)) if isinstance(moved, list) else moved
         with accelerator.autocast():
             embeddings.append(models.embed_with_mirror(model, pixels, flip).float())
         labels.append(batch_labels.long())
         ids.append(batch_ids.long())
+        done += len(batch_ids)
+        if time.perf_counter() - last > LOG_EVERY_S:
+            last = time.perf_counter()
+            log.info(f"{name}: embedded {done}{of} images ({done / (last - started):.0f} images/s)")
+    seconds = time.perf_counter() - started
+    log.info(f"{name}: embedded {done}{of} images in {seconds:.1f} s")
     return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
 
 
@@ -66,36 +86,51 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
 
 def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
                 mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
-                normalize: bool, flip: bool = False) -> EmbeddingSet:
-    """Embed ``split`` of the shards over all ranks; every rank returns the whole split, sorted by id.
+                normalize: bool, flip: bool = False, only_ids: frozenset[int] | None = None,
+                total: int | None = None) -> EmbeddingSet:
+    """Embed ``split`` of the shards (or its samples in ``only_ids``) over all ranks; every rank returns the whole
+    split, sorted by id. ``total``, the split's sample count, lets each rank log its progress out of its share.
 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
     (by id) and over DataLoader workers (by shard).
     """
-    samples = stream.eval_samples(shards, split, accelerator.process_index, accelerator.num_processes)
+    samples = stream.eval_samples(shards, split, accelerator.process_index, accelerator.num_processes, only_ids)
     loader = DataLoader(samples, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples,
                         pin_memory=accelerator.device.type == "cuda")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if only_ids is not None:
+        mine: int | None = sum(1 for i in only_ids if i % world == rank)
+    else:
+        mine = None if total is None else len(range(rank, total, world))  # ids with id % world == rank
+    return embed_loader(model, accelerator, loader, dim, normalize, flip, split, mine,
+                        resize=EvalResize(image_size, mean, std))
+
+
+def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int, normalize: bool,
+                 flip: bool = False, name: str = "", expected: int | None = None,
+                 resize: EvalResize | None = None) -> EmbeddingSet:
+    """Embed this rank's batches ``(images, labels, ids)`` of ``loader``, then gather every rank's rows: every rank
+    returns them all, one per id, sorted by id (``name`` and ``expected`` go into this rank's progress lines;
+    ``resize`` as for ``embed_local``)."""
     model.eval()
-    resize = EvalResize(image_size, mean, std)
-    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, resize, dim, flip))
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip, name, expected, resize))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, config: TrainConfig, images: list[Image.Image], normalize: bool,
-                 flip: bool = False, batch_size: int = 64) -> torch.Tensor:
+def embed_images(model: nn.Module, config: TrainConfig, images: Sequence[Image.Image], normalize: bool,
+                 flip: bool = False, batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
     """[N, D] float32 embeddings on the CPU of images in memory (any sizes), through the evaluation's ``EvalResize``
-    on the device, in full precision; ``flip`` as the index was embedded (``ranking evaluate --flip``)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on the device, in full precision; ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there
+    is one (the model is moved there)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resize = EvalResize(config.image_size, *models.input_normalization(config.backbone))
     model = model.to(device).eval()
-    pixels = [pil_to_tensor(image.convert("RGB")) for image in images]  # uint8, each its own size
-    embeddings = torch.cat([models.embed_with_mirror(model, resize(to_device(batch, device)), flip).float().cpu()
-                            for batch in chunks(pixels, batch_size)])
-    return F.normalize(embeddings, dim=1) if normalize else embeddings
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[start:start + size] for start in range(0, len(items), size)]
+    embeddings = [torch.zeros(0, config.embed_dim)]
+    for start in range(0, len(images), batch_size):
+        pixels = [pil_to_tensor(image.convert("RGB")) for image in images[start:start + batch_size]]  # uint8
+        embeddings.append(models.embed_with_mirror(model, resize(to_device(pixels, device)), flip).float().cpu())
+    embeddings_cpu = torch.cat(embeddings)
+    return F.normalize(embeddings_cpu, dim=1) if normalize else embeddings_cpu

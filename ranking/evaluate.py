@@ -9,23 +9,68 @@ RUN_DIR/eval-<step>. Every rank embeds its share and evaluates its share of the 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
-import torch
 from accelerate import Accelerator
 
-from ranking import cli, config, embed, evalfolder, models, retrieval, runfolder, tracking
+from ranking import (
+    checkpoint,
+    cli,
+    config,
+    distributed,
+    embed,
+    evalfolder,
+    logs,
+    models,
+    precision,
+    retrieval,
+    runfolder,
+    tracking,
+    validation,
+)
 from ranking.config import EvalConfig, TrainConfig
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.retrieval import EmbeddingSet, RetrievalMetrics
 from ranking.shardformat import split_counts
 
+log = logging.getLogger("ranking.evaluate")
 
-def precision(mixed_precision: str) -> str:
-    """fp16 autocast needs a GPU; on a CPU-only machine evaluate in bf16 instead."""
-    return "bf16" if mixed_precision == "fp16" and not torch.cuda.is_available() else mixed_precision
+
+class Inputs(NamedTuple):
+    """What rank 0 checked before any work, for every rank."""
+
+    checkpoint: Path
+    shards: str
+    counts: dict[str, int]
+    out: Path
+    gallery_ids: frozenset[int] | None  # --gallery-per-class: the fixed subset of the train split, else None
+
+
+def check_inputs(cfg: EvalConfig) -> Inputs:
+    """The checkpoint (and the config its model is rebuilt from), the shards' splits and the output folder, before
+    any image is embedded or anything is written."""
+    if not cfg.checkpoint:
+        raise RankingError("--checkpoint is required: a run folder or one of its checkpoints/step-* folders")
+    checkpoint_dir = runfolder.resolve_checkpoint(cfg.checkpoint)
+    run_dir = runfolder.run_of(checkpoint_dir)
+    train_cfg = runfolder.read_config(run_dir)
+    step = checkpoint.load_weights(checkpoint_dir)[1]
+    shards = cfg.shards or train_cfg.shards
+    counts = split_counts(shards, [cfg.gallery_split, cfg.query_split])
+    for split, count in counts.items():
+        if count == 0:
+            raise RankingError(f"{shards}: the {split} split is empty")
+    out = Path(cfg.out or evalfolder.default_dir(run_dir, step))
+    check_writable_folder(out, "--out")
+    gallery_ids = validation.gallery_subset(shards, cfg.gallery_per_class, cfg.seed) \
+        if cfg.gallery_split == "train" else None
+    return Inputs(checkpoint_dir, shards, counts, out, gallery_ids)
 
 
 def check_complete(found: EmbeddingSet, expected: int, shards: str, split: str) -> None:
@@ -35,12 +80,33 @@ def check_complete(found: EmbeddingSet, expected: int, shards: str, split: str) 
                            f"{expected} (ids 0..{expected - 1})")
 
 
-def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, step: int, by_split: dict[str, RetrievalMetrics]) -> str:
-    """Add the metrics to the run's W&B run. Returns its URL or folder."""
-    values = {f"eval/{split}/{key}": value for split, metrics in by_split.items()
-              for key, value in metrics.summary().items()}
-    return tracking.log_into_run(run_dir, train_cfg.wandb_project, train_cfg.run_name or run_dir.resolve().name,
-                                 lambda wandb: {"eval/step": step, **values})
+def check_subset(found: EmbeddingSet, wanted: frozenset[int], shards: str) -> None:
+    if set(found.ids.tolist()) != wanted:
+        raise RankingError(f"{shards}: the train shards hold {len(found.ids)} of the {len(wanted)} gallery ids chosen "
+                           "from their own labels")
+
+
+def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, cfg: EvalConfig, step: int, metrics: dict,
+                 out: Path) -> str:
+    """The metrics as values and tables, and the PR curves as a table with a line plot (so runs overlay), in an
+    "eval" run beside the training run; the embeddings as an artifact with --wandb-artifacts. Returns its URL or
+    folder."""
+    def values(wandb: Any) -> dict[str, Any]:
+        logged: dict[str, Any] = {f"eval/{split}/{key}": value for split, summary in metrics["splits"].items()
+                                  for key, value in summary.items()}
+        header, rows = evalfolder.table_rows(metrics)
+        logged["eval/metrics"] = wandb.Table(columns=header, data=rows)
+        curve = wandb.Table(columns=["split", "recall", "precision"],
+                            data=[[split, r, p] for split, points in metrics["pr_curve"].items()
+                                  for r, p in zip(points["recall"], points["precision"])])
+        logged["eval/pr_curve"] = wandb.plot.line(curve, "recall", "precision", stroke="split",
+                                                  title=f"precision-recall, step {step}")
+        return logged
+
+    artifacts = {f"embeddings-{tracking.run_name(train_cfg, run_dir)}-step-{step}":
+                 ("embeddings", out / evalfolder.EMBEDDINGS)} if train_cfg.wandb_artifacts else None
+    return tracking.log_job(run_dir, train_cfg, "eval", step, values, config=dataclasses.asdict(cfg),
+                            artifacts=artifacts)
 
 
 def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet) -> dict[str, RetrievalMetrics]:
@@ -55,27 +121,34 @@ def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet)
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(EvalConfig, argv, "ranking evaluate", "embed gallery and queries, compute retrieval metrics")
-    if not cfg.checkpoint:
-        raise RankingError("--checkpoint is required: a run folder or one of its checkpoints/step-* folders")
-    checkpoint_dir = runfolder.resolve_checkpoint(cfg.checkpoint)
-    run_dir = runfolder.run_of(checkpoint_dir)
-    model, train_cfg, step = models.load_trained(checkpoint_dir)
-    cfg.shards = cfg.shards or train_cfg.shards
-    counts = split_counts(cfg.shards, [cfg.gallery_split, cfg.query_split])
+    chosen = precision.for_inference(precision.resolve(cfg.mixed_precision))
+    accelerator = Accelerator(mixed_precision=chosen.value)
+    logs.setup_logging(accelerator.process_index)
+    inputs = distributed.decided_by_main(lambda: check_inputs(cfg))
+    cfg.shards, counts, out = inputs.shards, inputs.counts, inputs.out
+    model, train_cfg, step = models.load_trained(inputs.checkpoint)
+    run_dir = runfolder.run_of(inputs.checkpoint)
+    if accelerator.is_main_process:
+        log.info(f"{inputs.checkpoint} (step {step}), {chosen.describe()}, {accelerator.num_processes} process(es)")
 
-    accelerator = Accelerator(mixed_precision=precision(cfg.mixed_precision))
     model = model.to(accelerator.device)
     mean, std = models.input_normalization(train_cfg.backbone)
     gallery, query = (embed.embed_split(model, accelerator, cfg.shards, split, image_size=train_cfg.image_size,
                                         mean=mean, std=std, batch_size=cfg.batch_size, workers=cfg.workers,
-                                        dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip)
-                      for split in (cfg.gallery_split, cfg.query_split))
-    check_complete(gallery, counts[cfg.gallery_split], cfg.shards, cfg.gallery_split)
+                                        dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip,
+                                        only_ids=only_ids, total=counts[split])
+                      for split, only_ids in ((cfg.gallery_split, inputs.gallery_ids), (cfg.query_split, None)))
+    if inputs.gallery_ids is not None:
+        check_subset(gallery, inputs.gallery_ids, cfg.shards)
+    else:
+        check_complete(gallery, counts[cfg.gallery_split], cfg.shards, cfg.gallery_split)
     check_complete(query, counts[cfg.query_split], cfg.shards, cfg.query_split)
 
+    if accelerator.is_main_process:
+        log.info(f"metrics: {len(query.ids)} {cfg.query_split} and {len(gallery.ids)} {cfg.gallery_split} queries "
+                 f"against {len(gallery.ids)} {cfg.gallery_split} images, on every rank's share")
     by_split = evaluate_splits(cfg, gallery, query)
     if accelerator.is_main_process:
-        out = Path(cfg.out or evalfolder.default_dir(run_dir, step))
         out.mkdir(parents=True, exist_ok=True)
         EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
                   gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=train_cfg.normalize,
@@ -87,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{evalfolder.markdown_table(metrics)}")
         print(f"wrote {out}/{evalfolder.EMBEDDINGS}, {evalfolder.METRICS}, {evalfolder.TABLE}", flush=True)
         if train_cfg.wandb:
-            print(f"logged to W&B: {log_to_wandb(run_dir, train_cfg, step, by_split)}", flush=True)
+            print(f"logged to W&B: {log_to_wandb(run_dir, train_cfg, cfg, step, metrics, out)}", flush=True)
     accelerator.end_training()
     return 0
 

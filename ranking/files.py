@@ -6,10 +6,14 @@ manifests, evaluation files and pictures.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -72,3 +76,51 @@ def file_sha256(path: str | os.PathLike) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+LOCK = ".lock"  # FOLDER/.lock: who writes FOLDER now (flock; the file stays, the lock goes with its holder)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``FOLDER/.lock`` (the folder is created) while ``what`` writes the folder.
+
+    A second writer fails at once with one line naming the holder's pid and host. The kernel drops the lock when
+    its holder exits, however it exits, so a crash never leaves a stale lock; the file itself is left in place
+    (removing it would let a waiting writer lock a file nobody else sees).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RankingError(f"{folder}: in use by {holder}; wait for it to end or choose another "
+                               "folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
+    """Before any work: ``path`` is a folder or can become one, and files can be written there (a probe file is
+    created and removed in the nearest existing folder, which also catches read-only file systems and root)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RankingError(f"{path}: {flag} exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RankingError(f"{path}: {flag} cannot be created: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RankingError(f"{path}: {flag} is not writable ({existing}: {e.strerror})") from None

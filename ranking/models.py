@@ -81,10 +81,10 @@ class EmbeddingNet(nn.Module):
         in_trunk = {id(p) for p in self.trunk.parameters()}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in in_trunk]
         if not trunk:
-            return [{"params": rest}]
+            return [{"params": rest, "name": "head"}]
         if trunk_lr_scale == 1:
-            return [{"params": rest + trunk}]
-        return [{"params": rest}, {"params": trunk, "lr": lr * trunk_lr_scale}]
+            return [{"params": rest + trunk, "name": "all"}]
+        return [{"params": rest, "name": "head"}, {"params": trunk, "lr": lr * trunk_lr_scale, "name": "trunk"}]
 
 
 def set_train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:

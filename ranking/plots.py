@@ -46,3 +46,34 @@ def plot_pr_curve(metrics: dict, path: Path) -> Path:
     axes.legend()
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def plot_comparison(runs: dict[str, tuple[list[dict], dict | None]], path: Path, val_key: str | None) -> Path:
+    """Overlaid curves of several runs: loss, the validation metric ``val_key`` over steps (if any run logged it),
+    and the val PR curve of each run's newest evaluation. ``runs``: name -> (metrics.jsonl records, metrics.json)."""
+    figure, (loss_axes, val_axes, pr_axes) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name, (records, metrics) in runs.items():
+        line, = loss_axes.plot(*_series(records, "loss"), linewidth=1.2, label=name)
+        if val_key is not None:
+            val_axes.plot(*_series(records, val_key), marker="o", markersize=3, linewidth=1.2, label=name,
+                          color=line.get_color())
+        curve = (metrics or {}).get("pr_curve", {}).get("val")
+        if curve:
+            pr_axes.plot(curve["recall"], curve["precision"], linewidth=1.2, color=line.get_color(),
+                         label=f"{name} (step {metrics.get('step', '?')})" if metrics else name)
+    loss_axes.set(xlabel="step", ylabel="loss", title="training loss")
+    val_axes.set(xlabel="step", ylabel=val_key or "", ylim=(0, 1.02),
+                 title=f"validation during training: {val_key}" if val_key else "no validation during training")
+    pr_axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+                title="val precision-recall (newest evaluation)")
+    for axes in (loss_axes, val_axes, pr_axes):
+        axes.grid(alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])

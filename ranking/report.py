@@ -22,13 +22,16 @@ import torch
 from PIL import Image
 
 from ranking import evalfolder, runfolder, tracking
-from ranking.config import TrainConfig, build
+from ranking.config import ArgumentParser, TrainConfig, at_least, at_most, build
 from ranking.distances import squared_distances
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
+from ranking.files import check_writable_folder
 from ranking.grids import OTHER_CLASS, QUERY, SAME_CLASS, Tile, caption, draw_grid, save_png, short_name
 from ranking.plots import plot_loss, plot_pr_curve
 from ranking.shardformat import SampleInfo, read_images, split_index
+
+MAX_GRID = 50  # queries and images per row a grid can show legibly
 
 # ---------------------------------------------------------------------------------------------------------------
 # ranked examples: a few val queries of different classes, their nearest and farthest gallery items
@@ -79,30 +82,64 @@ def ranked_grid(ranked: RankedQuery, query_info: SampleInfo, query_image: Image.
                       [Tile(None, ["farthest", f"{k} of {len(gallery_index)}"]), *tiles(ranked.farthest)]], title)
 
 
-def write_ranked_grids(index: EvalIndex, eval_dir: Path, shards_dir: Path, count: int = 5,
-                       k: int = 10) -> list[Path]:
-    query_split, gallery_split = index.query_split, index.gallery_split
-    query_index = split_index(shards_dir, query_split, eval_dir)
-    gallery_index = split_index(shards_dir, gallery_split, eval_dir)
+@dataclass
+class RankedResults:
+    """The ranked examples with what drawing them needs: sample infos and images by id."""
+
+    ranked: list[RankedQuery]
+    query_index: dict[int, SampleInfo]
+    gallery_index: dict[int, SampleInfo]
+    query_images: dict[int, Image.Image]
+    gallery_images: dict[int, Image.Image]
+
+    def rows(self) -> list[list[Any]]:
+        """One row per shown result: query, which end of the ranking, rank, result, distance, same class."""
+        rows = []
+        for r in self.ranked:
+            query = self.query_index[r.query_id]
+            for end, pairs, first in (("nearest", r.nearest, 1), ("farthest", r.farthest,
+                                                                  len(self.gallery_index) - len(r.farthest) + 1)):
+                for rank, (gallery_id, distance) in enumerate(pairs, first):
+                    info = self.gallery_index[gallery_id]
+                    rows.append([r.query_id, query.file, short_name(query), self.query_images[r.query_id], end, rank,
+                                 gallery_id, info.file, short_name(info), self.gallery_images[gallery_id], distance,
+                                 info.label == r.label])
+        return rows
+
+
+RANKED_COLUMNS = ["query id", "query file", "query class", "query", "end", "rank", "result id", "result file",
+                  "result class", "result", "squared distance", "same class"]
+
+
+def ranked_results(index: EvalIndex, eval_dir: Path, shards_dir: Path, count: int = 5, k: int = 10) -> RankedResults:
+    query_index = split_index(shards_dir, index.query_split, eval_dir)
+    gallery_index = split_index(shards_dir, index.gallery_split, eval_dir)
     ranked = ranked_queries(index, count, k)
-    query_images = read_images(shards_dir, query_split, [query_index[r.query_id] for r in ranked])
+    query_images = read_images(shards_dir, index.query_split, [query_index[r.query_id] for r in ranked])
     shown = {i for r in ranked for i, _ in r.nearest + r.farthest}
-    gallery_images = read_images(shards_dir, gallery_split, [gallery_index[i] for i in sorted(shown)])
+    gallery_images = read_images(shards_dir, index.gallery_split, [gallery_index[i] for i in sorted(shown)])
+    return RankedResults(ranked, query_index, gallery_index, query_images, gallery_images)
+
+
+def write_ranked_grids(results: RankedResults, eval_dir: Path) -> list[Path]:
     for old in eval_dir.glob("ranked_*.png"):  # a rerun with fewer queries leaves no stale grids
         old.unlink()
-    return [save_png(ranked_grid(r, query_index[r.query_id], query_images[r.query_id], gallery_index,
-                                 gallery_images), eval_dir / f"ranked_{n}.png") for n, r in enumerate(ranked)]
+    return [save_png(ranked_grid(r, results.query_index[r.query_id], results.query_images[r.query_id],
+                                 results.gallery_index, results.gallery_images), eval_dir / f"ranked_{n}.png")
+            for n, r in enumerate(results.ranked)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weights & Biases
 
 
-def log_to_wandb(run_dir: Path, images: dict[str, Path], metrics: dict | None) -> str | None:
-    """Log the pictures (and the table) to the run's W&B run; returns the run's folder (or URL when online)."""
+def log_to_wandb(run_dir: Path, step: int, images: dict[str, Path], metrics: dict | None,
+                 results: RankedResults | None) -> str | None:
+    """Log the pictures, the metrics and the ranked results as tables, in a "report" run beside the training run;
+    returns the run's folder (or URL when online)."""
     config_file = runfolder.config_path(run_dir)
-    config = build(TrainConfig, config_file) if config_file.is_file() else None
-    if config is not None and not config.wandb:
+    config = build(TrainConfig, config_file) if config_file.is_file() else TrainConfig(run_dir=str(run_dir))
+    if not config.wandb:
         return None
 
     def values(wandb: Any) -> dict[str, Any]:
@@ -110,46 +147,63 @@ def log_to_wandb(run_dir: Path, images: dict[str, Path], metrics: dict | None) -
         if metrics is not None:
             header, rows = evalfolder.table_rows(metrics)
             logged["report/metrics"] = wandb.Table(columns=header, data=rows)
+        if results is not None:
+            rows = [[wandb.Image(cell) if isinstance(cell, Image.Image) else cell for cell in row]
+                    for row in results.rows()]
+            logged["report/ranked_results"] = wandb.Table(columns=RANKED_COLUMNS, data=rows)
         return logged
 
-    return tracking.log_into_run(run_dir, config.wandb_project if config else "deep-ranking",
-                                 (config.run_name if config else "") or run_dir.resolve().name, values)
+    return tracking.log_job(run_dir, config, "report", step, values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="the run folder (metrics.jsonl, config.yaml, checkpoints/)")
     parser.add_argument("eval_dir", type=Path, nargs="?", help="the evaluation folder (default: the newest in RUN)")
     parser.add_argument("--shards", default=None, help="shards folder, if it moved since the evaluation")
-    parser.add_argument("--queries", type=int, default=5, help="val queries shown, each from a different class")
-    parser.add_argument("--top", type=int, default=10, help="nearest and farthest gallery images per query")
+    parser.add_argument("--queries", type=int, default=5,
+                        help=f"val queries shown, each from a different class (1 to {MAX_GRID}; default: 5)")
+    parser.add_argument("--top", type=int, default=10,
+                        help=f"nearest and farthest gallery images per query (1 to {MAX_GRID}; default: 10)")
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
                         help="log the pictures and the table to the run's W&B run")
     args = parser.parse_args(argv)
+    for name in ("queries", "top"):
+        at_least(f"--{name}", getattr(args, name), 1)
+        at_most(f"--{name}", getattr(args, name), MAX_GRID)
     if not args.run_dir.is_dir():
         raise RankingError(f"{args.run_dir}: no such run folder")
 
-    images = {"loss_curve": plot_loss(runfolder.read_metrics_log(args.run_dir), args.run_dir / runfolder.LOSS_PLOT,
-                                      args.run_dir.resolve().name)}
-    eval_dir, metrics = args.eval_dir or evalfolder.find_in_run(args.run_dir), None
+    # every input is read and checked before the first picture is written
+    records = runfolder.read_metrics_log(args.run_dir)
+    step = records[-1]["step"] if records else 0
+    eval_dir, metrics, results = args.eval_dir or evalfolder.find_in_run(args.run_dir), None, None
+    if eval_dir is not None:
+        metrics = evalfolder.read_metrics(eval_dir)
+        index = evalfolder.EvalIndex.load(eval_dir)
+        shards = index.shards_dir(eval_dir, args.shards)
+        check_writable_folder(eval_dir, "EVAL_DIR")
+    check_writable_folder(args.run_dir, "RUN_DIR")
+
+    images = {"loss_curve": plot_loss(records, args.run_dir / runfolder.LOSS_PLOT, args.run_dir.resolve().name)}
     if eval_dir is None:
         print(f"no evaluation folder in {args.run_dir} (run `ranking evaluate`): only the loss curve")
     else:
-        metrics = evalfolder.read_metrics(eval_dir)
+        assert metrics is not None
         images["pr_curve"] = plot_pr_curve(metrics, eval_dir / "pr_curve.png")
-        index = evalfolder.EvalIndex.load(eval_dir)
-        shards = index.shards_dir(eval_dir, args.shards)
-        for n, path in enumerate(write_ranked_grids(index, eval_dir, shards, args.queries, args.top)):
+        step = index.step
+        results = ranked_results(index, eval_dir, shards, args.queries, args.top)
+        for n, path in enumerate(write_ranked_grids(results, eval_dir)):
             images[f"ranked_{n}"] = path
         print(evalfolder.markdown_table(metrics))
 
     for path in images.values():
         print(f"wrote {path}")
     if args.wandb:
-        where = log_to_wandb(args.run_dir, images, metrics)
+        where = log_to_wandb(args.run_dir, step, images, metrics, results)
         if where:
             print(f"logged to W&B: {where}")
     return 0

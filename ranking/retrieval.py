@@ -42,18 +42,19 @@ class EmbeddingSet:
 @dataclass(frozen=True)
 class Metric:
     name: str  # the key in metrics.json and RetrievalMetrics' field
-    title: str  # the column of tables, W&B and benchmarks; ``{k}`` is replaced by k
+    title: str  # the column of tables and benchmarks; ``{k}`` is replaced by k
+    key: str  # the short name logged during training (``val/<key>`` in metrics.jsonl and W&B)
     per_query: bool  # a mean over queries (else computed from sampled triplets)
 
 
 # The one list of the retrieval metrics, in the order every table shows them.
 METRICS = (
-    Metric("precision_at_k", "precision@{k}", per_query=True),
-    Metric("knn1_accuracy", "kNN-1", per_query=True),
-    Metric("hit_at_k", "hit@{k}", per_query=True),
-    Metric("map", "mAP", per_query=True),
-    Metric("map_at_r", "MAP@R", per_query=True),
-    Metric("triplet_accuracy", "triplet accuracy", per_query=False),
+    Metric("precision_at_k", "precision@{k}", "precision@{k}", per_query=True),
+    Metric("knn1_accuracy", "kNN-1", "knn1", per_query=True),
+    Metric("hit_at_k", "hit@{k}", "hit@{k}", per_query=True),
+    Metric("map", "mAP", "mAP", per_query=True),
+    Metric("map_at_r", "MAP@R", "MAP@R", per_query=True),
+    Metric("triplet_accuracy", "triplet accuracy", "triplet_accuracy", per_query=False),
 )
 PER_QUERY = tuple(metric.name for metric in METRICS if metric.per_query)
 

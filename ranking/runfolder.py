@@ -6,26 +6,33 @@ evaluations, and how to find them from a run folder or from a checkpoint folder.
     RUN/loss.png
     RUN/checkpoints/step-0000100/      state.pt, rng-rank{r}.pt (ranking.checkpoint writes them)
     RUN/checkpoints/latest -> step-0000100
+    RUN/checkpoints/best -> step-0000050     the best validation so far (when the trainer validates)
     RUN/eval-0000100/                  an evaluation folder (ranking.evalfolder places and reads them)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 from ranking import config
 from ranking.config import TrainConfig
 from ranking.errors import ConfigError, RankingError
-from ranking.files import append_line, write_text_atomically
+from ranking.files import LOCK, append_line, check_writable_folder, folder_lock, write_text_atomically
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # checkpoints/best -> the step with the best validation metric (ranking.validation)
 STATE = "state.pt"  # the file that makes a folder a checkpoint
+# What a resumed run cannot change: the shapes of the weights, or what the evaluation feeds the model (it rebuilds
+# the model and its input from config.yaml). Dropout, the loss, the optimiser and the data may change.
+MODEL_KEYS = ("backbone", "embed_dim", "normalize", "image_size")
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -125,3 +132,74 @@ def resume_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path:
             raise RankingError(f"{latest}: no checkpoint to resume from (drop --resume to start the run)")
         return resolve_checkpoint(latest)
     return resolve_checkpoint(resume)
+
+
+# ---------------------------------------------------------------------------------------------------------- opening
+
+
+def holds_run(run_dir: str | os.PathLike) -> list[str]:
+    """What in ``run_dir`` a fresh start would overwrite: its checkpoints and its metrics log."""
+    run_dir = Path(run_dir)
+    found = []
+    if checkpoints_dir(run_dir).is_dir() and any(checkpoints_dir(run_dir).iterdir()):
+        found.append(f"{CHECKPOINTS}/")
+    if (run_dir / METRICS).exists():
+        found.append(METRICS)
+    return found
+
+
+def check_same_model(cfg: TrainConfig, resume_from: Path) -> None:
+    """A resumed run keeps the model of its checkpoint: refuse a flag that changes it (MODEL_KEYS)."""
+    saved_path = config_path(run_of(resume_from))
+    if not saved_path.is_file():
+        return  # a checkpoint copied without its config: the weights' check in restore() still applies
+    saved = read_config(run_of(resume_from))
+    changed = [f"--{key.replace('_', '-')} {getattr(cfg, key)} (was {getattr(saved, key)})" for key in MODEL_KEYS
+               if getattr(cfg, key) != getattr(saved, key)]
+    if changed:
+        raise ConfigError(f"{saved_path}: a resumed run keeps its model and input; {', '.join(changed)} would change "
+                          "them: drop the flag, or start a new run (another --run-dir)")
+
+
+def check_run(cfg: TrainConfig) -> Path | None:
+    """Read-only checks of the run folder before a run starts; returns the checkpoint to resume from, if any."""
+    run_dir = Path(cfg.run_dir)
+    check_writable_folder(run_dir, "--run-dir")
+    if cfg.resume:
+        resume_from = resume_checkpoint(run_dir, cfg.resume)
+        check_same_model(cfg, resume_from)
+        return resume_from
+    existing = holds_run(run_dir)
+    if existing and not cfg.overwrite:
+        raise RankingError(f"{run_dir}: holds a run ({', '.join(existing)}); give --resume latest to continue it, "
+                           "--overwrite to move it aside and start afresh, or another --run-dir")
+    return None
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Move everything in ``run_dir`` but its lock into a new sibling folder ``RUN.replaced-YYYYmmdd-HHMMSS``."""
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK]
+    if not entries:
+        return None
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    aside.mkdir()
+    for entry in entries:
+        entry.rename(aside / entry.name)
+    return aside
+
+
+def open_run(cfg: TrainConfig, held: contextlib.ExitStack) -> tuple[Path | None, Path | None]:
+    """Check the run folder, then lock it for the rest of ``held`` (``RUN/.lock``; a second training into it fails
+    at once), then check again under the lock and, with --overwrite, move the old run aside.
+
+    Returns (the checkpoint to resume from, the folder the old run was moved to). Nothing is written when a check
+    fails; the folder is created only once every check has passed.
+    """
+    check_run(cfg)
+    held.enter_context(folder_lock(cfg.run_dir, "ranking train"))
+    resume_from = check_run(cfg)  # again: another process may have written the folder before the lock was ours
+    aside = move_aside(Path(cfg.run_dir)) if cfg.overwrite else None
+    return resume_from, aside

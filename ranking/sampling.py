@@ -49,6 +49,13 @@ def pk_sampler(samples: Iterable[Sample], config: TrainConfig, num_classes: int,
 SAMPLERS: dict[SamplerName, Callable[..., IterableDataset]] = {"batch": pk_sampler, "paper": paper_sampler}
 
 
+def images_per_batch(config: TrainConfig) -> int:
+    """Rows of a training batch: P x K, or at most every query, positive and negative image of the paper sampler's."""
+    if config.sampler == "batch":
+        return config.classes_per_batch * config.samples_per_class
+    return config.triplets_per_batch * (1 + config.pos_per_query + config.pos_per_query * config.neg_per_query)
+
+
 def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
                   decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
     """``decode(sample) -> image tensor`` runs when a batch is formed (the trainer's ``augment.StoredDecoder().image``:

@@ -1,41 +1,33 @@
-"""`ranking search IMAGE... --index EVAL_DIR --top N [--grid out.png]`: the nearest gallery images of any images.
+"""`ranking search IMAGE... --index INDEX_OR_EVAL_DIR --top N [--json] [--grid out.png]`: the nearest gallery images
+of any images.
 
-Each image (any size, grayscale or colour, any format PIL reads) is embedded with the model the index was built with
-(the run's checkpoint at the evaluation's step, the eval transform) and compared, by squared Euclidean distance, with
-the gallery embeddings in EVAL_DIR/embeddings.pt. Prints, for each image, one line per result: rank, distance, source
-file, wnid and words (read from the shards; the index is cached in EVAL_DIR as ``<split>-index.json``).
+The gallery is an index folder (`ranking index`: it carries its model, embeddings, file names and thumbnails) or an
+evaluation folder (`ranking evaluate`: the model is the run's checkpoint at the evaluation's step; file names, wnids
+and words are read from the shards, cached in EVAL_DIR as ``<split>-index.json``). Either way each image (any size,
+grayscale or colour, any format PIL reads) is embedded with the gallery's model through the eval transform and
+compared by squared Euclidean distance. Prints, for each image, one line per result: rank, distance, file, class
+(wnid) and words; or, with --json, a list of {"query", "results": [{rank, distance, id, label, class, words, file}]}.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 from torch import nn
 
-from ranking import evalfolder, runfolder
-from ranking.config import TrainConfig, at_least
-from ranking.embed import embed_images
+from ranking import evalfolder, indexfolder, runfolder
+from ranking.config import ArgumentParser, TrainConfig, at_least
 from ranking.errors import RankingError
 from ranking.evalfolder import EvalIndex
-from ranking.grids import NEUTRAL, QUERY, Tile, caption, draw_grid, save_png
+from ranking.files import check_writable_folder
+from ranking.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
+from ranking.indexfolder import Index, Item, Result
+from ranking.inference import EmbeddingModel, load_image, parse_device
 from ranking.models import load_trained
-from ranking.retrieval import nearest_neighbors
-from ranking.shardformat import SampleInfo, read_images, split_index
-
-
-def load_image(path: Path) -> Image.Image:
-    """An RGB image from any file PIL can read, upright (EXIF orientation applied); RankingError otherwise."""
-    if not path.is_file():
-        raise RankingError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        reason = "not an image file" if isinstance(e, Image.UnidentifiedImageError) else f"cannot decode ({e})"
-        raise RankingError(f"{path}: {reason}") from None
+from ranking.shardformat import read_images, split_index
 
 
 def load_index_model(index: EvalIndex, eval_dir: Path) -> tuple[nn.Module, TrainConfig]:
@@ -54,47 +46,77 @@ def load_index_model(index: EvalIndex, eval_dir: Path) -> tuple[nn.Module, Train
     return model, config
 
 
-def result_lines(distances: torch.Tensor, indices: torch.Tensor, gallery_ids: torch.Tensor,
-                 index: dict[int, SampleInfo]) -> list[str]:
-    """A header and one aligned line per result: rank, distance, source file, wnid, words."""
-    infos = [index[int(gallery_ids[column])] for column in indices.tolist()]
-    file_width = max(len("file"), *(len(info.file) for info in infos))
+def open_gallery(path: Path, shards: str | None = None, device: str | torch.device | None = None) -> Index:
+    """An index folder, or an evaluation folder seen as an Index (its model from the run, items and images from the
+    shards): both kinds are searched, printed and drawn by the same code."""
+    if indexfolder.is_index(path):
+        return Index.load(path, device)
+    eval_index = EvalIndex.load(path)
+    shards_dir = eval_index.shards_dir(path, shards)
+    split = eval_index.gallery_split
+    model, config = load_index_model(eval_index, path)
+    infos = split_index(shards_dir, split, path)
+    gallery = eval_index.gallery
+    missing = [i for i in gallery.ids.tolist() if i not in infos]
+    if missing:
+        raise RankingError(f"{shards_dir}: no {split} sample {missing[0]} of {path / evalfolder.EMBEDDINGS}")
+    items = [Item(info.id, info.label, info.wnid, info.words, info.file)
+             for info in (infos[i] for i in gallery.ids.tolist())]
+    source = {"run_dir": eval_index.run_dir, "step": eval_index.step}
+    embedding_model = EmbeddingModel(model, config, source, flip=eval_index.flip, device=device)
+    return Index(embedding_model, gallery.embeddings, items, path=path,
+                 thumbnails=lambda shown: read_images(shards_dir, split, (infos[item.id] for item in shown)))
+
+
+def result_lines(results: list[Result]) -> list[str]:
+    """A header and one aligned line per result: rank, distance, file, wnid (class), words."""
+    file_width = max(len("file"), *(len(r.item.file) for r in results))
     lines = [f"{'rank':>4}  {'distance':>8}  {'file':<{file_width}}  {'wnid':<9}  words"]
-    for rank, (distance, info) in enumerate(zip(distances.tolist(), infos), 1):
-        wnid, words = info.wnid or "-", info.words or "-"
-        lines.append(f"{rank:>4}  {distance:8.4f}  {info.file:<{file_width}}  {wnid:<9}  {words}")
+    for r in results:
+        wnid, words = r.item.wnid or "-", r.item.words or "-"
+        lines.append(f"{r.rank:>4}  {r.distance:8.4f}  {r.item.file:<{file_width}}  {wnid:<9}  {words}")
     return lines
 
 
+def caption(result: Result) -> list[str]:
+    return [f"d={result.distance:.3f}", (result.item.words or result.item.wnid or "?").split(",")[0]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", type=Path, help="query image files (any size, grayscale or colour)")
-    parser.add_argument("--index", type=Path, required=True, help="an evaluation folder (holds embeddings.pt)")
+    parser.add_argument("--index", type=Path, required=True,
+                        help="an index folder (`ranking index`) or an evaluation folder (holds embeddings.pt)")
     parser.add_argument("--top", type=int, default=10, help="results per image")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--grid", type=Path, default=None, help="also draw the queries and their results (PNG)")
-    parser.add_argument("--shards", default=None, help="shards folder, if it moved since the evaluation")
+    parser.add_argument("--device", default="auto", help="where to embed and search: auto (a GPU if any), cpu, cuda")
+    parser.add_argument("--shards", default=None, help="an evaluation folder's shards, if they moved since")
     args = parser.parse_args(argv)
     at_least("--top", args.top, 1)
+    device = parse_device(args.device)
 
+    if args.grid is not None:
+        if args.grid.is_dir():
+            raise RankingError(f"{args.grid}: --grid is a folder; give a file name such as results.png")
+        check_writable_folder(args.grid.parent, "--grid's folder")
     images = [load_image(path) for path in args.images]  # bad input fails before the model loads
-    eval_index = EvalIndex.load(args.index)
-    shards = eval_index.shards_dir(args.index, args.shards)
-    gallery_split = eval_index.gallery_split
-    model, config = load_index_model(eval_index, args.index)
-    queries = embed_images(model, config, images, normalize=eval_index.normalized, flip=eval_index.flip)
-    gallery = eval_index.gallery
-    distances, indices = nearest_neighbors(queries, gallery.embeddings.float(), args.top)
-    index = split_index(shards, gallery_split, args.index)
+    gallery = open_gallery(args.index, args.shards, device)
+    found = gallery.search(images, args.top)
 
-    for path, row_distances, row_indices in zip(args.images, distances, indices):
-        print("\n".join([f"{path}", *result_lines(row_distances, row_indices, gallery.ids, index), ""]))
+    if args.json:
+        print(json.dumps([{"query": str(path), "results": [r.to_dict() for r in results]}
+                          for path, results in zip(args.images, found)], indent=2))
+    else:
+        for path, results in zip(args.images, found):
+            print("\n".join([f"{path}", *result_lines(results), ""]))
 
     if args.grid:
-        shown = [[index[int(gallery.ids[c])] for c in row] for row in indices.tolist()]
-        gallery_images = read_images(shards, gallery_split, {info.id: info for row in shown for info in row}.values())
+        thumbnails = gallery.thumbnails(list({r.item.id: r.item for results in found for r in results}.values()))
         rows = [[Tile(image, ["query", path.name], QUERY)]
-                + [Tile(gallery_images[info.id], caption(info, d), NEUTRAL) for info, d in zip(infos, ds.tolist())]
-                for path, image, infos, ds in zip(args.images, images, shown, distances)]
-        title = f"nearest {indices.shape[1]} {gallery_split} images of each query (d = squared distance)"
-        print(f"wrote {save_png(draw_grid(rows, title), args.grid)}")
+                + [Tile(thumbnails[r.item.id], caption(r), NEUTRAL) for r in results]
+                for path, image, results in zip(args.images, images, found)]
+        title = f"nearest {len(found[0])} gallery images of each query (d = squared distance)"
+        written = save_png(draw_grid(rows, title), args.grid)
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from PIL import Image
 
 from ranking.errors import RankingError
-from ranking.files import read_json, write_atomically
+from ranking.files import file_sha256, read_json, write_atomically
 
 FORMAT = "deep-ranking-shards/1"
 MANIFEST = "manifest.json"
@@ -117,6 +117,11 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     manifest = read_json(path, "missing (not a shard folder, or `ranking shards` did not finish)")
     _check_manifest(manifest, path)
     return manifest
+
+
+def manifest_digest(directory: str | os.PathLike) -> str:
+    """The sha256 of the manifest: it names every shard's sha256, so it identifies the whole shard set."""
+    return file_sha256(Path(directory) / MANIFEST)
 
 
 def split_counts(directory: str | os.PathLike, splits: Iterable[str]) -> dict[str, int]:

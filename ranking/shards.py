@@ -12,7 +12,7 @@ and skips finished shards. `manifest.json` is written last, atomically.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -33,9 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ranking.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
-from ranking.config import add_dataclass_flags, at_least, build
+from ranking.config import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.errors import RankingError
-from ranking.files import append_line, file_sha256, write_atomically, write_text_atomically
+from ranking.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
 from ranking.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
 
 JOURNAL = ".journal.jsonl"
@@ -231,7 +231,7 @@ def check_destination(out: Path, source: dict, plans: list[ShardPlan]) -> None:
     """
     if not out.is_dir():
         return
-    entries = {p.name for p in out.iterdir() if not TEMPORARY.match(p.name)}
+    entries = {p.name for p in out.iterdir() if not TEMPORARY.match(p.name) and p.name != LOCK}
     if not entries or (entries == {JOURNAL} and not read_journal(out)):  # empty, or a run that wrote no shard
         return
     hint = "give --overwrite to replace them, or choose another --out"
@@ -319,6 +319,7 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
     if remove_folder:
         (out / JOURNAL).unlink(missing_ok=True)
         remove_leftovers(out, todo)
+        (out / LOCK).unlink(missing_ok=True)
         out.rmdir()
 
 
@@ -356,7 +357,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
     """
     ShardsConfig(str(out), shard_size, workers, seed).validate()
     out = Path(out)
-    with open_archive(source, val_source, val_fraction, seed) as archive:
+    with open_archive(source, val_source, val_fraction, seed) as archive, contextlib.ExitStack() as held:
         plans = plan_shards(archive, shard_size, seed)
         if out.exists() and not out.is_dir():
             raise RankingError(f"{out}: exists and is not a folder")
@@ -369,7 +370,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
                 raise
             same_source = False
         created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_lock(out, "ranking shards"))  # creates out; a second writer fails at once
         start_journal(out, identity, keep=same_source)
         remove_leftovers(out, plans)
         results = finished_shards(out, plans)
@@ -482,7 +483,7 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
     parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder, a folder of class "
                         "folders of images (ImageFolder), or a folder of unlabelled images (a gallery: the test split)")
     parser.add_argument("--verify", metavar="DIR", help="re-hash the shards of DIR against its manifest and exit")

@@ -88,9 +88,11 @@ def train_samples(shards_dir: str, image_size: int, mean: Sequence[float], std: 
     return train_records(shards_dir, shuffle_buffer, seed).compose(wds.map(decode.sample))
 
 
-def eval_samples(shards_dir: str, split: str, rank: int, world_size: int) -> wds.DataPipeline:
-    """Each sample of ``split`` once over all ranks, as ``(uint8 [3, h, w] at its stored size, label, id)``: rank r
-    keeps ids with ``id % world_size == r``; ``augment.EvalResize`` makes the model's input on the device.
+def eval_samples(shards_dir: str, split: str, rank: int, world_size: int,
+                 only_ids: frozenset[int] | None = None) -> wds.DataPipeline:
+    """Each sample of ``split`` (or of its ids in ``only_ids``) once over all ranks, as ``(uint8 [3, h, w] at its
+    stored size, label, id)``: rank r keeps ids with ``id % world_size == r``; ``augment.EvalResize`` makes the
+    model's input on the device.
 
     Shards are split over DataLoader workers, and the id filter runs before decoding, so a rank decodes only its share.
     """
@@ -99,7 +101,7 @@ def eval_samples(shards_dir: str, split: str, rank: int, world_size: int) -> wds
         wds.SimpleShardList(paths),
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=_unreadable_shard),
-        wds.select(functools.partial(_owned_by, rank=rank, world_size=world_size)),
+        wds.select(functools.partial(_owned_by, rank=rank, world_size=world_size, only_ids=only_ids)),
         wds.map(_record),
         wds.map(StoredDecoder(stored_size=None).sample),
     )
@@ -112,8 +114,9 @@ def _nonempty_shards(shards_dir: str, split: str) -> list[str]:
     return paths
 
 
-def _owned_by(sample: dict, rank: int, world_size: int) -> bool:
-    return sample_id(sample) % world_size == rank
+def _owned_by(sample: dict, rank: int, world_size: int, only_ids: frozenset[int] | None = None) -> bool:
+    index = sample_id(sample)
+    return index % world_size == rank and (only_ids is None or index in only_ids)
 
 
 def _seeded_shuffle(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:

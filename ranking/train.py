@@ -13,8 +13,11 @@ SIGUSR1 or SIGTERM: finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +29,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ranking import (
     augment,
@@ -41,13 +43,18 @@ from ranking import (
     sampling,
     stream,
     tracking,
+    validation,
 )
 from ranking.checkpoint import TrainState
 from ranking.config import TrainConfig
 from ranking.errors import EXIT_OK, EXIT_REQUEUE, RankingError
+from ranking.logs import Progress, setup_logging
 from ranking.losses import StepLoss
+from ranking.precision import resolve as resolve_precision
 from ranking.sampling import Batch
-from ranking.shardformat import load_manifest
+from ranking.shardformat import load_manifest, manifest_digest, split_counts
+
+log = logging.getLogger("ranking.train")
 
 # ------------------------------------------------------------------------------------------------------------ data
 
@@ -99,24 +106,41 @@ def triplets_in(batch: Batch) -> int:
 
 
 class Meter:
-    """Loss, active fraction and triplets per second since the last read; kept on the device (no sync per step)."""
+    """What one logging interval measured; loss sums stay on the device (no sync per step).
+
+    Time spent validating is not training time: ``exclude`` takes it out of the rates. The time spent waiting for
+    the next batch (``waited``) shows an input-bound run: step_s is a step's whole time, data_wait_s its wait.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, device=device)
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
+        self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
+        self.started = time.perf_counter()
 
-    def add(self, out: StepLoss, triplets: int, weight: float) -> None:
+    def add(self, out: StepLoss, triplets: int, images: int, weight: float) -> None:
         self.sums += weight * torch.stack([out.loss, out.active_fraction])
         self.steps += weight
         self.triplets += triplets
+        self.images += images
 
-    def read(self, accelerator: Accelerator) -> tuple[float, float, float]:
-        """(loss, active fraction) averaged over steps and ranks, and triplets/s; a collective; starts anew."""
+    def waited(self, seconds: float) -> None:
+        self.waiting += seconds
+
+    def exclude(self, seconds: float) -> None:
+        self.started += seconds
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        """Loss and active fraction averaged over steps and ranks, triplets/s and images/s (all ranks), step and
+        data-wait seconds (this rank's); a collective; starts anew."""
         loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
-        triplets_per_s = self.triplets / (time.perf_counter() - self.started)
+        seconds = time.perf_counter() - self.started
+        read = {"loss": loss, "active_fraction": active_fraction, "triplets_per_s": self.triplets / seconds,
+                "images_per_s": self.images / seconds, "step_s": seconds / self.steps,
+                "data_wait_s": self.waiting / self.steps}
         self.sums.zero_()
-        self.steps, self.triplets, self.started = 0.0, 0, time.perf_counter()
-        return loss, active_fraction, triplets_per_s
+        self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
+        self.started = time.perf_counter()
+        return read
 
 
 class Stop(enum.Enum):
@@ -137,6 +161,10 @@ class StopPolicy:
         self.steps, self.minutes = cfg.steps, cfg.time_limit_minutes
         self.signals, self.device = signals, device
         self.deadline = time.monotonic() + 60 * cfg.time_limit_minutes
+
+    def exclude(self, seconds: float) -> None:
+        """The time limit counts training time: validation does not use it up."""
+        self.deadline += seconds
 
     def reason(self, step: int) -> Stop | None:
         signalled = distributed.any_rank(self.signals.requested, self.device)
@@ -161,22 +189,44 @@ class StopPolicy:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
-    if cfg.wandb:
-        tracking.apply_default_mode()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+    chosen = resolve_precision(cfg.mixed_precision)
+    # config.yaml and W&B record the precision that ran; $WANDB_RUN_ID in --run-dir gives each sweep run its own
+    cfg = dataclasses.replace(cfg, mixed_precision=chosen.value, run_dir=expand_run_dir(cfg.run_dir))
+    accelerator = Accelerator(mixed_precision=chosen.value, gradient_accumulation_steps=cfg.grad_accum,
                               log_with="wandb" if cfg.wandb else None)
+    setup_logging(accelerator.process_index)
     try:
-        return train(cfg, accelerator)
+        with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock until the run ends
+            resume_from = distributed.decided_by_main(lambda: check_inputs(cfg, held))
+            if accelerator.is_main_process:
+                log.info(chosen.describe())
+            return train(cfg, accelerator, resume_from)
     finally:
         distributed.shutdown()
 
 
-def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
-    run_dir = Path(cfg.run_dir)
-    resume_from = resume_checkpoint(cfg, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        runfolder.write_config(cfg, run_dir)
+def expand_run_dir(run_dir: str) -> str:
+    """Environment variables in --run-dir (a W&B sweep agent's $WANDB_RUN_ID, Slurm's $SLURM_JOB_ID) expanded."""
+    expanded = os.path.expandvars(run_dir)
+    if "$" in expanded:
+        raise RankingError(f"--run-dir {run_dir}: names an environment variable that is not set")
+    return expanded
 
+
+def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
+    """Rank 0, before anything is written, downloaded or started: the shards, the run folder (then locked for the
+    run; --overwrite moves an old run aside) and the checkpoint to resume and its config. Returns that checkpoint."""
+    if split_counts(cfg.shards, ["train"])["train"] == 0:
+        raise RankingError(f"{cfg.shards}: the train split is empty (a folder of unlabelled images cannot train)")
+    resume_from, aside = runfolder.open_run(cfg, held)
+    if aside is not None:
+        log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")
+    return resume_from
+
+
+def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) -> int:
+    """The run itself, once check_inputs has passed; config.yaml is written only after a resume has succeeded."""
+    run_dir = Path(cfg.run_dir)
     set_seed(cfg.seed)  # the same initial weights on every rank
     with accelerator.main_process_first():  # pretrained weights are downloaded once, then read from the cache
         net = models.build_model(cfg)
@@ -190,26 +240,32 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     objective = losses.build_objective(cfg)
     set_seed(cfg.seed, device_specific=True)  # different dropout on every rank (crops: DeviceAugment's generator)
 
+    validator = validation.Validator(cfg, accelerator, run_dir) if cfg.eval_every else None
     step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
     if resume_from is not None:
-        step, run_id, data_seeds = restore(resume_from, accelerator, net, optimizer, scheduler, cfg)
+        restored = restore(resume_from, accelerator, net, optimizer, scheduler)
+        step, run_id = restored.step, restored.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
+        data_seeds = restored.stream_seeds or stream_seeds(cfg.seed, step)
+        if validator is not None:
+            validator.best = restored.best_validation
     if accelerator.is_main_process:
+        runfolder.write_config(cfg, run_dir)
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
-        tracking.init_trainer(accelerator, cfg.wandb_project, dataclasses.asdict(cfg), run_dir, run_id,
-                              cfg.run_name or run_dir.name, cfg.wandb_group, cfg.wandb_tags)
+        mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
+        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator), run_dir, run_id, mode)
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint(best: bool) -> Path:
         state = TrainState(step=step, model=net.state_dict(), optimizer=optimizer.state_dict(),
                            scheduler=scheduler.state_dict(),
                            scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step))
-        return checkpoint.save(run_dir, state, cfg.keep_checkpoints)
+                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step),
+                           best_validation=validator.best if validator is not None else None)
+        return checkpoint.save(run_dir, state, cfg.keep_checkpoints, best=best)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
     on_device = DeviceAugment(cfg, data_seeds, accelerator.process_index, accelerator.device)
-    progress = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and accelerator.is_main_process),
-                    dynamic_ncols=True)
+    progress = Progress(log, cfg.steps, step, shown=accelerator.is_main_process, bar=cfg.progress)
     meter = Meter(accelerator.device)
     stop: Stop | None = None
     saved = runfolder.checkpoints_dir(run_dir)
@@ -217,9 +273,13 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
     with distributed.StopRequest() as signals:
         policy = StopPolicy(cfg, signals, accelerator.device)
         while True:
+            lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(cfg.grad_accum):
-                batch = on_device(next(batches))
+                waiting = time.perf_counter()
+                raw = next(batches)
+                meter.waited(time.perf_counter() - waiting)
+                batch = on_device(raw)
                 with accelerator.accumulate(model):
                     out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)
@@ -227,31 +287,42 @@ def train(cfg: TrainConfig, accelerator: Accelerator) -> int:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                meter.add(out, triplets_in(batch) * accelerator.num_processes, weight=1 / cfg.grad_accum)
+                meter.add(out, triplets_in(batch) * accelerator.num_processes,
+                          len(batch.ids) * accelerator.num_processes, weight=1 / cfg.grad_accum)
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
                 scheduler.step()
             step += 1
-            progress.update(1)
+            progress.update(step)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss, active_fraction, triplets_per_s = meter.read(accelerator)
-                record = {"step": step, "loss": loss, "active_fraction": active_fraction, "lr": lr,
-                          "triplets_per_s": triplets_per_s}
+                measured = meter.read(accelerator)
+                record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}
                 if accelerator.is_main_process:
                     runfolder.append_metrics(run_dir, record)
-                    progress.set_postfix(loss=f"{loss:.4f}", triplets_per_s=f"{triplets_per_s:.0f}")
+                progress.log(step, measured["loss"], measured["active_fraction"], lr, measured["images_per_s"])
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+            best = False
+            if validator is not None and validator.due(step):
+                validated = validator.run(net, step)  # a collective, in eval mode
+                models.set_train_mode(model, cfg.freeze_bn_stats)
+                meter.exclude(validated.seconds)
+                policy.exclude(validated.seconds)
+                best = validator.improved(validated)
+                if accelerator.is_main_process:
+                    runfolder.append_metrics(run_dir, {"step": step, **validated.record()})
+                accelerator.log(validated.record(), step=step)
+
             stop = policy.reason(step)
-            if stop is not None or step % cfg.checkpoint_every == 0:
-                saved = save_checkpoint()
+            if stop is not None or step % cfg.checkpoint_every == 0 or best:
+                saved = save_checkpoint(best)
             if stop is not None:
                 break
     progress.close()
     assert stop is not None
     if stop is not Stop.DONE:
         accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
-    finish(accelerator, run_dir)
+    finish(accelerator, run_dir, artifacts=cfg.wandb and cfg.wandb_artifacts)
     return stop.exit_code
 
 
@@ -273,26 +344,20 @@ def compiled(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return cast(torch.nn.Module, torch.compile(model))
 
 
-def resume_checkpoint(cfg: TrainConfig, is_main_process: bool) -> Path | None:
-    """The checkpoint to resume from, decided by rank 0 for every rank (``latest`` may move while ranks look);
-    a bad ``--resume`` fails on every rank with rank 0's message."""
-    if not cfg.resume:
-        return None
-    found: tuple[Path | None, str] = (None, "")
-    if is_main_process:
-        try:
-            found = (runfolder.resume_checkpoint(cfg.run_dir, cfg.resume), "")
-        except RankingError as e:
-            found = (None, str(e))
-    path, error = distributed.broadcast_from_main(found)
-    if error:
-        raise RankingError(error)
-    return path
+def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+    """The run's config as W&B shows it: the TrainConfig and what it does not say (world size, global batch,
+    the code's commit, the shards' manifest digest), so runs can be compared and filtered by them."""
+    per_rank = sampling.images_per_batch(cfg)
+    return {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes,
+            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+            "images_per_step_per_rank": per_rank * cfg.grad_accum,
+            "global_batch": per_rank * cfg.grad_accum * accelerator.num_processes,
+            "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
 
 
 def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig) -> tuple[int, str, tuple[int, int]]:
-    """Load a checkpoint into the prepared objects; returns (step, W&B run id, stream seeds)."""
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
+    """Load a checkpoint into the prepared objects and this rank's RNGs; returns what it held."""
     state = checkpoint.load_state(resume_from)
     try:
         net.load_state_dict(state.model)
@@ -306,18 +371,21 @@ def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, o
     rng = checkpoint.load_rng(resume_from, accelerator.process_index)
     if rng is not None:
         checkpoint.set_rng_state(rng)
-    run_id = state.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
-    accelerator.print(f"ranking train: resumed from {resume_from} at step {state.step}", file=sys.stderr)
-    return state.step, run_id, state.stream_seeds or stream_seeds(cfg.seed, state.step)
+    if accelerator.is_main_process:
+        log.info(f"resumed from {resume_from} at step {state.step}")
+    return state
 
 
-def finish(accelerator: Accelerator, run_dir: Path) -> None:
+def finish(accelerator: Accelerator, run_dir: Path, artifacts: bool = False) -> None:
     """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
-    others, which must not cut rank 0 while it still writes."""
+    others, which must not cut rank 0 while it still writes. ``artifacts``: the latest and best checkpoints go to
+    the W&B run as artifacts."""
     if accelerator.is_main_process and (run_dir / runfolder.METRICS).exists():
         from ranking import plots  # matplotlib: only where a plot is drawn
 
         plots.plot_loss(runfolder.read_metrics_log(run_dir), run_dir / runfolder.LOSS_PLOT, run_dir.name)
+    if artifacts and accelerator.is_main_process:
+        tracking.log_checkpoints(accelerator.get_tracker("wandb", unwrap=True), run_dir)
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers.clear()

@@ -4,7 +4,13 @@
 #
 # Knobs (environment): VENV (a virtualenv to activate), PYTHON (default python3), GPUS_PER_NODE (default: the GPUs
 # Slurm gave this node, else the GPUs nvidia-smi sees), PROCS_PER_NODE (processes per node on nodes without GPUs;
-# default 1), MAIN_PROCESS_PORT (default 20000 + job id % 20000), EXTRA_ARGS (appended to the stage's arguments).
+# default 1), MAIN_PROCESS_PORT (default 20000 + job id % 20000), EXTRA_ARGS (appended to the stage's arguments),
+# MIXED_PRECISION (no, fp16 or bf16: passed to accelerate launch; unset: an `accelerate config` file decides, and
+# without one the stage picks bf16 where the GPU has it (compute capability 8.0+), else fp16; ranking/precision.py).
+#
+# On bad input every rank exits 2 and prints nothing but rank 0's one line; accelerate launch (torchrun) then exits 1
+# with its own traceback and a ChildFailedError summary whose "Root Cause" repeats that line; this script's last line
+# is "finished with status 1".
 #
 # The numeric knobs must be plain decimal integers (validate_knobs checks them before any shell arithmetic reads
 # them: bash arithmetic would evaluate a value such as `HOME[$(cmd)]` as an expression and run cmd); a bad value
@@ -51,6 +57,10 @@ split_extra_args() {
 
 # validate_knobs: the numeric knobs of the environment, and the Slurm variables the launch does arithmetic on.
 validate_knobs() {
+  case "${MIXED_PRECISION:-}" in
+    "" | no | fp16 | bf16) ;;
+    *) knob_error MIXED_PRECISION "$MIXED_PRECISION" "must be no, fp16 or bf16 (or unset)" ;;
+  esac
   require_integer GPUS_PER_NODE 0 1024
   require_integer PROCS_PER_NODE 1 1024
   require_integer MAIN_PROCESS_PORT 1 65535
@@ -121,6 +131,14 @@ accelerate_launch() {
     --rdzv_backend static --dynamo_backend no)
   if ((NUM_PROCESSES > 1)); then
     launch+=(--multi_gpu)
+  fi
+  # accelerate launch sets ACCELERATE_MIXED_PRECISION=no when neither its flag nor a config file names a precision;
+  # RANKING_PRECISION_DEFAULTED tells the stage that this "no" was nobody's choice, so it picks by device instead.
+  local accelerate_config=${HF_HOME:-${XDG_CACHE_HOME:-${HOME:-}/.cache}/huggingface}/accelerate/default_config.yaml
+  if [[ -n "${MIXED_PRECISION:-}" ]]; then
+    launch+=(--mixed_precision "$MIXED_PRECISION")
+  elif [[ ! -f "$accelerate_config" ]]; then
+    export RANKING_PRECISION_DEFAULTED=1
   fi
   log "accelerate launch ${launch[*]} -m $module $* (${SLURM_NNODES} nodes x ${PROCS_PER_NODE} processes)"
   # srun does not pass the batch job's CPUs per task on to the step in every Slurm version.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -310,3 +312,17 @@ def test_stray_files_are_ignored(synth_zip, tmp_path):
     with Archive(source) as archive, Archive(synth_zip) as clean:
         for split in SPLITS:
             assert archive.samples(split) == clean.samples(split)
+
+
+def test_a_second_writer_of_a_shard_folder_fails_at_once(synth_zip, synth_shards, tmp_path):
+    """Two `ranking shards` into one --out would interleave shards and journal: the second fails, changing nothing."""
+    from ranking.files import LOCK, folder_lock
+
+    out = tmp_path / "out"
+    shutil.copytree(synth_shards, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK}
+    with folder_lock(out, "ranking shards"):  # the first writer, as write_shards holds it
+        with pytest.raises(RankingError, match=rf"{out}: in use by ranking shards \(pid {os.getpid()} on "):
+            write_shards(synth_zip, out, shard_size=50, workers=1, seed=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK} == before
+    write_shards(synth_zip, out, shard_size=50, workers=1, seed=0)  # free again: a re-run of the same source

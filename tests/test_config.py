@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 
+import ranking
 from conftest import REPO, SMOKE
 from ranking import config
 from ranking.config import ConfigError, EvalConfig, TrainConfig
@@ -72,12 +75,17 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_random_init_network_cannot_keep_pretrained_statistics_or_layers():
-    with pytest.raises(ConfigError, match=r"pretrained is false, .* add --no-freeze-bn-stats --frozen-stages 0 "):
-        config.build(TrainConfig, overrides={"pretrained": False})
-    with pytest.raises(ConfigError, match=r"add --frozen-stages 0 \(configs/smoke.yaml"):
-        config.build(TrainConfig, overrides={"pretrained": False, "freeze_bn_stats": False})
-    config.build(TrainConfig, overrides={"pretrained": False, "freeze_bn_stats": False, "frozen_stages": 0})
+def test_no_pretrained_alone_turns_off_what_only_a_pretrained_trunk_keeps(tmp_path):
+    cfg = config.parse(TrainConfig, ["--no-pretrained"], "ranking train", "")
+    assert (cfg.pretrained, cfg.freeze_bn_stats, cfg.frozen_stages) == (False, False, 0)
+    path = tmp_path / "random.yaml"
+    path.write_text("pretrained: false\n")
+    assert config.build(TrainConfig, path).frozen_stages == 0  # the same from a config file
+    # given explicitly, they are refused rather than silently changed
+    with pytest.raises(ConfigError, match=r"pretrained is false, but .* given explicitly, .* add --frozen-stages 0$"):
+        config.parse(TrainConfig, ["--no-pretrained", "--frozen-stages", "2"], "ranking train", "")
+    with pytest.raises(ConfigError, match=r"add --no-freeze-bn-stats$"):
+        config.build(TrainConfig, overrides={"pretrained": False, "freeze_bn_stats": True})
 
 
 def test_eval_config_rejects_k_below_one():
@@ -91,3 +99,61 @@ def test_the_cli_reports_a_bad_config_in_one_line_and_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"ranking train: error: {missing}: config file not found"]
+
+
+# ------------------------------------------------------------------------------------------- flags and help
+
+
+def help_text(cls: type, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        config.parse(cls, ["--help"], "ranking x", "")
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_documents_every_flag_with_its_comment_default_choices_and_section(capsys):
+    text = help_text(TrainConfig, capsys)
+    for section in ("data:", "triplet sampling:", "model:", "loss:", "optimisation:", "run:", "Weights & Biases:"):
+        assert f"\n{section}\n" in text, section
+    flat = " ".join(text.split())
+    assert "--lr FLOAT the learning rate of the head" in flat and "(default: 0.001)" in flat
+    assert "--sampler {batch,paper} \"batch\": P x K batches with online mining" in flat
+    assert "--pretrained, --no-pretrained ImageNet weights" in flat and "(default: true)" in flat
+    assert "--mixed-precision {no,bf16,fp16} unset: Accelerate decides" in flat and "(default: unset)" in flat
+    docs, sections = config.field_docs(TrainConfig)
+    for cls in (TrainConfig, EvalConfig):
+        docs, _ = config.field_docs(cls)
+        undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not undocumented, f"{cls.__name__}: add a comment beside {undocumented}"
+    assert sections["embed_dim"] == "model" and sections["wandb_tags"] == "Weights & Biases"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--step", "40"], "unknown flag --step; did you mean --steps?"),  # no abbreviations
+    (["--stesp", "40"], "unknown flag --stesp; did you mean --steps?"),
+    (["--embed_dim", "8"], "unknown flag --embed_dim; did you mean --embed-dim?"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--run-dir", ""], "run_dir must not be empty"),
+    (["--shards", " "], "shards must not be empty"),
+    (["--resume", "latest", "--overwrite"], "give one"),
+])
+def test_bad_flags_are_one_line_config_errors(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        config.parse(TrainConfig, argv, "ranking train", "")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flag", ["--query-split", "--gallery-split"])
+def test_evaluation_refuses_the_unlabelled_split(flag):
+    with pytest.raises(ConfigError, match=f"{flag} test: the test split is unlabelled"):
+        config.parse(EvalConfig, [flag, "test"], "ranking evaluate", "")
+
+
+def test_version_and_an_unknown_flag_on_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "ranking", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"ranking (deep-ranking) {ranking.__version__}"
+    done = subprocess.run([sys.executable, "-m", "ranking", "train", "--step", "40"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "ranking train: error: unknown flag --step; did you mean --steps? (see ranking train --help)"]

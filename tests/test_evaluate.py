@@ -93,8 +93,10 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
 
 
 def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    # one process: the stage's flag sets the precision; two: accelerate launch's flag does (the same rule as training)
+    precision = ["--mixed-precision", "no"] if processes == 1 else []
     flags = ["--checkpoint", str(run), "--shards", str(shards), "--out", str(out), "--batch-size", "16",
-             "--workers", "1", "--mixed-precision", "no", "--k", "5", "--chunk-size", "7", "--pr-points", "6",
+             "--workers", "1", *precision, "--k", "5", "--chunk-size", "7", "--pr-points", "6",
              "--triplets", "300", *extra]
     if processes == 1:
         command = [sys.executable, "-m", "ranking", "evaluate", *flags]
@@ -117,6 +119,14 @@ def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
         out = tmp_path / f"eval-{processes}"
         result = run_evaluate(tiny_run, synth_shards, out, processes)
         assert f"{processes} process(es)" in result.stdout  # really that many ranks
+        # progress as plain log lines: each rank's share of each split, then the metric phase
+        for rank in range(processes):
+            for split in ("train", "val"):
+                share = len(range(rank, counts[split], processes))
+                assert f" rank {rank}] ranking.embed: {split}: embedded {share}/{share} images in " in result.stderr
+        assert " rank 0] ranking.evaluate: metrics: " in result.stderr and "\r" not in result.stderr
+        source = "--mixed-precision" if processes == 1 else "Accelerate: accelerate launch's flag"
+        assert f"mixed precision no ({source}" in result.stderr
         assert "| train |" in result.stdout and "| val |" in result.stdout
         assert sorted(p.name for p in out.iterdir()) == ["embeddings.pt", "metrics.json", "table.md"]
 
@@ -196,3 +206,16 @@ def test_missing_or_extra_ids_are_caught():
         check_complete(found([0, 2]), 3, "shards/x", "val")
     with pytest.raises(RankingError, match="ids 0..2"):
         check_complete(found([0, 1, 3]), 3, "shards/x", "val")
+
+
+def test_the_output_location_and_the_splits_are_checked_before_any_embedding(tiny_run, synth_shards, tmp_path):
+    from ranking.errors import RankingError
+    from ranking.evaluate import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    with pytest.raises(RankingError, match="taken: --out exists and is not a folder"):
+        main(["--checkpoint", str(tiny_run), "--shards", str(synth_shards), "--out", str(taken), "--workers", "0"])
+    assert taken.read_text() == "a file, not a folder"
+    with pytest.raises(RankingError, match="--query-split test: the test split is unlabelled"):
+        main(["--checkpoint", str(tiny_run), "--query-split", "test"])

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from ranking import config, losses, miners, models, optim, sampling
+from ranking import config, losses, miners, models, optim, retrieval, sampling
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ranking"
-STAGES = {"train", "evaluate", "search", "report", "shards", "synth", "demo"}  # each a `ranking SUBCOMMAND`
+# each a `ranking SUBCOMMAND`
+STAGES = {"train", "evaluate", "search", "report", "compare", "shards", "synth", "demo", "index", "export"}
 
 
 def ranking_imports(path: Path) -> set[str]:
@@ -64,6 +65,7 @@ def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
     (optim.OPTIMIZERS, config.OptimizerName),
     (optim.SCHEDULES, config.ScheduleName),
     (sampling.SAMPLERS, config.SamplerName),
-], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers"])
+    (retrieval.PER_QUERY, config.ValMetric),
+], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics"])
 def test_each_registry_matches_its_literal(registry, choice_type):
     assert set(registry) == set(typing.get_args(choice_type))

@@ -176,16 +176,31 @@ def test_the_table_has_the_numbers_of_metrics_json(reported):
         assert [float(c) for c in cells] == pytest.approx([100 * metrics["splits"][split][k] for k in keys], abs=0.006)
 
 
-def test_report_logs_images_and_table_to_the_runs_wandb_run(reported):
-    runs = list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}"))
-    assert len(runs) == 1, "the report resumes the trainer's run id from the checkpoint"
-    records = (runs[0] / f"run-{RUN_ID}.wandb").read_bytes()
+def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(reported):
+    from test_train import wandb_history_and_config, wandb_records
+
+    assert not list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}")), \
+        "the training run is not reopened from another process (offline segments sync lossily)"
+    runs = list((reported["run"] / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = next(r.run for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run")
+    assert (run.job_type, run.run_group, run.display_name) == ("report", "run", f"run report step {STEP}")
+    history, _ = wandb_history_and_config(runs[0])
+    run_config = {item.key: json.loads(item.value_json) for item in run.config.update}  # wandb.init(config=...)
+    assert run_config["train_run_id"] == RUN_ID and history[0]["trainer/step"] == STEP
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
     media = runs[0] / "files" / "media"
     for key in ("loss_curve", "pr_curve", *(f"ranked_{i}" for i in range(5))):
         logged = list((media / "images" / "report").glob(f"{key}_*.png"))
         assert len(logged) == 1, key
         assert f"media/images/report/{logged[0].name}".encode() in records
     assert b"report/metrics" in records
+    ranked = json.loads(next((media / "table" / "report").glob("ranked_results_*.table.json")).read_text())
+    assert ranked["columns"][:6] == ["query id", "query file", "query class", "query", "end", "rank"]
+    assert len(ranked["data"]) == 5 * 2 * 10  # 5 queries, their 10 nearest and 10 farthest
+    nearest = [row for row in ranked["data"] if row[4] == "nearest"]
+    assert [row[5] for row in nearest[:10]] == list(range(1, 11))
+    assert all(isinstance(row[-1], bool) for row in ranked["data"])
     table = json.loads(next((media / "table" / "report").glob("metrics_*.table.json")).read_text())
     assert [row[0] for row in table["data"]] == ["train", "val"]
 
@@ -282,3 +297,41 @@ def test_a_text_file_is_one_line_error_and_exit_2(index, tmp_path, capsys):
     assert err.count("\n") == 1 and str(notes) in err and "not an image" in err
     with pytest.raises(RankingError, match="missing.png: no such image file"):
         search.main([str(tmp_path / "missing.png"), "--index", str(index["eval"])])
+
+
+@pytest.mark.parametrize("flags,message", [(["--top", "-5"], "--top must be at least 1; got -5"),
+                                           (["--top", "51"], "--top must be at most 50; got 51"),
+                                           (["--queries", "0"], "--queries must be at least 1; got 0")])
+def test_report_bounds_the_grids(flags, message, tmp_path):
+    with pytest.raises(RankingError, match=message):
+        report.main([str(tmp_path), *flags])
+
+
+def test_report_of_a_run_without_wandb_never_imports_it(tmp_path):
+    """A --no-wandb run is reported where wandb is not installed (an import of it fails in this process)."""
+    import subprocess
+    import sys
+
+    run_dir = write_run_dir(tmp_path / "run", config.TrainConfig(wandb=False), {})
+    code = ("import sys; sys.modules['wandb'] = None  # as if not installed: `import wandb` raises ImportError\n"
+            f"from ranking import cli; cli.main(['report', {str(run_dir)!r}])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {run_dir / 'loss.png'}" in done.stdout
+
+
+def test_report_reads_every_input_before_it_writes_a_picture(tmp_path):
+    run_dir = write_run_dir(tmp_path / "run", config.TrainConfig(wandb=False), {})
+    eval_dir = run_dir / "eval-0000010"
+    eval_dir.mkdir()
+    (eval_dir / "metrics.json").write_text(json.dumps({"k": 30, "step": STEP, "splits": {}, "pr_curve": {}}))
+    with pytest.raises(RankingError, match="embeddings.pt"):  # the evaluation folder lacks its embeddings
+        report.main([str(run_dir), str(eval_dir), "--no-wandb"])
+    assert not (run_dir / "loss.png").exists() and sorted(p.name for p in eval_dir.iterdir()) == ["metrics.json"]
+
+
+def test_search_refuses_a_folder_as_grid_before_embedding(index, tmp_path):
+    image = tmp_path / "query.png"
+    Image.new("RGB", (20, 20)).save(image)
+    with pytest.raises(RankingError, match=f"{tmp_path}: --grid is a folder"):
+        search.main([str(image), "--index", str(index["eval"]), "--grid", str(tmp_path)])

@@ -272,3 +272,12 @@ def test_shards_then_evaluate_jobs_on_two_cpu_processes(first_job, synth_zip, tm
     assert job_info(env, eval_job)["JobState"] == "COMPLETED", eval_log.read_text()[-3000:]
     assert json.loads((out / "metrics.json").read_text())["splits"]["val"]["queries"] == 60
     assert "60 val queries, 2 process(es)" in eval_log.read_text()  # each query embedded once over 2 processes
+
+
+@pytest.mark.parametrize("value", ["fp32", "BF16", "bf16 --oops"])
+def test_a_bad_mixed_precision_knob_exits_2_with_one_line(value: str, tmp_path: Path) -> None:
+    done = common_sh("validate_knobs; echo launched", {"MIXED_PRECISION": value}, tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and "MIXED_PRECISION=" in done.stderr
+    assert "must be no, fp16 or bf16 (or unset)" in done.stderr
+    assert common_sh("validate_knobs; echo launched", {"MIXED_PRECISION": "fp16"}, tmp_path).stdout == "launched\n"

@@ -33,14 +33,16 @@ GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # fp32; the two sides differ only in summatio
 
 
 def launch(args: list[str], processes: int = 2, timeout: float = 240, script: str | None = None,
-           wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+           wait: bool = True, launcher_precision: str | None = "no",
+           launcher_flags: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess | subprocess.Popen:
     """`accelerate launch` on gloo CPU ranks, as a user would type it; W&B offline and silent."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    if launcher_precision is not None:
+        command += ["--mixed_precision", launcher_precision]
     command += [script] if script else ["-m", "ranking.train"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,96 @@
+"""`ranking compare RUN [RUN ...]`: runs side by side without W&B, for clusters without internet.
+
+Prints the config keys whose values differ between the runs, and each run's final loss, its best validation
+metric during training (``val/...`` in metrics.jsonl) and its newest evaluation's val metrics; draws the overlaid
+loss, validation and precision-recall curves into one PNG (``--out``, default ``compare.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ranking import evalfolder, plots, runfolder
+from ranking.errors import RankingError
+from ranking.retrieval import titles
+
+VAL_PREFIX = "val/"
+
+
+@dataclasses.dataclass
+class RunSummary:
+    name: str
+    config: dict[str, Any]
+    records: list[dict]
+    evaluation: dict | None  # the newest evaluation's metrics.json
+
+    def final(self, key: str) -> float | None:
+        values = [r[key] for r in self.records if isinstance(r.get(key), (int, float))]
+        return values[-1] if values else None
+
+    def best(self, key: str) -> tuple[float, int] | None:
+        """The highest value of ``key`` and its step."""
+        points = [(r[key], r["step"]) for r in self.records if isinstance(r.get(key), (int, float))]
+        return max(points) if points else None
+
+
+def read_run(run_dir: Path) -> RunSummary:
+    if not run_dir.is_dir():
+        raise RankingError(f"{run_dir}: no such run folder")
+    config = dataclasses.asdict(runfolder.read_config(run_dir))
+    eval_dir = evalfolder.find_in_run(run_dir)
+    evaluation = evalfolder.read_metrics(eval_dir) if eval_dir is not None else None
+    return RunSummary(run_dir.name, config, runfolder.read_metrics_log(run_dir), evaluation)
+
+
+def differing_keys(runs: list[RunSummary]) -> list[str]:
+    """Config keys whose values are not the same in every run (the run folder always differs and is left out)."""
+    keys = [key for key in runs[0].config if key != "run_dir"]
+    return [key for key in keys if len({repr(run.config.get(key)) for run in runs}) > 1]
+
+
+def validation_key(runs: list[RunSummary]) -> str | None:
+    """The validation metric to compare: precision@k if any run logged it during training, else the first val key."""
+    keys = sorted({key for run in runs for r in run.records for key in r if key.startswith(VAL_PREFIX)})
+    return next((key for key in keys if key.startswith(f"{VAL_PREFIX}precision")), keys[0] if keys else None)
+
+
+def comparison_table(runs: list[RunSummary], val_key: str | None) -> str:
+    header = ["run", *differing_keys(runs), "steps", "final loss"]
+    if val_key:
+        header += [f"best {val_key} (step)"]
+    k = next((run.evaluation.get("k", 30) for run in runs if run.evaluation), 30)
+    shown = titles(k, ("precision_at_k", "knn1_accuracy", "map"))
+    header += [f"eval val {title}" for title in shown.values()]
+    rows = []
+    for run in runs:
+        loss = run.final("loss")
+        row = [run.name, *(str(run.config.get(key)) for key in differing_keys(runs)),
+               str(run.records[-1]["step"] if run.records else 0), "-" if loss is None else f"{loss:.4f}"]
+        if val_key:
+            best = run.best(val_key)
+            row.append("-" if best is None else f"{100 * best[0]:.2f} ({best[1]})")
+        val = (run.evaluation or {}).get("splits", {}).get("val", {})
+        row += [f"{100 * val[name]:.2f}" if isinstance(val.get(name), (int, float)) else "-" for name in shown]
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ranking compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (config.yaml, metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=Path("compare.png"), help="where to draw the overlaid curves")
+    args = parser.parse_args(argv)
+    runs = [read_run(run_dir) for run_dir in args.runs]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):  # runs/a/lite0 and runs/b/lite0: name them by their whole path
+        for run, run_dir in zip(runs, args.runs):
+            run.name = str(run_dir)
+    val_key = validation_key(runs)
+    print(comparison_table(runs, val_key))
+    drawn = plots.plot_comparison({run.name: (run.records, run.evaluation) for run in runs}, args.out, val_key)
+    print(f"wrote {drawn}")
+    return 0

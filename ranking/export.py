@@ -1,0 +1,33 @@
+"""`ranking export RUN --format onnx|torchscript|safetensors --out FILE`: the embedding network alone, for serving.
+
+The exported network maps preprocessed images, float32 [N, 3, S, S], to embeddings [N, D] (L2-normalised if the run
+normalises). Its preprocessing is in the file's metadata (ONNX metadata_props, TorchScript's extra file
+metadata.json, safetensors' header): image_size S, mean and std, the resize rule, and model.json (the TrainConfig
+and the checkpoint it came from). RUN is a run folder, a checkpoint folder or an index folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ranking import cli, inference
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ranking export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="run folder, checkpoint folder or index folder")
+    parser.add_argument("--format", choices=inference.EXPORT_FORMATS, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the file to write")
+    args = parser.parse_args(argv)
+    model = inference.load(args.model, device="cpu")
+    path = model.export(args.out, args.format)
+    pre = model.preprocessing
+    print(f"wrote {path}: {args.format}, input float32 [N, 3, {pre.image_size}, {pre.image_size}] normalised with "
+          f"mean {list(pre.mean)} std {list(pre.std)}, output [N, {model.dim}]")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_stage(main, sys.argv[1:], "ranking.export")

@@ -1,0 +1,488 @@
+"""The portable index (DESIGN.md "Index folder"): a gallery's embeddings with the model that made them, what each row
+is, and thumbnails to draw results, in one folder that works wherever it is copied, without the run or the images.
+
+    INDEX/index.json              format, count, dim, classes, sources, the model's identity
+    INDEX/model.safetensors       the embedding network's weights
+    INDEX/model.json              its TrainConfig, preprocessing and source (``ranking.inference``)
+    INDEX/embeddings.safetensors  "embeddings": float32 [count, dim], row i = item i
+    INDEX/items.jsonl             one JSON object per row: id, label, class, words, file, source, thumb
+    INDEX/thumbs.tar              a THUMB_SIZE px JPEG per row, ``{id:07d}.jpg``; ``thumb`` = [offset, size] in it
+
+    Index.load(INDEX).search(images, k)    the k nearest rows of each image (PIL images, paths or uint8 tensors)
+    build(out, model, sources)             embed image sources (sharded over ranks) and write a new index
+    add(index_dir, sources)                embed only the new images and append them (or merge another index)
+
+An image source (``open_images``) is a shards folder (one split) or anything ``ranking.archive.open_archive`` reads:
+class folders, a folder of images, Tiny ImageNet. A folder is written under a temporary name and renamed into place,
+so a failed build or add leaves the index as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from ranking.errors import RankingError
+from ranking.files import read_json, write_atomically, write_text_atomically
+from ranking.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike, decode_image
+from ranking.retrieval import EmbeddingSet, nearest_neighbors
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+FORMAT = "deep-ranking-index/1"
+INDEX_JSON = "index.json"
+EMBEDDINGS = "embeddings.safetensors"
+ITEMS = "items.jsonl"
+THUMBS = "thumbs.tar"
+THUMB_SIZE = 64  # pixels of a thumbnail's longer side
+THUMB_QUALITY = 85
+
+
+@dataclass(frozen=True)
+class Item:
+    """One gallery row: its id (row in an index; sample id in an evaluation folder), label (-1: none; an index's
+    labels are positions in its ``classes``), class name (wnid) and words, file (relative to its source), source."""
+
+    id: int
+    label: int
+    wnid: str | None
+    words: str | None
+    file: str
+    source: int = 0
+    thumb: tuple[int, int] | None = None  # (offset, size) of its JPEG in thumbs.tar
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label, "class": self.wnid, "words": self.words, "file": self.file,
+                "source": self.source, "thumb": list(self.thumb) if self.thumb else None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Item:
+        thumb = data.get("thumb")
+        return cls(id=int(data["id"]), label=int(data["label"]), wnid=data.get("class"), words=data.get("words"),
+                   file=str(data["file"]), source=int(data.get("source", 0)),
+                   thumb=(int(thumb[0]), int(thumb[1])) if thumb else None)
+
+
+@dataclass(frozen=True)
+class Result:
+    rank: int  # 1 = nearest
+    distance: float  # squared Euclidean
+    item: Item
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "distance": self.distance, "id": self.item.id, "label": self.item.label,
+                "class": self.item.wnid, "words": self.item.words, "file": self.item.file}
+
+
+class LazyItems(Sequence[Item]):
+    """items.jsonl, parsed one line when it is asked for: a search reads k rows of a 100k gallery, not all."""
+
+    def __init__(self, path: Path, lines: list[bytes]):
+        self.path = path
+        self.lines = lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __iter__(self) -> Iterator[Item]:
+        return (self[row] for row in range(len(self)))
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        if not -len(self) <= row < len(self):
+            raise IndexError(row)
+        row %= len(self)
+        try:
+            item = Item.from_dict(json.loads(self.lines[row]))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise RankingError(f"{self.path}: line {row + 1} is not an item ({e})") from None
+        if item.id != row:
+            raise RankingError(f"{self.path}: line {row + 1} holds id {item.id}, expected {row}")
+        return item
+
+
+ThumbnailReader = Callable[[Sequence[Item]], dict[int, Image.Image]]
+
+
+class Index:
+    """A searchable gallery: the model, float32 embeddings [N, D] (one tensor, on the model's device) and N items."""
+
+    def __init__(self, model: EmbeddingModel, embeddings: torch.Tensor, items: Sequence[Item], *,
+                 classes: Sequence[str] = (), sources: Sequence[dict] = (), path: Path | None = None,
+                 thumbnails: ThumbnailReader | None = None):
+        if embeddings.dim() != 2 or embeddings.shape[0] != len(items):
+            raise ValueError(f"{tuple(embeddings.shape)} embeddings for {len(items)} items")
+        self.model = model
+        self.embeddings = embeddings.float().contiguous().to(model.device)
+        self.items = items
+        self.classes = list(classes)
+        self.sources = list(sources)
+        self.path = path
+        self._thumbnails = thumbnails
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def to(self, device: str | torch.device | None) -> Index:
+        self.model.to(device)
+        self.embeddings = self.embeddings.to(self.model.device)
+        return self
+
+    # -------------------------------------------------------------------------------------------------- search
+
+    def search(self, images: ImageLike | Iterable[ImageLike], k: int = 10) -> list[list[Result]]:
+        """The ``k`` nearest gallery rows of each image, nearest first (images: PIL, paths or uint8 tensors)."""
+        return self.search_embeddings(self.model.embed(images), k)
+
+    def search_embeddings(self, queries: torch.Tensor, k: int = 10) -> list[list[Result]]:
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise RankingError(f"queries of shape {list(queries.shape)}; this index holds {self.dim}-d embeddings")
+        distances, rows = nearest_neighbors(queries.to(self.embeddings.device).float(), self.embeddings, k)
+        return [[Result(rank, distance, self.items[row])
+                 for rank, (distance, row) in enumerate(zip(ds.tolist(), rs.tolist()), 1)]
+                for ds, rs in zip(distances.cpu(), rows.cpu())]
+
+    def thumbnails(self, items: Sequence[Item]) -> dict[int, Image.Image]:
+        """id -> RGB image of each item, to draw results (an index's thumbnails, an evaluation's shard images)."""
+        if self._thumbnails is None:
+            raise RankingError(f"{self.path}: holds no thumbnails")
+        return self._thumbnails(items)
+
+    # -------------------------------------------------------------------------------------------------- folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Index:
+        """An index folder, checked: its files agree on the count and the dimension, the model rebuilds."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_index_json(path)
+        count, dim = meta["count"], meta["dim"]
+        try:
+            stored = load_file(str(path / EMBEDDINGS))
+        except FileNotFoundError:
+            raise RankingError(f"{path / EMBEDDINGS}: missing") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RankingError(f"{path / EMBEDDINGS}: not a readable safetensors file ({e})") from None
+        embeddings = stored.get("embeddings")
+        if embeddings is None or embeddings.dtype != torch.float32 or list(embeddings.shape) != [count, dim]:
+            found = "none" if embeddings is None else f"{str(embeddings.dtype)[6:]} {list(embeddings.shape)}"
+            raise RankingError(f"{path / EMBEDDINGS}: expected float32 embeddings [{count}, {dim}] as "
+                               f"{INDEX_JSON} says; found {found}")
+        try:
+            lines = (path / ITEMS).read_bytes().splitlines()
+        except OSError as e:
+            raise RankingError(f"{path / ITEMS}: cannot read ({e.strerror})") from None
+        if len(lines) != count:
+            raise RankingError(f"{path / ITEMS}: {len(lines)} items, but {INDEX_JSON} says {count}")
+        model = EmbeddingModel.from_folder(path, device)
+        if model.dim != dim:
+            raise RankingError(f"{path / MODEL_JSON}: the model makes {model.dim}-d embeddings, but the index "
+                               f"holds {dim}-d ones")
+        return cls(model, embeddings, LazyItems(path / ITEMS, lines), classes=meta["classes"],
+                   sources=meta["sources"], path=path, thumbnails=lambda items: read_thumbnails(path / THUMBS, items))
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    return (Path(path) / INDEX_JSON).is_file()
+
+
+def read_index_json(path: Path) -> dict:
+    meta = read_json(path / INDEX_JSON, "not found (not an index folder written by `ranking index`)")
+    where = path / INDEX_JSON
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RankingError(f"{where}: not a {FORMAT} index")
+    for key, kind in (("count", int), ("dim", int), ("classes", list), ("sources", list)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise RankingError(f"{where}: {key!r} must be a {kind.__name__}")
+    return meta
+
+
+def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Image]:
+    """Each item's thumbnail, read at its recorded offset (no scan of the tar)."""
+    images = {}
+    try:
+        with open(tar_path, "rb") as f:
+            for item in items:
+                if item.thumb is None:
+                    raise RankingError(f"{tar_path}: item {item.id} has no thumbnail")
+                f.seek(item.thumb[0])
+                images[item.id] = decode_image(f.read(item.thumb[1]), f"{tar_path}: thumbnail {item.id}")
+    except OSError as e:
+        raise RankingError(f"{tar_path}: cannot read ({e.strerror})") from None
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------------- sources
+
+
+class ImageSource:
+    """Images to index: ``entries`` (label, class name, words, file) in id order, a sharded ``embed`` and
+    ``images()`` (id, RGB image) for the thumbnails."""
+
+    path: Path
+    kind: str
+    split: str | None = None
+    entries: list[tuple[int, str | None, str | None, str]]
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path.resolve()), "kind": self.kind, "split": self.split, "count": len(self.entries)}
+
+    def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
+        raise NotImplementedError
+
+    def images(self) -> Iterator[tuple[int, Image.Image]]:
+        raise NotImplementedError
+
+
+class ShardsSource(ImageSource):
+    """One split of a shards folder, embedded through the evaluation's stream (``embed.embed_split``)."""
+
+    kind = "shards"
+
+    def __init__(self, path: Path, split: str | None):
+        from ranking.shardformat import split_counts, split_index
+
+        counts = split_counts(path, ["train", "val", "test"])
+        self.path = path
+        self.split = split or ("train" if counts["train"] else "test")
+        if not counts[self.split]:
+            raise RankingError(f"{path}: no {self.split} images to index (choose another --split)")
+        infos = split_index(path, self.split)
+        if sorted(infos) != list(range(counts[self.split])):
+            raise RankingError(f"{path}: the {self.split} shards hold {len(infos)} distinct ids, manifest.json says "
+                               f"{counts[self.split]}")
+        self.entries = [(infos[i].label, infos[i].wnid, infos[i].words, infos[i].file) for i in sorted(infos)]
+
+    def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
+        from ranking.embed import embed_split
+
+        pre = model.preprocessing
+        return embed_split(model.net, accelerator, str(self.path), str(self.split), image_size=pre.image_size,
+                           mean=pre.mean, std=pre.std, batch_size=batch_size, workers=workers, dim=model.dim,
+                           normalize=model.normalize, flip=model.flip)
+
+    def images(self) -> Iterator[tuple[int, Image.Image]]:
+        from ranking.shardformat import key_id, shard_paths
+
+        for shard in shard_paths(self.path, str(self.split)):
+            try:
+                with tarfile.open(shard) as tar:
+                    for member in tar:
+                        if member.name.endswith(".jpg"):
+                            extracted = tar.extractfile(member)
+                            data = extracted.read() if extracted else b""
+                            yield key_id(member.name[:-4]), decode_image(data, f"{shard}: {member.name}")
+            except (OSError, tarfile.TarError) as e:
+                raise RankingError(f"{shard}: cannot read shard ({e})") from None
+
+
+class _FolderSamples(torch.utils.data.IterableDataset):
+    """This rank's share (position % world_size == rank) of a folder's images, decoded and transformed."""
+
+    def __init__(self, source: FolderSource, transform: Callable, rank: int, world_size: int):
+        self.source, self.transform, self.rank, self.world_size = source, transform, rank, world_size
+
+    def __iter__(self):
+        for position, (label, _, _, _) in enumerate(self.source.entries):
+            if position % self.world_size == self.rank:
+                yield self.transform(self.source.image(position)), label, position
+
+
+class FolderSource(ImageSource):
+    """Class folders, a flat folder of images or Tiny ImageNet, read by ``ranking.archive`` (its size limits and
+    checks): every image of every split, train then val then test, each in the archive's order."""
+
+    def __init__(self, path: Path):
+        from ranking.archive import open_archive
+
+        self.path = path
+        self.dataset = open_archive(path)
+        self.kind = self.dataset.layout
+        samples = [s for split in ("train", "val", "test") for s in self.dataset.samples(split)]
+        if not samples:
+            raise RankingError(f"{path}: no images to index")
+        classes = self.dataset.classes
+        self.entries = [(s.label, classes[s.label].wnid if s.label >= 0 else None,
+                         classes[s.label].words if s.label >= 0 else None, s.file) for s in samples]
+
+    def image(self, position: int) -> Image.Image:
+        file = self.entries[position][3]
+        return decode_image(self.dataset.read(file), self.dataset.describe(file))
+
+    def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
+        from torch.utils.data import DataLoader
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        from ranking.augment import EvalResize, collate_samples
+        from ranking.embed import embed_loader
+
+        pre = model.preprocessing
+        samples = _FolderSamples(self, pil_to_tensor, accelerator.process_index, accelerator.num_processes)  # uint8
+        loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
+                            collate_fn=collate_samples)
+        return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
+                            resize=EvalResize(pre.image_size, pre.mean, pre.std))
+
+    def images(self) -> Iterator[tuple[int, Image.Image]]:
+        for position in range(len(self.entries)):
+            yield position, self.image(position)
+
+
+def open_images(path: str | os.PathLike, split: str | None = None) -> ImageSource:
+    """A shards folder (its ``split``, default train, else test) or a folder / zip that ``open_archive`` reads."""
+    from ranking.shardformat import MANIFEST
+
+    path = Path(path)
+    if not path.exists():
+        raise RankingError(f"{path}: no such folder or file (expected a shards folder or a folder of images)")
+    if (path / MANIFEST).is_file():
+        return ShardsSource(path, split)
+    if split:
+        raise RankingError(f"{path}: --split chooses a split of a shards folder; this is a folder of images")
+    return FolderSource(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+
+
+def embed_sources(model: EmbeddingModel, sources: Sequence[ImageSource], accelerator: Accelerator,
+                  batch_size: int = 64, workers: int = 0) -> list[torch.Tensor]:
+    """Every source's embeddings [n, D] on the CPU, rows in id order, on every rank (a collective)."""
+    found = []
+    for source in sources:
+        embedded = source.embed(model, accelerator, batch_size, workers)
+        if embedded.ids.tolist() != list(range(len(source.entries))):
+            raise RankingError(f"{source.path}: embedded {len(embedded.ids)} distinct images of "
+                               f"{len(source.entries)}")
+        found.append(embedded.embeddings.float().cpu())
+    return found
+
+
+def thumbnail_jpeg(image: Image.Image, size: int = THUMB_SIZE) -> bytes:
+    small = image.copy()
+    small.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=THUMB_QUALITY)
+    return buffer.getvalue()
+
+
+def check_same_model(index: Index, model: EmbeddingModel, where: str | os.PathLike) -> None:
+    """Rows of one index must come from one model: the same dimension and the same weights."""
+    if model.dim != index.dim:
+        raise RankingError(f"{where}: makes {model.dim}-d embeddings, but the index {index.path} holds "
+                           f"{index.dim}-d ones; mixed embedding dimensions cannot be searched together "
+                           "(build a new index)")
+    if model.weights_sha256 != index.model.weights_sha256:
+        raise RankingError(f"{where}: a different model (weights sha256 {model.weights_sha256[:12]}) than the "
+                           f"index {index.path} was built with ({index.model.weights_sha256[:12]}); its embeddings "
+                           "would not be comparable (build a new index)")
+
+
+def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource], embedded: Sequence[torch.Tensor],
+                base: Index | None = None, merged: Sequence[Index] = ()) -> Path:
+    """Write ``base`` (if any) + the ``merged`` indexes' rows + the sources' rows as the index folder ``out``.
+
+    Built under a temporary name beside ``out`` (``base``'s files copied, not re-embedded), then renamed into place.
+    """
+    from safetensors.torch import save
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        classes = list(base.classes) if base else []
+        lines: list[bytes] = list(base.items.lines) if base and isinstance(base.items, LazyItems) else []
+        if base is not None and not isinstance(base.items, LazyItems):
+            lines = [json.dumps(item.to_dict()).encode() for item in base.items]
+        parts = [base.embeddings.cpu()] if base else []
+        described = list(base.sources) if base else []
+        if base is not None and base.path is not None:
+            for name in (MODEL_WEIGHTS, MODEL_JSON, THUMBS):
+                shutil.copyfile(base.path / name, tmp / name)
+        else:
+            model.save(tmp)
+
+        def label_of(name: str | None) -> int:
+            if name is None:
+                return -1
+            if name not in classes:
+                classes.append(name)
+            return classes.index(name)
+
+        with tarfile.open(tmp / THUMBS, "a" if (tmp / THUMBS).exists() else "w") as tar:
+            def add_thumbnail(row: int, image: Image.Image) -> tuple[int, int]:
+                data = thumbnail_jpeg(image)
+                info = tarfile.TarInfo(f"{row:07d}.jpg")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))  # after its header
+                tar.addfile(info, io.BytesIO(data))
+                return offset, len(data)
+
+            for other in merged:  # rows of another index of the same model, thumbnails copied
+                first = len(lines)
+                source_offset = len(described)
+                described += other.sources
+                thumbs = other.thumbnails(list(other.items))
+                for item in other.items:
+                    row = first + item.id
+                    entry = Item(row, label_of(item.wnid), item.wnid, item.words, item.file,
+                                 source_offset + item.source, add_thumbnail(row, thumbs[item.id]))
+                    lines.append(json.dumps(entry.to_dict()).encode())
+                parts.append(other.embeddings.cpu())
+            for source, embeddings in zip(sources, embedded):
+                first = len(lines)
+                described.append({**source.describe(), "first_id": first})
+                thumbs_at: dict[int, tuple[int, int]] = {}
+                for position, image in source.images():
+                    thumbs_at[position] = add_thumbnail(first + position, image)
+                for position, (_, wnid, words, file) in enumerate(source.entries):
+                    entry = Item(first + position, label_of(wnid), wnid, words, file, len(described) - 1,
+                                 thumbs_at.get(position))
+                    lines.append(json.dumps(entry.to_dict()).encode())
+                parts.append(embeddings)
+        all_embeddings = torch.cat(parts) if parts else torch.zeros(0, model.dim)
+        write_atomically(tmp / EMBEDDINGS, lambda f: f.write(save({"embeddings": all_embeddings.contiguous()},
+                                                                  metadata={"format": FORMAT})))
+        write_atomically(tmp / ITEMS, lambda f: f.write(b"".join(line + b"\n" for line in lines)))
+        meta = {"format": FORMAT, "count": len(lines), "dim": model.dim, "normalized": model.normalize,
+                "flip": model.flip, "thumb_size": THUMB_SIZE, "classes": classes, "sources": described,
+                "model": model.source}
+        write_text_atomically(tmp / INDEX_JSON, json.dumps(meta, indent=2) + "\n")
+        publish_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``out``, replacing an existing ``out`` (moved aside, then removed)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

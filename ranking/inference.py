@@ -1,0 +1,372 @@
+"""A trained network as a function from images to embeddings: ``ranking.load(path).embed(images)``.
+
+    EmbeddingModel.from_run(RUN or CHECKPOINT)   the network of a run's checkpoint (``models.load_trained``)
+    EmbeddingModel.from_folder(INDEX)             the network an index folder carries (model.safetensors + model.json)
+    EmbeddingModel.from_safetensors(FILE)         a network exported by ``ranking export --format safetensors``
+    load(path)                                    whichever of the three ``path`` is
+    model.embed(images) -> FloatTensor[N, D]      PIL images, image paths or uint8 tensors, through the eval transform
+    model.export(FILE, "onnx" | "torchscript" | "safetensors")
+
+Every embedding of images in memory (search queries, ``ranking.load(...).embed``) goes through ``embed``, which calls
+``ranking.embed.embed_images``; sharded embedding of galleries uses ``ranking.embed.embed_local``: both apply
+``augment.EvalResize`` (on the device, to uint8 images) and ``models.embed_with_mirror``, so a query and its gallery
+see the same preprocessing.
+The preprocessing travels with every saved or exported model (``Preprocessing``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image, ImageOps
+
+from ranking import config, models
+from ranking.archive import read_regular_file
+from ranking.config import TrainConfig
+from ranking.errors import RankingError
+from ranking.files import read_json, write_atomically, write_text_atomically
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_JSON = "model.json"
+MODEL_FORMAT = "deep-ranking-model/1"
+MAX_IMAGE_PIXELS = 64 * 2**20  # as ranking.shards: decoding takes 3 bytes a pixel, 192 MiB at most
+EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
+ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+ImageLike = Image.Image | str | os.PathLike | torch.Tensor
+RESIZE = "resize the shorter side to image_size (bilinear, antialiased), centre-crop image_size x image_size"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the network expects: an RGB image resized and centre-cropped to ``image_size``, scaled to [0, 1], then
+    ``(x - mean) / std`` per channel, as a float32 tensor [N, 3, image_size, image_size]."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = RESIZE
+
+    @classmethod
+    def of(cls, train_config: TrainConfig) -> Preprocessing:
+        mean, std = models.input_normalization(train_config.backbone)
+        return cls(train_config.image_size, mean, std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+                "layout": "NCHW float32 RGB", "range": "[0, 1] before normalisation"}
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    """An upright RGB image from encoded bytes of any format PIL reads (transparency over white, EXIF orientation
+    applied); an image declaring more than MAX_IMAGE_PIXELS is refused before decoding. RankingError naming
+    ``where`` otherwise."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RankingError(f"{where}: {image.width}x{image.height} pixels, over the limit of "
+                                   f"{MAX_IMAGE_PIXELS} (ranking.inference.MAX_IMAGE_PIXELS)")
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+                rgba = upright.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+                return rgb
+            return upright.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = "not an image file" if isinstance(e, Image.UnidentifiedImageError) else f"cannot decode ({e})"
+        raise RankingError(f"{where}: {reason}") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image from any file PIL can read (size-limited, as ``ranking.archive`` reads); RankingError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise RankingError(f"{path}: no such image file")
+    return decode_image(read_regular_file(path), str(path))
+
+
+def to_images(images: ImageLike | Iterable[ImageLike]) -> list[Image.Image]:
+    """RGB PIL images from PIL images, paths, or uint8 tensors ([3, H, W], [1, H, W], [H, W] or a batch
+    [N, 3, H, W]); a tensor becomes the PIL image of its pixels, so it is embedded exactly like that image."""
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        images = [images]
+    elif isinstance(images, torch.Tensor):
+        images = list(images) if images.dim() == 4 else [images]
+    found = []
+    for n, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            found.append(image.convert("RGB"))
+        elif isinstance(image, (str, os.PathLike)):
+            found.append(load_image(image))
+        elif isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0]
+                                                                             not in (1, 3)):
+                raise RankingError(f"image {n}: a tensor must be uint8 [3, H, W], [1, H, W] or [H, W]; got "
+                                   f"{str(image.dtype).removeprefix('torch.')} {list(image.shape)}")
+            found.append(to_pil_image(image.cpu()).convert("RGB"))
+        else:
+            raise RankingError(f"image {n}: expected a PIL image, a path or a uint8 tensor; got {type(image).__name__}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as e:
+        raise RankingError(f"--device {device!r}: {str(e).splitlines()[0]}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise RankingError(f"--device {device}: no CUDA device here (use --device cpu)")
+    return parsed
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """The identity of a network's weights: sha256 over the sorted names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class EmbeddingModel:
+    """An ``EmbeddingNet`` in eval mode with what it takes to use it: its TrainConfig, its preprocessing, whether
+    embeddings are the mean of an image's and its mirror image's (``flip``), and where it came from (``source``:
+    run folder, checkpoint, step and ``weights_sha256``)."""
+
+    def __init__(self, net: torch.nn.Module, train_config: TrainConfig, source: dict[str, Any],
+                 flip: bool = False, device: str | torch.device | None = None):
+        self.config = dataclasses.replace(train_config, pretrained=False)
+        self.net = net.eval()
+        self.flip = flip
+        self.source = source
+        self.device = parse_device(device)
+        self.net.to(self.device)
+
+    # -------------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike, flip: bool = False,
+                 device: str | torch.device | None = None) -> EmbeddingModel:
+        from ranking import runfolder
+
+        checkpoint = runfolder.resolve_checkpoint(path)
+        net, train_config, step = models.load_trained(checkpoint)
+        source = {"run_dir": str(runfolder.run_of(checkpoint)), "checkpoint": str(checkpoint), "step": step,
+                  "weights_sha256": weights_sha256(net.state_dict())}
+        return cls(net, train_config, source, flip, device)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> EmbeddingModel:
+        """The model an index folder carries: MODEL_JSON (config, preprocessing, source) and MODEL_WEIGHTS."""
+        folder = Path(folder)
+        described = read_json(folder / MODEL_JSON, "not found (not an index or model folder)")
+        return cls._rebuild(described, folder / MODEL_JSON, folder / MODEL_WEIGHTS, device)
+
+    @classmethod
+    def from_safetensors(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> EmbeddingModel:
+        """A model exported with ``--format safetensors``: the weights, and MODEL_JSON's content in the metadata."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RankingError(f"{path}: not a readable safetensors file ({e})") from None
+        try:
+            described = json.loads(metadata[MODEL_JSON])
+        except (KeyError, ValueError):
+            raise RankingError(f"{path}: no {MODEL_JSON} in its metadata (not written by `ranking export`)") from None
+        return cls._rebuild(described, path, path, device)
+
+    @classmethod
+    def _rebuild(cls, described: Any, described_in: Path, weights: Path,
+                 device: str | torch.device | None) -> EmbeddingModel:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not isinstance(described, dict) or described.get("format") != MODEL_FORMAT:
+            raise RankingError(f"{described_in}: not a {MODEL_FORMAT} description")
+        if not isinstance(described.get("config"), dict) or not isinstance(described.get("source"), dict):
+            raise RankingError(f"{described_in}: no 'config' or 'source' entry")
+        try:
+            train_config = dataclasses.replace(config.build(TrainConfig, None, {**described["config"],
+                                                                                "pretrained": False,
+                                                                                "freeze_bn_stats": False,
+                                                                                "frozen_stages": 0}),
+                                               pretrained=False)
+        except RankingError as e:
+            raise RankingError(f"{described_in}: cannot rebuild the model's config ({e})") from None
+        if not weights.is_file():
+            raise RankingError(f"{weights}: missing: the model's weights")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RankingError(f"{weights}: not a readable safetensors file ({e})") from None
+        net = models.build_model(train_config)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise RankingError(f"{weights}: weights do not fit the model of {described_in} "
+                               f"({str(e).splitlines()[0]})") from None
+        return cls(net, train_config, dict(described["source"]), bool(described.get("flip", False)), device)
+
+    # -------------------------------------------------------------------------------------------------- using
+
+    @property
+    def dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def normalize(self) -> bool:
+        return self.config.normalize
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.of(self.config)
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(self.source.get("weights_sha256", ""))
+
+    def to(self, device: str | torch.device | None) -> EmbeddingModel:
+        self.device = parse_device(device)
+        self.net.to(self.device)
+        return self
+
+    def embed(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> torch.Tensor:
+        """[N, D] float32 embeddings on the CPU of PIL images, image paths or uint8 tensors, in full precision."""
+        from ranking.embed import embed_images
+
+        return embed_images(self.net, self.config, to_images(images), normalize=self.normalize, flip=self.flip,
+                            batch_size=batch_size, device=self.device)
+
+    def describe(self) -> dict[str, Any]:
+        """MODEL_JSON's content: everything needed to rebuild and feed the network, and where it came from."""
+        return {"format": MODEL_FORMAT, "config": dataclasses.asdict(self.config), "embed_dim": self.dim,
+                "normalize": self.normalize, "flip": self.flip, "preprocessing": self.preprocessing.to_dict(),
+                "source": self.source}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """MODEL_WEIGHTS and MODEL_JSON in ``folder``, each atomically."""
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        payload = save(state, metadata={"format": MODEL_FORMAT})
+        write_atomically(folder / MODEL_WEIGHTS, lambda f: f.write(payload))
+        write_text_atomically(folder / MODEL_JSON, json.dumps(self.describe(), indent=2) + "\n")
+
+    # -------------------------------------------------------------------------------------------------- export
+
+    def export(self, path: str | os.PathLike, fmt: ExportFormat) -> Path:
+        """The embedding network alone (input: preprocessed images [N, 3, S, S]; output: [N, D]), with its
+        preprocessing and MODEL_JSON's content in the file's metadata; written atomically."""
+        if fmt not in EXPORT_FORMATS:
+            raise RankingError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+        if self.flip:
+            raise RankingError("a model that averages mirrored embeddings (flip) is exported as its plain network; "
+                               "load it without flip")
+        net = self.net.to("cpu").eval()
+        size = self.config.image_size
+        example = torch.zeros(2, 3, size, size)
+        described = self.describe()
+        metadata = {"format": MODEL_FORMAT, "preprocessing": json.dumps(described["preprocessing"]),
+                    "image_size": str(size), "mean": json.dumps(list(self.preprocessing.mean)),
+                    "std": json.dumps(list(self.preprocessing.std)), "embed_dim": str(self.dim),
+                    "input": "images", "output": "embeddings", MODEL_JSON: json.dumps(described)}
+        try:
+            with warnings.catch_warnings():
+                # torch.jit and the TorchScript-based ONNX exporter are deprecated in favour of torch.export, but their
+                # files are what onnxruntime and a C++ libtorch load today; the user asked for them
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if fmt == "safetensors":
+                    from safetensors.torch import save
+
+                    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+                    payload = save(state, metadata=metadata)
+                elif fmt == "torchscript":
+                    with torch.inference_mode(False), torch.no_grad():
+                        traced = torch.jit.trace(net, example, check_trace=False)
+                    buffer = io.BytesIO()
+                    torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
+                    payload = buffer.getvalue()
+                else:
+                    payload = _onnx_bytes(net, example, metadata)
+        finally:
+            self.net.to(self.device)
+        return write_atomically(Path(path), lambda f: f.write(payload))
+
+
+def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    try:
+        import onnx
+    except ImportError:
+        raise RankingError("--format onnx needs the Python package 'onnx': pip install 'deep-ranking[export]'"
+                           ) from None
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        exported = Path(tmp) / "model.onnx"
+        torch.onnx.export(net, (example,), exported, dynamo=False, input_names=["images"],
+                          output_names=["embeddings"], opset_version=17,
+                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
+        proto = onnx.load(str(exported))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = "deep-ranking embedding network; preprocessing in metadata_props"
+    return proto.SerializeToString()
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_JSON).is_file()
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, flip: bool = False) -> EmbeddingModel:
+    """The model of a run folder, a checkpoint folder, an index folder or an exported ``.safetensors`` file."""
+    path = Path(path)
+    if is_model_folder(path):
+        return EmbeddingModel.from_folder(path, device)
+    if path.is_file() and path.suffix == ".safetensors":
+        return EmbeddingModel.from_safetensors(path, device)
+    if not path.exists():
+        raise RankingError(f"{path}: no such run, checkpoint, index or model file")
+    return EmbeddingModel.from_run(path, flip, device)
+
+
+def preprocess(model: EmbeddingModel, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The network's input for ``images``: [N, 3, S, S] float32 after ``augment.EvalResize``, on the CPU (to feed an
+    exported copy)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from ranking.augment import EvalResize
+
+    resize = EvalResize(model.config.image_size, model.preprocessing.mean, model.preprocessing.std)
+    return resize([pil_to_tensor(image.convert("RGB")) for image in images])

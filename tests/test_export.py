@@ -1,0 +1,107 @@
+"""`ranking export`: the ONNX and TorchScript copies of a network give its embeddings (max abs difference under 1e-4
+in fp32) on real images, and each file states its preprocessing; the safetensors copy loads back as the model."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SMOKE
+from ranking import cli, config, export, inference
+from ranking.errors import RankingError
+from ranking.models import build_model
+
+TOLERANCE = 1e-4
+
+
+def write_run(run_dir: Path, shards: str, **overrides) -> Path:
+    """A run folder with a random-init smoke network at step 5 (what `ranking train` leaves, without training)."""
+    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
+                                                                 "wandb": False, **overrides})
+    checkpoint = run_dir / "checkpoints" / "step-0000005"
+    checkpoint.mkdir(parents=True)
+    config.save(train_config, run_dir / "config.yaml")
+    torch.manual_seed(sum(map(ord, str(run_dir))) % 1000)
+    model = build_model(train_config).eval()
+    torch.save({"model": model.state_dict(), "step": 5, "wandb_run_id": "x"}, checkpoint / "state.pt")
+    (run_dir / "checkpoints" / "latest").symlink_to(checkpoint.name)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(mini_zip, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run = write_run(root / "run", "unused", image_size=40)
+    files = {fmt: root / f"model.{fmt}" for fmt in inference.EXPORT_FORMATS}
+    for fmt, path in files.items():
+        assert export.main([str(run), "--format", fmt, "--out", str(path)]) == 0
+    with zipfile.ZipFile(mini_zip) as z:
+        jpegs = [n for n in sorted(z.namelist()) if n.endswith(".JPEG")][::40][:5]
+        photos = [Image.open(io.BytesIO(z.read(n))).convert("RGB") for n in jpegs]
+    photos.append(photos[0].convert("L").resize((90, 50)))  # grayscale, not square, another size
+    model = inference.load(run, device="cpu")
+    return {"run": run, "files": files, "model": model, "photos": photos,
+            "inputs": inference.preprocess(model, photos), "expected": model.embed(photos)}
+
+
+def test_onnx_runs_in_onnxruntime_with_the_models_embeddings(exported):
+    import onnx
+    import onnxruntime
+
+    path = exported["files"]["onnx"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (found,) = session.run(["embeddings"], {"images": exported["inputs"].numpy()})  # 6 images: a dynamic batch
+    assert found.shape == (6, 16) and found.dtype == np.float32
+    assert np.abs(found - exported["expected"].numpy()).max() < TOLERANCE
+    assert np.linalg.norm(found, axis=1) == pytest.approx(1, abs=1e-5)
+    metadata = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert session.get_modelmeta().custom_metadata_map == metadata
+    assert metadata["image_size"] == "40" and json.loads(metadata["mean"]) == [0.485, 0.456, 0.406]
+    assert json.loads(metadata["std"]) == [0.229, 0.224, 0.225]
+    assert json.loads(metadata["model.json"])["config"]["backbone"] == "resnet18"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_runs_in_torch_jit_with_the_models_embeddings(exported):
+    extra = {"metadata.json": ""}
+    scripted = torch.jit.load(str(exported["files"]["torchscript"]), map_location="cpu", _extra_files=extra)
+    with torch.no_grad():
+        found = scripted(exported["inputs"])
+    assert found.shape == (6, 16)
+    assert (found - exported["expected"]).abs().max().item() < TOLERANCE
+    metadata = json.loads(extra["metadata.json"])
+    assert json.loads(metadata["preprocessing"])["image_size"] == 40
+    assert json.loads(metadata["preprocessing"])["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_safetensors_loads_back_as_the_same_model(exported):
+    from safetensors import safe_open
+
+    with safe_open(str(exported["files"]["safetensors"]), "pt") as f:
+        assert f.metadata()["image_size"] == "40"
+    again = inference.load(exported["files"]["safetensors"], device="cpu")
+    assert again.weights_sha256 == exported["model"].weights_sha256
+    assert torch.equal(again.embed(exported["photos"]), exported["expected"])
+
+
+def test_bad_export_requests_are_one_line(exported, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(tmp_path / "nowhere"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere: no such run, checkpoint, index or model file" in err
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses an unknown format
+        export.main([str(exported["run"]), "--format", "tflite", "--out", str(tmp_path / "m")])
+    assert exit_info.value.code == 2
+    text = tmp_path / "model.safetensors"
+    text.write_text("not safetensors")
+    with pytest.raises(RankingError, match="model.safetensors: not a readable safetensors file"):
+        inference.load(text)

@@ -1,0 +1,81 @@
+"""Validation during training (ranking.validation): the trainer's val metrics, computed on 2 gloo ranks, equal a
+standalone `ranking evaluate` of the same checkpoint on the same gallery; checkpoints/best points at the best step
+and survives rotation; W&B gets the val metrics at the training step."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from test_train import launch, metrics, train_flags, wandb_history_and_config
+
+from ranking import checkpoint, runfolder
+from ranking.evalfolder import read_metrics
+from ranking.evaluate import main as evaluate
+from ranking.shardformat import manifest_digest
+from ranking.validation import gallery_subset
+
+PER_CLASS = 10
+
+
+def wait_for_history(run_folder, seconds: float = 60) -> list[dict]:
+    """The history of an offline run that this process logged: wandb's service writes its file asynchronously."""
+    deadline = time.monotonic() + seconds
+    while not (history := wandb_history_and_config(run_folder)[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return history
+
+
+def test_gallery_subset_is_per_class_fixed_by_seed(synth_shards, tmp_path):
+    chosen = gallery_subset(str(synth_shards), PER_CLASS, seed=0, cache_dir=tmp_path)
+    assert len(chosen) == 6 * PER_CLASS  # 6 classes of 40 train images: a gallery larger than k=30
+    assert chosen == gallery_subset(str(synth_shards), PER_CLASS, seed=0)  # the cache changes nothing
+    assert chosen != gallery_subset(str(synth_shards), PER_CLASS, seed=1)
+    assert gallery_subset(str(synth_shards), 0, seed=0) is None  # 0: the whole split
+    assert len(gallery_subset(str(synth_shards), 1000, seed=0)) == 240  # more than a class has: all of it
+
+
+@pytest.mark.slow
+def test_validation_during_training_equals_a_standalone_evaluation(synth_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = train_flags(synth_shards, run_dir, steps=6, lr=3e-3, **{
+        "classes-per-batch": 3, "samples-per-class": 4, "eval-every": 2, "eval-gallery-per-class": PER_CLASS,
+        "checkpoint-every": 100, "keep-checkpoints": 1})
+    result = launch(flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    rows = [r for r in metrics(run_dir) if "val/precision@30" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(0 <= r["val/precision@30"] <= 1 and 0 <= r["val/knn1"] <= 1 and r["val/seconds"] > 0 for r in rows)
+
+    best = max(rows, key=lambda r: (r["val/precision@30"], -r["step"]))  # the first of equal bests is kept
+    best_dir = runfolder.checkpoints_dir(run_dir) / runfolder.BEST
+    assert best_dir.resolve().name == runfolder.step_dir_name(best["step"])
+    assert checkpoint.load_state(best_dir.resolve()).best_validation == pytest.approx(best["val/precision@30"])
+    kept = sorted(p.name for p in runfolder.checkpoints_dir(run_dir).glob("step-*"))
+    assert runfolder.step_dir_name(6) in kept and best_dir.resolve().name in kept  # keep 1, but best is kept too
+
+    out = tmp_path / "eval"
+    assert evaluate(["--checkpoint", str(best_dir), "--out", str(out), "--gallery-per-class", str(PER_CLASS),
+                     "--workers", "0", "--mixed-precision", "no", "--triplets", "0"]) == 0
+    standalone = read_metrics(out)["splits"]["val"]
+    assert standalone["precision_at_k"] == pytest.approx(best["val/precision@30"], abs=1e-6)
+    assert standalone["knn1_accuracy"] == pytest.approx(best["val/knn1"], abs=1e-6)
+    assert standalone["map"] == pytest.approx(best["val/mAP"], abs=1e-6)
+
+    training_run, eval_run = sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda p: p.name)
+    history, run_config = wandb_history_and_config(training_run)
+    logged = {int(h["_step"]): h["val/precision@30"] for h in history if "val/precision@30" in h}
+    assert logged == {r["step"]: pytest.approx(r["val/precision@30"]) for r in rows}
+    # what the TrainConfig does not say, for comparing runs: 2 ranks x 3 classes x 4 images
+    assert run_config["world_size"] == 2 and run_config["global_batch"] == 24
+    assert run_config["shards_manifest_sha256"] == manifest_digest(synth_shards)
+    assert all(h["step_s"] >= h["data_wait_s"] >= 0 for h in history if "loss" in h)
+
+    # the standalone evaluation is a run of its own beside the training run, at the training step it measured
+    eval_history = wait_for_history(eval_run)
+    assert eval_history[0]["trainer/step"] == best["step"]
+    assert eval_history[0]["eval/val/precision_at_k"] == pytest.approx(standalone["precision_at_k"])
+    assert "eval/pr_curve_table" in eval_history[0] or any(k.startswith("eval/pr_curve") for k in eval_history[0])
+    assert not os.path.exists(run_dir / "checkpoints" / ".best.tmp")
