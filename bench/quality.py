@@ -52,6 +52,7 @@ from ranking.config import TrainConfig
 from ranking.files import write_text_atomically
 from ranking.models import LITE0_STATS, build_lite0
 from ranking.retrieval import EmbeddingSet, evaluate_retrieval, titles
+from ranking.sampling import images_per_batch
 from ranking.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,11 +132,7 @@ def triplets_per_step(cfg: TrainConfig) -> int:
 
 def images_per_step(cfg: TrainConfig) -> int:
     """The images (rows) one optimizer step embeds in one process: P x K, or the paper sampler's fixed layout."""
-    if cfg.sampler == "paper":
-        rows = cfg.triplets_per_batch * (1 + cfg.pos_per_query + cfg.pos_per_query * cfg.neg_per_query)
-    else:
-        rows = cfg.classes_per_batch * cfg.samples_per_class
-    return rows * cfg.grad_accum
+    return images_per_batch(cfg) * cfg.grad_accum
 
 
 def seconds_per_step(run_dir: Path) -> float:

@@ -50,7 +50,8 @@ SAMPLERS: dict[SamplerName, Callable[..., IterableDataset]] = {"batch": pk_sampl
 
 
 def images_per_batch(config: TrainConfig) -> int:
-    """Rows of a training batch: P x K, or at most every query, positive and negative image of the paper sampler's."""
+    """Rows of a training batch: P x K, or a row for every query, positive and negative slot of the paper sampler's
+    (its fixed layout: an image drawn twice has two rows)."""
     if config.sampler == "batch":
         return config.classes_per_batch * config.samples_per_class
     return config.triplets_per_batch * (1 + config.pos_per_query + config.pos_per_query * config.neg_per_query)
