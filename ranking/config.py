@@ -95,6 +95,7 @@ class TrainConfig:
     shards: str = "shards/tiny-imagenet-200"  # folder written by `ranking shards` (holds manifest.json)
     run_dir: str = "runs/default"  # checkpoints, config.yaml, loss.png, wandb/
     image_size: int = 160  # input size; Tiny ImageNet is 64 px, upsampled for a pretrained trunk (the seeds: 224)
+    stored_size: int = 64  # workers ship every train image as a uint8 square of this side (Tiny ImageNet's own 64 px)
     shuffle_buffer: int = 2000  # samples in each worker's webdataset shuffle buffer
     workers: int = 2  # DataLoader workers per rank (0 = read in the main process)
 
@@ -115,6 +116,7 @@ class TrainConfig:
     dropout: float = 0.0  # dropout before the embedding layer, while training
     normalize: bool = True  # L2-normalise embeddings
     channels_last: bool = True  # NHWC memory layout (faster convolutions in mixed precision)
+    compile: bool = False  # torch.compile the model: fewer kernel launches where small steps leave a GPU waiting
 
     # loss
     loss: LossName = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap
@@ -186,6 +188,7 @@ class TrainConfig:
                      "neg_per_query", "buffer_per_class", "embed_dim", "steps", "grad_accum", "log_every",
                      "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
+        at_least("stored_size", self.stored_size, 1)
         for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "workers", "shuffle_buffer",
                      "weight_decay", "grad_clip", "momentum", "warmup_steps", "keep_checkpoints", "eval_every",
                      "eval_gallery_per_class"):

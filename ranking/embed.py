@@ -1,5 +1,8 @@
 """Sharded embedding: every rank embeds its share of a split, then all ranks gather the whole split, once per id.
 
+DataLoader workers decode to uint8; ``augment.EvalResize`` (resize, centre crop, normalise) makes the model's input
+on the device, for the shards' splits as for images in memory (``ranking search``'s query files).
+
 The eval stream gives rank r the samples with ``id % world_size == r``, so ranks hold different numbers of rows.
 The gather pads every rank's rows to the longest (padding rows carry id -1), gathers, drops the padding and keeps
 one row per id, sorted by id: every sample exactly once at any world size, on every rank.
@@ -17,8 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ranking import models, stream
+from ranking.augment import EvalResize, collate_samples
 from ranking.config import TrainConfig
 from ranking.retrieval import EmbeddingSet
 
@@ -32,9 +37,12 @@ log = logging.getLogger("ranking.embed")
 
 @torch.inference_mode()
 def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
-                flip: bool = False, name: str = "", expected: int | None = None) -> EmbeddingSet:
+                flip: bool = False, name: str = "", expected: int | None = None,
+                resize: EvalResize | None = None) -> EmbeddingSet:
     """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); a log line
-    every LOG_EVERY_S seconds and at the end, naming the split (``name``) and this rank's count so far."""
+    every LOG_EVERY_S seconds and at the end, naming the split (``name``) and this rank's count so far. With
+    ``resize``, the loader's images are uint8 (``augment.collate_samples``), resized and normalised on the device;
+    without it they are the model's input already."""
     device = accelerator.device
     embeddings = [torch.zeros(0, dim, device=device)]
     ids, labels = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
@@ -42,8 +50,10 @@ def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, 
     done = 0
     of = f"/{expected}" if expected is not None else ""
     for images, batch_labels, batch_ids in loader:
+        moved = to_device(images, device)
+        pixels = resize(moved) if resize is not None else torch.stack(list(moved)) if isinstance(moved, list) else moved
         with accelerator.autocast():
-            embeddings.append(models.embed_with_mirror(model, images.to(device, non_blocking=True), flip).float())
+            embeddings.append(models.embed_with_mirror(model, pixels, flip).float())
         labels.append(batch_labels.long())
         ids.append(batch_ids.long())
         done += len(batch_ids)
@@ -53,6 +63,12 @@ def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, 
     seconds = time.perf_counter() - started
     log.info(f"{name}: embedded {done}{of} images in {seconds:.1f} s")
     return EmbeddingSet(torch.cat(embeddings), torch.cat(ids).to(device), torch.cat(labels).to(device))
+
+
+def to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True)
+    return [image.to(device, non_blocking=True) for image in images]
 
 
 def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet:
@@ -78,24 +94,26 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
     (by id) and over DataLoader workers (by shard).
     """
-    samples = stream.eval_samples(shards, split, image_size, mean, std, accelerator.process_index,
-                                  accelerator.num_processes, only_ids)
-    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers,
+    samples = stream.eval_samples(shards, split, accelerator.process_index, accelerator.num_processes, only_ids)
+    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples,
                         pin_memory=accelerator.device.type == "cuda")
     rank, world = accelerator.process_index, accelerator.num_processes
     if only_ids is not None:
         mine: int | None = sum(1 for i in only_ids if i % world == rank)
     else:
         mine = None if total is None else len(range(rank, total, world))  # ids with id % world == rank
-    return embed_loader(model, accelerator, loader, dim, normalize, flip, split, mine)
+    return embed_loader(model, accelerator, loader, dim, normalize, flip, split, mine,
+                        resize=EvalResize(image_size, mean, std))
 
 
 def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int, normalize: bool,
-                 flip: bool = False, name: str = "", expected: int | None = None) -> EmbeddingSet:
+                 flip: bool = False, name: str = "", expected: int | None = None,
+                 resize: EvalResize | None = None) -> EmbeddingSet:
     """Embed this rank's batches ``(images, labels, ids)`` of ``loader``, then gather every rank's rows: every rank
-    returns them all, one per id, sorted by id (``name`` and ``expected`` go into this rank's progress lines)."""
+    returns them all, one per id, sorted by id (``name`` and ``expected`` go into this rank's progress lines;
+    ``resize`` as for ``embed_local``)."""
     model.eval()
-    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip, name, expected))
+    split_set = gather_unique(accelerator, embed_local(model, accelerator, loader, dim, flip, name, expected, resize))
     if normalize:  # the model normalised in reduced precision; make the rows exactly unit-norm again
         split_set = EmbeddingSet(F.normalize(split_set.embeddings, dim=1), split_set.ids, split_set.labels)
     return split_set
@@ -104,14 +122,15 @@ def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader,
 @torch.inference_mode()
 def embed_images(model: nn.Module, config: TrainConfig, images: Sequence[Image.Image], normalize: bool,
                  flip: bool = False, batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
-    """[N, D] float32 embeddings on the CPU of images in memory, through the eval transform, in full precision;
-    ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there is one (the model is moved there)."""
+    """[N, D] float32 embeddings on the CPU of images in memory (any sizes), through the evaluation's ``EvalResize``
+    on the device, in full precision; ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there
+    is one (the model is moved there)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transform = stream.eval_transform(config.image_size, *models.input_normalization(config.backbone))
+    resize = EvalResize(config.image_size, *models.input_normalization(config.backbone))
     model = model.to(device).eval()
     embeddings = [torch.zeros(0, config.embed_dim)]
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(image) for image in images[start:start + batch_size]])
-        embeddings.append(models.embed_with_mirror(model, batch.to(device), flip).float().cpu())
+        pixels = [pil_to_tensor(image.convert("RGB")) for image in images[start:start + batch_size]]  # uint8
+        embeddings.append(models.embed_with_mirror(model, resize(to_device(pixels, device)), flip).float().cpu())
     embeddings_cpu = torch.cat(embeddings)
     return F.normalize(embeddings_cpu, dim=1) if normalize else embeddings_cpu

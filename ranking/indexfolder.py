@@ -329,15 +329,17 @@ class FolderSource(ImageSource):
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from torch.utils.data import DataLoader
+        from torchvision.transforms.v2.functional import pil_to_tensor
 
+        from ranking.augment import EvalResize, collate_samples
         from ranking.embed import embed_loader
-        from ranking.stream import eval_transform
 
         pre = model.preprocessing
-        samples = _FolderSamples(self, eval_transform(pre.image_size, pre.mean, pre.std),
-                                 accelerator.process_index, accelerator.num_processes)
-        loader = DataLoader(samples, batch_size=batch_size, num_workers=0)  # an open zip does not go to workers
-        return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip)
+        samples = _FolderSamples(self, pil_to_tensor, accelerator.process_index, accelerator.num_processes)  # uint8
+        loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
+                            collate_fn=collate_samples)
+        return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
+                            resize=EvalResize(pre.image_size, pre.mean, pre.std))
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         for position in range(len(self.entries)):

@@ -9,7 +9,8 @@
 
 Every embedding of images in memory (search queries, ``ranking.load(...).embed``) goes through ``embed``, which calls
 ``ranking.embed.embed_images``; sharded embedding of galleries uses ``ranking.embed.embed_local``: both apply
-``stream.eval_transform`` and ``models.embed_with_mirror``, so a query and its gallery see the same preprocessing.
+``augment.EvalResize`` (on the device, to uint8 images) and ``models.embed_with_mirror``, so a query and its gallery
+see the same preprocessing.
 The preprocessing travels with every saved or exported model (``Preprocessing``).
 """
 
@@ -361,8 +362,11 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, flip
 
 
 def preprocess(model: EmbeddingModel, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The network's input for ``images``: [N, 3, S, S] float32 after the eval transform (to feed an exported copy)."""
-    from ranking.stream import eval_transform
+    """The network's input for ``images``: [N, 3, S, S] float32 after ``augment.EvalResize``, on the CPU (to feed an
+    exported copy)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
-    transform = eval_transform(model.config.image_size, model.preprocessing.mean, model.preprocessing.std)
-    return torch.stack([transform(image) for image in images])
+    from ranking.augment import EvalResize
+
+    resize = EvalResize(model.config.image_size, model.preprocessing.mean, model.preprocessing.std)
+    return resize([pil_to_tensor(image.convert("RGB")) for image in images])

@@ -2,7 +2,7 @@
 
 Two samplers turn ``(image, label, id)`` samples into ``Batch``es (DESIGN.md "Batches"):
 - ``PaperTripletSampler``: the paper's online triplet sampling from per-class reservoir buffers; the batch holds
-  each image once and the (query, positive, negative) triplets as indices into it.
+  a row for each query, positive and negative slot (a fixed number of rows) and the triplets as indices into it.
 - ``PKBatcher``: P classes x K images from per-class queues; the triplets are mined later from the embeddings.
 Both are IterableDatasets for a DataLoader with ``batch_size=None``; each worker keeps its own buffers and draws from
 an RNG seeded by (seed, rank, worker), so a run is reproducible.
@@ -25,7 +25,7 @@ from ranking.stream import Sample, worker_seed
 
 
 class Batch(NamedTuple):
-    images: Tensor  # [N, 3, H, W], every image once
+    images: Tensor  # [N, 3, H, W]; N is the same at every step of a run
     labels: Tensor  # [N] long
     ids: Tensor  # [N] long
     triplets: Tensor | None  # [T, 3] long (query, positive, negative) row indices, or None: mine them
@@ -50,7 +50,8 @@ SAMPLERS: dict[SamplerName, Callable[..., IterableDataset]] = {"batch": pk_sampl
 
 
 def images_per_batch(config: TrainConfig) -> int:
-    """Rows of a training batch: P x K, or at most every query, positive and negative image of the paper sampler's."""
+    """Rows of a training batch: P x K, or a row for every query, positive and negative slot of the paper sampler's
+    (its fixed layout: an image drawn twice has two rows)."""
     if config.sampler == "batch":
         return config.classes_per_batch * config.samples_per_class
     return config.triplets_per_batch * (1 + config.pos_per_query + config.pos_per_query * config.neg_per_query)
@@ -58,8 +59,9 @@ def images_per_batch(config: TrainConfig) -> int:
 
 def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
                   decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
-    """``decode(sample) -> image tensor`` runs when a batch is formed (``stream.Decoder.image`` for the records of
-    ``stream.train_records``); without it the samples already hold image tensors."""
+    """``decode(sample) -> image tensor`` runs when a batch is formed (the trainer's ``augment.StoredDecoder().image``:
+    uint8 at the stored size, for the records of ``stream.train_records``); without it the samples already hold image
+    tensors."""
     return SAMPLERS[config.sampler](samples, config, num_classes, seed, decode)
 
 
@@ -82,14 +84,14 @@ def check_feasible(config: TrainConfig, counts: dict[int, int]) -> None:
                  "and another class for the negatives", f"{ready} classes of {config.pos_per_query + 1} images")
 
 
-def to_batch(samples: list[Sample], triplets: list[tuple[int, int, int]] | None,
+def to_batch(samples: list[Sample], triplets: Tensor | list[tuple[int, int, int]] | None,
              decode: Callable[[Any], Tensor] | None = None) -> Batch:
     images = [sample[0] for sample in samples]
-    if decode is not None:  # a buffered image is augmented anew each time a batch uses it
+    if decode is not None:  # decoded per use: a buffered image is augmented anew each time a batch uses it
         images = [decode(sample) for sample in samples]
     labels, ids = [sample[1] for sample in samples], [sample[2] for sample in samples]
     return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids),
-                 None if triplets is None else torch.tensor(triplets, dtype=torch.long).view(-1, 3))
+                 None if triplets is None else torch.as_tensor(triplets, dtype=torch.long).view(-1, 3))
 
 
 class ClassReservoirs:
@@ -133,7 +135,8 @@ class PaperTripletSampler(IterableDataset):
     A batch has ``triplets_per_batch`` queries; each query has ``pos_per_query`` distinct positives from its class's
     reservoir, and each (query, positive) pair ``neg_per_query`` negatives drawn from other classes' reservoirs:
     ``triplets_per_batch * pos_per_query * neg_per_query`` triplets. Between batches the reservoirs take in as many
-    new samples as the last batch used, so the stream is consumed at the rate it is trained on.
+    new samples as the last batch used distinct images, so the stream is consumed at the rate it is trained on.
+    Every batch has ``rows_per_batch`` rows and the same ``triplet_rows()`` (see ``_sample_batch``).
     """
 
     def __init__(self, samples: Iterable[Sample], num_classes: int, triplets_per_batch: int, pos_per_query: int,
@@ -162,7 +165,7 @@ class PaperTripletSampler(IterableDataset):
             while True:
                 batch = self._sample_batch(reservoirs, rng)
                 yield batch
-                for _ in range(len(batch.ids)):
+                for _ in range(len(set(batch.ids.tolist()))):
                     reservoirs.add(next(stream))
         except StopIteration:  # a finite stream ends the batches; the train stream never ends
             return
@@ -181,28 +184,40 @@ class PaperTripletSampler(IterableDataset):
             read += 1
 
     def _sample_batch(self, reservoirs: ClassReservoirs, rng: random.Random) -> Batch:
+        """Every triplet slot has a row of its own, in a fixed layout: the queries, then their positives, then the
+        positives' negatives (``rows_per_batch`` rows, the same at every step).
+
+        The layout used to hold each image once, so the number of rows varied from batch to batch and cuDNN planned
+        its kernels anew at each step. Padding to a fixed count would have added rows in no triplet, which still
+        pass through the network and move BatchNorm's batch statistics; so no row is padding: an image drawn twice
+        gets two rows, augmented differently, which are two real training inputs.
+        """
         ready = reservoirs.classes_with(self.positives + 1)
         nonempty = reservoirs.classes_with(1)
-        rows: dict[tuple[int, int], int] = {}  # (class, slot) -> row in the batch: each image embedded once
-        samples: list[Sample] = []
-
-        def row(label: int, slot: int) -> int:
-            if (label, slot) not in rows:
-                rows[label, slot] = len(samples)
-                samples.append(reservoirs.buffers[label][slot])
-            return rows[label, slot]
-
-        triplets = []
+        queries, positives, negatives = [], [], []
         for _ in range(self.queries):
             label = rng.choice(ready)
             other_classes = [other for other in nonempty if other != label]
-            query, *positives = rng.sample(range(len(reservoirs.buffers[label])), self.positives + 1)
-            for positive in positives:
+            query, *chosen = rng.sample(range(len(reservoirs.buffers[label])), self.positives + 1)
+            queries.append(reservoirs.buffers[label][query])
+            for positive in chosen:
+                positives.append(reservoirs.buffers[label][positive])
                 for _ in range(self.negatives):
                     other = rng.choice(other_classes)
-                    negative = rng.randrange(len(reservoirs.buffers[other]))
-                    triplets.append((row(label, query), row(label, positive), row(other, negative)))
-        return to_batch(samples, triplets, self.decode)
+                    negatives.append(reservoirs.buffers[other][rng.randrange(len(reservoirs.buffers[other]))])
+        return to_batch(queries + positives + negatives, self.triplet_rows(), self.decode)
+
+    @property
+    def rows_per_batch(self) -> int:
+        return self.queries * (1 + self.positives + self.positives * self.negatives)
+
+    def triplet_rows(self) -> Tensor:
+        """``[T, 3]`` (query, positive, negative) rows of the fixed layout, ordered by query, positive, negative."""
+        query = torch.arange(self.queries).repeat_interleave(self.positives * self.negatives)
+        pair = torch.arange(self.queries * self.positives).repeat_interleave(self.negatives)
+        positive = self.queries + pair
+        negative = self.queries * (1 + self.positives) + torch.arange(len(pair))
+        return torch.stack([query, positive, negative], dim=1)
 
 
 class PKBatcher(IterableDataset):

@@ -1,8 +1,14 @@
-"""Samples from the shards as ``(image: FloatTensor[3, H, W], label: int, id: int)``, for training and evaluation.
+"""Samples from the shards, for training and evaluation: records (JPEG bytes, label, id) and decoded samples.
 
 Training streams are infinite: every rank and every DataLoader worker resamples all train shards with its own seed
 (derived from the run seed, the rank and the worker id), so ranks never run out of data at different times and no
 rank waits for another. Evaluation streams read each sample of a split exactly once over all ranks.
+
+The trainer and the evaluation decode to uint8 at the stored size in their DataLoader workers and make the model's
+pixels on the training device (``ranking.augment``). ``train_transform``, ``Decoder`` and ``train_samples`` are the
+per-image torchvision path the trainer ran in its workers before: the reference that ``augment.TrainAugment`` is
+tested and benchmarked against (tests, ``bench/bench_loader.py``'s "current", ``bench/bench_shards.py``);
+``eval_transform`` is ``augment.EvalResize``'s reference.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from ranking import distributed
+from ranking.augment import StoredDecoder
 from ranking.errors import RankingError
 from ranking.shardformat import MANIFEST, key_id, shard_counts, shard_paths
 
@@ -75,15 +82,17 @@ def train_records(shards_dir: str, shuffle_buffer: int, seed: int) -> wds.DataPi
 
 def train_samples(shards_dir: str, image_size: int, mean: Sequence[float], std: Sequence[float],
                   shuffle_buffer: int, seed: int) -> wds.DataPipeline:
-    """Infinite stream of augmented train samples ``(image, label, id)``; ``train_records`` decoded."""
+    """Infinite stream of augmented train samples ``(image, label, id)``; ``train_records`` decoded by the per-image
+    reference transform (the trainer decodes the records to uint8 instead and augments on its device)."""
     decode = Decoder(train_transform(image_size, mean, std))
     return train_records(shards_dir, shuffle_buffer, seed).compose(wds.map(decode.sample))
 
 
-def eval_samples(shards_dir: str, split: str, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 rank: int, world_size: int, only_ids: frozenset[int] | None = None) -> wds.DataPipeline:
-    """Each sample of ``split`` (or of its ids in ``only_ids``) once over all ranks: rank r keeps ids with
-    ``id % world_size == r``.
+def eval_samples(shards_dir: str, split: str, rank: int, world_size: int,
+                 only_ids: frozenset[int] | None = None) -> wds.DataPipeline:
+    """Each sample of ``split`` (or of its ids in ``only_ids``) once over all ranks, as ``(uint8 [3, h, w] at its
+    stored size, label, id)``: rank r keeps ids with ``id % world_size == r``; ``augment.EvalResize`` makes the
+    model's input on the device.
 
     Shards are split over DataLoader workers, and the id filter runs before decoding, so a rank decodes only its share.
     """
@@ -94,7 +103,7 @@ def eval_samples(shards_dir: str, split: str, image_size: int, mean: Sequence[fl
         functools.partial(counted_samples, expected=shard_counts(shards_dir, split)),
         wds.select(functools.partial(_owned_by, rank=rank, world_size=world_size, only_ids=only_ids)),
         wds.map(_record),
-        wds.map(Decoder(eval_transform(image_size, mean, std)).sample),
+        wds.map(StoredDecoder(stored_size=None).sample),
     )
 
 

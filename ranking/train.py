@@ -1,7 +1,9 @@
 """Train the deep-ranking embedding: ``ranking train ...`` (one process) or ``accelerate launch -m ranking.train ...``.
 
 Every rank streams its own infinite, resampled view of the train shards, so every rank takes exactly
-``--steps`` optimizer steps whatever the number of shards. Each step embeds the batch's images in one forward pass;
+``--steps`` optimizer steps whatever the number of shards. DataLoader workers ship uint8 batches at the stored size;
+each step augments its batch on the training device (``augment.TrainAugment``: a random resized crop and flip of its
+own for each image, resize, normalise) and embeds its images in one forward pass;
 the paper sampler's triplets index into them, the batch sampler mines triplets on the batch gathered from all ranks
 (``losses.DistributedLoss``).
 
@@ -26,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from ranking import (
+    augment,
     checkpoint,
     cli,
     config,
@@ -68,17 +72,18 @@ def stream_seeds(seed: int, step: int) -> tuple[int, int]:
 
 
 def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) -> Iterator[Batch]:
-    """This rank's infinite iterator of batches (stream.py mixes the rank and the worker into the seeds).
+    """This rank's infinite iterator of batches of uint8 ``[N, 3, stored_size, stored_size]`` images, not yet
+    augmented (stream.py mixes the rank and the worker into the seeds). An image of another size is resized to the
+    square (aspect ratio not kept): raise ``stored_size`` for a folder source of larger images.
 
     A sampler that can never form a batch from the shards' per-class counts is refused first (it would wait forever).
     """
     num_classes = len(load_manifest(cfg.shards)["classes"])
     sampling.check_feasible(cfg, class_counts(cfg.shards, "train", cache_dir=Path(cfg.shards)))
-    mean, std = models.input_normalization(cfg.backbone)
     samples_seed, batches_seed = seeds
     records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
-    decode = stream.Decoder(stream.train_transform(cfg.image_size, mean, std))
-    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode.image)
+    decode = augment.StoredDecoder(cfg.stored_size).image
+    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                         prefetch_factor=4 if cfg.workers > 0 else None,
                         worker_init_fn=functools.partial(distributed.ignore_stop_signals, rank_pid=os.getpid()))
@@ -150,12 +155,22 @@ class BatchWatchdog:
         raise BatchStall(time.monotonic() - (self.started or time.monotonic()))
 
 
-def to_device(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    triplets = None if batch.triplets is None else batch.triplets.to(device, non_blocking=True)
-    return Batch(images, batch.labels.to(device, non_blocking=True), batch.ids, triplets)
+class DeviceAugment:
+    """A worker's uint8 batch -> the model's input on the training device: ``augment.TrainAugment`` there, its crops
+    and flips drawn from a generator of this run segment's stream seed and this rank (a resumed run restarts from
+    the seeds of its step: the same crops again), then channels_last."""
+
+    def __init__(self, cfg: TrainConfig, seeds: tuple[int, int], rank: int, device: torch.device) -> None:
+        self.augment = augment.TrainAugment(cfg.image_size, *models.input_normalization(cfg.backbone))
+        self.generator = augment.seeded_generator(seeds[1], rank)
+        self.device, self.channels_last = device, cfg.channels_last
+
+    def __call__(self, batch: Batch) -> Batch:
+        images = self.augment(batch.images.to(self.device, non_blocking=True), self.generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        triplets = None if batch.triplets is None else batch.triplets.to(self.device, non_blocking=True)
+        return Batch(images, batch.labels.to(self.device, non_blocking=True), batch.ids, triplets)
 
 
 def triplets_in(batch: Batch) -> int:
@@ -309,8 +324,10 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
     optimizer = optim.build_optimizer(cfg, net)
     scheduler = optim.build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(net, optimizer)
+    if cfg.compile:
+        model = compiled(model, accelerator.device)
     objective = losses.build_objective(cfg)
-    set_seed(cfg.seed, device_specific=True)  # different augmentations and dropout on every rank
+    set_seed(cfg.seed, device_specific=True)  # different dropout on every rank (crops: DeviceAugment's generator)
 
     validator = validation.Validator(cfg, accelerator, run_dir) if cfg.eval_every else None
     step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
@@ -336,6 +353,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
         return checkpoint.save(run_dir, state, cfg.keep_checkpoints, best=best)
 
     batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
+    on_device = DeviceAugment(cfg, data_seeds, accelerator.process_index, accelerator.device)
     progress = Progress(log, cfg.steps, step, shown=accelerator.is_main_process, bar=cfg.progress)
     meter = Meter(accelerator.device)
     stop: Stop | None = None
@@ -351,10 +369,11 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
             for _ in range(cfg.grad_accum):
                 waiting = time.perf_counter()
                 try:
-                    batch = to_device(next(fetch), accelerator.device, cfg.channels_last)
+                    raw = next(fetch)
                 except BatchStall as stall:
                     return stalled(cfg, step, stall, signals, progress)
                 meter.waited(time.perf_counter() - waiting)
+                batch = on_device(raw)
                 with accelerator.accumulate(model):
                     out = objective(model(batch.images), batch.labels, batch.triplets)
                     accelerator.backward(out.objective)
@@ -407,6 +426,24 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
         accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
     finish(accelerator, run_dir, artifacts=cfg.wandb and cfg.wandb_artifacts)
     return stop.exit_code
+
+
+def compiled(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile`` of the prepared model (TorchInductor; the first steps pay for compiling), refused in one line
+    where it cannot run: Inductor builds its kernels with a C compiler (C++ on the CPU, Triton's launchers on CUDA).
+    Checkpoints keep saving the plain module's weights."""
+    import shutil
+
+    import torch._dynamo
+
+    compilers = ("g++", "c++", "clang++") if device.type == "cpu" else ("cc", "gcc", "clang")
+    if not torch._dynamo.is_dynamo_supported():
+        raise RankingError(f"--compile: torch.compile is not supported with Python {sys.version.split()[0]} and "
+                           f"torch {torch.__version__}; run without --compile")
+    if not any(shutil.which(name) for name in compilers):
+        raise RankingError(f"--compile: no C compiler found ({', '.join(compilers)}) for TorchInductor's "
+                           f"{device.type} kernels; install one or run without --compile")
+    return cast(torch.nn.Module, torch.compile(model))
 
 
 def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:

@@ -182,7 +182,7 @@ def test_flat_folder_is_a_gallery_in_the_test_split(tree, tmp_path):
     assert {int(s["cls"]) for s in samples} == {-1}
     assert all(json.loads(s["json"])["wnid"] is None for s in samples)
     verify_shards(out)
-    images = list(eval_samples(str(out), "test", 32, [0.5] * 3, [0.5] * 3, rank=0, world_size=1))
+    images = list(eval_samples(str(out), "test", rank=0, world_size=1))
     assert sorted(i for _, _, i in images) == list(range(len(written)))
     with pytest.raises(RankingError, match="no train shards"):
         next(iter(train_samples(str(out), 32, [0.5] * 3, [0.5] * 3, shuffle_buffer=10, seed=0)))
@@ -191,14 +191,14 @@ def test_flat_folder_is_a_gallery_in_the_test_split(tree, tmp_path):
 
 
 def test_stream_reads_class_folder_shards(tree, tmp_path):
-    """Evaluation and training read them unchanged: decoded RGB tensors, labels from the manifest's classes."""
+    """Evaluation and training read them unchanged: decoded RGB tensors (uint8 at the stored size for evaluation),
+    labels from the manifest's classes."""
     root, _ = tree
     out = tmp_path / "shards"
     manifest = write_shards(root, out, shard_size=20, val_fraction=0.2)
-    val = list(eval_samples(str(out), "val", 48, [0.5] * 3, [0.5] * 3, rank=0, world_size=1))
+    val = list(eval_samples(str(out), "val", rank=0, world_size=1))
     assert len(val) == manifest["splits"]["val"]["count"]
-    assert all(image.shape == (3, 48, 48) and image.dtype == torch.float32 and 0 <= label < 10
-               for image, label, _ in val)
+    assert all(image.shape[0] == 3 and image.dtype == torch.uint8 and 0 <= label < 10 for image, label, _ in val)
     stream = iter(train_samples(str(out), 32, [0.5] * 3, [0.5] * 3, shuffle_buffer=10, seed=0))
     batch = [next(stream) for _ in range(70)]  # more than the split: resampled
     assert {label for _, label, _ in batch} <= set(range(10)) and batch[0][0].shape == (3, 32, 32)

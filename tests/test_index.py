@@ -81,10 +81,16 @@ def test_tree_index_finds_each_photo_first_with_its_class(data, capsys):
     found = search_json(capsys, *queries, "--index", data["indexes"] / "tree", "--top", "3")
     meta = json.loads((data["indexes"] / "tree" / "index.json").read_text())
     assert meta["count"] == 10 * 4 + 3 and meta["classes"] == sorted(p.name for p in data["tree"].iterdir())
+    made_from = f"{first.name}/{sorted(p.name for p in first.glob('*.JPEG'))[0]}"  # the odd images' photo
     for query, result in zip(queries, found):
         assert result["query"] == str(query)
         top = result["results"][0]
-        assert top["file"] == f"{first.name}/{query.name}" and top["class"] == first.name and top["label"] == 0
+        # a converted odd image and the photo it was made from are near-duplicates (distances ~1e-3 apart), and which
+        # comes first depends on JPEG decoders' rounding: either may, the image itself is in the first two
+        own = f"{first.name}/{query.name}"
+        assert top["file"] == own or (query.suffix != ".JPEG" and top["file"] == made_from)
+        assert own in [r["file"] for r in result["results"][:2]]
+        assert top["class"] == first.name and top["label"] == 0
         assert top["rank"] == 1 and set(top) == {"rank", "distance", "id", "label", "class", "words", "file"}
         distances = [r["distance"] for r in result["results"]]
         assert distances == sorted(distances)
@@ -97,7 +103,10 @@ def test_flat_folder_index_has_no_labels_and_the_table_names_files(data, capsys)
     out = run_search(capsys, query, "--index", data["indexes"] / "flat", "--top", "2").splitlines()
     assert out[0] == str(query) and out[1].split() == ["rank", "distance", "file", "wnid", "words"]
     rank, distance, file, wnid, words = out[2].split()
-    assert (rank, file, wnid, words) == ("1", query.name, "-", "-") and float(distance) < 0.05
+    made_from = query.name.replace("cmyk.jpg", sorted(p.name for p in data["tree"].glob(f"{query.name[:9]}/*.JPEG"))[0])
+    # the CMYK image or the photo it was made from, near-duplicates (see the tree test); the query in the first two
+    assert (rank, wnid, words) == ("1", "-", "-") and file in (query.name, made_from) and float(distance) < 0.05
+    assert query.name in (file, out[3].split()[2])
     found = search_json(capsys, query, "--index", data["indexes"] / "flat", "--top", "30")
     assert len(found[0]["results"]) == 3 * 4 + 3  # k clipped to the gallery
     assert {r["label"] for r in found[0]["results"]} == {-1}

@@ -133,6 +133,20 @@ def test_results_merge_by_recipe_and_tabulate_in_recipe_order(tmp_path):
     results = bench.save_result(path, {"recipe": "best", "minutes": 2, "steps_done": 41, **scores})
     assert json.loads(path.read_text()) == results and list(results) == ["best", "floor"]
     rows = bench.table(results, k=30).splitlines()
-    assert rows[0] == "| recipe | train time | steps | precision@30 | kNN-1 | hit@30 | mAP |"
+    assert rows[0] == "| recipe | budget | steps | precision@30 | kNN-1 | hit@30 | mAP |"
     assert rows[2] == "| floor | none | 0 | 25.0 | 60.0 | 90.0 | 30.0 |"
     assert rows[3] == "| best | 2 min | 41 | 50.0 | 60.0 | 90.0 | 30.0 |"
+    results = bench.save_result(path, {"recipe": "gpu", "images": 64000, "steps_done": 250, **scores})
+    assert bench.table(results, k=30).splitlines()[4] == "| gpu | 64,000 images | 250 | 50.0 | 60.0 | 90.0 | 30.0 |"
+
+
+def test_an_images_budget_gives_each_recipe_the_same_images():
+    """--images N: N / images per step steps; the large-batch recipe takes a quarter of the default's steps."""
+    bench = load_bench()
+    default, gpu = (config.build(TrainConfig, str(bench.CONFIGS[name])) for name in ("best", "gpu"))
+    assert bench.images_per_step(default) == 64 and bench.images_per_step(gpu) >= 256
+    assert bench.images_per_step(gpu) * gpu.steps == bench.images_per_step(default) * default.steps
+    assert gpu.warmup_steps * bench.images_per_step(gpu) == pytest.approx(
+        default.warmup_steps * bench.images_per_step(default), rel=0.1)  # warm-up in images
+    seeds = config.build(TrainConfig, str(bench.CONFIGS["seed"]))
+    assert bench.images_per_step(seeds) == 32 * 3  # a query, a positive and a negative row per triplet

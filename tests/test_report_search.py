@@ -227,6 +227,7 @@ def test_grid_pads_any_image_into_its_tile():
 @pytest.fixture(scope="module")
 def index(synth_shards, tmp_path_factory):
     """A random-init tiny model in a checkpoint, and an evaluation folder of its gallery embeddings."""
+    from ranking.augment import EvalResize
     from ranking.models import build_model, input_normalization
     from ranking.stream import eval_samples
 
@@ -238,10 +239,10 @@ def index(synth_shards, tmp_path_factory):
     mean, std = input_normalization(train_config.backbone)
 
     def embed(split: str):
-        images, labels, ids = zip(*eval_samples(str(synth_shards), split, 32, mean, std, rank=0, world_size=1))
+        images, labels, ids = zip(*eval_samples(str(synth_shards), split, rank=0, world_size=1))
         order = torch.tensor(ids).argsort()
         with torch.inference_mode():
-            embeddings = F.normalize(model(torch.stack(images)).float(), dim=1)
+            embeddings = F.normalize(model(EvalResize(32, mean, std)(torch.stack(images))).float(), dim=1)
         return {"embeddings": embeddings[order], "ids": torch.tensor(ids)[order], "labels": torch.tensor(labels)[order]}
 
     run_dir = write_run_dir(root / "run", train_config, {"model": model.state_dict()})

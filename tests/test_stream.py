@@ -14,10 +14,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ranking.augment import StoredDecoder
 from ranking.config import TrainConfig
 from ranking.errors import RankingError
 from ranking.sampling import build_batches
-from ranking.stream import Decoder, eval_samples, eval_transform, train_records, train_samples, train_transform
+from ranking.stream import eval_samples, eval_transform, train_records, train_samples, train_transform
+
+# torchvision 0.29 deprecates its JPEG decoder (augment.decode_uint8) for TorchCodec; 0.26 (the GPU machine's) does not
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CLASSES = 4
@@ -111,10 +115,11 @@ def test_train_stream_differs_by_rank(tiny_shards, monkeypatch):
 def test_eval_samples_cover_the_split_once_over_ranks(tiny_shards, world_size):
     seen = []
     for rank in range(world_size):
-        stream = eval_samples(str(tiny_shards), "val", 24, MEAN, STD, rank, world_size)
+        stream = eval_samples(str(tiny_shards), "val", rank, world_size)
         rank_samples = take(stream, 1000, workers=2)
         assert all(sample_id % world_size == rank for _, _, sample_id in rank_samples)
-        assert all(image.shape == (3, 24, 24) for image, _, _ in rank_samples)
+        # uint8 at the stored size (16 px here): the device resizes (augment.EvalResize)
+        assert all(image.shape == (3, 16, 16) and image.dtype == torch.uint8 for image, _, _ in rank_samples)
         assert all(label == sample_id % CLASSES for _, label, sample_id in rank_samples)
         seen += [int(sample_id) for _, _, sample_id in rank_samples]
     assert sorted(seen) == list(range(10))
@@ -134,19 +139,21 @@ def test_eval_transform_is_deterministic_and_train_transform_is_not():
 def test_batches_from_the_shard_stream_in_workers(tiny_shards, sampler, decode_in_batches):
     config = TrainConfig(sampler=sampler, classes_per_batch=3, samples_per_class=2, triplets_per_batch=4,
                          neg_per_query=2, buffer_per_class=3)
-    if decode_in_batches:  # the trainer's path: buffers hold JPEG bytes, a batch decodes what it uses
+    if decode_in_batches:  # the trainer's path: buffers hold JPEG bytes, a batch decodes what it uses, to uint8
         records = train_records(str(tiny_shards), shuffle_buffer=10, seed=0)
         assert isinstance(next(iter(records)).image, bytes)
-        decode = Decoder(train_transform(16, MEAN, STD)).image
-        batches = build_batches(records, config, CLASSES, seed=0, decode=decode)
-    else:
+        batches = build_batches(records, config, CLASSES, seed=0, decode=StoredDecoder(16).image)
+    else:  # the per-image reference transform
         batches = build_batches(train_samples(str(tiny_shards), 16, MEAN, STD, shuffle_buffer=10, seed=0), config,
                                 CLASSES, seed=0)
     for batch in take(batches, 4, workers=2):
         assert batch.images.shape[1:] == (3, 16, 16)
+        assert batch.images.dtype == (torch.uint8 if decode_in_batches else torch.float32)
         assert torch.equal(batch.labels, batch.ids % CLASSES)
-        red = batch.images[:, 0].mean(dim=(1, 2)) * STD[0] + MEAN[0]  # each image is one colour: id * 9 in red
-        assert torch.allclose(red * 255, (batch.ids * 9 % 256).float(), atol=6), "an image travelled with another id"
+        red = batch.images[:, 0].float().mean(dim=(1, 2))  # each image is one colour: id * 9 in red
+        if not decode_in_batches:
+            red = (red * STD[0] + MEAN[0]) * 255
+        assert torch.allclose(red, (batch.ids * 9 % 256).float(), atol=6), "an image travelled with another id"
         if sampler == "paper":
             q, p, n = batch.triplets.unbind(1)
             assert len(q) == 8 and (batch.labels[q] == batch.labels[p]).all()
@@ -161,12 +168,24 @@ def test_corrupt_jpeg_names_the_shard_and_sample(tmp_path):
         take(train_samples(str(shards), 16, MEAN, STD, shuffle_buffer=1, seed=0), 500)
 
 
+@pytest.mark.parametrize("sampler", ["paper", "batch"])
+def test_corrupt_jpeg_in_the_trainers_workers_names_the_shard_and_sample(tmp_path, sampler):
+    """The trainer's path: DataLoader workers decode the records a batch uses to uint8 (augment.StoredDecoder)."""
+    shards = write_tiny_shards(tmp_path / "shards", corrupt=5)
+    config = TrainConfig(sampler=sampler, classes_per_batch=2, samples_per_class=2, triplets_per_batch=2,
+                         buffer_per_class=3)
+    batches = build_batches(train_records(str(shards), shuffle_buffer=1, seed=0), config, CLASSES, seed=0,
+                            decode=StoredDecoder(16).image)
+    with pytest.raises(RankingError, match=r"train-00000\d\.tar: sample train_0000005: cannot decode"):
+        take(batches, 500, workers=2)
+
+
 def test_truncated_shard_is_named(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards")
     shard = shards / "val-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     with pytest.raises(RankingError, match=r"val-000001\.tar: cannot read shard"):
-        take(eval_samples(str(shards), "val", 16, MEAN, STD, 0, 1), 100)
+        take(eval_samples(str(shards), "val", 0, 1), 100)
 
 
 def test_real_shards_stream(synth_shards):

@@ -5,6 +5,7 @@ This file is also the script of the DDP gradient check: `accelerate launch tests
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -124,6 +125,47 @@ def test_warmup_then_cosine_schedule():
     assert lr_factor(109, cfg) < 0.001
     constant = TrainConfig(steps=110, warmup_steps=10, schedule="constant")
     assert lr_factor(109, constant) == 1.0
+
+
+def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible(synth_shards, monkeypatch):
+    """Workers ship uint8 at the stored size; the device side crops with a generator of (stream seeds, rank): the
+    same seeds and rank give the same model input, as a resumed run that restarts from its step's seeds does."""
+    from ranking.train import DeviceAugment, stream_seeds, train_batches
+
+    cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "workers": 2, "shuffle_buffer": 50,
+                                                 "classes_per_batch": 3, "samples_per_class": 4})
+
+    def model_inputs(step: int, rank: int) -> list[Batch]:
+        monkeypatch.setenv("RANK", str(rank))  # the rank the stream's workers seed from
+        seeds = stream_seeds(cfg.seed, step)
+        batches = train_batches(cfg, seeds, pin_memory=False)
+        raw = [next(batches) for _ in range(3)]
+        assert all(b.images.dtype == torch.uint8 and b.images.shape == (12, 3, 64, 64) for b in raw)
+        on_device = DeviceAugment(cfg, seeds, rank, torch.device("cpu"))
+        return [on_device(batch) for batch in raw]
+
+    first = model_inputs(step=0, rank=0)
+    assert all(b.images.dtype == torch.float32 and b.images.shape == (12, 3, 32, 32) for b in first)
+    assert first[0].images.is_contiguous(memory_format=torch.channels_last)
+    again = model_inputs(step=0, rank=0)
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.ids, b.ids) for a, b in zip(first, again))
+    for other in (model_inputs(step=0, rank=1), model_inputs(step=30, rank=0)):  # another rank; a resumed run
+        assert not any(torch.equal(a.images, b.images) for a, b in zip(first, other))
+    larger = dataclasses.replace(cfg, stored_size=48, workers=0)  # e.g. a folder source of larger images
+    assert next(train_batches(larger, stream_seeds(0, 0), pin_memory=False)).images.shape == (12, 3, 48, 48)
+
+
+def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):
+    """--compile (torch.compile; a tiny CPU run compiles in about 2 minutes here, too slow for the suite) is refused
+    before training where TorchInductor has no C compiler to build its kernels with."""
+    import shutil
+
+    from ranking.errors import RankingError
+    from ranking.train import compiled
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RankingError, match=r"^--compile: no C compiler found \(g\+\+, .*run without --compile$"):
+        compiled(nn.Linear(2, 2), torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------- 2 ranks: train, stop, resume
