@@ -27,7 +27,17 @@ def setup_logging(rank: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.set_name(_HANDLER_NAME)
         logger.addHandler(handler)
-    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(name)s: %(severity)s%(message)s", "%H:%M:%S"))
+    if not any(isinstance(f, _Severity) for f in handler.filters):
+        handler.addFilter(_Severity())
+
+
+class _Severity(logging.Filter):
+    """``warning: `` (or ``error: ``) before a line that is more than information, as the CLI's own lines say it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.severity = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return True
 
 
 def is_terminal() -> bool:

@@ -396,7 +396,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
                 progress.close()
                 raise RankingError(f"{run_dir}: the loss or gradient norm is not finite at step {step} (diverged: "
                                    "lower --lr, check --margin and the data); no checkpoint written, the last is "
-                                   f"{latest_checkpoint(run_dir)}")
+                                   f"{latest_checkpoint(run_dir)}").everywhere()  # every rank saw the same flag
             if step % cfg.log_every == 0 or step == cfg.steps:
                 measured = meter.read(accelerator)
                 record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}

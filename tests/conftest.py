@@ -43,3 +43,13 @@ def synth_shards(synth_zip, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "synth"
     write_shards(synth_zip, out, shard_size=50, workers=1, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Stages called in-process (evaluate, index, search) each make an Accelerator, as a process of their own would;
+    Accelerate keeps its state per process and refuses another mixed precision, so each test starts afresh."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

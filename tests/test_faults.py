@@ -234,7 +234,7 @@ def test_a_shard_cut_at_a_sample_boundary_is_one_line_naming_it(synth_shards, tm
             pass
     assert str(error.value).startswith(f"{shards / 'train-000002.tar'}: 30 samples, but manifest.json lists 50 ")
     with pytest.raises(RankingError, match=r"val-000000.tar: 10 samples, but manifest.json lists 50 "):
-        list(stream.eval_samples(str(shards), "val", 32, (0.5,) * 3, (0.5,) * 3, rank=0, world_size=1))
+        list(stream.eval_samples(str(shards), "val", rank=0, world_size=1))
 
 
 @pytest.mark.timeout(90)
@@ -262,9 +262,10 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_good_checkpoints(synt
         "checkpoint-every": 1, "keep-checkpoints": 5}), timeout=200)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "exitcode  : 2" in output, output
-    errors = {line for line in output.splitlines() if "error:" in line and "not finite" in line}
-    assert len(errors) == 1, output  # both ranks agree on the same step and say the same line
-    step = int(next(iter(errors)).split("not finite at step ")[1].split()[0])
+    errors = [line for line in output.splitlines() if line.startswith("ranking.train: error:") and "not finite" in line]
+    assert len(errors) == 1, output  # both ranks agree on the same step; rank 0 says it, once
+    assert f"traceback : {errors[0]}" in output  # and the launcher's summary names it as the root cause
+    step = int(errors[0].split("not finite at step ")[1].split()[0])
     assert 2 <= step <= 5, errors
     # nothing from the diverged step on: no record, no checkpoint; what was saved before is still there
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, step))
