@@ -11,10 +11,10 @@ import os
 import re
 import tarfile
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
 from PIL import Image
 
@@ -24,6 +24,7 @@ from ranking.files import file_sha256, read_json, write_atomically
 FORMAT = "deep-ranking-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -157,36 +158,44 @@ def class_counts(directory: str | os.PathLike, split: str, cache_dir: Path | Non
     (names and sha256), so a changed shard is counted again.
     """
     shard_list = load_manifest(directory)["splits"][split]["shards"]
-    cache = cache_dir / f".{split}-class-counts.json" if cache_dir else None
+
+    def count() -> dict[int, int]:
+        counts: Counter[int] = Counter()
+        for shard in shard_list:
+            path = Path(directory) / shard["name"]
+            try:
+                for member in _members(path, ".cls"):
+                    counts[int(member.read(32))] += 1
+            except (OSError, tarfile.TarError) as e:
+                raise RankingError(f"{path}: cannot read shard ({e})") from None
+            except ValueError as e:
+                raise RankingError(f"{path}: a sample's cls is not a class index ({e})") from None
+        return dict(counts)
+
+    return _cached(cache_dir / f".{split}-class-counts.json" if cache_dir else None, shard_list, count,
+                   lambda counts: {str(k): v for k, v in sorted(counts.items())},
+                   lambda stored: {int(label): int(n) for label, n in stored.items()})
+
+
+def _cached(cache: Path | None, shard_list: list, compute: Callable[[], T], to_json: Callable[[T], Any],
+            from_json: Callable[[Any], T]) -> T:
+    """``compute()``, cached in the JSON file ``cache`` under the manifest's shard list (names and sha256): changed
+    shards are read again; a stale or foreign cache is computed again, an unwritable one ignored."""
     if cache and cache.is_file():
         try:
             cached = json.loads(cache.read_text())
             if cached.get("shards") == shard_list:
-                return {int(label): int(count) for label, count in cached["counts"].items()}
+                return from_json(cached["value"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            pass  # a stale or foreign cache is counted again
-    counts: Counter[int] = Counter()
-    for shard in shard_list:
-        path = Path(directory) / shard["name"]
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.name.endswith(".cls"):
-                        extracted = tar.extractfile(member)
-                        if extracted is None:
-                            raise ValueError(f"{member.name} is not a file")
-                        counts[int(extracted.read(32))] += 1
-        except (OSError, tarfile.TarError) as e:
-            raise RankingError(f"{path}: cannot read shard ({e})") from None
-        except ValueError as e:
-            raise RankingError(f"{path}: a sample's cls is not a class index ({e})") from None
+            pass
+    value = compute()
     if cache:
-        payload = json.dumps({"shards": shard_list, "counts": {str(k): v for k, v in sorted(counts.items())}})
+        payload = json.dumps({"shards": shard_list, "value": to_json(value)}).encode()
         try:
-            write_atomically(cache, lambda f: f.write(payload.encode()))
+            write_atomically(cache, lambda f: f.write(payload))
         except OSError:
-            pass  # a read-only folder: count again next time
-    return dict(counts)
+            pass  # a read-only folder: compute again next time
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------- by id
@@ -208,37 +217,33 @@ def split_index(shards_dir: Path, split: str, cache_dir: Path | None = None) -> 
     The cache names the shards it was built from (name and sha256 from the manifest) and is rebuilt when they change.
     """
     shard_list = load_manifest(shards_dir)["splits"][split]["shards"]
-    cache = cache_dir / f"{split}-index.json" if cache_dir else None
-    if cache and cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("shards") == shard_list:
-                return {s["id"]: SampleInfo(**s) for s in cached["samples"]}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a stale or foreign cache is rebuilt
-    index = {info.id: info for shard in shard_list for info in _scan_shard(shards_dir / shard["name"])}
-    if cache:
-        samples = [asdict(index[i]) for i in sorted(index)]
-        payload = json.dumps({"shards": shard_list, "samples": samples}).encode()
-        try:
-            write_atomically(cache, lambda f: f.write(payload))
-        except OSError:
-            pass  # a read-only index folder: scan again next time
-    return index
+
+    def scan() -> dict[int, SampleInfo]:
+        return {info.id: info for shard in shard_list for info in _scan_shard(shards_dir / shard["name"])}
+
+    return _cached(cache_dir / f"{split}-index.json" if cache_dir else None, shard_list, scan,
+                   lambda index: [asdict(index[i]) for i in sorted(index)],
+                   lambda stored: {s["id"]: SampleInfo(**s) for s in stored})
+
+
+def _members(path: Path, suffix: str) -> Iterator[IO[bytes]]:
+    """The members of one tar whose names end with ``suffix``; tarfile seeks over the others (the JPEG bytes)."""
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith(suffix):
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise ValueError(f"{member.name} is not a file")
+                yield extracted
 
 
 def _scan_shard(path: Path) -> Iterable[SampleInfo]:
     """The json of every sample in one tar; tarfile seeks over the JPEG bytes instead of reading them."""
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    extracted = tar.extractfile(member)
-                    if extracted is None:
-                        raise KeyError(member.name)
-                    meta = json.load(extracted)
-                    yield SampleInfo(id=int(meta["id"]), label=int(meta["label"]), file=str(meta["file"]),
-                                     wnid=meta.get("wnid"), words=meta.get("words"), shard=path.name)
+        for member in _members(path, ".json"):
+            meta = json.load(member)
+            yield SampleInfo(id=int(meta["id"]), label=int(meta["label"]), file=str(meta["file"]),
+                             wnid=meta.get("wnid"), words=meta.get("words"), shard=path.name)
     except (OSError, tarfile.TarError) as e:
         raise RankingError(f"{path}: cannot read shard ({e})") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
