@@ -172,25 +172,26 @@ def class_counts(directory: str | os.PathLike, split: str, cache_dir: Path | Non
                 raise RankingError(f"{path}: a sample's cls is not a class index ({e})") from None
         return dict(counts)
 
-    return _cached(cache_dir / f".{split}-class-counts.json" if cache_dir else None, shard_list, count,
+    return _cached(cache_dir / f".{split}-class-counts.json" if cache_dir else None, shard_list, "counts", count,
                    lambda counts: {str(k): v for k, v in sorted(counts.items())},
                    lambda stored: {int(label): int(n) for label, n in stored.items()})
 
 
-def _cached(cache: Path | None, shard_list: list, compute: Callable[[], T], to_json: Callable[[T], Any],
+def _cached(cache: Path | None, shard_list: list, key: str, compute: Callable[[], T], to_json: Callable[[T], Any],
             from_json: Callable[[Any], T]) -> T:
-    """``compute()``, cached in the JSON file ``cache`` under the manifest's shard list (names and sha256): changed
-    shards are read again; a stale or foreign cache is computed again, an unwritable one ignored."""
+    """``compute()``, cached in the JSON file ``cache`` as ``{"shards": the manifest's shard list, key: value}``:
+    changed shards (names and sha256) are read again; a stale or foreign cache is computed again, an unwritable one
+    ignored."""
     if cache and cache.is_file():
         try:
             cached = json.loads(cache.read_text())
             if cached.get("shards") == shard_list:
-                return from_json(cached["value"])
+                return from_json(cached[key])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             pass
     value = compute()
     if cache:
-        payload = json.dumps({"shards": shard_list, "value": to_json(value)}).encode()
+        payload = json.dumps({"shards": shard_list, key: to_json(value)}).encode()
         try:
             write_atomically(cache, lambda f: f.write(payload))
         except OSError:
@@ -221,7 +222,7 @@ def split_index(shards_dir: Path, split: str, cache_dir: Path | None = None) -> 
     def scan() -> dict[int, SampleInfo]:
         return {info.id: info for shard in shard_list for info in _scan_shard(shards_dir / shard["name"])}
 
-    return _cached(cache_dir / f"{split}-index.json" if cache_dir else None, shard_list, scan,
+    return _cached(cache_dir / f"{split}-index.json" if cache_dir else None, shard_list, "samples", scan,
                    lambda index: [asdict(index[i]) for i in sorted(index)],
                    lambda stored: {s["id"]: SampleInfo(**s) for s in stored})
 
