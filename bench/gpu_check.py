@@ -20,6 +20,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
+def seconds_per_call(call, warmup: int, repeats: int, sync) -> float:
+    """Mean seconds of ``call()`` after ``warmup`` calls, with the device synchronised around the timed ones."""
+    for _ in range(warmup):
+        call()
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    sync()
+    return (time.perf_counter() - started) / repeats
+
 def install(args: argparse.Namespace) -> int:
     """Install, without an index and without dependencies, every wheel of the folder whose distribution is not
     installed yet, into ``target`` (put on PYTHONPATH by the caller): the machine's own packages stay as they are."""
@@ -67,14 +78,7 @@ def ceiling(args: argparse.Namespace) -> int:
         for name, run in (("random images on the device", lambda step=step: step(None)),
                           ("+ TrainAugment of uint8 64 px", lambda step=step, stored=stored: step(
                               augment(stored, generator).contiguous(memory_format=torch.channels_last)))):
-            for _ in range(args.warmup):
-                run()
-            sync()
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                run()
-            sync()
-            rates[name] = args.steps / (time.perf_counter() - started)
+            rates[name] = 1 / seconds_per_call(run, args.warmup, args.steps, sync)
         parts = [f"{name}: {per_s:6.2f} steps/s, {per_s * size:6.0f} images/s" for name, per_s in rates.items()]
         print(f"ceiling {size:>4} images/step ({cfg.backbone}, {cfg.image_size} px): {'; '.join(parts)}", flush=True)
         del step
@@ -168,14 +172,7 @@ def augment(args: argparse.Namespace) -> int:
             return evaluate(on_device)
 
         for name, transform in (("TrainAugment", run_train), ("EvalResize", run_eval)):
-            for _ in range(3):
-                transform()
-            sync()
-            started = time.perf_counter()
-            for _ in range(args.repeats):
-                transform()
-            sync()
-            timings[name] = (time.perf_counter() - started) / args.repeats
+            timings[name] = seconds_per_call(transform, 3, args.repeats, sync)
         print(f"augment {size:>4} images 64 -> {args.image_size} px on {device}: TrainAugment "
               f"{1e3 * timings['TrainAugment']:.2f} ms ({size / timings['TrainAugment']:.0f} images/s), EvalResize "
               f"{1e3 * timings['EvalResize']:.2f} ms; max |device - cpu| {same:.1e} (train), {same_eval:.1e} (eval)",
