@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from bench_train import ours, timed
-from ranking.config import TrainConfig
+from ranking.core.config import TrainConfig
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Exact top-k search: ranking.retrieval (chunked torch) vs. sklearn NearestNeighbors (brute) vs. faiss IndexFlatL2.
+"""Exact top-k search: ranking.retrieval.metrics (chunked torch)
+vs. sklearn NearestNeighbors (brute) vs. faiss IndexFlatL2.
 
     python bench/bench_knn.py                       # 10,000 queries x 100,000 gallery, dim 128 and 4096, top-30
     python bench/bench_knn.py --queries 1000 --gallery 10000 --dims 64
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = ("ours", "sklearn", "faiss")
-LIBRARY = {"ours": "ranking.retrieval", "sklearn": "sklearn.neighbors", "faiss": "faiss"}
+LIBRARY = {"ours": "ranking.retrieval.metrics", "sklearn": "sklearn.neighbors", "faiss": "faiss"}
 
 
 def unit_vectors(n: int, dim: int, seed: int, block: int = 8192) -> np.ndarray:
@@ -63,7 +64,7 @@ def search(method: str, queries: np.ndarray, gallery: np.ndarray, k: int, thread
     if method == "ours":
         import torch
 
-        from ranking.retrieval import nearest_neighbors
+        from ranking.retrieval.metrics import nearest_neighbors
 
         torch.set_num_threads(threads)
         return nearest_neighbors(torch.from_numpy(queries), torch.from_numpy(gallery), k, chunk_size)[1].numpy()

@@ -1,5 +1,5 @@
 """The data path alone, shards to a ready augmented batch on the training device (no model): the per-image worker
-transform the trainer ran before against the device-side path it runs now (ranking/augment.py), in the same run, on
+transform the trainer ran before against the device-side path it runs now (ranking/data/augment.py), in the same run, on
 the same samples.
 
 - current: what ``ranking.train.train_batches`` ran in a DataLoader worker before issue 11 phase 2 (kept in
@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ranking import augment, models, sampling, shards, stream
-from ranking.config import TrainConfig
-from ranking.sampling import Batch
+from ranking import shards
+from ranking.core.config import TrainConfig
+from ranking.data import augment, sampling, stream
+from ranking.data.sampling import Batch
+from ranking.learning import models
 
 ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-40cls.zip"
 

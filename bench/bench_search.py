@@ -3,8 +3,8 @@
     python bench/bench_search.py                      # 100,000 rows, the default model (Lite0, 160 px, 128-d)
     python bench/bench_search.py --gallery 10000 --backbone resnet18 --image-size 32 --dim 16
 
-Writes an index folder (``ranking.indexfolder.write_index``) whose model is the chosen architecture with random
-weights (the speed does not depend on the weights) and whose rows are seeded random unit vectors with synthetic
+Writes an index folder (``ranking.retrieval.indexfolder.write_index``) whose model is the chosen architecture with
+random weights (the speed does not depend on the weights) and whose rows are seeded random unit vectors with synthetic
 items (no thumbnails: they are not read by a search). Then a fresh Python process, as a user's would be, measures:
 
 - cold start: ``import ranking``, ``ranking.Index.load(INDEX)`` and the first search of one JPEG, each timed, and the
@@ -57,10 +57,10 @@ def build_index(out: Path, gallery: int, backbone: str, image_size: int, dim: in
     import torch
     import torch.nn.functional as F
 
-    from ranking.config import TrainConfig
-    from ranking.indexfolder import ImageSource, write_index
-    from ranking.inference import EmbeddingModel, weights_sha256
-    from ranking.models import build_model
+    from ranking.core.config import TrainConfig
+    from ranking.learning.models import build_model
+    from ranking.retrieval.indexfolder import ImageSource, write_index
+    from ranking.retrieval.inference import EmbeddingModel, weights_sha256
 
     class Synthetic(ImageSource):
         kind = "synthetic"

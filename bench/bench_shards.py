@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ranking.archive import Archive
+from ranking.data.archive import Archive
+from ranking.data.stream import train_samples, train_transform
 from ranking.shards import write_shards
-from ranking.stream import train_samples, train_transform
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

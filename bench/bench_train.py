@@ -1,7 +1,7 @@
 """Training triplets per second: our step vs. the seeds' loop, ResNet-18 at 64x64, 32 triplets a batch.
 
-- ours: the trainer's step (``ranking.losses.DistributedLoss`` through Accelerate): one forward pass over the q, p and n
-  images concatenated, bf16 autocast, channels_last.
+- ours: the trainer's step (``ranking.learning.losses.DistributedLoss`` through Accelerate): one forward pass over the
+  q, p and n images concatenated, bf16 autocast, channels_last.
 - seeds: ``model(q)``, ``model(p)``, ``model(n)`` (three forward calls), fp32, contiguous NCHW.
 
 Both train the same network (the seeds' 4096-d unnormalised head, TripletMarginLoss margin 1.0, SGD with Nesterov)
@@ -21,11 +21,11 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ranking.config import TrainConfig
-from ranking.losses import build_objective
-from ranking.models import build_model, set_train_mode
-from ranking.optim import build_optimizer
-from ranking.sampling import Batch
+from ranking.core.config import TrainConfig
+from ranking.data.sampling import Batch
+from ranking.learning.losses import build_objective
+from ranking.learning.models import build_model, set_train_mode
+from ranking.learning.optim import build_optimizer
 
 
 def seed_recipe() -> TrainConfig:

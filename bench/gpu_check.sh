@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 11 ("Feed the GPU"): what one NVIDIA GPU does with the trainer's data path (DataLoader workers ship uint8
-# 64 px batches, ranking/augment.py crops, flips, resizes and normalises them on the GPU), in under 8 minutes, no
+# 64 px batches, ranking/data/augment.py crops, flips, resizes and normalises them on the GPU), in under 8 minutes, no
 # network.
 #
 #   bash bench/gpu_check.sh            # from anywhere; run it where the repository and its bench/ inputs are
@@ -18,9 +18,9 @@
 #      images/step (256 is configs/gpu.yaml's batch): images/s from metrics.jsonl (the first logged interval left
 #      out) and the GPU's utilization (nvidia-smi utilization.gpu every 200 ms from the first logged step to the end);
 #   4. the seeds' recipe (configs/seed.yaml: paper sampler, 32 triplets): steps/s;
-#   5. the evaluation's embedding images/s (ranking.embed.embed_split over val and train: uint8 from the workers,
+#   5. the evaluation's embedding images/s (ranking.retrieval.embed.embed_split over val and train: uint8 from the workers,
 #      EvalResize on the GPU);
-#   6. ranking/augment.py on the GPU (speed, agreement with the CPU), then bench/bench_loader.py --device cuda:
+#   6. ranking/data/augment.py on the GPU (speed, agreement with the CPU), then bench/bench_loader.py --device cuda:
 #      the old per-image worker transform against the trainer's uint8 batches augmented on the GPU;
 #   7. the trainer at 64 images/step with --compile (torch.compile; its first logged interval, which compiles, is
 #      left out), last because compiling takes a while: it runs in what time is left.

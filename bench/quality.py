@@ -22,7 +22,7 @@ A trained recipe first runs the trainer for a few steps to measure its step time
 steps that fills the budget (so that its lr schedule ends where the budget does); `--time-limit-minutes` stops the
 trainer at the budget if the machine slows down. `ranking evaluate` then embeds the train gallery and the val
 queries. Training and evaluation run as the users run them (`python -m ranking.train/evaluate`, one process).
-Metrics come from `ranking.retrieval.evaluate_retrieval` (exact search): precision@k, kNN-1, hit@k, mAP.
+Metrics come from `ranking.retrieval.metrics.evaluate_retrieval` (exact search): precision@k, kNN-1, hit@k, mAP.
 Results are merged into OUT/results.json (one entry per recipe), so recipes can be measured one at a time.
 """
 
@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from ranking import config
-from ranking.archive import Archive, open_archive
-from ranking.config import TrainConfig
-from ranking.files import write_text_atomically
-from ranking.models import LITE0_STATS, build_lite0
-from ranking.retrieval import EmbeddingSet, evaluate_retrieval, titles
-from ranking.sampling import images_per_batch
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.files import write_text_atomically
+from ranking.data.archive import Archive, open_archive
+from ranking.data.sampling import images_per_batch
+from ranking.learning.models import LITE0_STATS, build_lite0
+from ranking.retrieval.metrics import EmbeddingSet, evaluate_retrieval, titles
 from ranking.shards import write_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,14 @@ __version__ = "0.1.0"
 __all__ = ["EmbeddingModel", "Index", "load"]
 
 if TYPE_CHECKING:
-    from ranking.indexfolder import Index
-    from ranking.inference import EmbeddingModel, load
+    from ranking.retrieval.indexfolder import Index
+    from ranking.retrieval.inference import EmbeddingModel, load
 
-_LAZY = {"load": "ranking.inference", "EmbeddingModel": "ranking.inference", "Index": "ranking.indexfolder"}
+_LAZY = {
+    "load": "ranking.retrieval.inference",
+    "EmbeddingModel": "ranking.retrieval.inference",
+    "Index": "ranking.retrieval.indexfolder",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from ranking import __version__
-from ranking.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, RankingError
+from ranking.core.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, RankingError
 
 SUBCOMMANDS = {
     "synth": ("ranking.synth", "write a procedurally generated archive in the official Tiny ImageNet layout"),

@@ -12,9 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ranking import evalfolder, plots, runfolder
-from ranking.errors import RankingError
-from ranking.retrieval import titles
+from ranking.core.errors import RankingError
+from ranking.folders import runfolder
+from ranking.reporting import plots
+from ranking.retrieval import evalfolder
+from ranking.retrieval.metrics import titles
 
 VAL_PREFIX = "val/"
 

@@ -17,27 +17,18 @@ from typing import Any, NamedTuple
 
 from accelerate import Accelerator
 
-from ranking import (
-    checkpoint,
-    cli,
-    config,
-    distributed,
-    embed,
-    evalfolder,
-    logs,
-    models,
-    precision,
-    retrieval,
-    runfolder,
-    tracking,
-    validation,
-)
-from ranking.config import EvalConfig, TrainConfig
-from ranking.errors import RankingError
-from ranking.evalfolder import EvalIndex
-from ranking.files import check_writable_folder
-from ranking.retrieval import EmbeddingSet, RetrievalMetrics
-from ranking.shardformat import split_counts
+from ranking import cli
+from ranking.core import config, distributed, logs, precision
+from ranking.core.config import EvalConfig, TrainConfig
+from ranking.core.errors import RankingError
+from ranking.core.files import check_writable_folder
+from ranking.folders import checkpoint, runfolder
+from ranking.folders.shardformat import split_counts
+from ranking.learning import models
+from ranking.reporting import tracking
+from ranking.retrieval import embed, evalfolder, validation
+from ranking.retrieval.evalfolder import EvalIndex
+from ranking.retrieval.metrics import EmbeddingSet, RetrievalMetrics, evaluate_retrieval
 
 log = logging.getLogger("ranking.evaluate")
 
@@ -113,8 +104,8 @@ def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet)
     """Queries against the gallery, and the gallery against itself without the query (collective calls)."""
     options = dict(k=cfg.k, chunk_size=cfg.chunk_size, pr_points=cfg.pr_points, triplets=cfg.triplets, seed=cfg.seed)
     return {
-        cfg.gallery_split: retrieval.evaluate_retrieval(gallery, gallery, exclude_self=True, **options),
-        cfg.query_split: retrieval.evaluate_retrieval(query, gallery, exclude_self=cfg.query_split == cfg.gallery_split,
+        cfg.gallery_split: evaluate_retrieval(gallery, gallery, exclude_self=True, **options),
+        cfg.query_split: evaluate_retrieval(query, gallery, exclude_self=cfg.query_split == cfg.gallery_split,
                                                       **options),
     }
 

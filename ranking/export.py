@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ranking import cli, inference
+from ranking import cli
+from ranking.retrieval import inference
 
 
 def main(argv: list[str] | None = None) -> int:

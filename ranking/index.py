@@ -16,11 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ranking import cli, indexfolder
-from ranking.config import at_least
-from ranking.errors import RankingError
-from ranking.indexfolder import Index
-from ranking.inference import EmbeddingModel
+from ranking import cli
+from ranking.core.config import at_least
+from ranking.core.errors import RankingError
+from ranking.retrieval import indexfolder
+from ranking.retrieval.indexfolder import Index
+from ranking.retrieval.inference import EmbeddingModel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

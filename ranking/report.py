@@ -7,7 +7,7 @@ Writes, each file atomically:
   images, captioned with their distances and bordered green (same class) or red (other class);
 and prints the train/val precision table. The pictures and the table also go to the run's W&B run.
 
-Gallery images are read from the shards by id (``ranking.shardformat``); each split's id -> (shard, file, wnid,
+Gallery images are read from the shards by id (``ranking.folders.shardformat``); each split's id -> (shard, file, wnid,
 words) index is cached in EVAL as ``<split>-index.json``, which ``ranking search`` shares.
 """
 
@@ -21,15 +21,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ranking import evalfolder, runfolder, tracking
-from ranking.config import ArgumentParser, TrainConfig, at_least, at_most, build
-from ranking.distances import squared_distances
-from ranking.errors import RankingError
-from ranking.evalfolder import EvalIndex
-from ranking.files import check_writable_folder
-from ranking.grids import OTHER_CLASS, QUERY, SAME_CLASS, Tile, caption, draw_grid, save_png, short_name
-from ranking.plots import plot_loss, plot_pr_curve
-from ranking.shardformat import SampleInfo, read_images, split_index
+from ranking.core.config import ArgumentParser, TrainConfig, at_least, at_most, build
+from ranking.core.errors import RankingError
+from ranking.core.files import check_writable_folder
+from ranking.folders import runfolder
+from ranking.folders.shardformat import SampleInfo, read_images, split_index
+from ranking.learning.distances import squared_distances
+from ranking.reporting import tracking
+from ranking.reporting.grids import OTHER_CLASS, QUERY, SAME_CLASS, Tile, caption, draw_grid, save_png, short_name
+from ranking.reporting.plots import plot_loss, plot_pr_curve
+from ranking.retrieval import evalfolder
+from ranking.retrieval.evalfolder import EvalIndex
 
 MAX_GRID = 50  # queries and images per row a grid can show legibly
 

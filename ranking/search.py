@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ranking import checkpoint, evalfolder, indexfolder, runfolder
-from ranking.config import ArgumentParser, TrainConfig, at_least
-from ranking.errors import RankingError
-from ranking.evalfolder import EvalIndex
-from ranking.files import check_writable_folder
-from ranking.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
-from ranking.indexfolder import Index, Item, Result
-from ranking.inference import EmbeddingModel, load_image, parse_device
-from ranking.models import load_trained
-from ranking.shardformat import read_images, split_index
+from ranking.core.config import ArgumentParser, TrainConfig, at_least
+from ranking.core.errors import RankingError
+from ranking.core.files import check_writable_folder
+from ranking.folders import checkpoint, runfolder
+from ranking.folders.shardformat import read_images, split_index
+from ranking.learning.models import load_trained
+from ranking.reporting.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
+from ranking.retrieval import evalfolder, indexfolder
+from ranking.retrieval.evalfolder import EvalIndex
+from ranking.retrieval.indexfolder import Index, Item, Result
+from ranking.retrieval.inference import EmbeddingModel, load_image, parse_device
 
 
 def load_index_model(index: EvalIndex, eval_dir: Path) -> tuple[nn.Module, TrainConfig]:

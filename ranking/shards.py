@@ -1,7 +1,7 @@
 """`ranking shards SOURCE --out DIR`: repack a dataset into WebDataset shards; `ranking shards --verify DIR`.
 
 SOURCE is Tiny ImageNet (zip or folder), class folders of images, or a folder of unlabelled images
-(ranking.archive.open_archive); in the folder layouts images that are not RGB JPEGs are converted once.
+(ranking.data.archive.open_archive); in the folder layouts images that are not RGB JPEGs are converted once.
 
 Output (DESIGN.md, "Shards"): `DIR/{train,val,test}-NNNNNN.tar` and `DIR/manifest.json`. A sample's id is its
 position in its split's files sorted by path; train samples are written in a seeded permutation so every shard
@@ -32,11 +32,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ranking.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
-from ranking.config import ArgumentParser, add_dataclass_flags, at_least, build
-from ranking.errors import RankingError
-from ranking.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
-from ranking.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
+from ranking.core.config import ArgumentParser, add_dataclass_flags, at_least, build
+from ranking.core.errors import RankingError
+from ranking.core.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
+from ranking.data.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
+from ranking.folders.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
 
 JOURNAL = ".journal.jsonl"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
@@ -353,7 +353,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
     unreadable member or JPEG); then the shards this run wrote are removed and no manifest.json exists.
     A folder holding shards of another source, or other files, is refused unless `overwrite` (check_destination).
     `source` is Tiny ImageNet (zip or folder), class folders (with `val_source` or `val_fraction`, split by `seed`)
-    or a folder of images (ranking.archive.open_archive).
+    or a folder of images (ranking.data.archive.open_archive).
     """
     ShardsConfig(str(out), shard_size, workers, seed).validate()
     out = Path(out)

@@ -36,29 +36,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from ranking import (
-    augment,
-    checkpoint,
-    cli,
-    config,
-    distributed,
-    losses,
-    models,
-    optim,
-    runfolder,
-    sampling,
-    stream,
-    tracking,
-    validation,
-)
-from ranking.checkpoint import TrainState
-from ranking.config import TrainConfig
-from ranking.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, RankingError
-from ranking.logs import Progress, setup_logging
-from ranking.losses import StepLoss
-from ranking.precision import resolve as resolve_precision
-from ranking.sampling import Batch
-from ranking.shardformat import class_counts, load_manifest, manifest_digest, split_counts
+from ranking import cli
+from ranking.core import config, distributed
+from ranking.core.config import TrainConfig
+from ranking.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, RankingError
+from ranking.core.logs import Progress, setup_logging
+from ranking.core.precision import resolve as resolve_precision
+from ranking.data import augment, sampling, stream
+from ranking.data.sampling import Batch
+from ranking.folders import checkpoint, runfolder
+from ranking.folders.checkpoint import TrainState
+from ranking.folders.shardformat import class_counts, load_manifest, manifest_digest, split_counts
+from ranking.learning import losses, models, optim
+from ranking.learning.losses import StepLoss
+from ranking.reporting import tracking
+from ranking.retrieval import validation
 
 log = logging.getLogger("ranking.train")
 

@@ -6,7 +6,7 @@
 # Slurm gave this node, else the GPUs nvidia-smi sees), PROCS_PER_NODE (processes per node on nodes without GPUs;
 # default 1), MAIN_PROCESS_PORT (default 20000 + job id % 20000), EXTRA_ARGS (appended to the stage's arguments),
 # MIXED_PRECISION (no, fp16 or bf16: passed to accelerate launch; unset: an `accelerate config` file decides, and
-# without one the stage picks bf16 where the GPU has it (compute capability 8.0+), else fp16; ranking/precision.py).
+# without one the stage picks bf16 where the GPU has it (compute capability 8.0+), else fp16; ranking/core/precision.py).
 #
 # On bad input every rank exits 2 and prints nothing but rank 0's one line; accelerate launch (torchrun) then exits 1
 # with its own traceback and a ChildFailedError summary whose "Root Cause" repeats that line; this script's last line

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SMOKE = REPO / "configs" / "smoke.yaml"  # a random-init ResNet-18: the defaults' pretrained Lite0 is too slow here
+from harness import SHARED
 
 # Tests are CPU-only and share two cores: keep every process to one intra-op thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -13,9 +13,9 @@ import pytest
 import webdataset as wds
 
 from ranking import cli
-from ranking.archive import Archive
-from ranking.errors import RankingError
-from ranking.shardformat import load_manifest, shard_paths
+from ranking.core.errors import RankingError
+from ranking.data.archive import Archive
+from ranking.folders.shardformat import load_manifest, shard_paths
 from ranking.shards import main, verify_shards, write_shards
 
 SPLITS = ("train", "val", "test")
@@ -316,7 +316,7 @@ def test_stray_files_are_ignored(synth_zip, tmp_path):
 
 def test_a_second_writer_of_a_shard_folder_fails_at_once(synth_zip, synth_shards, tmp_path):
     """Two `ranking shards` into one --out would interleave shards and journal: the second fails, changing nothing."""
-    from ranking.files import LOCK, folder_lock
+    from ranking.core.files import LOCK, folder_lock
 
     out = tmp_path / "out"
     shutil.copytree(synth_shards, out)

@@ -1,4 +1,4 @@
-"""Device-side image transforms (ranking/augment.py) against torchvision's per-image transforms, on the CPU."""
+"""Device-side image transforms (ranking/data/augment.py) against torchvision's per-image transforms, on the CPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ranking.augment import (
+from ranking.core.errors import RankingError
+from ranking.data.augment import (
     CropBoxes,
     EvalResize,
     StoredDecoder,
@@ -22,8 +23,7 @@ from ranking.augment import (
     decode_uint8_batch,
     seeded_generator,
 )
-from ranking.errors import RankingError
-from ranking.stream import eval_transform
+from ranking.data.stream import eval_transform
 
 # torchvision 0.29 deprecates its JPEG decoder for TorchCodec; 0.26 (the GPU machine's) does not: still the one to use
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -169,9 +169,9 @@ def test_eval_resize_takes_images_of_different_sizes():
 def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
     """The model's embeddings of uint8 images through EvalResize (as ``ranking evaluate`` and ``ranking search``
     make them, on the device) equal those through torchvision v2's Resize, CenterCrop and Normalize."""
-    from ranking.config import TrainConfig
-    from ranking.embed import embed_images
-    from ranking.models import build_model, input_normalization
+    from ranking.core.config import TrainConfig
+    from ranking.learning.models import build_model, input_normalization
+    from ranking.retrieval.embed import embed_images
 
     cfg = TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=16,
                       image_size=48)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMOKE
-from ranking import checkpoint, config, runfolder
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.models import build_model, load_trained
+from harness import SMOKE
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.folders import checkpoint, runfolder
+from ranking.learning.models import build_model, load_trained
 
 
 def tiny_state(step: int, **changes) -> checkpoint.TrainState:

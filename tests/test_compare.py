@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from ranking import cli, evalfolder, runfolder
+from ranking import cli
 from ranking.compare import main
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.folders import runfolder
+from ranking.retrieval import evalfolder
 
 
 def make_run(root, name: str, lr: float, losses: list[float], val: dict[int, float] | None = None,

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 import ranking
-from conftest import REPO, SMOKE
-from ranking import config
-from ranking.config import ConfigError, EvalConfig, TrainConfig
+from harness import REPO, SMOKE
+from ranking.core import config
+from ranking.core.config import ConfigError, EvalConfig, TrainConfig
 
 CONFIGS = REPO / "configs"
 

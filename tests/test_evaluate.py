@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import SMOKE
-from ranking.retrieval import EmbeddingSet
+from harness import SMOKE
+from ranking.retrieval.metrics import EmbeddingSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def gather_worker(rank: int, world_size: int, port: int, results) -> None:
                       WORLD_SIZE=str(world_size), ACCELERATE_USE_CPU="1")
     from accelerate import Accelerator
 
-    from ranking.embed import gather_unique
+    from ranking.retrieval.embed import gather_unique
 
     accelerator = Accelerator()
     assert accelerator.num_processes == world_size
@@ -76,8 +76,9 @@ def test_gather_keeps_every_id_exactly_once_over_3_ranks():
 @pytest.fixture(scope="module")
 def tiny_run(synth_shards, tmp_path_factory) -> Path:
     """A run folder per the checkpoint contract, holding a randomly initialised small model."""
-    from ranking import config, models
-    from ranking.config import TrainConfig
+    from ranking.core import config
+    from ranking.core.config import TrainConfig
+    from ranking.learning import models
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train_cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "run_dir": str(run),
@@ -111,7 +112,7 @@ def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str
 
 
 def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
-    from ranking.shardformat import load_manifest
+    from ranking.folders.shardformat import load_manifest
 
     counts = {split: load_manifest(synth_shards)["splits"][split]["count"] for split in ("train", "val")}
     outputs = {}
@@ -123,7 +124,8 @@ def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
         for rank in range(processes):
             for split in ("train", "val"):
                 share = len(range(rank, counts[split], processes))
-                assert f" rank {rank}] ranking.embed: {split}: embedded {share}/{share} images in " in result.stderr
+                embedded = f" rank {rank}] ranking.retrieval.embed: {split}: embedded {share}/{share} images in "
+                assert embedded in result.stderr
         assert " rank 0] ranking.evaluate: metrics: " in result.stderr and "\r" not in result.stderr
         source = "--mixed-precision" if processes == 1 else "Accelerate: accelerate launch's flag"
         assert f"mixed precision no ({source}" in result.stderr
@@ -162,8 +164,8 @@ def test_flip_embeds_an_image_and_its_mirror_alike_and_search_follows_the_index(
     import io
 
     from PIL import Image, ImageOps
-    from test_report_search import shard_samples
 
+    from harness import shard_samples
     from ranking import search
 
     out = tmp_path / "eval-flip"
@@ -185,7 +187,7 @@ def test_flip_embeds_an_image_and_its_mirror_alike_and_search_follows_the_index(
 
 
 def test_bad_checkpoint_is_a_ranking_error(tmp_path):
-    from ranking.errors import RankingError
+    from ranking.core.errors import RankingError
     from ranking.evaluate import main
 
     with pytest.raises(RankingError, match="nope: neither a checkpoint folder"):
@@ -195,7 +197,7 @@ def test_bad_checkpoint_is_a_ranking_error(tmp_path):
 
 
 def test_missing_or_extra_ids_are_caught():
-    from ranking.errors import RankingError
+    from ranking.core.errors import RankingError
     from ranking.evaluate import check_complete
 
     def found(ids: list[int]) -> EmbeddingSet:
@@ -209,7 +211,7 @@ def test_missing_or_extra_ids_are_caught():
 
 
 def test_the_output_location_and_the_splits_are_checked_before_any_embedding(tiny_run, synth_shards, tmp_path):
-    from ranking.errors import RankingError
+    from ranking.core.errors import RankingError
     from ranking.evaluate import main
 
     taken = tmp_path / "taken"

@@ -6,39 +6,24 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import SMOKE
-from ranking import cli, config, export, inference
-from ranking.errors import RankingError
-from ranking.models import build_model
+from harness import write_smoke_run
+from ranking import cli, export
+from ranking.core.errors import RankingError
+from ranking.retrieval import inference
 
 TOLERANCE = 1e-4
-
-
-def write_run(run_dir: Path, shards: str, **overrides) -> Path:
-    """A run folder with a random-init smoke network at step 5 (what `ranking train` leaves, without training)."""
-    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
-                                                                 "wandb": False, **overrides})
-    checkpoint = run_dir / "checkpoints" / "step-0000005"
-    checkpoint.mkdir(parents=True)
-    config.save(train_config, run_dir / "config.yaml")
-    torch.manual_seed(sum(map(ord, str(run_dir))) % 1000)
-    model = build_model(train_config).eval()
-    torch.save({"model": model.state_dict(), "step": 5, "wandb_run_id": "x"}, checkpoint / "state.pt")
-    (run_dir / "checkpoints" / "latest").symlink_to(checkpoint.name)
-    return run_dir
 
 
 @pytest.fixture(scope="module")
 def exported(mini_zip, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    run = write_run(root / "run", "unused", image_size=40)
+    run = write_smoke_run(root / "run", "unused", image_size=40)
     files = {fmt: root / f"model.{fmt}" for fmt in inference.EXPORT_FORMATS}
     for fmt, path in files.items():
         assert export.main([str(run), "--format", fmt, "--out", str(path)]) == 0

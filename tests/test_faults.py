@@ -23,15 +23,17 @@ import psutil
 import pytest
 import torch
 from PIL import Image
-from test_train import launch, metrics, rank_steps, train_flags
 
-from conftest import SMOKE
-from ranking import checkpoint, cli, config, runfolder, search, stream
-from ranking.config import TrainConfig
-from ranking.errors import ConfigError, RankingError
-from ranking.evalfolder import EvalIndex
-from ranking.models import build_model
-from ranking.retrieval import EmbeddingSet
+from harness import SMOKE, launch, metrics, rank_steps, train_flags
+from ranking import cli, search
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import ConfigError, RankingError
+from ranking.data import stream
+from ranking.folders import checkpoint, runfolder
+from ranking.learning.models import build_model
+from ranking.retrieval.evalfolder import EvalIndex
+from ranking.retrieval.metrics import EmbeddingSet
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
        "PYTHONUNBUFFERED": "1"}

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from ranking import cli
-from ranking.archive import MAX_FILE_BYTES, Archive, open_source
-from ranking.errors import RankingError
+from ranking.core.errors import RankingError
+from ranking.data.archive import MAX_FILE_BYTES, Archive, open_source
 from ranking.shards import MAX_IMAGE_PIXELS, main, verify_shards, write_shards
 
 ROOT = "tiny-imagenet-200/"
@@ -95,7 +95,7 @@ def test_zip_bomb_member_is_refused_by_its_header_without_inflating_it(synth_zip
     raised, peak = peak_python_memory(lambda: write_shards(bomb, out, shard_size=50, workers=1))
     assert isinstance(raised, RankingError), raised
     assert str(raised) == (f"{bomb}:{TRAIN_JPEG}: {BOMB_BYTES} uncompressed bytes, over the limit of {MAX_FILE_BYTES} "
-                           f"bytes per file (ranking.archive.MAX_FILE_BYTES)")
+                           f"bytes per file (ranking.data.archive.MAX_FILE_BYTES)")
     assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # reading the member whole took 256 MiB
     assert not out.exists()
 
@@ -189,7 +189,7 @@ def test_oversized_file_in_a_folder_is_refused_by_its_size_before_reading(synth_
     raised, peak = peak_python_memory(lambda: write_shards(folder, tmp_path / "out", shard_size=50))
     assert isinstance(raised, RankingError)
     assert str(raised) == (f"{big}: {MAX_FILE_BYTES + 1} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
-                           "(ranking.archive.MAX_FILE_BYTES)")
+                           "(ranking.data.archive.MAX_FILE_BYTES)")
     assert peak < MAX_FILE_BYTES
 
 

@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 
-from ranking.augment import StoredDecoder, TrainAugment
-from ranking.config import TrainConfig
-from ranking.sampling import PaperTripletSampler, build_batches
+from ranking.core.config import TrainConfig
+from ranking.data.augment import StoredDecoder, TrainAugment
+from ranking.data.sampling import PaperTripletSampler, build_batches
+from ranking.data.stream import Decoder, train_records, train_transform
 from ranking.shards import load_manifest
-from ranking.stream import Decoder, train_records, train_transform
 
 # torchvision 0.29 deprecates its JPEG decoder for TorchCodec; 0.26 (the GPU machine's) does not: still the one to use
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")

@@ -15,41 +15,14 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageChops, ImageStat
 
+from harness import PER_CLASS, mini_jpegs, odd_images
 from ranking import cli
-from ranking.errors import RankingError
-from ranking.shardformat import load_manifest, shard_paths
+from ranking.core.errors import RankingError
+from ranking.data.stream import eval_samples, train_samples
+from ranking.folders.shardformat import load_manifest, shard_paths
 from ranking.shards import JPEG_QUALITY, main, verify_shards, write_shards
-from ranking.stream import eval_samples, train_samples
 
 SPLITS = ("train", "val", "test")
-PER_CLASS = 6  # of the mini zip's 10 classes x 20 train images
-
-
-def mini_jpegs(mini_zip: Path) -> dict[str, list[tuple[str, bytes]]]:
-    """The first PER_CLASS train JPEGs of each class: wnid -> [(file name, bytes)]."""
-    found: dict[str, list[tuple[str, bytes]]] = {}
-    with zipfile.ZipFile(mini_zip) as z:
-        for name in sorted(z.namelist()):
-            parts = name.split("/")
-            if len(parts) == 5 and parts[1] == "train" and name.endswith(".JPEG"):
-                if len(found.setdefault(parts[2], [])) < PER_CLASS:
-                    found[parts[2]].append((parts[4], z.read(name)))
-    return found
-
-
-def encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def odd_images(jpeg: bytes) -> dict[str, bytes]:
-    """A PNG with transparency, a CMYK JPEG and a grayscale JPEG made from one of the real photos."""
-    photo = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    rgba = photo.convert("RGBA")
-    rgba.putalpha(128)
-    return {"odd.png": encoded(rgba, "PNG"), "cmyk.jpg": encoded(photo.convert("CMYK"), "JPEG"),
-            "gray.jpeg": encoded(photo.convert("L"), "JPEG")}
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_export import write_run
-from test_folders import mini_jpegs, odd_images
-from test_train import train_flags
 
 import ranking
-from ranking import cli, index, indexfolder, search, train
-from ranking.errors import RankingError
-from ranking.indexfolder import Index
+from harness import mini_jpegs, odd_images, train_flags, write_smoke_run
+from ranking import cli, index, search, train
+from ranking.core.errors import RankingError
+from ranking.retrieval import indexfolder
+from ranking.retrieval.indexfolder import Index
 from ranking.shards import write_shards
 
 ODD = ("odd.png", "cmyk.jpg", "gray.jpeg")
@@ -166,7 +165,7 @@ def test_moved_index_works_with_the_run_deleted(data, tmp_path, capsys):
     grid = tmp_path / "grid.png"
     run_search(capsys, *queries, "--index", moved, "--top", "4", "--grid", grid)
     with Image.open(grid) as image:
-        from ranking import grids
+        from ranking.reporting import grids
 
         assert image.size == grids.grid_size(rows=3, columns=5)
 
@@ -241,7 +240,7 @@ def test_unreadable_image_is_one_line_and_leaves_the_index_as_it_was(damage, dat
 
 
 def test_mixed_embedding_dims_on_add_are_one_line(data, tmp_path, capsys):
-    other_run = write_run(tmp_path / "other-run", str(data["root"] / "shards-tree"), embed_dim=8, image_size=32)
+    other_run = write_smoke_run(tmp_path / "other-run", str(data["root"] / "shards-tree"), embed_dim=8, image_size=32)
     other = tmp_path / "other"
     assert index.main(["--checkpoint", str(other_run), "--images", str(data["flat"]), "--out", str(other)]) == 0
     grown = tmp_path / "grown"
@@ -252,7 +251,7 @@ def test_mixed_embedding_dims_on_add_are_one_line(data, tmp_path, capsys):
     err = one_line_error(capsys, ["index", "--add", str(data["flat"]), "--index", str(grown),
                                   "--checkpoint", str(other_run)])
     assert "mixed embedding dimensions" in err
-    same_dim = write_run(tmp_path / "same-dim", str(data["root"] / "shards-tree"), embed_dim=32, image_size=32)
+    same_dim = write_smoke_run(tmp_path / "same-dim", str(data["root"] / "shards-tree"), embed_dim=32, image_size=32)
     err = one_line_error(capsys, ["index", "--add", str(data["flat"]), "--index", str(grown),
                                   "--checkpoint", str(same_dim)])
     assert "a different model" in err

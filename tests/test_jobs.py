@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, SMOKE
+from harness import REPO, SMOKE
 from jobs import common
 from jobs import train as train_job
-from ranking.errors import RankingError
+from ranking.core.errors import RankingError
 
 TINY_RUN = ["--config", str(SMOKE), "--image-size", "32", "--embed-dim", "16", "--classes-per-batch", "3",
             "--samples-per-class", "2", "--workers", "0", "--shuffle-buffer", "50", "--mixed-precision", "no",

@@ -1,5 +1,6 @@
-"""Where code lives: stages never import stages, libraries never import stages, and every choice family has one
-registry that matches its Literal type in the config."""
+"""Where code lives: libraries in layered folders, each importing only its own layer and lower ones (checked by
+path); stages at the top of the package, never imported by anything; every choice family has one registry that
+matches its Literal type in the config."""
 
 from __future__ import annotations
 
@@ -11,25 +12,70 @@ from pathlib import Path
 
 import pytest
 
-from ranking import config, losses, miners, models, optim, retrieval, sampling
+from ranking.core import config
+from ranking.data import sampling
+from ranking.learning import losses, miners, models, optim
+from ranking.retrieval import metrics
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ranking"
-# each a `ranking SUBCOMMAND`
+# lowest first: a module may import its own layer and the ones before it (DESIGN.md, "Modules")
+LAYERS = ("core", "folders", "learning", "data", "retrieval", "reporting", "training")
+# each a `ranking SUBCOMMAND`: run, never imported
 STAGES = {"train", "evaluate", "search", "report", "compare", "shards", "synth", "demo", "index", "export"}
+ENTRY = {"__init__", "__main__", "cli"}  # the package, `python -m ranking` and the subcommand dispatcher
 
 
-def ranking_imports(path: Path) -> set[str]:
-    """The ranking modules a file imports, at the top or inside functions."""
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    return ".".join(("ranking", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The ranking modules a file imports, at the top or inside functions, as dotted names (``from ranking.core
+    import files`` -> ``ranking.core.files``; ``from ranking import cli`` -> ``ranking.cli``)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("ranking.")}
+            found |= {alias.name for alias in node.names if alias.name.startswith("ranking.")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "ranking":
-                found |= {alias.name for alias in node.names}
-            elif node.module.startswith("ranking."):
-                found.add(node.module.split(".")[1])
+            if node.module == "ranking" or node.module.startswith("ranking."):
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
     return found
+
+
+def layer_of(module: str) -> str | None:
+    """``ranking.core.files`` -> "core"; a top-level module (a stage, cli) -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else None
+
+
+def violations(path: Path, root: Path = PACKAGE) -> list[str]:
+    """What ``path`` imports against the rule: a library importing a higher layer or a top-level module, or any
+    module importing a stage."""
+    own = layer_of(module_name(path, root))
+    found = []
+    for module in sorted(imported_modules(path)):
+        parts = module.split(".")
+        if len(parts) < 2 or not parts[1].isidentifier() or parts[1] in ("__version__",):
+            continue
+        if parts[1] in STAGES and module_name(path, root) != f"ranking.{parts[1]}":
+            found.append(f"{module} is a stage")
+        elif own is not None:
+            theirs = layer_of(module)
+            if theirs is None and parts[1] not in LAYERS:
+                found.append(f"{module} is above every library layer")
+            elif theirs is not None and LAYERS.index(theirs) > LAYERS.index(own):
+                found.append(f"{module} is in the higher layer {theirs!r}")
+    return found
+
+
+def test_every_module_has_a_place():
+    """A library module sits in a layer folder; the top of the package holds only stages and the entry points."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) == 1:
+            assert path.stem in STAGES | ENTRY, f"{path.name}: a library module at the top; move it into a layer"
+        else:
+            assert parts[0] in LAYERS and len(parts) == 2, f"{path}: not in one of the layers {LAYERS}"
 
 
 def test_the_stages_are_the_cli_subcommands():
@@ -38,18 +84,32 @@ def test_the_stages_are_the_cli_subcommands():
     assert {module.removeprefix("ranking.") for module, _ in SUBCOMMANDS.values()} == STAGES
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.glob("*.py")), ids=lambda p: p.stem)
-def test_no_module_imports_a_stage(path: Path):
-    """A stage is run, never used: what two stages share lives in a library module (shardformat, runfolder,
-    evalfolder, tracking, grids, plots, embed, ...)."""
-    imported_stages = (ranking_imports(path) & STAGES) - {path.stem}
-    assert not imported_stages, f"{path.name} imports the stage(s) {sorted(imported_stages)}"
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_each_module_imports_only_its_layer_and_lower(path: Path):
+    assert not violations(path), f"{path.relative_to(PACKAGE)}: {'; '.join(violations(path))}"
 
 
-def test_the_guard_sees_a_stage_import(tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from ranking import report\n    import ranking.train\n")
-    assert ranking_imports(bad) & STAGES == {"report", "train"}
+@pytest.mark.parametrize("planted,expected", [
+    ("from ranking.retrieval import embed\n", "in the higher layer 'retrieval'"),
+    ("def f():\n    import ranking.training.loop\n", "in the higher layer 'training'"),
+    ("from ranking import train\n", "is a stage"),
+    ("from ranking import cli\n", "above every library layer"),
+])
+def test_the_rule_refuses_a_planted_upward_import(tmp_path, planted, expected):
+    """The same check on a copy of the package with one upward import planted in a learning module."""
+    root = tmp_path / "ranking"
+    (root / "learning").mkdir(parents=True)
+    (root / "learning" / "losses.py").write_text("from ranking.core import distributed\n" + planted)
+    found = violations(root / "learning" / "losses.py", root)
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_a_stage_may_use_libraries_but_not_another_stage(tmp_path):
+    root = tmp_path / "ranking"
+    root.mkdir()
+    (root / "search.py").write_text("from ranking import cli\nfrom ranking.retrieval import indexfolder\n"
+                                    "def f():\n    from ranking import report\n")
+    assert violations(root / "search.py", root) == ["ranking.report is a stage"]
 
 
 def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
@@ -65,7 +125,7 @@ def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
     (optim.OPTIMIZERS, config.OptimizerName),
     (optim.SCHEDULES, config.ScheduleName),
     (sampling.SAMPLERS, config.SamplerName),
-    (retrieval.PER_QUERY, config.ValMetric),
+    (metrics.PER_QUERY, config.ValMetric),
 ], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics"])
 def test_each_registry_matches_its_literal(registry, choice_type):
     assert set(registry) == set(typing.get_args(choice_type))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from ranking.config import TrainConfig
-from ranking.losses import (
+from ranking.core.config import TrainConfig
+from ranking.learning.losses import (
     DistributedLoss,
     HingeTripletLoss,
     SmoothAPLoss,
@@ -17,7 +17,7 @@ from ranking.losses import (
     build_loss,
     build_objective,
 )
-from ranking.miners import MINERS, mine_triplets
+from ranking.learning.miners import MINERS, mine_triplets
 
 
 def test_hinge_matches_hand_computation():

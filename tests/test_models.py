@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.models import (
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.learning.models import (
     IMAGENET_STATS,
     LITE0_STATS,
     build_lite0,
@@ -179,7 +179,7 @@ def tiny_imagenet_batch(zip_path: Path, size: int) -> tuple[torch.Tensor, torch.
     """All 50 val images and every 4th train image of the mini zip, bicubic to `size`, in [-1, 1]; ImageNet targets."""
     from timm.data import ImageNetInfo
 
-    from ranking.archive import open_archive
+    from ranking.data.archive import open_archive
 
     imagenet_index = {wnid: i for i, wnid in enumerate(ImageNetInfo().label_names())}  # sorted 1000 wnids
     with open_archive(zip_path) as archive:

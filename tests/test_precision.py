@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import launch, train_flags
 
-from ranking import config, precision
-from ranking.config import TrainConfig
+from harness import launch, train_flags
+from ranking.core import config, precision
+from ranking.core.config import TrainConfig
 
 FROM_ACCELERATE = "(Accelerate: accelerate launch's flag or config file, or ACCELERATE_MIXED_PRECISION)"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import launch, train_flags
 
-from ranking import config
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.models import build_model, set_train_mode
-from ranking.optim import build_optimizer
+from harness import launch, train_flags
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.learning.models import build_model, set_train_mode
+from ranking.learning.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +17,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import SMOKE
-from ranking import cli, config, evalfolder, grids, report, retrieval, search, shardformat
-from ranking.errors import RankingError
-from ranking.shardformat import shard_paths
+from harness import SMOKE, shard_samples
+from ranking import cli, report, search
+from ranking.core import config
+from ranking.core.errors import RankingError
+from ranking.folders import shardformat
+from ranking.reporting import grids
+from ranking.retrieval import evalfolder
+from ranking.retrieval.metrics import METRICS
 
 RUN_ID = "reporttest01"
 STEP = 10
-
-
-def shard_samples(shards: Path, split: str) -> dict[int, tuple[int, bytes]]:
-    """id -> (label, JPEG bytes), read straight from the tar files."""
-    samples: dict[int, tuple[int, bytes]] = {}
-    for path in shard_paths(shards, split):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.load(tar.extractfile(member))
-                    jpg = tar.extractfile(member.name[: -len("json")] + "jpg").read()
-                    samples[meta["id"]] = (meta["label"], jpg)
-    return samples
 
 
 def structured_embeddings(labels: torch.Tensor, dim: int, noise: float, seed: int) -> torch.Tensor:
@@ -171,13 +161,13 @@ def test_the_table_has_the_numbers_of_metrics_json(reported):
     assert header[:3] == ["split", "precision@30", "kNN-1"]
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
     assert list(rows) == ["train", "val"]
-    keys = [metric.name for metric in retrieval.METRICS]
+    keys = [metric.name for metric in METRICS]
     for split, cells in rows.items():
         assert [float(c) for c in cells] == pytest.approx([100 * metrics["splits"][split][k] for k in keys], abs=0.006)
 
 
 def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(reported):
-    from test_train import wandb_history_and_config, wandb_records
+    from harness import wandb_history_and_config, wandb_records
 
     assert not list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}")), \
         "the training run is not reopened from another process (offline segments sync lossily)"
@@ -227,9 +217,9 @@ def test_grid_pads_any_image_into_its_tile():
 @pytest.fixture(scope="module")
 def index(synth_shards, tmp_path_factory):
     """A random-init tiny model in a checkpoint, and an evaluation folder of its gallery embeddings."""
-    from ranking.augment import EvalResize
-    from ranking.models import build_model, input_normalization
-    from ranking.stream import eval_samples
+    from ranking.data.augment import EvalResize
+    from ranking.data.stream import eval_samples
+    from ranking.learning.models import build_model, input_normalization
 
     root = tmp_path_factory.mktemp("search")
     train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.neighbors import NearestNeighbors
 
-from ranking.retrieval import EmbeddingSet, evaluate_retrieval, nearest_neighbors, sample_triplets
+from ranking.retrieval.metrics import EmbeddingSet, evaluate_retrieval, nearest_neighbors, sample_triplets
 
 K = 10
 PR_POINTS = 11

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import launch, train_flags
 
-from ranking import config, runfolder
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.files import LOCK, check_writable_folder, folder_lock
+from harness import launch, train_flags
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.core.files import LOCK, check_writable_folder, folder_lock
+from ranking.folders import runfolder
 from ranking.train import check_inputs
 
 
@@ -73,7 +74,7 @@ def test_a_resume_that_would_change_the_model_is_refused_and_leaves_config_yaml(
     assert "config.yaml: a resumed run keeps its model and input; --embed-dim 16 (was 32), --image-size 48 (was 32)" \
         in line
     assert snapshot(finished_run) == before  # config.yaml (embed_dim 32) still rebuilds the checkpoint's model
-    from ranking.models import load_trained
+    from ranking.learning.models import load_trained
 
     model, cfg, step = load_trained(finished_run)
     assert cfg.embed_dim == 32 and step == 2

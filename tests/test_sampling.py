@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.miners import mine_triplets
-from ranking.sampling import Batch, ClassReservoirs, PaperTripletSampler, PKBatcher, build_batches
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.data.sampling import Batch, ClassReservoirs, PaperTripletSampler, PKBatcher, build_batches
+from ranking.learning.miners import mine_triplets
 
 
 def fake_stream(num_classes: int, seed: int = 0, ids: int = 10_000):

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, SHARED, SMOKE
+from harness import REPO, SHARED, SMOKE
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 SLURM_TEST_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))

@@ -14,11 +14,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ranking.augment import StoredDecoder
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.sampling import build_batches
-from ranking.stream import eval_samples, eval_transform, train_records, train_samples, train_transform
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.data.augment import StoredDecoder
+from ranking.data.sampling import build_batches
+from ranking.data.stream import eval_samples, eval_transform, train_records, train_samples, train_transform
 
 # torchvision 0.29 deprecates its JPEG decoder (augment.decode_uint8) for TorchCodec; 0.26 (the GPU machine's) does not
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")

@@ -7,10 +7,10 @@ import os
 import pytest
 import yaml
 
-from conftest import REPO
-from ranking import config
-from ranking.config import TrainConfig
-from ranking.errors import ConfigError, RankingError
+from harness import REPO
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import ConfigError, RankingError
 from ranking.train import expand_run_dir
 
 

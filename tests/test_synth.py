@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ranking.archive import Archive
-from ranking.config import ConfigError
+from ranking.core.config import ConfigError
+from ranking.data.archive import Archive
 from ranking.synth import class_style, main, write_synthetic_archive
 
 

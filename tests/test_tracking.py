@@ -1,5 +1,5 @@
-"""W&B's own mode rules decide (ranking.tracking.resolve_mode): each case in a fresh HOME and working folder, with
-the real wandb settings files, netrc and environment, in a process of its own."""
+"""W&B's own mode rules decide (ranking.reporting.tracking.resolve_mode): each case in a fresh HOME and working folder,
+with the real wandb settings files, netrc and environment, in a process of its own."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import REPO
+from harness import REPO
 
 WANDB = Path(sys.executable).parent / "wandb"
 

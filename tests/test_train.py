@@ -6,11 +6,7 @@ This file is also the script of the DDP gradient check: `accelerate launch tests
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
@@ -22,98 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SMOKE
-from ranking import config, losses
-from ranking.config import TrainConfig
-from ranking.miners import mine_triplets
-from ranking.optim import lr_factor
-from ranking.sampling import Batch
+from harness import SMOKE, launch, metrics, rank_steps, train_flags, wandb_history_and_config
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.data.sampling import Batch
+from ranking.learning import losses
+from ranking.learning.miners import mine_triplets
+from ranking.learning.optim import lr_factor
 
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # fp32; the two sides differ only in summation order
-
-
-def launch(args: list[str], processes: int = 2, timeout: float = 240, script: str | None = None,
-           wait: bool = True, launcher_precision: str | None = "no",
-           launcher_flags: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`accelerate launch` on gloo CPU ranks, as a user would type it; W&B offline and silent."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    if launcher_precision is not None:
-        command += ["--mixed_precision", launcher_precision]
-    command += [script] if script else ["-m", "ranking.train"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    if not wait:
-        return subprocess.Popen(command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def train_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
-    flags = {"config": SMOKE, "shards": shards, "run-dir": run_dir, "image-size": 32, "embed-dim": 32,
-             "shuffle-buffer": 50, "workers": 0, "mixed-precision": "no", "warmup-steps": 3, "log-every": 1,
-             "no-progress": None, "wandb-tags": "test"} | overrides
-    argv = []
-    for name, value in flags.items():
-        argv += [f"--{name}"] + ([] if value is None else [str(value)])
-    return argv
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def rank_steps(checkpoint_dir: Path) -> dict[int, int]:
-    """The step each rank recorded in its own file of a checkpoint."""
-    files = sorted(checkpoint_dir.glob("rng-rank*.pt"))
-    return {int(f.stem.removeprefix("rng-rank")): torch.load(f, weights_only=True)["step"] for f in files}
-
-
-def wandb_records(run_folder: Path):
-    """The records of an offline run's `.wandb` file: wandb's LevelDB-style log of protobuf `Record`s.
-
-    wandb 0.31 no longer ships a Python reader (the Go core writes the file), so this follows the format: a 7-byte
-    file header (":W&B", magic, version), then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length,
-    type: 1 full, 2 first, 3 middle, 4 last); a block's tail shorter than a header is padding.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    block = 32768
-    data = next(run_folder.glob("run-*.wandb")).read_bytes()
-    assert data[:4] == b":W&B"
-    position, parts = 7, []
-    while position + 7 <= len(data):
-        left_in_block = block - position % block
-        if left_in_block < 7:
-            position += left_in_block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if kind == 0:  # zero padding up to the next block
-            position += left_in_block
-            continue
-        parts.append(data[position + 7:position + 7 + length])
-        position += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            yield record
-
-
-def wandb_history_and_config(run_folder: Path) -> tuple[list[dict], dict]:
-    def as_dict(items) -> dict:  # an item names its key in `key` or, path-like, in `nested_key`
-        return {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in items}
-
-    history, run_config = [], {}
-    for record in wandb_records(run_folder):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            history.append(as_dict(record.history.item))
-        elif kind == "config":
-            run_config |= as_dict(record.config.update)
-    return history, run_config
 
 
 # --------------------------------------------------------------------------------------------------- fast units
@@ -160,7 +73,7 @@ def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):
     before training where TorchInductor has no C compiler to build its kernels with."""
     import shutil
 
-    from ranking.errors import RankingError
+    from ranking.core.errors import RankingError
     from ranking.train import compiled
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
@@ -274,7 +187,7 @@ GLOBAL_IMAGES, CLASSES = 16, 4
 def fixed_problem(world: int) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The same seeded model (eval mode: BatchNorm statistics are per rank in DDP), images, labels and, for each of
     ``world`` ranks, triplets indexing that rank's slice of the images."""
-    from ranking.models import build_model
+    from ranking.learning.models import build_model
 
     cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=16, image_size=32, miner="hard", margin=0.5)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""Validation during training (ranking.validation): the trainer's val metrics, computed on 2 gloo ranks, equal a
-standalone `ranking evaluate` of the same checkpoint on the same gallery; checkpoints/best points at the best step
-and survives rotation; W&B gets the val metrics at the training step."""
+"""Validation during training (ranking.retrieval.validation): the trainer's val metrics, computed on 2 gloo ranks,
+equal a standalone `ranking evaluate` of the same checkpoint on the same gallery; checkpoints/best points at the best
+step and survives rotation; W&B gets the val metrics at the training step."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import sys
 import time
 
 import pytest
-from test_train import launch, metrics, train_flags, wandb_history_and_config
 
-from ranking import checkpoint, runfolder
-from ranking.evalfolder import read_metrics
-from ranking.shardformat import manifest_digest
-from ranking.validation import gallery_subset
+from harness import launch, metrics, train_flags, wandb_history_and_config
+from ranking.folders import checkpoint, runfolder
+from ranking.folders.shardformat import manifest_digest
+from ranking.retrieval.evalfolder import read_metrics
+from ranking.retrieval.validation import gallery_subset
 
 PER_CLASS = 10
 

@@ -26,8 +26,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from ranking.errors import ConfigError
-from ranking.files import write_text_atomically
+from ranking.core.errors import ConfigError
+from ranking.core.files import write_text_atomically
 
 # The choices of each family; each has one registry beside its code (models.TRUNKS, losses.LOSSES, miners.MINERS,
 # optim.OPTIMIZERS, optim.SCHEDULES, sampling.SAMPLERS), and a test checks that the two agree.
@@ -39,8 +39,8 @@ ScheduleName = Literal["cosine", "constant"]
 SamplerName = Literal["batch", "paper"]
 Precision = Literal["no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
-WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settings decide (ranking.tracking)
-ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.PER_QUERY
+WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settings decide (ranking.reporting.tracking)
+ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.metrics.PER_QUERY
 
 C = TypeVar("C")
 
@@ -137,7 +137,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     grad_accum: int = 1  # batches per optimizer step
     # unset: Accelerate decides (`accelerate launch --mixed_precision`, its config file, ACCELERATE_MIXED_PRECISION),
-    # else bf16 where the device has it, fp16 on older GPUs (ranking.precision); a value here wins
+    # else bf16 where the device has it, fp16 on older GPUs (ranking.core.precision); a value here wins
     mixed_precision: Precision | None = None
 
     # run

@@ -35,7 +35,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from ranking.errors import RankingError
+from ranking.core.errors import RankingError
 
 STORED_SIZE = 64  # every Tiny ImageNet image is 64 x 64
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ranking import checkpoint, runfolder
-from ranking.config import TrainConfig
+from ranking.core.config import TrainConfig
+from ranking.folders import checkpoint, runfolder
 
 ID_FILE = "wandb_run_id"  # RUN/wandb_run_id, if present, names the run's W&B id (else the latest checkpoint does)
 TRAINER_STEP = "trainer/step"

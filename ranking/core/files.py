@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ranking.errors import RankingError
+from ranking.core.errors import RankingError
 
 
 def temporary_name(path: Path) -> Path:

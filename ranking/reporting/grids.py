@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ranking.files import write_atomically
-from ranking.shardformat import SampleInfo
+from ranking.core.files import write_atomically
+from ranking.folders.shardformat import SampleInfo
 
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 

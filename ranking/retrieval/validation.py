@@ -19,10 +19,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ranking import distributed, embed, models
-from ranking.config import TrainConfig
-from ranking.retrieval import METRICS, evaluate_retrieval
-from ranking.shardformat import split_index
+from ranking.core import distributed
+from ranking.core.config import TrainConfig
+from ranking.folders.shardformat import split_index
+from ranking.learning import models
+from ranking.retrieval import embed
+from ranking.retrieval.metrics import METRICS, evaluate_retrieval
 
 K = 30  # precision@k and hit@k, as `ranking evaluate` defaults to
 
@@ -45,7 +47,7 @@ def gallery_subset(shards: str, per_class: int, seed: int, cache_dir: Path | Non
 @dataclass
 class Validation:
     step: int
-    values: dict[str, float]  # metric name (retrieval.METRICS) -> value
+    values: dict[str, float]  # metric name (retrieval.metrics.METRICS) -> value
     seconds: float
 
     def record(self) -> dict[str, float]:

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from ranking.errors import RankingError
-from ranking.shardformat import SPLITS
+from ranking.core.errors import RankingError
+from ranking.folders.shardformat import SPLITS
 
 ROOT_NAME = "tiny-imagenet-200"
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
@@ -54,7 +54,7 @@ MAX_FILE_BYTES = 16 * 2**20
 
 def _too_large(where: str, size: int | str) -> RankingError:
     return RankingError(f"{where}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
-                        f"(ranking.archive.MAX_FILE_BYTES)")
+                        f"(ranking.data.archive.MAX_FILE_BYTES)")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Training streams are infinite: every rank and every DataLoader worker resamples 
 rank waits for another. Evaluation streams read each sample of a split exactly once over all ranks.
 
 The trainer and the evaluation decode to uint8 at the stored size in their DataLoader workers and make the model's
-pixels on the training device (``ranking.augment``). ``train_transform``, ``Decoder`` and ``train_samples`` are the
+pixels on the training device (``ranking.data.augment``). ``train_transform``, ``Decoder`` and ``train_samples`` are the
 per-image torchvision path the trainer ran in its workers before: the reference that ``augment.TrainAugment`` is
 tested and benchmarked against (tests, ``bench/bench_loader.py``'s "current", ``bench/bench_shards.py``);
 ``eval_transform`` is ``augment.EvalResize``'s reference.
@@ -25,10 +25,10 @@ import webdataset as wds
 from PIL import Image
 from torchvision.transforms import v2
 
-from ranking import distributed
-from ranking.augment import StoredDecoder
-from ranking.errors import RankingError
-from ranking.shardformat import MANIFEST, key_id, shard_counts, shard_paths
+from ranking.core import distributed
+from ranking.core.errors import RankingError
+from ranking.data.augment import StoredDecoder
+from ranking.folders.shardformat import MANIFEST, key_id, shard_counts, shard_paths
 
 Sample = tuple[torch.Tensor, int, int]
 

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from ranking import distributed
-from ranking.distances import paired_squared_distances, squared_distances, squared_norms
-from ranking.errors import RankingError
+from ranking.core import distributed
+from ranking.core.errors import RankingError
+from ranking.learning.distances import paired_squared_distances, squared_distances, squared_norms
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ranking import distributed
-from ranking.config import LossName, MinerName, TrainConfig
-from ranking.distances import paired_squared_distances
-from ranking.miners import mine_triplets
+from ranking.core import distributed
+from ranking.core.config import LossName, MinerName, TrainConfig
+from ranking.learning.distances import paired_squared_distances
+from ranking.learning.miners import mine_triplets
 
 
 class TripletLoss(nn.Module):

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ranking import distributed
-from ranking.errors import RankingError
-from ranking.files import file_sha256, read_json, write_atomically, write_text_atomically
-from ranking.runfolder import (
+from ranking.core import distributed
+from ranking.core.errors import RankingError
+from ranking.core.files import file_sha256, read_json, write_atomically, write_text_atomically
+from ranking.folders.runfolder import (
     BEST,
     LATEST,
     STATE,

@@ -1,4 +1,4 @@
-"""Batches for training, formed online from the infinite sample stream (the miners are in ``ranking.miners``).
+"""Batches for training, formed online from the infinite sample stream (the miners are in ``ranking.learning.miners``).
 
 Two samplers turn ``(image, label, id)`` samples into ``Batch``es (DESIGN.md "Batches"):
 - ``PaperTripletSampler``: the paper's online triplet sampling from per-class reservoir buffers; the batch holds
@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from ranking.config import SamplerName, TrainConfig
-from ranking.errors import RankingError
-from ranking.stream import Sample, worker_seed
+from ranking.core.config import SamplerName, TrainConfig
+from ranking.core.errors import RankingError
+from ranking.data.stream import Sample, worker_seed
 
 
 class Batch(NamedTuple):

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ranking.files import write_atomically  # noqa: E402
+from ranking.core.files import write_atomically  # noqa: E402
 
 
 def save_figure(figure: plt.Figure, path: Path) -> Path:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ranking.config import OptimizerName, ScheduleName, TrainConfig
-from ranking.models import EmbeddingNet
+from ranking.core.config import OptimizerName, ScheduleName, TrainConfig
+from ranking.learning.models import EmbeddingNet
 
 OPTIMIZERS: dict[OptimizerName, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
     "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,

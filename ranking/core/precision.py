@@ -20,7 +20,7 @@ from typing import cast
 
 import torch
 
-from ranking.config import Precision as PrecisionName
+from ranking.core.config import Precision as PrecisionName
 
 ENV = "ACCELERATE_MIXED_PRECISION"
 LAUNCH_DEFAULTED = "RANKING_PRECISION_DEFAULTED"  # set by slurm/common.sh: the launcher's "no" was not a choice

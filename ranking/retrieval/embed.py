@@ -22,17 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ranking import models, stream
-from ranking.augment import EvalResize, collate_samples
-from ranking.config import TrainConfig
-from ranking.retrieval import EmbeddingSet
+from ranking.core.config import TrainConfig
+from ranking.data import stream
+from ranking.data.augment import EvalResize, collate_samples
+from ranking.learning import models
+from ranking.retrieval.metrics import EmbeddingSet
 
 if TYPE_CHECKING:  # searching imports this module: it needs no launcher
     from accelerate import Accelerator
 
 PADDING_ID = -1
 LOG_EVERY_S = 30.0  # seconds between a rank's progress lines while it embeds
-log = logging.getLogger("ranking.embed")
+log = logging.getLogger("ranking.retrieval.embed")
 
 
 @torch.inference_mode()

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ranking import checkpoint, runfolder
-from ranking.config import Backbone, TrainConfig
-from ranking.errors import RankingError
+from ranking.core.config import Backbone, TrainConfig
+from ranking.core.errors import RankingError
+from ranking.folders import checkpoint, runfolder
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 

@@ -18,8 +18,8 @@ from typing import IO, Any, NoReturn, TypeVar
 
 from PIL import Image
 
-from ranking.errors import RankingError
-from ranking.files import file_sha256, read_json, write_atomically
+from ranking.core.errors import RankingError
+from ranking.core.files import file_sha256, read_json, write_atomically
 
 FORMAT = "deep-ranking-shards/1"
 MANIFEST = "manifest.json"

@@ -4,10 +4,10 @@ evaluations, and how to find them from a run folder or from a checkpoint folder.
     RUN/config.yaml                    the resolved TrainConfig
     RUN/metrics.jsonl                  one JSON object per logged step
     RUN/loss.png
-    RUN/checkpoints/step-0000100/      state.pt, rng-rank{r}.pt (ranking.checkpoint writes them)
+    RUN/checkpoints/step-0000100/      state.pt, rng-rank{r}.pt (ranking.folders.checkpoint writes them)
     RUN/checkpoints/latest -> step-0000100
     RUN/checkpoints/best -> step-0000050     the best validation so far (when the trainer validates)
-    RUN/eval-0000100/                  an evaluation folder (ranking.evalfolder places and reads them)
+    RUN/eval-0000100/                  an evaluation folder (ranking.retrieval.evalfolder places and reads them)
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-from ranking import config
-from ranking.config import TrainConfig
-from ranking.errors import ConfigError, RankingError
-from ranking.files import LOCK, append_line, check_writable_folder, folder_lock, write_text_atomically
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import ConfigError, RankingError
+from ranking.core.files import LOCK, append_line, check_writable_folder, folder_lock, write_text_atomically
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-BEST = "best"  # checkpoints/best -> the step with the best validation metric (ranking.validation)
+BEST = "best"  # checkpoints/best -> the step with the best validation metric (ranking.retrieval.validation)
 STATE = "state.pt"  # the file that makes a folder a checkpoint
 # What a resumed run cannot change: the shapes of the weights, or what the evaluation feeds the model (it rebuilds
 # the model and its input from config.yaml). Dropout, the loss, the optimiser and the data may change.

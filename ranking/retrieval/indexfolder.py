@@ -3,7 +3,7 @@ is, and thumbnails to draw results, in one folder that works wherever it is copi
 
     INDEX/index.json              format, count, dim, classes, sources, the model's identity
     INDEX/model.safetensors       the embedding network's weights
-    INDEX/model.json              its TrainConfig, preprocessing and source (``ranking.inference``)
+    INDEX/model.json              its TrainConfig, preprocessing and source (``ranking.retrieval.inference``)
     INDEX/embeddings.safetensors  "embeddings": float32 [count, dim], row i = item i
     INDEX/items.jsonl             one JSON object per row: id, label, class, words, file, source, thumb
     INDEX/thumbs.tar              a THUMB_SIZE px JPEG per row, ``{id:07d}.jpg``; ``thumb`` = [offset, size] in it
@@ -12,9 +12,9 @@ is, and thumbnails to draw results, in one folder that works wherever it is copi
     build(out, model, sources)             embed image sources (sharded over ranks) and write a new index
     add(index_dir, sources)                embed only the new images and append them (or merge another index)
 
-An image source (``open_images``) is a shards folder (one split) or anything ``ranking.archive.open_archive`` reads:
-class folders, a folder of images, Tiny ImageNet. A folder is written under a temporary name and renamed into place,
-so a failed build or add leaves the index as it was.
+An image source (``open_images``) is a shards folder (one split) or anything ``ranking.data.archive.open_archive``
+reads: class folders, a folder of images, Tiny ImageNet. A folder is written under a temporary name and renamed into
+place, so a failed build or add leaves the index as it was.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from ranking.errors import RankingError
-from ranking.files import read_json, write_atomically, write_text_atomically
-from ranking.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike, decode_image
-from ranking.retrieval import EmbeddingSet, nearest_neighbors
+from ranking.core.errors import RankingError
+from ranking.core.files import read_json, write_atomically, write_text_atomically
+from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike, decode_image
+from ranking.retrieval.metrics import EmbeddingSet, nearest_neighbors
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -258,7 +258,7 @@ class ShardsSource(ImageSource):
     kind = "shards"
 
     def __init__(self, path: Path, split: str | None):
-        from ranking.shardformat import split_counts, split_index
+        from ranking.folders.shardformat import split_counts, split_index
 
         counts = split_counts(path, ["train", "val", "test"])
         self.path = path
@@ -272,7 +272,7 @@ class ShardsSource(ImageSource):
         self.entries = [(infos[i].label, infos[i].wnid, infos[i].words, infos[i].file) for i in sorted(infos)]
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
-        from ranking.embed import embed_split
+        from ranking.retrieval.embed import embed_split
 
         pre = model.preprocessing
         return embed_split(model.net, accelerator, str(self.path), str(self.split), image_size=pre.image_size,
@@ -280,7 +280,7 @@ class ShardsSource(ImageSource):
                            normalize=model.normalize, flip=model.flip)
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
-        from ranking.shardformat import key_id, shard_paths
+        from ranking.folders.shardformat import key_id, shard_paths
 
         for shard in shard_paths(self.path, str(self.split)):
             try:
@@ -307,11 +307,11 @@ class _FolderSamples(torch.utils.data.IterableDataset):
 
 
 class FolderSource(ImageSource):
-    """Class folders, a flat folder of images or Tiny ImageNet, read by ``ranking.archive`` (its size limits and
+    """Class folders, a flat folder of images or Tiny ImageNet, read by ``ranking.data.archive`` (its size limits and
     checks): every image of every split, train then val then test, each in the archive's order."""
 
     def __init__(self, path: Path):
-        from ranking.archive import open_archive
+        from ranking.data.archive import open_archive
 
         self.path = path
         self.dataset = open_archive(path)
@@ -331,8 +331,8 @@ class FolderSource(ImageSource):
         from torch.utils.data import DataLoader
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        from ranking.augment import EvalResize, collate_samples
-        from ranking.embed import embed_loader
+        from ranking.data.augment import EvalResize, collate_samples
+        from ranking.retrieval.embed import embed_loader
 
         pre = model.preprocessing
         samples = _FolderSamples(self, pil_to_tensor, accelerator.process_index, accelerator.num_processes)  # uint8
@@ -348,7 +348,7 @@ class FolderSource(ImageSource):
 
 def open_images(path: str | os.PathLike, split: str | None = None) -> ImageSource:
     """A shards folder (its ``split``, default train, else test) or a folder / zip that ``open_archive`` reads."""
-    from ranking.shardformat import MANIFEST
+    from ranking.folders.shardformat import MANIFEST
 
     path = Path(path)
     if not path.exists():

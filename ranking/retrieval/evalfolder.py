@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ranking.errors import RankingError
-from ranking.files import read_json, write_atomically, write_text_atomically
-from ranking.retrieval import EmbeddingSet, RetrievalMetrics, titles
-from ranking.shardformat import MANIFEST
+from ranking.core.errors import RankingError
+from ranking.core.files import read_json, write_atomically, write_text_atomically
+from ranking.folders.shardformat import MANIFEST
+from ranking.retrieval.metrics import EmbeddingSet, RetrievalMetrics, titles
 
 EMBEDDINGS = "embeddings.pt"
 METRICS = "metrics.json"
@@ -45,7 +45,7 @@ def find_in_run(run_dir: str | os.PathLike) -> Path | None:
 class EvalIndex:
     """What ``EVAL/embeddings.pt`` holds (load with ``weights_only=True``); rows sorted by id.
 
-    File names, wnids and words are not stored: they come from the shards by id (``ranking.shardformat``).
+    File names, wnids and words are not stored: they come from the shards by id (``ranking.folders.shardformat``).
     ``model_sha256`` (the checkpoint's ``state.pt``) and ``embed_dim`` say which model embedded the rows, so that
     search refuses another one; indexes written before they existed load with "" and the embeddings' width.
     """

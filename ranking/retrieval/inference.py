@@ -8,7 +8,8 @@
     model.export(FILE, "onnx" | "torchscript" | "safetensors")
 
 Every embedding of images in memory (search queries, ``ranking.load(...).embed``) goes through ``embed``, which calls
-``ranking.embed.embed_images``; sharded embedding of galleries uses ``ranking.embed.embed_local``: both apply
+``ranking.retrieval.embed.embed_images``; sharded embedding of galleries uses
+``ranking.retrieval.embed.embed_local``: both apply
 ``augment.EvalResize`` (on the device, to uint8 images) and ``models.embed_with_mirror``, so a query and its gallery
 see the same preprocessing.
 The preprocessing travels with every saved or exported model (``Preprocessing``).
@@ -31,11 +32,12 @@ from typing import Any, Literal
 import torch
 from PIL import Image, ImageOps
 
-from ranking import config, models
-from ranking.archive import read_regular_file
-from ranking.config import TrainConfig
-from ranking.errors import RankingError
-from ranking.files import read_json, write_atomically, write_text_atomically
+from ranking.core import config
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.core.files import read_json, write_atomically, write_text_atomically
+from ranking.data.archive import read_regular_file
+from ranking.learning import models
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
@@ -78,7 +80,7 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise RankingError(f"{where}: {image.width}x{image.height} pixels, over the limit of "
-                                   f"{MAX_IMAGE_PIXELS} (ranking.inference.MAX_IMAGE_PIXELS)")
+                                   f"{MAX_IMAGE_PIXELS} (ranking.retrieval.inference.MAX_IMAGE_PIXELS)")
             image.load()
             upright = ImageOps.exif_transpose(image)
             if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
@@ -93,7 +95,8 @@ def decode_image(data: bytes, where: str) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image from any file PIL can read (size-limited, as ``ranking.archive`` reads); RankingError otherwise."""
+    """An RGB image from any file PIL can read (size-limited, as ``ranking.data.archive`` reads); RankingError
+    otherwise."""
     path = Path(path)
     if not path.is_file():
         raise RankingError(f"{path}: no such image file")
@@ -174,7 +177,7 @@ class EmbeddingModel:
     @classmethod
     def from_run(cls, path: str | os.PathLike, flip: bool = False,
                  device: str | torch.device | None = None) -> EmbeddingModel:
-        from ranking import runfolder
+        from ranking.folders import runfolder
 
         checkpoint = runfolder.resolve_checkpoint(path)
         net, train_config, step = models.load_trained(checkpoint)
@@ -263,7 +266,7 @@ class EmbeddingModel:
 
     def embed(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> torch.Tensor:
         """[N, D] float32 embeddings on the CPU of PIL images, image paths or uint8 tensors, in full precision."""
-        from ranking.embed import embed_images
+        from ranking.retrieval.embed import embed_images
 
         return embed_images(self.net, self.config, to_images(images), normalize=self.normalize, flip=self.flip,
                             batch_size=batch_size, device=self.device)
@@ -366,7 +369,7 @@ def preprocess(model: EmbeddingModel, images: Sequence[Image.Image]) -> torch.Te
     exported copy)."""
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ranking.augment import EvalResize
+    from ranking.data.augment import EvalResize
 
     resize = EvalResize(model.config.image_size, model.preprocessing.mean, model.preprocessing.std)
     return resize([pil_to_tensor(image.convert("RGB")) for image in images])

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
 
-from ranking.errors import RankingError
+from ranking.core.errors import RankingError
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

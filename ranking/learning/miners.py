@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ranking.config import MinerName
-from ranking.distances import squared_distances
+from ranking.core.config import MinerName
+from ranking.learning.distances import squared_distances
 
 
 def batch_hard(distances: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
