@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ranking.core.config import ArgumentParser
 from ranking.core.errors import RankingError
+from ranking.core.flags import ArgumentParser
 
 
 def launch_command(processes: int) -> list[str]:

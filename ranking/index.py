@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from ranking import cli
-from ranking.core.config import at_least
 from ranking.core.errors import RankingError
+from ranking.core.flags import at_least
 from ranking.retrieval import indexfolder
 from ranking.retrieval.indexfolder import Index
 from ranking.retrieval.inference import EmbeddingModel

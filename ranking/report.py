@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ranking.core.config import ArgumentParser, TrainConfig, at_least, at_most, build
+from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
+from ranking.core.flags import ArgumentParser, at_least, at_most, build
 from ranking.folders import runfolder
 from ranking.folders.shardformat import SampleInfo, read_images, split_index
 from ranking.learning.distances import squared_distances

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ranking.core.config import ArgumentParser, TrainConfig, at_least
+from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
+from ranking.core.flags import ArgumentParser, at_least
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import read_images, split_index
 from ranking.learning.models import load_trained

@@ -32,9 +32,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ranking.core.config import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.core.errors import RankingError
 from ranking.core.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
+from ranking.core.flags import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.data.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
 from ranking.folders.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
 

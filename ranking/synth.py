@@ -21,9 +21,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ranking.core.config import at_least, parse
 from ranking.core.errors import ConfigError
 from ranking.core.files import write_atomically
+from ranking.core.flags import at_least, parse
 
 ROOT = "tiny-imagenet-200"
 SIZE = 64

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness import SMOKE
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.folders import checkpoint, runfolder
@@ -84,8 +84,8 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 
 
 def write_run(run_dir, step: int) -> tuple[torch.nn.Module, TrainConfig]:
-    cfg = config.build(TrainConfig, str(SMOKE), {"embed_dim": 8, "run_dir": str(run_dir)})
-    config.save(cfg, run_dir / "config.yaml")
+    cfg = flags.build(TrainConfig, str(SMOKE), {"embed_dim": 8, "run_dir": str(run_dir)})
+    flags.save(cfg, run_dir / "config.yaml")
     model = build_model(cfg)
     with torch.no_grad():
         model.head.bias.fill_(0.5)  # not the initialisation: the loaded weights must be these
@@ -126,7 +126,7 @@ def test_corrupt_or_missing_checkpoints_are_one_line_errors(tmp_path):
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     write_run(tmp_path, step=3)
-    cfg = config.build(TrainConfig, str(tmp_path / "config.yaml"), {"embed_dim": 16})
-    config.save(cfg, tmp_path / "config.yaml")
+    cfg = flags.build(TrainConfig, str(tmp_path / "config.yaml"), {"embed_dim": 16})
+    flags.save(cfg, tmp_path / "config.yaml")
     with pytest.raises(RankingError, match="do not fit the model"):
         load_trained(tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness import launch, train_flags
-from ranking.core import config, precision
+from ranking.core import flags, precision
 from ranking.core.config import TrainConfig
 
 FROM_ACCELERATE = "(Accelerate: accelerate launch's flag or config file, or ACCELERATE_MIXED_PRECISION)"
@@ -51,9 +51,9 @@ def test_the_default_is_unset_in_the_config_and_a_file_can_set_it(tmp_path):
     assert TrainConfig().mixed_precision is None
     path = tmp_path / "fp16.yaml"
     path.write_text("mixed_precision: fp16\n")
-    assert config.build(TrainConfig, path).mixed_precision == "fp16"
+    assert flags.build(TrainConfig, path).mixed_precision == "fp16"
     path.write_text("mixed_precision: null\n")
-    assert config.build(TrainConfig, path).mixed_precision is None
+    assert flags.build(TrainConfig, path).mixed_precision is None
 
 
 def precision_flags(shards: Path, run_dir: Path) -> list[str]:
@@ -65,7 +65,7 @@ def precision_flags(shards: Path, run_dir: Path) -> list[str]:
 
 
 def logged_precision(run_dir: Path) -> str:
-    return config.build(TrainConfig, run_dir / "config.yaml").mixed_precision or ""
+    return flags.build(TrainConfig, run_dir / "config.yaml").mixed_precision or ""
 
 
 def test_accelerate_launch_flag_reaches_the_trainer_and_plain_log_lines_replace_the_bar(synth_shards, tmp_path):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image, ImageOps
 
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import read_json, write_atomically, write_text_atomically
@@ -220,7 +220,7 @@ class EmbeddingModel:
         if not isinstance(described.get("config"), dict) or not isinstance(described.get("source"), dict):
             raise RankingError(f"{described_in}: no 'config' or 'source' entry")
         try:
-            train_config = dataclasses.replace(config.build(TrainConfig, None, {**described["config"],
+            train_config = dataclasses.replace(flags.build(TrainConfig, None, {**described["config"],
                                                                                 "pretrained": False,
                                                                                 "freeze_bn_stats": False,
                                                                                 "frozen_stages": 0}),
