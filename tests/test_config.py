@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 
 import ranking
 from harness import REPO, SMOKE
+from ranking import cli
+from ranking.cli import SUBCOMMANDS
 from ranking.core import flags
 from ranking.core.config import EvalConfig, TrainConfig
 from ranking.core.errors import ConfigError
@@ -158,3 +162,141 @@ def test_version_and_an_unknown_flag_on_the_command_line():
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "ranking train: error: unknown flag --step; did you mean --steps? (see ranking train --help)"]
+
+
+# ------------------------------------------------------------------------------ every stage's command line
+
+
+def stage_help(name: str, capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit) as done:
+        cli.main([name, "--help"])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's help entry (its first long flag -> the entry's text on one line), from argparse's layout."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = next((word.rstrip(",") for word in line.split() if word.startswith("--")), line.split()[0])
+            entries[current] = line
+        elif current is not None and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+def stage_error(name: str, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        cli.main([name, *argv])
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_stage_has_help_by_section_with_each_flags_default(name, capsys, monkeypatch):
+    text = stage_help(name, capsys, monkeypatch)
+    headings = {line[:-1] for line in text.splitlines() if re.fullmatch(r"[A-Za-z&][^:]*:", line)}
+    assert headings - {"options", "positional arguments"}, f"ranking {name} --help has no sections: {headings}"
+    entries = help_entries(text)
+    assert len(entries) > 1
+    for flag, entry in entries.items():
+        if flag not in ("-h", "--help", "--config"):
+            assert "(default: " in entry or "(required)" in entry, f"ranking {name}: {entry}"
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_stage_refuses_abbreviations_and_names_the_nearest_flag(name, capsys, monkeypatch):
+    entries = help_entries(stage_help(name, capsys, monkeypatch))
+    flag = max((f for f in entries if f.startswith("--") and f not in ("--help", "--config")), key=len)
+    short = flag[:-1]  # what argparse's default allow_abbrev would take for the flag
+    assert short not in entries
+    assert stage_error(name, [short, "1"], capsys) == (
+        f"ranking {name}: error: unknown flag {short}; did you mean {flag}? (see ranking {name} --help)")
+    misspelt = "--" + flag[3] + flag[2] + flag[4:]  # its first two letters swapped
+    assert misspelt not in entries
+    assert f"unknown flag {misspelt}; did you mean {flag}?" in stage_error(name, [f"{misspelt}=1"], capsys)
+
+
+def stage_configs() -> dict[str, type]:
+    from ranking import compare, demo, export, index, report, search, shards, synth
+
+    return {"train": TrainConfig, "evaluate": EvalConfig, "compare": compare.CompareConfig, "demo": demo.DemoConfig,
+            "export": export.ExportConfig, "index": index.IndexConfig, "report": report.ReportConfig,
+            "search": search.SearchConfig, "shards": shards.ShardsConfig, "synth": synth.SynthConfig}
+
+
+def test_stage_configs_cover_every_subcommand():
+    assert set(stage_configs()) == set(SUBCOMMANDS)
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """Every `ranking STAGE ...` and `-m ranking.STAGE ...` line of README.md's code blocks: (stage, its arguments)."""
+    found, in_code = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        match = re.search(r"(?:^|\s|/)(?:ranking |-m ranking\.)(\w+)(.*)", line) if in_code else None
+        if match and match[1] in SUBCOMMANDS:
+            found.append((match[1], shlex.split(match[2], comments=True)))
+    return found
+
+
+@pytest.mark.parametrize("stage,argv", readme_commands(), ids=lambda value: value if isinstance(value, str) else "")
+def test_the_readme_command_lines_parse(stage, argv):
+    assert flags.parse(stage_configs()[stage], argv, f"ranking {stage}", "")
+
+
+def test_readme_shows_the_main_stages():
+    assert {"shards", "train", "evaluate", "report", "search", "index", "export"} <= {s for s, _ in readme_commands()}
+
+
+# ------------------------------------------------------------------------------ the engine: positional fields
+
+
+@dataclasses.dataclass
+class Toy:
+    # inputs
+    sources: list[str] = dataclasses.field(metadata={"positional": True, "metavar": "SOURCE"})  # what to read
+    format: Literal["a", "b"]  # the format
+    label: str = dataclasses.field(default="", metadata={"positional": True})  # an optional name
+
+    # knobs
+    size: int = 3  # how many
+    fast: bool = False  # go fast
+
+
+def test_positional_fields_required_fields_and_the_usage(capsys):
+    toy = flags.parse(Toy, ["x", "y", "--format", "b", "--size", "4"], "toy", "", config_file=False)
+    assert toy == Toy(sources=["x", "y"], format="b", size=4)
+    assert flags.parse(Toy, ["--format=a", "x"], "toy", "", config_file=False).sources == ["x"]
+    with pytest.raises(ConfigError, match=re.escape("the following arguments are required: --format (see toy")):
+        flags.parse(Toy, ["x"], "toy", "", config_file=False)
+    with pytest.raises(ConfigError, match="the following arguments are required: SOURCE"):
+        flags.parse(Toy, ["--format", "a"], "toy", "", config_file=False)
+    # a misspelt flag is named before the missing positional argument
+    with pytest.raises(ConfigError, match=re.escape("unknown flag --sise; did you mean --size?")):
+        flags.parse(Toy, ["--sise", "4"], "toy", "", config_file=False)
+    with pytest.raises(SystemExit):
+        flags.parse(Toy, ["--help"], "toy", "", config_file=False)
+    text = capsys.readouterr().out
+    assert text.startswith("usage: toy SOURCE [SOURCE ...] [LABEL] --format FORMAT [--FLAG VALUE ...]\n")
+    assert "\ninputs:\n" in text and "\nknobs:\n" in text and "--config" not in text
+    assert "(required)" in help_entries(text)["--format"]
+
+
+def test_a_config_file_may_give_what_is_required(tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text("format: b\nsize: 7\n")
+    toy = flags.parse(Toy, ["--config", str(path), "x", "--size", "8"], "toy", "")
+    assert (toy.sources, toy.format, toy.size) == (["x"], "b", 8)
+    path.write_text("size: 7\n")
+    with pytest.raises(ConfigError, match="Toy: missing --format"):
+        flags.parse(Toy, ["--config", str(path), "x"], "toy", "")

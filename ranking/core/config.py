@@ -12,7 +12,7 @@ from ranking.core import flags
 from ranking.core.errors import ConfigError
 
 # The choices of each family; each has one registry beside its code (models.TRUNKS, losses.LOSSES, miners.MINERS,
-# optim.OPTIMIZERS, optim.SCHEDULES, sampling.SAMPLERS), and a test checks that the two agree.
+# optim.OPTIMIZERS, optim.SCHEDULES, sampling.SAMPLERS, ...), and a test checks that the two agree.
 Backbone = Literal["efficientnet_lite0", "resnet18", "resnet34", "resnet50", "multiscale"]
 LossName = Literal["hinge", "triplet_margin", "smooth_ap"]
 MinerName = Literal["semihard", "hard", "all"]
@@ -23,6 +23,7 @@ Precision = Literal["no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
 WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settings decide (ranking.reporting.tracking)
 ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.metrics.PER_QUERY
+ExportFormat = Literal["onnx", "torchscript", "safetensors"]  # retrieval.inference.EXPORT_FORMATS
 
 UNLABELLED_SPLIT = "test"  # DESIGN.md "Shards": test samples carry label -1
 
@@ -150,22 +151,29 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # data
     checkpoint: str = ""  # run folder (uses its latest checkpoint) or a checkpoint folder
     shards: str = ""  # defaults to the shards the run was trained on
     out: str = ""  # defaults to RUN_DIR/eval-<step>
     gallery_split: Split = "train"  # a labelled split (train or val): the metrics compare labels
     query_split: Split = "val"  # a labelled split (train or val)
+    gallery_per_class: int = 0  # this many train images of each class, chosen by --seed as the trainer does; 0: all
+
+    # embedding
     batch_size: int = 256  # images per forward pass, per rank
     workers: int = 2  # DataLoader workers per rank
     # unset: Accelerate decides, else bf16 where the device has it (as for training); a value here wins
     mixed_precision: Precision | None = None
     flip: bool = False  # embed each image as the mean of its and its mirror image's embeddings (2x the compute)
+
+    # metrics
     k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
-    gallery_per_class: int = 0  # this many train images of each class, chosen by --seed as the trainer does; 0: all
     chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
     pr_points: int = 50  # recall levels of the precision-recall curve
     triplets: int = 10000  # sampled triplets per split for triplet accuracy
-    seed: int = 0  # the sampled triplets
+    seed: int = 0  # the sampled triplets, and the gallery subset of gallery_per_class
+
+    # run
     collective_timeout_s: float = 300.0  # a collective waiting this long on another rank ends the run (frozen peer)
 
     def validate(self) -> None:

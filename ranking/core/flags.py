@@ -136,31 +136,81 @@ def _shown(value: Any) -> str:
     return repr(value) if value == "" else str(value)
 
 
+POSITIONAL = "positional"  # field(metadata={"positional": True}): a positional argument, not a --flag
+
+
+def is_positional(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get(POSITIONAL))
+
+
+def is_required(f: dataclasses.Field) -> bool:
+    """A field without a default must be given (on the command line, or in the YAML file for a flag)."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def metavar(f: dataclasses.Field) -> str:
+    """How a positional field is named in usage, help and errors: ``metadata["metavar"]``, else the name in capitals."""
+    return str(f.metadata.get("metavar", f.name.upper()))
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """``--embed-dim`` for a flag, ``RUN`` for a positional field."""
+    return metavar(f) if is_positional(f) else "--" + f.name.replace("_", "-")
+
+
+def usage(cls: type, prog: str, config_file: bool) -> str:
+    """``prog [--config FILE.yaml] POSITIONAL... --required X [--FLAG VALUE ...]``."""
+    parts = [prog, *(["[--config FILE.yaml]"] if config_file else [])]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if is_positional(f):
+            name = metavar(f) + (f" [{metavar(f)} ...]" if typing.get_origin(_optional(hints[f.name])) is list else "")
+            parts.append(name if is_required(f) else f"[{name}]")
+    parts += [f"{flag_name(f)} {f.name.upper()}" for f in dataclasses.fields(cls)
+              if is_required(f) and not is_positional(f)]
+    optional = any(not is_positional(f) and not is_required(f) for f in dataclasses.fields(cls))
+    return " ".join([*parts, *(["[--FLAG VALUE ...]"] if optional else [])])
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field, with the field's comment, default and choices as help, grouped by the class's section
-    comments; the default is None so that only flags the user gave override the YAML."""
+    comments; the default is None so that only flags the user gave override the YAML. A positional field
+    (``metadata={"positional": True}``) is a positional argument instead: required without a default, optional
+    with one, one or more values for a list."""
     hints = typing.get_type_hints(cls)
     docs, sections = field_docs(cls)
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        tp = _optional(hints[f.name])
+        plural = typing.get_origin(tp) is list
+        shown = "(required)" if is_required(f) else f"(default: {_shown(default_of(f))})"
+        help_text = (docs.get(f.name, "") + " " + shown).strip().replace("%", "%%")
+        if is_positional(f):
+            options: dict[str, Any] = {"choices": choices(tp)} if choices(tp) is not None else {}
+            if not plural and not options:
+                options["type"] = tp
+            nargs = ("+" if is_required(f) else "*") if plural else (None if is_required(f) else "?")
+            parser.add_argument(f.name, nargs=nargs, default=None, metavar=metavar(f), help=help_text, **options)
+            continue
         section = sections.get(f.name, "")
         if section not in groups:
             groups[section] = parser.add_argument_group(section) if section else parser
         group = groups[section]
-        flag = "--" + f.name.replace("_", "-")
-        tp = _optional(hints[f.name])
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = (docs.get(f.name, "") + f" (default: {_shown(default)})").strip().replace("%", "%%")
+        flag = flag_name(f)
         if _is_bool(tp):
             group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                help=help_text)
-        elif typing.get_origin(tp) is list:
+        elif plural:
             group.add_argument(flag, dest=f.name, default=None, nargs="*", metavar="TEXT", help=help_text)
         elif choices(tp) is not None:
             group.add_argument(flag, dest=f.name, default=None, choices=choices(tp), help=help_text)
         else:
-            metavar = {str: "TEXT"}.get(tp, tp.__name__.upper())
-            group.add_argument(flag, dest=f.name, default=None, type=tp, metavar=metavar, help=help_text)
+            shown_type = {str: "TEXT"}.get(tp, tp.__name__.upper())
+            group.add_argument(flag, dest=f.name, default=None, type=tp, metavar=shown_type, help=help_text)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -174,6 +224,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         args = self.sweep_style(sys.argv[1:] if args is None else list(args))
+        for arg in args[:args.index("--") if "--" in args else len(args)]:
+            # before argparse looks for missing positionals, so that a misspelt flag is named first
+            if arg.startswith("--") and arg.split("=", 1)[0] not in self._option_string_actions:
+                self.error(self.unknown_message([arg]))
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             self.error(self.unknown_message(unknown))
@@ -260,19 +314,27 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def missing(cls: type, values: dict) -> list[str]:
+    """The required fields (no default) that ``values`` lacks, named as on the command line."""
+    return [flag_name(f) for f in dataclasses.fields(cls) if is_required(f) and values.get(f.name) is None]
+
+
 def build(cls: type[C], yaml_path: str | os.PathLike | None = None, overrides: dict | None = None) -> C:
     """defaults < YAML file < overrides (None values in overrides are ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict = {}
     if yaml_path:
         for key, value in load_yaml(yaml_path).items():
             key = key.replace("-", "_")
-            if key not in names:
+            if key not in fields:
                 raise ConfigError(f"{yaml_path}: unknown key {key!r} for {cls.__name__}")
             values[key] = _coerce(cls, key, value, str(yaml_path))
     for key, value in (overrides or {}).items():
-        if value is not None and key in names:
-            values[key] = _coerce(cls, key, value, f"--{key.replace('_', '-')}")
+        if value is not None and key in fields:
+            values[key] = _coerce(cls, key, value, flag_name(fields[key]))
+    absent = missing(cls, values)
+    if absent:
+        raise ConfigError(f"{cls.__name__}: missing {', '.join(absent)}")
     implied = getattr(cls, "implied", None)
     if implied is not None:
         values = implied(values)
@@ -288,12 +350,22 @@ def save(config: Any, path: str | os.PathLike) -> None:
     write_text_atomically(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def parse(cls: type[C], argv: list[str] | None, prog: str, description: str) -> C:
-    """Parse ``[--config FILE] [--flag value ...]`` into a validated config of type ``cls``."""
-    parser = ArgumentParser(prog=prog, description=description, usage=f"{prog} [--config FILE.yaml] [--FLAG VALUE ...]")
-    parser.add_argument("--config", default=None, metavar="FILE.yaml",
-                        help="YAML file of config keys (the flags' names with _ or -); flags override it")
+def parse(cls: type[C], argv: list[str] | None, prog: str, description: str, config_file: bool = True) -> C:
+    """Parse ``[--config FILE.yaml] [POSITIONAL ...] [--flag value ...]`` into a validated config of type ``cls``.
+
+    Every stage's command line goes through here: help by section with each flag's default, no abbreviations, the
+    nearest flag named for a misspelt one, W&B-agent spellings (``--embed_dim=8``), one-line errors.
+    ``config_file``: offer ``--config FILE.yaml`` (stages whose options make a recipe worth keeping).
+    """
+    parser = ArgumentParser(prog=prog, description=description, usage=usage(cls, prog, config_file))
+    if config_file:
+        parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                            help="YAML file of config keys (the flags' names with _ or -); flags override it")
     add_dataclass_flags(parser, cls)
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    return build(cls, args.config, overrides)
+    given = vars(parser.parse_args(argv))
+    yaml_path = given.pop("config", None)
+    if yaml_path is None:  # with a file, build names what neither the file nor the flags gave
+        absent = missing(cls, given)
+        if absent:
+            parser.error(f"the following arguments are required: {', '.join(absent)}")
+    return build(cls, yaml_path, given)
