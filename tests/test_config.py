@@ -269,21 +269,23 @@ class Toy:
     label: str = dataclasses.field(default="", metadata={"positional": True})  # an optional name
 
     # knobs
-    size: int = 3  # how many
+    max_size: int = 3  # how many
     fast: bool = False  # go fast
 
 
 def test_positional_fields_required_fields_and_the_usage(capsys):
-    toy = flags.parse(Toy, ["x", "y", "--format", "b", "--size", "4"], "toy", "", config_file=False)
-    assert toy == Toy(sources=["x", "y"], format="b", size=4)
-    assert flags.parse(Toy, ["--format=a", "x"], "toy", "", config_file=False).sources == ["x"]
+    toy = flags.parse(Toy, ["x", "y", "--format", "b", "--max-size", "4"], "toy", "", config_file=False)
+    assert toy == Toy(sources=["x", "y"], format="b", max_size=4)
+    # as a W&B sweep agent writes flags
+    toy = flags.parse(Toy, ["--format=a", "x", "--max_size=5", "--fast=True"], "toy", "", config_file=False)
+    assert (toy.sources, toy.max_size, toy.fast) == (["x"], 5, True)
     with pytest.raises(ConfigError, match=re.escape("the following arguments are required: --format (see toy")):
         flags.parse(Toy, ["x"], "toy", "", config_file=False)
     with pytest.raises(ConfigError, match="the following arguments are required: SOURCE"):
         flags.parse(Toy, ["--format", "a"], "toy", "", config_file=False)
     # a misspelt flag is named before the missing positional argument
-    with pytest.raises(ConfigError, match=re.escape("unknown flag --sise; did you mean --size?")):
-        flags.parse(Toy, ["--sise", "4"], "toy", "", config_file=False)
+    with pytest.raises(ConfigError, match=re.escape("unknown flag --max-sise; did you mean --max-size?")):
+        flags.parse(Toy, ["--max-sise", "4"], "toy", "", config_file=False)
     with pytest.raises(SystemExit):
         flags.parse(Toy, ["--help"], "toy", "", config_file=False)
     text = capsys.readouterr().out
@@ -294,9 +296,9 @@ def test_positional_fields_required_fields_and_the_usage(capsys):
 
 def test_a_config_file_may_give_what_is_required(tmp_path):
     path = tmp_path / "toy.yaml"
-    path.write_text("format: b\nsize: 7\n")
-    toy = flags.parse(Toy, ["--config", str(path), "x", "--size", "8"], "toy", "")
-    assert (toy.sources, toy.format, toy.size) == (["x"], "b", 8)
-    path.write_text("size: 7\n")
+    path.write_text("format: b\nmax_size: 7\n")
+    toy = flags.parse(Toy, ["--config", str(path), "x", "--max-size", "8"], "toy", "")
+    assert (toy.sources, toy.format, toy.max_size) == (["x"], "b", 8)
+    path.write_text("max_size: 7\n")
     with pytest.raises(ConfigError, match="Toy: missing --format"):
         flags.parse(Toy, ["--config", str(path), "x"], "toy", "")
