@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ranking.core import config
+from ranking.core import config, flags
 from ranking.folders.shardformat import shard_paths
 from ranking.learning.models import build_model
 
@@ -114,11 +114,11 @@ def wandb_history_and_config(run_folder: Path) -> tuple[list[dict], dict]:
 
 def write_smoke_run(run_dir: Path, shards: str, **overrides) -> Path:
     """A run folder with a random-init smoke network at step 5 (what `ranking train` leaves, without training)."""
-    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
+    train_config = flags.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
                                                                  "wandb": False, **overrides})
     checkpoint = run_dir / "checkpoints" / "step-0000005"
     checkpoint.mkdir(parents=True)
-    config.save(train_config, run_dir / "config.yaml")
+    flags.save(train_config, run_dir / "config.yaml")
     torch.manual_seed(sum(map(ord, str(run_dir))) % 1000)
     model = build_model(train_config).eval()
     torch.save({"model": model.state_dict(), "step": 5, "wandb_run_id": "x"}, checkpoint / "state.pt")

@@ -15,7 +15,7 @@ import pytest
 from ranking.core import config
 from ranking.data import sampling
 from ranking.learning import losses, miners, models, optim
-from ranking.retrieval import metrics
+from ranking.retrieval import inference, metrics
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ranking"
 # lowest first: a module may import its own layer and the ones before it (DESIGN.md, "Modules")
@@ -146,6 +146,7 @@ def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
     (optim.SCHEDULES, config.ScheduleName),
     (sampling.SAMPLERS, config.SamplerName),
     (metrics.PER_QUERY, config.ValMetric),
-], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics"])
+    (inference.EXPORT_FORMATS, config.ExportFormat),
+], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics", "export formats"])
 def test_each_registry_matches_its_literal(registry, choice_type):
     assert set(registry) == set(typing.get_args(choice_type))

@@ -19,7 +19,7 @@ from PIL import Image
 
 from harness import SMOKE, shard_samples
 from ranking import cli, report, search
-from ranking.core import config
+from ranking.core import config, flags
 from ranking.core.errors import RankingError
 from ranking.folders import shardformat
 from ranking.reporting import grids
@@ -62,7 +62,7 @@ def write_eval_dir(eval_dir: Path, run_dir: Path, shards: Path, gallery: dict, q
 def write_run_dir(run_dir: Path, train_config: config.TrainConfig, state: dict) -> Path:
     checkpoint = run_dir / "checkpoints" / f"step-{STEP:07d}"
     checkpoint.mkdir(parents=True)
-    config.save(train_config, run_dir / "config.yaml")
+    flags.save(train_config, run_dir / "config.yaml")
     torch.save({"step": STEP, "wandb_run_id": RUN_ID, **state}, checkpoint / "state.pt")
     os.symlink(checkpoint.name, run_dir / "checkpoints" / "latest")
     with open(run_dir / "metrics.jsonl", "w") as f:
@@ -222,7 +222,7 @@ def index(synth_shards, tmp_path_factory):
     from ranking.learning.models import build_model, input_normalization
 
     root = tmp_path_factory.mktemp("search")
-    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),
+    train_config = flags.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),
                                                                  "shards": str(synth_shards), "wandb": False})
     torch.manual_seed(0)
     model = build_model(train_config).eval()
