@@ -1,7 +1,7 @@
-"""What the tests share: paths, the test tiers (which tests start processes, and the guard that keeps the fast lane
-free of them), a launcher of real gloo ranks, the smoke run's flags, readers of a run's files and of W&B's offline
-records, and small real-image fixtures' builders. Test modules import from here, never from each other; conftest.py
-holds the pytest fixtures and hooks."""
+"""What the tests share: paths, the shared data's rule, the test tiers (which tests start processes, and the guard
+that keeps the fast lane free of them), a launcher of real gloo ranks, the smoke run's flags, readers of a run's files
+and of W&B's offline records, and small real-image fixtures' builders. Test modules import from here, never from each
+other; conftest.py holds the pytest fixtures and hooks."""
 
 from __future__ import annotations
 
@@ -34,9 +34,24 @@ from ranking.learning.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
-SHARED = REPO.parent / "shared"
+# ../shared beside the clone (the real data, the test Slurm); RANKING_SHARED points elsewhere, e.g. at a missing
+# folder to see what an outside contributor without it sees
+SHARED = Path(os.environ.get("RANKING_SHARED") or REPO.parent / "shared")
 SMOKE = REPO / "configs" / "smoke.yaml"  # a random-init ResNet-18: the defaults' pretrained Lite0 is too slow here
 PER_CLASS = 6  # of the mini zip's 10 classes x 20 train images
+
+
+def shared_file(relative: str) -> Path:
+    """A file of ../shared (the real data, the test Slurm), or a one-line skip naming it where it is absent: an
+    outside contributor has no ../shared. Under CI (CI=true) its absence fails the test instead, so a CI that lost
+    ../shared cannot pass by skipping what it exists to check."""
+    path = SHARED / relative
+    if path.exists():
+        return path
+    message = f"{path} is missing: this test needs ../shared beside the repository (or RANKING_SHARED naming it)"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message}; CI must have it", pytrace=False)
+    pytest.skip(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The test harness itself: which tests count as `system` (they start a process) and the guard that fails any other
-test that starts one. The planted examples below are read, never run: calling them would start the processes they
-are about."""
+"""The test harness itself: which tests count as `system` (they start a process), the guard that fails any other test
+that starts one, and the shared data's rule (skip without ../shared, fail under CI). The planted examples below are
+read, never run: calling them would start the processes they are about."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
-from harness import ProcessGuard, launch, process_start, process_start_of
+import harness
+from harness import REPO, TESTS, ProcessGuard, launch, process_start, process_start_of, shared_file
 
 # ---------------------------------------------------------------------------------------------------------------
 # planted examples for the static check
@@ -187,3 +189,76 @@ def test_uninstall_puts_the_originals_back():
     assert all(now is not then for now, then in zip(current(), before))
     guard.uninstall()
     assert current() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the shared data's rule
+
+
+def test_shared_data_is_a_skip_without_ci_and_a_failure_under_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "SHARED", tmp_path / "shared")
+    missing = tmp_path / "shared" / "data" / "x.zip"
+    for ci in ("", "false"):
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.skip.Exception, match=f"{missing} is missing: this test needs ../shared"):
+            shared_file("data/x.zip")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=f"{missing} is missing: .*; CI must have it"):
+        shared_file("data/x.zip")
+    missing.parent.mkdir(parents=True)
+    missing.write_bytes(b"")
+    assert shared_file("data/x.zip") == missing
+
+
+PLANTED = '''
+import subprocess
+
+
+def test_uses_the_real_data(mini_zip):
+    assert mini_zip.is_file()
+
+
+def test_starts_a_process_it_shows():
+    subprocess.run(["true"], check=True)
+
+
+def test_hides_a_process():
+    getattr(subprocess, "r" + "un")(["true"])  # no static check can see this
+'''
+
+
+def planted_session(folder: Path, *flags: str, **env: str) -> dict[str, str]:
+    """pytest on the planted module with this suite's conftest and setup.cfg: each test's outcome, and its message
+    where it has one ("skipped: ...", "failure: ...", "error: ...")."""
+    import xml.etree.ElementTree as ET
+
+    (folder / "test_planted.py").write_text(PLANTED)
+    report = folder / "report.xml"
+    clean = {k: v for k, v in os.environ.items() if k not in ("CI", "RANKING_SHARED", "PYTEST_ADDOPTS")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-c", str(REPO / "setup.cfg"), "--rootdir", str(folder),
+                           "-p", "conftest", "-p", "no:cacheprovider", f"--junitxml={report}", *flags,
+                           str(folder / "test_planted.py")], cwd=folder, capture_output=True, text=True, timeout=300,
+                          env={**clean, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), **env})
+    assert report.is_file(), done.stdout + done.stderr
+    outcomes = {}
+    for case in ET.parse(report).iter("testcase"):
+        name = case.get("name", "").removeprefix("test_")
+        results = [f"{child.tag}: {child.get('message', '')}" for child in case if child.tag in (
+            "skipped", "failure", "error")]
+        outcomes[name] = results[0] if results else "passed"
+    return outcomes
+
+
+@pytest.mark.system  # runs pytest itself, twice
+def test_a_session_without_shared_skips_its_tests_in_one_line_and_fails_them_under_ci(tmp_path):
+    missing = tmp_path / "no-shared"
+    message = f"{missing}/data/tiny-imagenet-mini.zip is missing: this test needs ../shared beside the repository"
+    fast = planted_session(tmp_path, "-m", "not system", RANKING_SHARED=str(missing))
+    assert fast.keys() == {"uses_the_real_data", "hides_a_process"}  # the static check marked the third system
+    assert fast["uses_the_real_data"].startswith(f"skipped: {message}")
+    assert fast["hides_a_process"].startswith("failure: Failed: ") and \
+        "started a process (subprocess: true) but is not marked system" in fast["hides_a_process"]
+    full = planted_session(tmp_path, RANKING_SHARED=str(missing), CI="true")
+    assert full["uses_the_real_data"].startswith("error: ") and message in full["uses_the_real_data"] and \
+        "CI must have it" in full["uses_the_real_data"]
+    assert full["starts_a_process_it_shows"] == "passed" and full["hides_a_process"].startswith("failure: ")
