@@ -1,7 +1,7 @@
 """What the tests share: paths, the shared data's rule, the test tiers (which tests start processes, and the guard
-that keeps the fast lane free of them), a launcher of real gloo ranks, the smoke run's flags, readers of a run's files
-and of W&B's offline records, and small real-image fixtures' builders. Test modules import from here, never from each
-other; conftest.py holds the pytest fixtures and hooks."""
+that keeps the fast lane free of them), a launcher of real gloo ranks, an in-process CLI refusal, the smoke run's
+flags, readers of a run's files and of W&B's offline records, and small real-image fixtures' builders. Test modules
+import from here, never from each other; conftest.py holds the pytest fixtures and hooks."""
 
 from __future__ import annotations
 
@@ -258,6 +258,19 @@ class ProcessGuard:
             self.refusing_for = None
         if self.started:
             pytest.fail(self.complaint(test, self.started[0]), pytrace=False)
+
+
+def cli_refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``ranking ARGV`` run in this process the way the command line runs it (``ranking.cli.main``): assert that it
+    refused with exit status 2 and one line on stderr, and return that line. A refusal needs no process; each stage
+    keeps one test that shows the real command's line and exit status."""
+    from ranking import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(list(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1, (done.value.code, lines)
+    return lines[0]
 
 
 def launch(args: list[str], processes: int = 2, timeout: float = 240, script: str | None = None,

@@ -17,7 +17,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import harness
-from harness import REPO, TESTS, ProcessGuard, launch, process_start, process_start_of, shared_file
+from harness import REPO, TESTS, ProcessGuard, cli_refusal, launch, process_start, process_start_of, shared_file
 
 # ---------------------------------------------------------------------------------------------------------------
 # planted examples for the static check
@@ -80,6 +80,10 @@ def only_names_subprocess_things() -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["true"], 0)
 
 
+def refuses_in_process(capsys) -> None:
+    cli_refusal(capsys, "train", "--stesp", "4")  # the stage runs in this process: nothing to see
+
+
 @pytest.mark.parametrize("function,chain", [
     (starts_directly, "subprocess.run"),
     (starts_through_a_helper, "helper_that_starts -> subprocess.run"),
@@ -97,7 +101,7 @@ def test_the_launcher_of_real_ranks_is_seen_through_the_harness():
     assert (process_start(starts_through_the_launcher) or "").startswith("launch -> subprocess.")
 
 
-@pytest.mark.parametrize("function", [only_names_subprocess_things, recursive_helper])
+@pytest.mark.parametrize("function", [only_names_subprocess_things, refuses_in_process, recursive_helper])
 def test_code_that_starts_nothing_is_not_system(function):
     assert process_start(function) is None
 
