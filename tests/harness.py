@@ -262,8 +262,8 @@ class ProcessGuard:
 
 def cli_refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     """``ranking ARGV`` run in this process the way the command line runs it (``ranking.cli.main``): assert that it
-    refused with exit status 2 and one line on stderr, and return that line. A refusal needs no process; each stage
-    keeps one test that shows the real command's line and exit status."""
+    refused with exit status 2 and one line on stderr, and return that line. A refusal needs no process; a few tests
+    run the real command to show its line and exit status."""
     from ranking import cli
 
     with pytest.raises(SystemExit) as done:
