@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 import ranking
-from harness import REPO, SMOKE
+from harness import REPO, SMOKE, cli_refusal
 from ranking import cli
 from ranking.cli import SUBCOMMANDS
 from ranking.core import flags
@@ -98,12 +98,10 @@ def test_eval_config_rejects_k_below_one():
         flags.build(EvalConfig, overrides={"k": 0})
 
 
-def test_the_cli_reports_a_bad_config_in_one_line_and_exit_2(tmp_path):
+def test_the_cli_reports_a_bad_config_in_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "missing.yaml"
-    result = subprocess.run([sys.executable, "-m", "ranking", "train", "--config", str(missing)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"ranking train: error: {missing}: config file not found"]
+    line = cli_refusal(capsys, "train", "--config", str(missing))
+    assert line == f"ranking train: error: {missing}: config file not found"
 
 
 # ------------------------------------------------------------------------------------------- flags and help
@@ -155,6 +153,7 @@ def test_evaluation_refuses_the_unlabelled_split(flag):
 
 
 def test_version_and_an_unknown_flag_on_the_command_line():
+    """The real command: the one process test of a refusal's line and exit status 2 (the others run in-process)."""
     done = subprocess.run([sys.executable, "-m", "ranking", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"ranking (deep-ranking) {ranking.__version__}"
     done = subprocess.run([sys.executable, "-m", "ranking", "train", "--step", "40"], capture_output=True, text=True,

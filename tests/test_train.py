@@ -40,6 +40,7 @@ def test_warmup_then_cosine_schedule():
     assert lr_factor(109, constant) == 1.0
 
 
+@pytest.mark.system  # DataLoader worker processes
 def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible(synth_shards, monkeypatch):
     """Workers ship uint8 at the stored size; the device side crops with a generator of (stream seeds, rank): the
     same seeds and rank give the same model input, as a resumed run that restarts from its step's seeds does."""
