@@ -66,7 +66,10 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     standalone = read_metrics(out)["splits"]["val"]
     assert standalone["precision_at_k"] == pytest.approx(best["val/precision@30"], abs=1e-6)
     assert standalone["knn1_accuracy"] == pytest.approx(best["val/knn1"], abs=1e-6)
-    assert standalone["map"] == pytest.approx(best["val/mAP"], abs=1e-6)
+    # an image's embedding can differ in its last bits between 2 ranks' batches and one process's (the CPU's
+    # convolutions block by batch size), enough to swap two near-tied neighbours deep in a ranking: mAP, which
+    # reads the whole ranking, sees such a swap (7.6e-5 on this machine); the top-30 counts above are exact
+    assert standalone["map"] == pytest.approx(best["val/mAP"], abs=1e-3)
 
     training_run, eval_run = sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda p: p.name)
     history, run_config = wandb_history_and_config(training_run)
