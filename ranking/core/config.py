@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -169,6 +169,10 @@ class TrainConfig:
     wandb_entity: str = ""  # the W&B team or user; empty: the default entity of the login
     wandb_notes: str = ""  # free text shown with the run in W&B
     wandb_artifacts: bool = False  # log the best and last checkpoints and the evaluation's embeddings as artifacts
+
+    # what a run's config.yaml holds beside the fields (its schema, the derived model block: ranking.folders.runfolder),
+    # skipped when that file is given back as --config
+    saved_alongside: ClassVar[tuple[str, ...]] = ("schema", "model")
 
     @staticmethod
     def implied(given: dict[str, Any]) -> dict[str, Any]:
@@ -436,6 +440,8 @@ def build(cls: type[C], yaml_path: str | os.PathLike | None = None, overrides: d
     if yaml_path:
         for key, value in load_yaml(yaml_path).items():
             key = key.replace("-", "_")
+            if key in getattr(cls, "saved_alongside", ()):
+                continue
             if key not in names:
                 raise ConfigError(f"{yaml_path}: unknown key {key!r} for {cls.__name__}")
             values[key] = _coerce(cls, key, value, str(yaml_path))
