@@ -37,7 +37,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from ranking import cli
-from ranking.core import config, distributed
+from ranking.core import distributed, flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, RankingError
 from ranking.core.logs import Progress, setup_logging
@@ -262,7 +262,7 @@ class StopPolicy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
+    cfg = flags.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
     chosen = resolve_precision(cfg.mixed_precision)
     # config.yaml and W&B record the precision that ran; $WANDB_RUN_ID in --run-dir gives each sweep run its own
     cfg = dataclasses.replace(cfg, mixed_precision=chosen.value, run_dir=expand_run_dir(cfg.run_dir))

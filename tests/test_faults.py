@@ -26,7 +26,7 @@ from PIL import Image
 
 from harness import SMOKE, launch, metrics, rank_steps, train_flags
 from ranking import cli, search
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.data import stream
@@ -119,7 +119,7 @@ def latest_step(run_dir: Path) -> int:
 ])
 def test_out_of_range_training_values_are_refused_by_the_config(override, message):
     with pytest.raises(ConfigError) as error:
-        config.build(TrainConfig, str(SMOKE), override)
+        flags.build(TrainConfig, str(SMOKE), override)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -453,7 +453,7 @@ def test_the_trainer_resumes_past_a_damaged_checkpoint_and_a_torn_log(synth_shar
 
 
 def write_run(run_dir: Path, shards: Path, embed_dim: int, seed: int) -> Path:
-    cfg = config.build(TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": str(shards), "wandb": False,
+    cfg = flags.build(TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": str(shards), "wandb": False,
                                                  "embed_dim": embed_dim})
     runfolder.write_config(cfg, run_dir)
     torch.manual_seed(seed)

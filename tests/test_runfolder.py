@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from harness import launch, train_flags
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
-from ranking.core.errors import RankingError
+from ranking.core.errors import ConfigError, RankingError
 from ranking.core.files import LOCK, check_writable_folder, folder_lock
+from ranking.core.flags import parse
 from ranking.folders import runfolder
 from ranking.train import check_inputs
 
@@ -93,7 +94,7 @@ def test_overwrite_moves_the_old_run_aside(finished_run, synth_shards, tmp_path)
 
 
 def trainer_config(shards: Path, run_dir: Path, *flags: str) -> TrainConfig:
-    return config.parse(TrainConfig, tiny_flags(shards, run_dir) + list(flags), "ranking train", "")
+    return parse(TrainConfig, tiny_flags(shards, run_dir) + list(flags), "ranking train", "")
 
 
 def test_a_second_training_into_a_locked_run_folder_fails_at_once(synth_shards, tmp_path):
@@ -177,11 +178,11 @@ def test_config_yaml_holds_its_schema_and_model_and_is_still_a_config_file_to_tr
     assert runfolder.read_saved(tmp_path) == (cfg, spec.to_dict())
     assert ModelSpec.of_run(tmp_path) == spec
     # `ranking train --config RUN/config.yaml` reruns a run: the derived keys are skipped, not taken for typos
-    assert config.parse(TrainConfig, ["--config", str(runfolder.config_path(tmp_path))], "ranking train", "") == cfg
+    assert parse(TrainConfig, ["--config", str(runfolder.config_path(tmp_path))], "ranking train", "") == cfg
     typo = tmp_path / "mine.yaml"
     typo.write_text("lrr: 0.1\n")  # a user's own file stays strict: an unknown key there is a typo
-    with pytest.raises(config.ConfigError, match=r"mine.yaml: unknown key 'lrr' for TrainConfig"):
-        config.parse(TrainConfig, ["--config", str(typo)], "ranking train", "")
+    with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'lrr' for TrainConfig"):
+        parse(TrainConfig, ["--config", str(typo)], "ranking train", "")
 
 
 def test_upgrade_maps_renamed_keys_and_lists_unknown_and_missing_ones():
@@ -200,7 +201,7 @@ def test_upgrade_maps_renamed_keys_and_lists_unknown_and_missing_ones():
     assert runfolder.upgrade(current).warning(Path("x")) is None  # schema 1, every key: nothing to say
     assert runfolder.upgrade(current).schema == 1 and runfolder.upgrade(current).model is None
     assert "schema 3 is newer than this version's 2" in runfolder.upgrade({**old, "schema": 3}).warning(Path("x"))
-    with pytest.raises(config.ConfigError, match="schema must be a positive integer, got 'two'"):
+    with pytest.raises(ConfigError, match="schema must be a positive integer, got 'two'"):
         runfolder.upgrade({"schema": "two"})
 
 
@@ -210,7 +211,7 @@ def test_an_older_runs_config_is_read_with_one_warning_line_printed_once(tmp_pat
     from ranking.learning.models import ModelSpec
 
     cfg = TrainConfig(run_dir=str(tmp_path), backbone="resnet18", embed_dim=16, image_size=40)
-    config.save(cfg, runfolder.config_path(tmp_path))  # schema 1: the fields alone
+    flags.save(cfg, runfolder.config_path(tmp_path))  # schema 1: the fields alone
     text = runfolder.config_path(tmp_path).read_text()
     lines = [line for line in text.splitlines() if not line.startswith("stored_size:")] + ["old_flag: true"]
     runfolder.config_path(tmp_path).write_text("\n".join(lines) + "\n")

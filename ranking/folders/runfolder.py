@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.core.files import LOCK, append_line, check_writable_folder, folder_lock, write_text_atomically
@@ -122,8 +122,8 @@ def read_saved(run_dir: str | os.PathLike) -> tuple[TrainConfig, Any]:
     if not path.is_file():
         raise RankingError(f"{path}: missing: the run's config is needed to rebuild its model")
     try:
-        saved = upgrade(config.load_yaml(path))
-        cfg = config.build(TrainConfig, None, saved.values)
+        saved = upgrade(flags.load_yaml(path))
+        cfg = flags.build(TrainConfig, None, saved.values)
     except ConfigError as e:
         raise RankingError(f"{path}: cannot rebuild the run's config ({str(e).removeprefix(f'{path}: ')})") from None
     warning = saved.warning(path)

@@ -26,11 +26,12 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
+from ranking.core.config import ExportFormat
 from ranking.core.errors import RankingError
 from ranking.core.files import read_json, write_atomically, write_text_atomically
 from ranking.data.archive import read_regular_file
@@ -44,7 +45,6 @@ MODEL_FORMAT = "deep-ranking-model/2"  # MODEL_JSON: {"format", "model": ModelSp
 LEGACY_MODEL_FORMAT = "deep-ranking-model/1"  # written before: {"format", "config": TrainConfig, "preprocessing", ...}
 MAX_IMAGE_PIXELS = 64 * 2**20  # as ranking.shards: decoding takes 3 bytes a pixel, 192 MiB at most
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
-ExportFormat = Literal["onnx", "torchscript", "safetensors"]
 ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 
 
