@@ -57,8 +57,7 @@ def build_index(out: Path, gallery: int, backbone: str, image_size: int, dim: in
     import torch
     import torch.nn.functional as F
 
-    from ranking.core.config import TrainConfig
-    from ranking.learning.models import build_model
+    from ranking.learning.models import ModelSpec, build_model
     from ranking.retrieval.indexfolder import ImageSource, write_index
     from ranking.retrieval.inference import EmbeddingModel, weights_sha256
 
@@ -72,11 +71,10 @@ def build_index(out: Path, gallery: int, backbone: str, image_size: int, dim: in
         def images(self):
             return iter(())
 
-    config = TrainConfig(backbone=backbone, pretrained=False, image_size=image_size, embed_dim=dim,
-                         freeze_bn_stats=False, frozen_stages=0, wandb=False)
+    spec = ModelSpec(backbone=backbone, image_size=image_size, embed_dim=dim)
     torch.manual_seed(seed)
-    net = build_model(config).eval()
-    model = EmbeddingModel(net, config, {"run_dir": "bench", "step": 0, "weights_sha256": weights_sha256(
+    net = build_model(spec).eval()
+    model = EmbeddingModel(net, spec, {"run_dir": "bench", "step": 0, "weights_sha256": weights_sha256(
         net.state_dict())}, device="cpu")
     generator = torch.Generator().manual_seed(seed)
     embeddings = F.normalize(torch.randn(gallery, dim, generator=generator), dim=1)

@@ -125,23 +125,21 @@ def embed(args: argparse.Namespace) -> int:
     import torch
     from accelerate import Accelerator
 
-    from ranking.learning import models
     from ranking.retrieval import embed
+    from ranking.retrieval.inference import EmbeddingModel
 
-    model, cfg, _ = models.load_trained(args.run_dir)
     accelerator = Accelerator(mixed_precision="bf16")
-    model = model.to(accelerator.device)
-    mean, std = models.input_normalization(cfg.backbone)
-    options = dict(image_size=cfg.image_size, mean=mean, std=std, batch_size=args.batch_size, workers=args.workers,
-                   dim=cfg.embed_dim, normalize=cfg.normalize)
+    model = EmbeddingModel.from_run(args.run_dir, device=accelerator.device)
+    spec = model.spec
+    options = dict(spec=spec, batch_size=args.batch_size, workers=args.workers)
     for split in args.splits:
         started = time.perf_counter()
-        rows = embed.embed_split(model, accelerator, args.shards, split, **options)
+        rows = embed.embed_split(model.net, accelerator, args.shards, split, **options)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         print(f"evaluation embedding of {split}: {len(rows.ids)} images in {seconds:.1f} s, "
-              f"{len(rows.ids) / seconds:.0f} images/s ({cfg.image_size} px, batch {args.batch_size}, "
+              f"{len(rows.ids) / seconds:.0f} images/s ({spec.image_size} px, batch {args.batch_size}, "
               f"{args.workers} workers, loader start-up included)", flush=True)
     return 0
 

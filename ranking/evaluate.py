@@ -24,10 +24,11 @@ from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import split_counts
-from ranking.learning import models
+from ranking.learning.models import ModelSpec
 from ranking.reporting import tracking
 from ranking.retrieval import embed, evalfolder, validation
 from ranking.retrieval.evalfolder import EvalIndex
+from ranking.retrieval.inference import EmbeddingModel
 from ranking.retrieval.metrics import EmbeddingSet, RetrievalMetrics, evaluate_retrieval
 
 log = logging.getLogger("ranking.evaluate")
@@ -37,6 +38,8 @@ class Inputs(NamedTuple):
     """What rank 0 checked before any work, for every rank."""
 
     checkpoint: Path
+    train_config: TrainConfig  # the run's (its shards, its W&B settings)
+    spec: ModelSpec  # the run's model: every rank rebuilds it from this, config.yaml is read once
     shards: str
     counts: dict[str, int]
     out: Path
@@ -44,13 +47,14 @@ class Inputs(NamedTuple):
 
 
 def check_inputs(cfg: EvalConfig) -> Inputs:
-    """The checkpoint (and the config its model is rebuilt from), the shards' splits and the output folder, before
+    """The checkpoint (and the run's config and model identity), the shards' splits and the output folder, before
     any image is embedded or anything is written."""
     if not cfg.checkpoint:
         raise RankingError("--checkpoint is required: a run folder or one of its checkpoints/step-* folders")
     checkpoint_dir = runfolder.resolve_checkpoint(cfg.checkpoint)
     run_dir = runfolder.run_of(checkpoint_dir)
     train_cfg = runfolder.read_config(run_dir)
+    spec = ModelSpec.of_run(run_dir)
     step = checkpoint.load_weights(checkpoint_dir)[1]
     shards = cfg.shards or train_cfg.shards
     counts = split_counts(shards, [cfg.gallery_split, cfg.query_split])
@@ -61,7 +65,7 @@ def check_inputs(cfg: EvalConfig) -> Inputs:
     check_writable_folder(out, "--out")
     gallery_ids = validation.gallery_subset(shards, cfg.gallery_per_class, cfg.seed) \
         if cfg.gallery_split == "train" else None
-    return Inputs(checkpoint_dir, shards, counts, out, gallery_ids)
+    return Inputs(checkpoint_dir, train_cfg, spec, shards, counts, out, gallery_ids)
 
 
 def check_complete(found: EmbeddingSet, expected: int, shards: str, split: str) -> None:
@@ -118,16 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup_logging(accelerator.process_index)
     inputs = distributed.decided_by_main(lambda: check_inputs(cfg))
     cfg.shards, counts, out = inputs.shards, inputs.counts, inputs.out
-    model, train_cfg, step = models.load_trained(inputs.checkpoint)
+    train_cfg, spec = inputs.train_config, inputs.spec
+    model = EmbeddingModel.from_run(inputs.checkpoint, cfg.flip, accelerator.device, spec)
+    step = model.step
     run_dir = runfolder.run_of(inputs.checkpoint)
     if accelerator.is_main_process:
         log.info(f"{inputs.checkpoint} (step {step}), {chosen.describe()}, {accelerator.num_processes} process(es)")
 
-    model = model.to(accelerator.device)
-    mean, std = models.input_normalization(train_cfg.backbone)
-    gallery, query = (embed.embed_split(model, accelerator, cfg.shards, split, image_size=train_cfg.image_size,
-                                        mean=mean, std=std, batch_size=cfg.batch_size, workers=cfg.workers,
-                                        dim=train_cfg.embed_dim, normalize=train_cfg.normalize, flip=cfg.flip,
+    gallery, query = (embed.embed_split(model.net, accelerator, cfg.shards, split, spec=spec,
+                                        batch_size=cfg.batch_size, workers=cfg.workers, flip=cfg.flip,
                                         only_ids=only_ids, total=counts[split])
                       for split, only_ids in ((cfg.gallery_split, inputs.gallery_ids), (cfg.query_split, None)))
     if inputs.gallery_ids is not None:
@@ -143,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
-                  gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=train_cfg.normalize,
+                  gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=spec.normalize,
                   flip=cfg.flip, gallery=gallery, query=query, model_sha256=checkpoint.state_sha256(inputs.checkpoint),
-                  embed_dim=train_cfg.embed_dim).save(out)
-        metrics = evalfolder.metrics_record(step, cfg.k, by_split)
+                  embed_dim=spec.embed_dim, model=spec).save(out)
+        metrics = evalfolder.metrics_record(step, cfg.k, by_split, spec)
         evalfolder.write_metrics(out, metrics)
         print(f"{run_dir} step {step}: {len(gallery.ids)} {cfg.gallery_split} gallery images, {len(query.ids)} "
               f"{cfg.query_split} queries, {accelerator.num_processes} process(es)\n\n"

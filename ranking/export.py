@@ -1,9 +1,9 @@
 """`ranking export RUN --format onnx|torchscript|safetensors --out FILE`: the embedding network alone, for serving.
 
 The exported network maps preprocessed images, float32 [N, 3, S, S], to embeddings [N, D] (L2-normalised if the run
-normalises). Its preprocessing is in the file's metadata (ONNX metadata_props, TorchScript's extra file
-metadata.json, safetensors' header): image_size S, mean and std, the resize rule, and model.json (the TrainConfig
-and the checkpoint it came from). RUN is a run folder, a checkpoint folder or an index folder.
+normalises). The file's metadata (ONNX metadata_props, TorchScript's extra file metadata.json, safetensors' header)
+holds model.json, as an index folder's: the model's identity (backbone, embed_dim, normalize, image_size S, mean,
+std, the resize rule) and the checkpoint it came from. RUN is a run folder, a checkpoint folder or an index folder.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse(ExportConfig, argv, "ranking export", __doc__.split("\n\n")[0], config_file=False)
     model = inference.load(Path(config.run), device="cpu")
     path = model.export(Path(config.out), config.format)
-    pre = model.preprocessing
-    print(f"wrote {path}: {config.format}, input float32 [N, 3, {pre.image_size}, {pre.image_size}] normalised with "
-          f"mean {list(pre.mean)} std {list(pre.std)}, output [N, {model.dim}]")
+    spec = model.spec
+    print(f"wrote {path}: {config.format}, input float32 [N, 3, {spec.image_size}, {spec.image_size}] normalised "
+          f"with mean {list(spec.mean)} std {list(spec.std)}, output [N, {model.dim}]")
     return 0
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
-from ranking.core.flags import at_least, at_most, build, parse
+from ranking.core.flags import at_least, at_most, parse
 from ranking.folders import runfolder
 from ranking.folders.shardformat import SampleInfo, read_images, split_index
 from ranking.learning.distances import squared_distances
@@ -140,7 +140,7 @@ def log_to_wandb(run_dir: Path, step: int, images: dict[str, Path], metrics: dic
     """Log the pictures, the metrics and the ranked results as tables, in a "report" run beside the training run;
     returns the run's folder (or URL when online)."""
     config_file = runfolder.config_path(run_dir)
-    config = build(TrainConfig, config_file) if config_file.is_file() else TrainConfig(run_dir=str(run_dir))
+    config = runfolder.read_config(run_dir) if config_file.is_file() else TrainConfig(run_dir=str(run_dir))
     if not config.wandb:
         return None
 

@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
 from ranking.core.flags import at_least, parse
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import read_images, split_index
-from ranking.learning.models import load_trained
 from ranking.reporting.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
 from ranking.retrieval import evalfolder, indexfolder
 from ranking.retrieval.evalfolder import EvalIndex
@@ -33,8 +30,9 @@ from ranking.retrieval.indexfolder import Index, Item, Result
 from ranking.retrieval.inference import EmbeddingModel, load_image, parse_device
 
 
-def load_index_model(index: EvalIndex, eval_dir: Path) -> tuple[nn.Module, TrainConfig]:
-    """The model the gallery was embedded with: the run's checkpoint at the evaluation's step."""
+def load_index_model(index: EvalIndex, eval_dir: Path, device: str | torch.device | None = None) -> EmbeddingModel:
+    """The model the gallery was embedded with: the run's checkpoint at the evaluation's step, rebuilt from the
+    evaluation's model identity (the run's, for folders written before it was stored)."""
     run_dir = Path(index.run_dir)
     if not runfolder.config_path(run_dir).is_file():  # moved since the evaluation: EVAL defaults to RUN/eval-<step>
         run_dir = eval_dir.parent
@@ -47,15 +45,15 @@ def load_index_model(index: EvalIndex, eval_dir: Path) -> tuple[nn.Module, Train
         raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: embedded by another model than {found} (state.pt "
                            f"sha256 {index.model_sha256[:12]}..., found {checkpoint.state_sha256(found)[:12]}...); "
                            "search it from its own run folder or rerun `ranking evaluate`")
-    model, config, loaded_step = load_trained(found)
-    if loaded_step != index.step:
+    model = EmbeddingModel.from_run(found, index.flip, device, index.model)
+    if model.step != index.step:
         raise RankingError(f"{run_dir}: the index {eval_dir} was embedded at step {index.step}, but that checkpoint "
-                           f"is gone (found step {loaded_step}); rerun `ranking evaluate` for this checkpoint")
-    if config.embed_dim != index.embed_dim:
+                           f"is gone (found step {model.step}); rerun `ranking evaluate` for this checkpoint")
+    if model.dim != index.embed_dim:
         raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: holds {index.embed_dim}-d embeddings, but the model "
-                           f"of {found} embeds in {config.embed_dim} dimensions (the folder was moved into another "
+                           f"of {found} embeds in {model.dim} dimensions (the folder was moved into another "
                            "run?); rerun `ranking evaluate`")
-    return model, config
+    return model
 
 
 def open_gallery(path: Path, shards: str | None = None, device: str | torch.device | None = None) -> Index:
@@ -66,7 +64,7 @@ def open_gallery(path: Path, shards: str | None = None, device: str | torch.devi
     eval_index = EvalIndex.load(path)
     shards_dir = eval_index.shards_dir(path, shards)
     split = eval_index.gallery_split
-    model, config = load_index_model(eval_index, path)
+    model = load_index_model(eval_index, path, device)
     infos = split_index(shards_dir, split, path)
     gallery = eval_index.gallery
     missing = [i for i in gallery.ids.tolist() if i not in infos]
@@ -74,9 +72,7 @@ def open_gallery(path: Path, shards: str | None = None, device: str | torch.devi
         raise RankingError(f"{shards_dir}: no {split} sample {missing[0]} of {path / evalfolder.EMBEDDINGS}")
     items = [Item(info.id, info.label, info.wnid, info.words, info.file)
              for info in (infos[i] for i in gallery.ids.tolist())]
-    source = {"run_dir": eval_index.run_dir, "step": eval_index.step}
-    embedding_model = EmbeddingModel(model, config, source, flip=eval_index.flip, device=device)
-    return Index(embedding_model, gallery.embeddings, items, path=path,
+    return Index(model, gallery.embeddings, items, path=path,
                  thumbnails=lambda shown: read_images(shards_dir, split, (infos[item.id] for item in shown)))
 
 

@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
         if validator is not None:
             validator.best = restored.best_validation
     if accelerator.is_main_process:
-        runfolder.write_config(cfg, run_dir)
+        runfolder.write_config(cfg, run_dir, models.ModelSpec.of(cfg).to_dict())
         runfolder.restart_metrics_log(run_dir, step)
     if cfg.wandb:
         mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None

@@ -170,7 +170,7 @@ def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
     """The model's embeddings of uint8 images through EvalResize (as ``ranking evaluate`` and ``ranking search``
     make them, on the device) equal those through torchvision v2's Resize, CenterCrop and Normalize."""
     from ranking.core.config import TrainConfig
-    from ranking.learning.models import build_model, input_normalization
+    from ranking.learning.models import ModelSpec, build_model, input_normalization
     from ranking.retrieval.embed import embed_images
 
     cfg = TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=16,
@@ -188,7 +188,7 @@ def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
 
     odd = [random_images(1, 50, 90, seed=2)[0], random_images(1, 120, 64, seed=3)[0]]  # query files: any size
     pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in odd]
-    searched = embed_images(model, cfg, pil, normalize=False)
+    searched = embed_images(model, ModelSpec.of(cfg), pil)
     with torch.inference_mode():
         reference = model(torch.stack([torchvision_eval(image) for image in odd]))
     torch.testing.assert_close(searched, reference, rtol=1.6e-2, atol=1e-5)

@@ -19,7 +19,8 @@ from ranking.core import files, flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.folders import checkpoint, runfolder
-from ranking.learning.models import build_model, load_trained
+from ranking.learning.models import build_model
+from ranking.retrieval.inference import EmbeddingModel
 
 
 def tiny_state(step: int, **changes) -> checkpoint.TrainState:
@@ -101,11 +102,11 @@ def write_run(run_dir, step: int) -> tuple[torch.nn.Module, TrainConfig]:
 def test_load_model_from_run_or_checkpoint_folder(tmp_path):
     model, cfg = write_run(tmp_path, step=7)
     for path in (tmp_path, tmp_path / "checkpoints" / "step-0000007", tmp_path / "checkpoints" / "latest"):
-        loaded, loaded_cfg, step = load_trained(path)
-        assert step == 7 and loaded_cfg.embed_dim == 8 and loaded_cfg.pretrained is False
-        assert not loaded.training
+        loaded = EmbeddingModel.from_run(path, device="cpu")
+        assert loaded.step == 7 and loaded.spec.embed_dim == 8 and loaded.spec.backbone == cfg.backbone
+        assert not loaded.net.training
         for key, value in model.state_dict().items():
-            assert torch.equal(loaded.state_dict()[key], value), key
+            assert torch.equal(loaded.net.state_dict()[key], value), key
 
 
 def test_corrupt_or_missing_checkpoints_are_one_line_errors(tmp_path):
@@ -113,18 +114,18 @@ def test_corrupt_or_missing_checkpoints_are_one_line_errors(tmp_path):
     state = tmp_path / "checkpoints" / "step-0000003" / "state.pt"
     state.write_bytes(state.read_bytes()[:200])
     with pytest.raises(RankingError, match=r"state\.pt: sha256 differs from checkpoint.json") as error:
-        load_trained(tmp_path)  # checkpoint.json catches the truncation before torch reads the file
+        EmbeddingModel.from_run(tmp_path)  # checkpoint.json catches the truncation before torch reads the file
     assert "\n" not in str(error.value)
     (state.parent / "checkpoint.json").unlink()  # a checkpoint written before manifests: torch's error, one line
     with pytest.raises(RankingError, match=r"state\.pt: corrupt checkpoint") as error:
-        load_trained(tmp_path)
+        EmbeddingModel.from_run(tmp_path)
     assert "\n" not in str(error.value)
 
     state.unlink()
     with pytest.raises(RankingError, match="without state.pt"):
-        load_trained(state.parent)
+        EmbeddingModel.from_run(state.parent)
     with pytest.raises(RankingError, match="neither a checkpoint folder"):
-        load_trained(tmp_path / "nowhere")
+        EmbeddingModel.from_run(tmp_path / "nowhere")
     with pytest.raises(RankingError, match="no checkpoint to resume from"):
         runfolder.resume_checkpoint(tmp_path / "fresh-run", "latest")
 
@@ -134,7 +135,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     cfg = flags.build(TrainConfig, str(tmp_path / "config.yaml"), {"embed_dim": 16})
     flags.save(cfg, tmp_path / "config.yaml")
     with pytest.raises(RankingError, match="do not fit the model"):
-        load_trained(tmp_path)
+        EmbeddingModel.from_run(tmp_path)
 
 
 # ------------------------------------------------------------------------------- publishing a folder (core/files)

@@ -159,6 +159,31 @@ def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
             metrics_two["pr_curve"][split]["precision"], abs=1e-6)
 
 
+def test_a_run_of_another_version_still_evaluates_with_one_warning_line(tiny_run, synth_shards, tmp_path):
+    """Its config.yaml has a setting this version does not know and lacks one it has: `ranking evaluate` names both
+    in one warning line and evaluates; the evaluation folder stores the model's identity it embedded with."""
+    import shutil
+
+    import yaml
+
+    from ranking.learning.models import ModelSpec
+
+    run = tmp_path / "old-run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["stored_size"]
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "old_flag": 3}, sort_keys=False))
+    result = run_evaluate(run, synth_shards, tmp_path / "eval", 1)
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"warning: {run / 'config.yaml'}: written by another version of deep-ranking: ignoring "
+                        "old_flag (no such setting in this version); stored_size not in the file (taking today's "
+                        "defaults)"], result.stderr
+    spec = ModelSpec(backbone=saved["backbone"], embed_dim=saved["embed_dim"], dropout=saved["dropout"],
+                     normalize=saved["normalize"], image_size=saved["image_size"]).to_dict()
+    assert torch.load(tmp_path / "eval" / "embeddings.pt", weights_only=True)["model"] == spec
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"] == spec
+
+
 def test_flip_embeds_an_image_and_its_mirror_alike_and_search_follows_the_index(tiny_run, synth_shards, tmp_path,
                                                                               capsys):
     import io

@@ -180,6 +180,50 @@ def test_moved_index_works_with_the_run_deleted(data, tmp_path, capsys):
         assert image.size == grids.grid_size(rows=3, columns=5)
 
 
+def test_the_model_identity_is_stored_the_same_way_in_the_run_the_index_and_an_export(data, tmp_path):
+    import yaml
+    from safetensors import safe_open
+
+    from ranking import export
+    from ranking.learning.models import ModelSpec
+
+    in_config = yaml.safe_load((data["run"] / "config.yaml").read_text())
+    in_index = json.loads((data["indexes"] / "tree" / "model.json").read_text())
+    exported = tmp_path / "model.safetensors"
+    assert export.main([str(data["indexes"] / "tree"), "--format", "safetensors", "--out", str(exported)]) == 0
+    with safe_open(str(exported), "pt") as f:
+        in_export = json.loads(f.metadata()["model.json"])
+    spec = ModelSpec.of_run(data["run"])
+    assert in_config["schema"] == 2 and in_index["format"] == in_export["format"] == "deep-ranking-model/2"
+    assert in_config["model"] == in_index["model"] == in_export["model"] == spec.to_dict()
+    assert (spec.backbone, spec.embed_dim, spec.image_size) == ("resnet18", 32, 32)
+
+
+def test_an_index_written_before_the_model_identity_searches_as_it_did(data, tmp_path, capsys):
+    """model.json's format 1 held the run's whole TrainConfig and the preprocessing: mapped, not refused."""
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(data["indexes"] / "tree", old)
+    current = json.loads((old / "model.json").read_text())
+    train_config = yaml.safe_load((data["run"] / "config.yaml").read_text())
+    del train_config["schema"], train_config["model"], train_config["stored_size"]
+    spec = current["model"]
+    legacy = {"format": "deep-ranking-model/1", "config": {**train_config, "pretrained": False, "gone": 1},
+              "embed_dim": spec["embed_dim"], "normalize": spec["normalize"], "flip": False,
+              "preprocessing": {key: spec[key] for key in ("image_size", "mean", "std", "resize")}
+              | {"layout": "NCHW float32 RGB", "range": "[0, 1] before normalisation"},
+              "source": current["source"]}
+    (old / "model.json").write_text(json.dumps(legacy, indent=2))
+    queries = sorted(data["tree"].glob("*/*.JPEG"))[:3]
+    expected = search_json(capsys, *queries, "--index", data["indexes"] / "tree", "--top", "4")
+    assert search_json(capsys, *queries, "--index", old, "--top", "4") == expected
+    assert ranking.load(old).spec.to_dict() == spec
+    (old / "model.json").write_text(json.dumps({**legacy, "config": {**legacy["config"], "embed_dim": None}}))
+    err = one_line_error(capsys, ["search", str(queries[0]), "--index", str(old)])
+    assert f"{old / 'model.json'}: config: embed_dim must be an integer, got None" in err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the Python API
 

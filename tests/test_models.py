@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import urllib.request
@@ -20,8 +21,10 @@ from PIL import Image
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.learning.models import (
+    EVAL_RESIZE,
     IMAGENET_STATS,
     LITE0_STATS,
+    ModelSpec,
     build_lite0,
     build_model,
     input_normalization,
@@ -120,6 +123,61 @@ def test_input_normalization():
         assert input_normalization(backbone) == IMAGENET_STATS
     with pytest.raises(RankingError, match="unknown backbone 'vgg16'"):
         input_normalization("vgg16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model's identity
+
+
+def test_a_model_spec_is_derived_from_a_train_config_and_stored_as_plain_keys():
+    lite0 = ModelSpec.of(TrainConfig())
+    assert lite0.to_dict() == {"backbone": "efficientnet_lite0", "embed_dim": 128, "dropout": 0.0, "normalize": True,
+                               "image_size": 160, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                               "resize": EVAL_RESIZE}
+    assert lite0 == ModelSpec()  # the defaults are TrainConfig's
+    spec = ModelSpec.of(TrainConfig(backbone="resnet34", embed_dim=48, dropout=0.25, normalize=False, image_size=96,
+                                    lr=0.5, steps=3, run_dir="elsewhere"))  # training keys are not the model's
+    assert (spec.backbone, spec.embed_dim, spec.dropout, spec.normalize, spec.image_size) == \
+        ("resnet34", 48, 0.25, False, 96)
+    assert (spec.mean, spec.std) == IMAGENET_STATS
+    stored = json.loads(json.dumps(spec.to_dict()))  # what every file holds: JSON or YAML scalars and lists
+    assert ModelSpec.from_dict(stored, "x") == spec
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.pop("image_size"), "model.json: model: missing image_size"),
+    (lambda d: d.update(pool="gem"), r"model.json: model: unknown pool \(written by a newer deep-ranking\?\)"),
+    (lambda d: d.update(embed_dim="16"), "model.json: model: embed_dim must be an integer, got '16'"),
+    (lambda d: d.update(normalize=1), "model.json: model: normalize must be true or false, got 1"),
+    (lambda d: d.update(mean=[0.5, "a", 0.5]), "model.json: model: mean must be a list of numbers"),
+    (lambda d: d.update(std=[0.5, 0.5]), "model.json: model: mean and std must be 3 values each"),
+    (lambda d: d.update(backbone="vgg16"), "model.json: model: unknown backbone 'vgg16'; expected one of"),
+    (lambda d: d.update(resize="stretch to image_size"), "model.json: model: resize rule 'stretch to image_size': "
+                                                         "this version feeds models only by"),
+])
+def test_a_stored_spec_this_version_cannot_honour_is_one_line_naming_the_file(change, message):
+    stored = ModelSpec(backbone="resnet18", embed_dim=16, image_size=32).to_dict()
+    change(stored)
+    with pytest.raises(RankingError, match=message) as error:
+        ModelSpec.from_dict(stored, "index/model.json: model")
+    assert "\n" not in str(error.value)
+    with pytest.raises(RankingError, match="expected a mapping of the model's keys, got list"):
+        ModelSpec.from_dict([1, 2], "model.json: model")
+
+
+def test_the_network_is_rebuilt_from_its_spec_alone():
+    """A spec gives the trained network's architecture (random weights, never a download); a TrainConfig gives the
+    same network, pretrained or not as the config says."""
+    cfg = TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=24,
+                      dropout=0.5, normalize=False)
+    torch.manual_seed(0)
+    from_config = build_model(cfg)
+    torch.manual_seed(0)
+    from_spec = build_model(ModelSpec.of(cfg))
+    assert from_spec.dropout.p == 0.5 and from_spec.normalize is False and from_spec.head.out_features == 24
+    assert from_config.state_dict().keys() == from_spec.state_dict().keys()
+    for key, value in from_config.state_dict().items():
+        assert torch.equal(from_spec.state_dict()[key], value), key
 
 
 def test_pretrained_offline_tells_how_to_prefetch_into_torch_home(offline):

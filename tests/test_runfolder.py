@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from harness import launch, train_flags
+from ranking.core import flags
 from ranking.core.config import TrainConfig
-from ranking.core.errors import RankingError
+from ranking.core.errors import ConfigError, RankingError
 from ranking.core.files import LOCK, check_writable_folder, folder_lock
 from ranking.core.flags import parse
 from ranking.folders import runfolder
@@ -74,10 +75,10 @@ def test_a_resume_that_would_change_the_model_is_refused_and_leaves_config_yaml(
     assert "config.yaml: a resumed run keeps its model and input; --embed-dim 16 (was 32), --image-size 48 (was 32)" \
         in line
     assert snapshot(finished_run) == before  # config.yaml (embed_dim 32) still rebuilds the checkpoint's model
-    from ranking.learning.models import load_trained
+    from ranking.retrieval.inference import load
 
-    model, cfg, step = load_trained(finished_run)
-    assert cfg.embed_dim == 32 and step == 2
+    model = load(finished_run, device="cpu")
+    assert model.spec.embed_dim == 32 and model.step == 2
 
 
 def test_overwrite_moves_the_old_run_aside(finished_run, synth_shards, tmp_path):
@@ -157,3 +158,87 @@ def test_a_bad_flag_under_accelerate_launch_is_printed_once(tmp_path):
     output = done.stdout + done.stderr
     expected = "ranking.train: error: unknown flag --stesp; did you mean --steps? (see ranking train --help)"
     assert output.count(expected) == 2 and output.count("exitcode  : 2") == 2, output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.yaml: its schema, the model block, and runs of other versions
+
+
+def test_config_yaml_holds_its_schema_and_model_and_is_still_a_config_file_to_train_from(tmp_path):
+    import yaml
+
+    from ranking.learning.models import ModelSpec
+
+    cfg = TrainConfig(run_dir=str(tmp_path), backbone="resnet18", embed_dim=32, image_size=48, lr=0.01)
+    spec = ModelSpec.of(cfg)
+    runfolder.write_config(cfg, tmp_path, spec.to_dict())
+    saved = yaml.safe_load(runfolder.config_path(tmp_path).read_text())
+    assert list(saved)[0] == "schema" and saved["schema"] == runfolder.SCHEMA == 2
+    assert saved["model"] == spec.to_dict() and saved["lr"] == 0.01
+    assert runfolder.read_saved(tmp_path) == (cfg, spec.to_dict())
+    assert ModelSpec.of_run(tmp_path) == spec
+    # `ranking train --config RUN/config.yaml` reruns a run: the derived keys are skipped, not taken for typos
+    assert parse(TrainConfig, ["--config", str(runfolder.config_path(tmp_path))], "ranking train", "") == cfg
+    typo = tmp_path / "mine.yaml"
+    typo.write_text("lrr: 0.1\n")  # a user's own file stays strict: an unknown key there is a typo
+    with pytest.raises(ConfigError, match=r"mine.yaml: unknown key 'lrr' for TrainConfig"):
+        parse(TrainConfig, ["--config", str(typo)], "ranking train", "")
+
+
+def test_upgrade_maps_renamed_keys_and_lists_unknown_and_missing_ones():
+    import dataclasses
+
+    current = dataclasses.asdict(TrainConfig())
+    old = {key: value for key, value in current.items() if key not in ("lr", "stored_size")}
+    old |= {"learning_rate": 0.5, "embed-dim": 64, "old_flag": 3, "schema": 2, "model": {"backbone": "resnet18"}}
+    saved = runfolder.upgrade(old, renamed={"learning_rate": "lr"})
+    assert saved.values["lr"] == 0.5 and saved.values["embed_dim"] == 64  # renamed, and dashes as flags write them
+    assert saved.unknown == ["old_flag"] and saved.missing == ["stored_size"]
+    assert saved.schema == 2 and saved.model == {"backbone": "resnet18"}
+    line = saved.warning(Path("run/config.yaml"))
+    assert line == ("warning: run/config.yaml: written by another version of deep-ranking: ignoring old_flag (no such "
+                    "setting in this version); stored_size not in the file (taking today's defaults)")
+    assert runfolder.upgrade(current).warning(Path("x")) is None  # schema 1, every key: nothing to say
+    assert runfolder.upgrade(current).schema == 1 and runfolder.upgrade(current).model is None
+    assert "schema 3 is newer than this version's 2" in runfolder.upgrade({**old, "schema": 3}).warning(Path("x"))
+    with pytest.raises(ConfigError, match="schema must be a positive integer, got 'two'"):
+        runfolder.upgrade({"schema": "two"})
+
+
+def test_an_older_runs_config_is_read_with_one_warning_line_printed_once(tmp_path, capsys):
+    """A run written before stored_size existed, with a setting since removed: evaluate, search, index, compare and
+    report all read it (the stages themselves: test_evaluate's real process)."""
+    from ranking.learning.models import ModelSpec
+
+    cfg = TrainConfig(run_dir=str(tmp_path), backbone="resnet18", embed_dim=16, image_size=40)
+    flags.save(cfg, runfolder.config_path(tmp_path))  # schema 1: the fields alone
+    text = runfolder.config_path(tmp_path).read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("stored_size:")] + ["old_flag: true"]
+    runfolder.config_path(tmp_path).write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert runfolder.read_config(tmp_path) == cfg  # stored_size at its default, as before
+    assert ModelSpec.of_run(tmp_path) == ModelSpec.of(cfg)  # no model block: derived from the train keys
+    assert runfolder.read_config(tmp_path) == cfg
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {runfolder.config_path(tmp_path)}: ")
+    assert "ignoring old_flag" in err[0] and "stored_size not in the file" in err[0]
+
+
+def test_the_stored_model_block_is_the_runs_identity_and_a_bad_value_is_one_line(tmp_path):
+    """What the run was fed stays what it is fed: the block, not today's derivation from the backbone."""
+    import yaml
+
+    from ranking.learning.models import ModelSpec
+
+    cfg = TrainConfig(run_dir=str(tmp_path), backbone="resnet18", embed_dim=16, image_size=40)
+    as_trained = {**ModelSpec.of(cfg).to_dict(), "mean": [0.5, 0.5, 0.5]}
+    runfolder.write_config(cfg, tmp_path, as_trained)
+    assert ModelSpec.of_run(tmp_path).mean == (0.5, 0.5, 0.5)
+    path = runfolder.config_path(tmp_path)
+    saved = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**saved, "model": {**as_trained, "embed_dim": "big"}}))
+    with pytest.raises(RankingError, match=rf"{path}: model: embed_dim must be an integer, got 'big'"):
+        ModelSpec.of_run(tmp_path)
+    path.write_text(yaml.safe_dump({**saved, "embed_dim": "big"}))
+    with pytest.raises(RankingError, match=rf"{path}: cannot rebuild the run's config \(.*embed_dim must be int"):
+        runfolder.read_config(tmp_path)

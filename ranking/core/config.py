@@ -6,7 +6,7 @@ types every registry is keyed by. Each field is a flag, a YAML key and a ``confi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ranking.core import flags
 from ranking.core.errors import ConfigError
@@ -108,6 +108,10 @@ class TrainConfig:
     wandb_entity: str = ""  # the W&B team or user; empty: the default entity of the login
     wandb_notes: str = ""  # free text shown with the run in W&B
     wandb_artifacts: bool = False  # log the best and last checkpoints and the evaluation's embeddings as artifacts
+
+    # what a run's config.yaml holds beside the fields (its schema, the derived model block: ranking.folders.runfolder),
+    # skipped when that file is given back as --config
+    saved_alongside: ClassVar[tuple[str, ...]] = ("schema", "model")
 
     @staticmethod
     def implied(given: dict[str, Any]) -> dict[str, Any]:

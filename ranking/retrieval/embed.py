@@ -22,10 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from ranking.core.config import TrainConfig
 from ranking.data import stream
 from ranking.data.augment import EvalResize, collate_samples
 from ranking.learning import models
+from ranking.learning.models import ModelSpec
 from ranking.retrieval.metrics import EmbeddingSet
 
 if TYPE_CHECKING:  # searching imports this module: it needs no launcher
@@ -85,12 +85,12 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
     return EmbeddingSet(gathered["embeddings"][keep], gathered["ids"][keep], gathered["labels"][keep])
 
 
-def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, image_size: int,
-                mean: Sequence[float], std: Sequence[float], batch_size: int, workers: int, dim: int,
-                normalize: bool, flip: bool = False, only_ids: frozenset[int] | None = None,
+def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, spec: ModelSpec,
+                batch_size: int, workers: int, flip: bool = False, only_ids: frozenset[int] | None = None,
                 total: int | None = None) -> EmbeddingSet:
-    """Embed ``split`` of the shards (or its samples in ``only_ids``) over all ranks; every rank returns the whole
-    split, sorted by id. ``total``, the split's sample count, lets each rank log its progress out of its share.
+    """Embed ``split`` of the shards (or its samples in ``only_ids``) over all ranks with ``model``, fed as its
+    ``spec`` says; every rank returns the whole split, sorted by id. ``total``, the split's sample count, lets each
+    rank log its progress out of its share.
 
     The loader is not passed through ``accelerator.prepare``: the stream already splits the samples over ranks
     (by id) and over DataLoader workers (by shard).
@@ -103,8 +103,8 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
         mine: int | None = sum(1 for i in only_ids if i % world == rank)
     else:
         mine = None if total is None else len(range(rank, total, world))  # ids with id % world == rank
-    return embed_loader(model, accelerator, loader, dim, normalize, flip, split, mine,
-                        resize=EvalResize(image_size, mean, std))
+    return embed_loader(model, accelerator, loader, spec.embed_dim, spec.normalize, flip, split, mine,
+                        resize=EvalResize(spec.image_size, spec.mean, spec.std))
 
 
 def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int, normalize: bool,
@@ -121,17 +121,17 @@ def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader,
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, config: TrainConfig, images: Sequence[Image.Image], normalize: bool,
-                 flip: bool = False, batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
-    """[N, D] float32 embeddings on the CPU of images in memory (any sizes), through the evaluation's ``EvalResize``
-    on the device, in full precision; ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there
-    is one (the model is moved there)."""
+def embed_images(model: nn.Module, spec: ModelSpec, images: Sequence[Image.Image], flip: bool = False,
+                 batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
+    """[N, D] float32 embeddings on the CPU of images in memory (any sizes), fed as ``spec`` says through the
+    evaluation's ``EvalResize`` on the device, in full precision; ``flip`` as the gallery was embedded. ``device``
+    defaults to the GPU if there is one (the model is moved there)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resize = EvalResize(config.image_size, *models.input_normalization(config.backbone))
+    resize = EvalResize(spec.image_size, spec.mean, spec.std)
     model = model.to(device).eval()
-    embeddings = [torch.zeros(0, config.embed_dim)]
+    embeddings = [torch.zeros(0, spec.embed_dim)]
     for start in range(0, len(images), batch_size):
         pixels = [pil_to_tensor(image.convert("RGB")) for image in images[start:start + batch_size]]  # uint8
         embeddings.append(models.embed_with_mirror(model, resize(to_device(pixels, device)), flip).float().cpu())
     embeddings_cpu = torch.cat(embeddings)
-    return F.normalize(embeddings_cpu, dim=1) if normalize else embeddings_cpu
+    return F.normalize(embeddings_cpu, dim=1) if spec.normalize else embeddings_cpu

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from ranking.core.errors import RankingError
 from ranking.core.files import read_json, write_atomically, write_text_atomically
 from ranking.folders.shardformat import MANIFEST
 from ranking.retrieval.metrics import EmbeddingSet, RetrievalMetrics, titles
+
+if TYPE_CHECKING:  # the report and compare read evaluation folders without torchvision
+    from ranking.learning.models import ModelSpec
 
 EMBEDDINGS = "embeddings.pt"
 METRICS = "metrics.json"
@@ -48,6 +51,8 @@ class EvalIndex:
     File names, wnids and words are not stored: they come from the shards by id (``ranking.folders.shardformat``).
     ``model_sha256`` (the checkpoint's ``state.pt``) and ``embed_dim`` say which model embedded the rows, so that
     search refuses another one; indexes written before they existed load with "" and the embeddings' width.
+    ``model`` is the identity the rows were embedded with (search rebuilds the checkpoint's network from it); None
+    in folders written before, whose model is the run's.
     """
 
     run_dir: str
@@ -61,6 +66,7 @@ class EvalIndex:
     query: EmbeddingSet
     model_sha256: str = ""
     embed_dim: int = 0
+    model: ModelSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         def rows(s: EmbeddingSet) -> dict[str, torch.Tensor]:
@@ -69,7 +75,8 @@ class EvalIndex:
         return {"run_dir": self.run_dir, "step": self.step, "shards": self.shards,
                 "gallery_split": self.gallery_split, "query_split": self.query_split, "normalized": self.normalized,
                 "flip": self.flip, "gallery": rows(self.gallery), "query": rows(self.query),
-                "model_sha256": self.model_sha256, "embed_dim": self.embed_dim or int(self.gallery.embeddings.shape[1])}
+                "model_sha256": self.model_sha256, "embed_dim": self.embed_dim or int(self.gallery.embeddings.shape[1]),
+                **({"model": self.model.to_dict()} if self.model is not None else {})}
 
     def save(self, eval_dir: str | os.PathLike) -> Path:
         stored = self.to_dict()
@@ -91,12 +98,16 @@ class EvalIndex:
         def rows(part: str) -> EmbeddingSet:
             return EmbeddingSet(data[part]["embeddings"], data[part]["ids"], data[part]["labels"])
 
+        from ranking.learning.models import ModelSpec
+
+        model = ModelSpec.from_dict(data["model"], f"{path}: model") if data.get("model") is not None else None
+
         return cls(run_dir=str(data.get("run_dir") or ""), step=int(data.get("step", 0)),
                    shards=str(data.get("shards") or ""), gallery_split=data.get("gallery_split", "train"),
                    query_split=data.get("query_split", "val"), normalized=bool(data.get("normalized")),
                    flip=bool(data.get("flip")), gallery=rows("gallery"), query=rows("query"),
                    model_sha256=str(data.get("model_sha256") or ""),
-                   embed_dim=int(data.get("embed_dim") or data["gallery"]["embeddings"].shape[-1]))
+                   embed_dim=int(data.get("embed_dim") or data["gallery"]["embeddings"].shape[-1]), model=model)
 
     def shards_dir(self, eval_dir: str | os.PathLike, override: str | None = None) -> Path:
         """The shards this evaluation read (a relative path starts where `ranking evaluate` ran), or ``override``."""
@@ -110,10 +121,12 @@ class EvalIndex:
 # ---------------------------------------------------------------------------------------------------------- metrics
 
 
-def metrics_record(step: int, k: int, by_split: dict[str, RetrievalMetrics]) -> dict:
+def metrics_record(step: int, k: int, by_split: dict[str, RetrievalMetrics], model: ModelSpec | None = None) -> dict:
+    """metrics.json's content; ``model``, the identity that embedded the rows, as embeddings.pt holds it."""
     return {"k": k, "step": step, "splits": {name: m.summary() for name, m in by_split.items()},
             "pr_curve": {name: {"recall": m.recall_levels, "precision": m.pr_precision}
-                         for name, m in by_split.items()}}
+                         for name, m in by_split.items()},
+            **({"model": model.to_dict()} if model is not None else {})}
 
 
 def write_metrics(eval_dir: str | os.PathLike, metrics: dict) -> None:

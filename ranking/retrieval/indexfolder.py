@@ -3,7 +3,7 @@ is, and thumbnails to draw results, in one folder that works wherever it is copi
 
     INDEX/index.json              format, count, dim, classes, sources, the model's identity
     INDEX/model.safetensors       the embedding network's weights
-    INDEX/model.json              its TrainConfig, preprocessing and source (``ranking.retrieval.inference``)
+    INDEX/model.json              its identity (ModelSpec: network and preprocessing), flip and source
     INDEX/embeddings.safetensors  "embeddings": float32 [count, dim], row i = item i
     INDEX/items.jsonl             one JSON object per row: id, label, class, words, file, source, thumb
     INDEX/thumbs.tar              a THUMB_SIZE px JPEG per row, ``{id:07d}.jpg``; ``thumb`` = [offset, size] in it
@@ -274,10 +274,8 @@ class ShardsSource(ImageSource):
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from ranking.retrieval.embed import embed_split
 
-        pre = model.preprocessing
-        return embed_split(model.net, accelerator, str(self.path), str(self.split), image_size=pre.image_size,
-                           mean=pre.mean, std=pre.std, batch_size=batch_size, workers=workers, dim=model.dim,
-                           normalize=model.normalize, flip=model.flip)
+        return embed_split(model.net, accelerator, str(self.path), str(self.split), spec=model.spec,
+                           batch_size=batch_size, workers=workers, flip=model.flip)
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         from ranking.folders.shardformat import key_id, shard_paths
@@ -334,12 +332,12 @@ class FolderSource(ImageSource):
         from ranking.data.augment import EvalResize, collate_samples
         from ranking.retrieval.embed import embed_loader
 
-        pre = model.preprocessing
+        spec = model.spec
         samples = _FolderSamples(self, pil_to_tensor, accelerator.process_index, accelerator.num_processes)  # uint8
         loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
                             collate_fn=collate_samples)
         return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
-                            resize=EvalResize(pre.image_size, pre.mean, pre.std))
+                            resize=EvalResize(spec.image_size, spec.mean, spec.std))
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         for position in range(len(self.entries)):

@@ -1,6 +1,6 @@
 """A trained network as a function from images to embeddings: ``ranking.load(path).embed(images)``.
 
-    EmbeddingModel.from_run(RUN or CHECKPOINT)   the network of a run's checkpoint (``models.load_trained``)
+    EmbeddingModel.from_run(RUN or CHECKPOINT)   the network of a run's checkpoint, its manifest verified
     EmbeddingModel.from_folder(INDEX)             the network an index folder carries (model.safetensors + model.json)
     EmbeddingModel.from_safetensors(FILE)         a network exported by ``ranking export --format safetensors``
     load(path)                                    whichever of the three ``path`` is
@@ -12,12 +12,12 @@ Every embedding of images in memory (search queries, ``ranking.load(...).embed``
 ``ranking.retrieval.embed.embed_local``: both apply
 ``augment.EvalResize`` (on the device, to uint8 images) and ``models.embed_with_mirror``, so a query and its gallery
 see the same preprocessing.
-The preprocessing travels with every saved or exported model (``Preprocessing``).
+A model's identity (``models.ModelSpec``: network and preprocessing) travels with every saved or exported model, as
+MODEL_JSON's ``model`` entry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -25,47 +25,27 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
-from ranking.core import flags
-from ranking.core.config import ExportFormat, TrainConfig
+from ranking.core.config import ExportFormat
 from ranking.core.errors import RankingError
 from ranking.core.files import read_json, write_atomically, write_text_atomically
 from ranking.data.archive import read_regular_file
+from ranking.folders import checkpoint, runfolder
 from ranking.learning import models
+from ranking.learning.models import ModelSpec
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
-MODEL_FORMAT = "deep-ranking-model/1"
+MODEL_FORMAT = "deep-ranking-model/2"  # MODEL_JSON: {"format", "model": ModelSpec.to_dict(), "flip", "source"}
+LEGACY_MODEL_FORMAT = "deep-ranking-model/1"  # written before: {"format", "config": TrainConfig, "preprocessing", ...}
 MAX_IMAGE_PIXELS = 64 * 2**20  # as ranking.shards: decoding takes 3 bytes a pixel, 192 MiB at most
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 ImageLike = Image.Image | str | os.PathLike | torch.Tensor
-RESIZE = "resize the shorter side to image_size (bilinear, antialiased), centre-crop image_size x image_size"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the network expects: an RGB image resized and centre-cropped to ``image_size``, scaled to [0, 1], then
-    ``(x - mean) / std`` per channel, as a float32 tensor [N, 3, image_size, image_size]."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = RESIZE
-
-    @classmethod
-    def of(cls, train_config: TrainConfig) -> Preprocessing:
-        mean, std = models.input_normalization(train_config.backbone)
-        return cls(train_config.image_size, mean, std)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
-                "layout": "NCHW float32 RGB", "range": "[0, 1] before normalisation"}
 
 
 # ---------------------------------------------------------------------------------------------------------- images
@@ -158,13 +138,17 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 class EmbeddingModel:
-    """An ``EmbeddingNet`` in eval mode with what it takes to use it: its TrainConfig, its preprocessing, whether
-    embeddings are the mean of an image's and its mirror image's (``flip``), and where it came from (``source``:
-    run folder, checkpoint, step and ``weights_sha256``)."""
+    """An ``EmbeddingNet`` in eval mode with what it takes to use it: its identity (``spec``: what rebuilds and feeds
+    it), whether embeddings are the mean of an image's and its mirror image's (``flip``), and where it came from
+    (``source``: run folder, checkpoint, step and ``weights_sha256``).
 
-    def __init__(self, net: torch.nn.Module, train_config: TrainConfig, source: dict[str, Any],
+    Every trained model is loaded here (``load``): from a run or checkpoint folder (``from_run``, its checkpoint
+    verified against its sha256 manifest), an index folder (``from_folder``) or an exported .safetensors
+    (``from_safetensors``); each rebuilds the network from its ModelSpec alone."""
+
+    def __init__(self, net: torch.nn.Module, spec: ModelSpec, source: dict[str, Any],
                  flip: bool = False, device: str | torch.device | None = None):
-        self.config = dataclasses.replace(train_config, pretrained=False)
+        self.spec = spec
         self.net = net.eval()
         self.flip = flip
         self.source = source
@@ -174,19 +158,22 @@ class EmbeddingModel:
     # -------------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_run(cls, path: str | os.PathLike, flip: bool = False,
-                 device: str | torch.device | None = None) -> EmbeddingModel:
-        from ranking.folders import runfolder
-
-        checkpoint = runfolder.resolve_checkpoint(path)
-        net, train_config, step = models.load_trained(checkpoint)
-        source = {"run_dir": str(runfolder.run_of(checkpoint)), "checkpoint": str(checkpoint), "step": step,
+    def from_run(cls, path: str | os.PathLike, flip: bool = False, device: str | torch.device | None = None,
+                 spec: ModelSpec | None = None) -> EmbeddingModel:
+        """The network of a run folder's latest checkpoint or of a checkpoint folder; its identity is ``spec`` (an
+        evaluation folder's, say) or else the run's config.yaml's (``ModelSpec.of_run``)."""
+        checkpoint_dir = runfolder.resolve_checkpoint(path)
+        run_dir = runfolder.run_of(checkpoint_dir)
+        spec = spec or ModelSpec.of_run(run_dir)
+        weights, step = checkpoint.load_weights(checkpoint_dir)  # verified against checkpoint.json first
+        net = trained_net(spec, weights, checkpoint_dir / runfolder.STATE)
+        source = {"run_dir": str(run_dir), "checkpoint": str(checkpoint_dir), "step": step,
                   "weights_sha256": weights_sha256(net.state_dict())}
-        return cls(net, train_config, source, flip, device)
+        return cls(net, spec, source, flip, device)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> EmbeddingModel:
-        """The model an index folder carries: MODEL_JSON (config, preprocessing, source) and MODEL_WEIGHTS."""
+        """The model an index folder carries: MODEL_JSON (identity, flip, source) and MODEL_WEIGHTS."""
         folder = Path(folder)
         described = read_json(folder / MODEL_JSON, "not found (not an index or model folder)")
         return cls._rebuild(described, folder / MODEL_JSON, folder / MODEL_WEIGHTS, device)
@@ -214,45 +201,28 @@ class EmbeddingModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        if not isinstance(described, dict) or described.get("format") != MODEL_FORMAT:
-            raise RankingError(f"{described_in}: not a {MODEL_FORMAT} description")
-        if not isinstance(described.get("config"), dict) or not isinstance(described.get("source"), dict):
-            raise RankingError(f"{described_in}: no 'config' or 'source' entry")
-        try:
-            train_config = dataclasses.replace(flags.build(TrainConfig, None, {**described["config"],
-                                                                                "pretrained": False,
-                                                                                "freeze_bn_stats": False,
-                                                                                "frozen_stages": 0}),
-                                               pretrained=False)
-        except RankingError as e:
-            raise RankingError(f"{described_in}: cannot rebuild the model's config ({e})") from None
+        spec, flip, source = read_description(described, described_in)
         if not weights.is_file():
             raise RankingError(f"{weights}: missing: the model's weights")
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise RankingError(f"{weights}: not a readable safetensors file ({e})") from None
-        net = models.build_model(train_config)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            raise RankingError(f"{weights}: weights do not fit the model of {described_in} "
-                               f"({str(e).splitlines()[0]})") from None
-        return cls(net, train_config, dict(described["source"]), bool(described.get("flip", False)), device)
+        return cls(trained_net(spec, state, weights), spec, source, flip, device)
 
     # -------------------------------------------------------------------------------------------------- using
 
     @property
     def dim(self) -> int:
-        return self.config.embed_dim
+        return self.spec.embed_dim
 
     @property
     def normalize(self) -> bool:
-        return self.config.normalize
+        return self.spec.normalize
 
     @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing.of(self.config)
+    def step(self) -> int:
+        return int(self.source.get("step", 0))
 
     @property
     def weights_sha256(self) -> str:
@@ -267,14 +237,12 @@ class EmbeddingModel:
         """[N, D] float32 embeddings on the CPU of PIL images, image paths or uint8 tensors, in full precision."""
         from ranking.retrieval.embed import embed_images
 
-        return embed_images(self.net, self.config, to_images(images), normalize=self.normalize, flip=self.flip,
-                            batch_size=batch_size, device=self.device)
+        return embed_images(self.net, self.spec, to_images(images), flip=self.flip, batch_size=batch_size,
+                            device=self.device)
 
     def describe(self) -> dict[str, Any]:
-        """MODEL_JSON's content: everything needed to rebuild and feed the network, and where it came from."""
-        return {"format": MODEL_FORMAT, "config": dataclasses.asdict(self.config), "embed_dim": self.dim,
-                "normalize": self.normalize, "flip": self.flip, "preprocessing": self.preprocessing.to_dict(),
-                "source": self.source}
+        """MODEL_JSON's content: the model's identity (``ModelSpec.to_dict``), flip, and where it came from."""
+        return {"format": MODEL_FORMAT, "model": self.spec.to_dict(), "flip": self.flip, "source": self.source}
 
     def save(self, folder: str | os.PathLike) -> None:
         """MODEL_WEIGHTS and MODEL_JSON in ``folder``, each atomically."""
@@ -286,24 +254,22 @@ class EmbeddingModel:
         write_atomically(folder / MODEL_WEIGHTS, lambda f: f.write(payload))
         write_text_atomically(folder / MODEL_JSON, json.dumps(self.describe(), indent=2) + "\n")
 
+
     # -------------------------------------------------------------------------------------------------- export
 
     def export(self, path: str | os.PathLike, fmt: ExportFormat) -> Path:
-        """The embedding network alone (input: preprocessed images [N, 3, S, S]; output: [N, D]), with its
-        preprocessing and MODEL_JSON's content in the file's metadata; written atomically."""
+        """The embedding network alone (input: preprocessed images [N, 3, S, S]; output: [N, D]), with MODEL_JSON's
+        content (its identity, preprocessing included, and source) in the file's metadata; written atomically."""
         if fmt not in EXPORT_FORMATS:
             raise RankingError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         if self.flip:
             raise RankingError("a model that averages mirrored embeddings (flip) is exported as its plain network; "
                                "load it without flip")
         net = self.net.to("cpu").eval()
-        size = self.config.image_size
+        size = self.spec.image_size
         example = torch.zeros(2, 3, size, size)
-        described = self.describe()
-        metadata = {"format": MODEL_FORMAT, "preprocessing": json.dumps(described["preprocessing"]),
-                    "image_size": str(size), "mean": json.dumps(list(self.preprocessing.mean)),
-                    "std": json.dumps(list(self.preprocessing.std)), "embed_dim": str(self.dim),
-                    "input": "images", "output": "embeddings", MODEL_JSON: json.dumps(described)}
+        metadata = {"format": MODEL_FORMAT, MODEL_JSON: json.dumps(self.describe()), "input": "images",
+                    "output": "embeddings"}
         try:
             with warnings.catch_warnings():
                 # torch.jit and the TorchScript-based ONNX exporter are deprecated in favour of torch.export, but their
@@ -328,6 +294,39 @@ class EmbeddingModel:
         return write_atomically(Path(path), lambda f: f.write(payload))
 
 
+def read_description(described: Any, where: Path) -> tuple[ModelSpec, bool, dict[str, Any]]:
+    """(identity, flip, source) of MODEL_JSON's content in either format: MODEL_FORMAT stores the ModelSpec itself;
+    LEGACY_MODEL_FORMAT (index folders and exports written before) a TrainConfig and its preprocessing, of which only
+    the model's keys are read, so a TrainConfig of any version maps."""
+    if not isinstance(described, dict) or described.get("format") not in (MODEL_FORMAT, LEGACY_MODEL_FORMAT):
+        raise RankingError(f"{where}: not a {MODEL_FORMAT} description")
+    if not isinstance(described.get("source"), dict):
+        raise RankingError(f"{where}: no 'source' entry")
+    if described["format"] == MODEL_FORMAT:
+        spec = ModelSpec.from_dict(described.get("model"), f"{where}: model")
+    else:
+        config, preprocessing = described.get("config"), described.get("preprocessing")
+        if not isinstance(config, dict) or not isinstance(preprocessing, dict):
+            raise RankingError(f"{where}: no 'config' or 'preprocessing' entry")
+        mapped = {"backbone": config.get("backbone"), "embed_dim": config.get("embed_dim"),
+                  "dropout": config.get("dropout", 0.0), "normalize": config.get("normalize"),
+                  "image_size": preprocessing.get("image_size"), "mean": preprocessing.get("mean"),
+                  "std": preprocessing.get("std"), "resize": preprocessing.get("resize")}
+        spec = ModelSpec.from_dict(mapped, f"{where}: config")
+    return spec, bool(described.get("flip", False)), dict(described["source"])
+
+
+def trained_net(spec: ModelSpec, state: dict[str, torch.Tensor], weights: Path) -> torch.nn.Module:
+    """The network of ``spec`` holding the weights ``state`` (read from ``weights``), in eval mode."""
+    net = models.build_model(spec, pretrained=False)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise RankingError(f"{weights}: weights do not fit the model {spec.backbone} with embed_dim "
+                           f"{spec.embed_dim} ({str(e).splitlines()[0]})") from None
+    return net.eval()
+
+
 def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor, metadata: dict[str, str]) -> bytes:
     try:
         import onnx
@@ -343,7 +342,7 @@ def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor, metadata: dict[str,
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.doc_string = "deep-ranking embedding network; preprocessing in metadata_props"
+    proto.doc_string = "deep-ranking embedding network; its identity and preprocessing in metadata_props['model.json']"
     return proto.SerializeToString()
 
 
@@ -370,5 +369,5 @@ def preprocess(model: EmbeddingModel, images: Sequence[Image.Image]) -> torch.Te
 
     from ranking.data.augment import EvalResize
 
-    resize = EvalResize(model.config.image_size, model.preprocessing.mean, model.preprocessing.std)
+    resize = EvalResize(model.spec.image_size, model.spec.mean, model.spec.std)
     return resize([pil_to_tensor(image.convert("RGB")) for image in images])

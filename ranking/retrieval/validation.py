@@ -63,7 +63,7 @@ class Validator:
         self.cfg, self.accelerator = cfg, accelerator
         with accelerator.main_process_first():  # rank 0 scans the train split's labels once, the others read its cache
             self.gallery_ids = gallery_subset(cfg.shards, cfg.eval_gallery_per_class, cfg.seed, cache_dir)
-        self.mean, self.std = models.input_normalization(cfg.backbone)
+        self.spec = models.ModelSpec.of(cfg)  # the model is fed as `ranking evaluate` will feed it
         self.best: float | None = None  # the trainer restores it on resume
 
     def due(self, step: int) -> bool:
@@ -75,9 +75,8 @@ class Validator:
         distributed.broadcast_buffers(net)  # every rank embeds with the model the checkpoint saves (rank 0's)
         with torch.no_grad():
             gallery, query = (
-                embed.embed_split(net, self.accelerator, self.cfg.shards, split, image_size=self.cfg.image_size,
-                                  mean=self.mean, std=self.std, batch_size=256, workers=self.cfg.workers,
-                                  dim=self.cfg.embed_dim, normalize=self.cfg.normalize, only_ids=only_ids)
+                embed.embed_split(net, self.accelerator, self.cfg.shards, split, spec=self.spec, batch_size=256,
+                                  workers=self.cfg.workers, only_ids=only_ids)
                 for split, only_ids in (("train", self.gallery_ids), ("val", None)))
         metrics = evaluate_retrieval(query, gallery, k=K, triplets=0)
         values = {metric.name: getattr(metrics, metric.name) for metric in METRICS if metric.per_query}
