@@ -510,7 +510,7 @@ def finish(accelerator: Accelerator, run_dir: Path, artifacts: bool = False) -> 
     others, which must not cut rank 0 while it still writes. ``artifacts``: the latest and best checkpoints go to
     the W&B run as artifacts."""
     if accelerator.is_main_process and (run_dir / runfolder.METRICS).exists():
-        from ranking import plots  # matplotlib: only where a plot is drawn
+        from ranking.reporting import plots  # matplotlib: only where a plot is drawn
 
         plots.plot_loss(runfolder.read_metrics_log(run_dir), run_dir / runfolder.LOSS_PLOT, run_dir.name)
     if artifacts and accelerator.is_main_process:

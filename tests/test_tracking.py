@@ -19,7 +19,7 @@ WANDB = Path(sys.executable).parent / "wandb"
 def resolve(home: Path, env: dict[str, str] | None = None, requested: str = "") -> tuple[str, str]:
     """(mode printed by resolve_mode, its stderr) with HOME and the working folder in ``home``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    code = f"from ranking import tracking; print(tracking.resolve_mode({requested!r}))"
+    code = f"from ranking.reporting import tracking; print(tracking.resolve_mode({requested!r}))"
     result = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True, timeout=120,
                             env={**clean, "HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})}, check=True)
     return result.stdout.strip(), result.stderr
