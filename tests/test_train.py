@@ -74,7 +74,7 @@ def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):
     import shutil
 
     from ranking.core.errors import RankingError
-    from ranking.train import compiled
+    from ranking.training.parts import compiled
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RankingError, match=r"^--compile: no C compiler found \(g\+\+, .*run without --compile$"):
