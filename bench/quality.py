@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.files import write_text_atomically
 from ranking.data.archive import Archive, open_archive
@@ -137,7 +137,7 @@ def images_per_step(cfg: TrainConfig) -> int:
 
 def seconds_per_step(run_dir: Path) -> float:
     """Steady-state step time of a calibration run: its last logged interval, after the loader has started."""
-    cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
+    cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     return triplets_per_step(cfg) * cfg.grad_accum / last["triplets_per_s"]
 
@@ -153,7 +153,7 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
     log = work / "log.txt"
     log.write_text("")
 
-    per_step = images_per_step(config.build(TrainConfig, str(args.configs[recipe])))
+    per_step = images_per_step(flags.build(TrainConfig, str(args.configs[recipe])))
     if args.images:  # equal images: the steps follow from the batch; no time limit
         steps, minutes, step_seconds = max(1, round(args.images / per_step)), 0.0, None
     else:  # equal time: calibrate the step time, then fill the budget
@@ -176,7 +176,7 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     val = metrics["splits"]["val"]
-    cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
+    cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
     budget = {"images": args.images} if args.images else {"minutes": args.minutes,
                                                           "seconds_per_step": round(step_seconds or 0.0, 2)}
     return {"recipe": recipe, "backbone": cfg.backbone, "image_size": cfg.image_size, **budget,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import submitit
 
-from ranking.core.config import ArgumentParser, add_dataclass_flags, at_least, build
 from ranking.core.errors import EXIT_REQUEUE, RankingError
+from ranking.core.flags import ArgumentParser, add_dataclass_flags, at_least, build
 
 CLUSTERS = ("slurm", "local", "debug")
 

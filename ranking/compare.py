@@ -7,12 +7,12 @@ loss, validation and precision-recall curves into one PNG (``--out``, default ``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ranking.core.errors import RankingError
+from ranking.core.flags import parse
 from ranking.folders import runfolder
 from ranking.reporting import plots
 from ranking.retrieval import evalfolder
@@ -81,18 +81,24 @@ def comparison_table(runs: list[RunSummary], val_key: str | None) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
+@dataclasses.dataclass
+class CompareConfig:
+    runs: list[str] = dataclasses.field(metadata={"positional": True, "metavar": "RUN"})  # run folders
+
+    # output
+    out: str = "compare.png"  # where to draw the overlaid curves
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (config.yaml, metrics.jsonl)")
-    parser.add_argument("--out", type=Path, default=Path("compare.png"), help="where to draw the overlaid curves")
-    args = parser.parse_args(argv)
-    runs = [read_run(run_dir) for run_dir in args.runs]
+    config = parse(CompareConfig, argv, "ranking compare", __doc__.split("\n\n")[0], config_file=False)
+    run_dirs = [Path(run) for run in config.runs]
+    runs = [read_run(run_dir) for run_dir in run_dirs]
     names = [run.name for run in runs]
     if len(set(names)) < len(names):  # runs/a/lite0 and runs/b/lite0: name them by their whole path
-        for run, run_dir in zip(runs, args.runs):
+        for run, run_dir in zip(runs, run_dirs):
             run.name = str(run_dir)
     val_key = validation_key(runs)
     print(comparison_table(runs, val_key))
-    drawn = plots.plot_comparison({run.name: (run.records, run.evaluation) for run in runs}, args.out, val_key)
+    drawn = plots.plot_comparison({run.name: (run.records, run.evaluation) for run in runs}, Path(config.out), val_key)
     print(f"wrote {drawn}")
     return 0

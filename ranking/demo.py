@@ -11,12 +11,13 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ranking.core.config import ArgumentParser
 from ranking.core.errors import RankingError
+from ranking.core.flags import at_least, parse
 
 
 def launch_command(processes: int) -> list[str]:
@@ -37,37 +38,50 @@ def run(command: list[str], env: dict[str, str]) -> None:
     print(f"  ({time.time() - started:.0f} s)", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="ranking demo", description=__doc__)
-    parser.add_argument("--workdir", default="demo", help="where the synthetic archive and the run go")
-    parser.add_argument("--shards", default="shards/demo", help="where the shards go")
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--train-per-class", type=int, default=200)
-    parser.add_argument("--val-per-class", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=100, help="training steps (about 2 minutes on 2 CPU cores)")
-    parser.add_argument("--processes", type=int, default=2, help="ranks for training and evaluation")
-    args = parser.parse_args(argv)
+@dataclass
+class DemoConfig:
+    # where
+    workdir: str = "demo"  # where the synthetic archive and the run go
+    shards: str = "shards/demo"  # where the shards go
 
-    workdir, shards = Path(args.workdir), Path(args.shards)
+    # the synthetic data
+    classes: int = 10  # synthetic classes
+    train_per_class: int = 200  # train images of each class
+    val_per_class: int = 20  # val images of each class
+
+    # training and evaluation
+    steps: int = 100  # training steps (about 2 minutes on 2 CPU cores)
+    processes: int = 2  # ranks for training and evaluation
+
+    def validate(self) -> None:
+        for name in ("classes", "train_per_class", "val_per_class", "steps", "processes"):
+            at_least(name, getattr(self, name), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse(DemoConfig, argv, "ranking demo", __doc__, config_file=False)
+
+    workdir, shards = Path(config.workdir), Path(config.shards)
     archive, run_dir = workdir / "synth.zip", workdir / "runs" / "demo"
     eval_dir = run_dir / "eval"
     env = dict(os.environ)
-    if torch.cuda.device_count() < args.processes:
+    if torch.cuda.device_count() < config.processes:
         env["ACCELERATE_USE_CPU"] = "1"  # gloo ranks on the CPU
         env.setdefault("OMP_NUM_THREADS", "1")
     if not env.get("WANDB_API_KEY") and not env.get("WANDB_MODE"):
         env["WANDB_MODE"] = "offline"
     ranking = [sys.executable, "-m", "ranking"]
 
-    run(ranking + ["synth", "--out", str(archive), "--classes", str(args.classes), "--train-per-class",
-                   str(args.train_per_class), "--val-per-class", str(args.val_per_class), "--seed", "0"], env)
+    run(ranking + ["synth", "--out", str(archive), "--classes", str(config.classes), "--train-per-class",
+                   str(config.train_per_class), "--val-per-class", str(config.val_per_class), "--seed", "0"], env)
     run(ranking + ["shards", str(archive), "--out", str(shards), "--shard-size", "200"], env)
-    run(launch_command(args.processes) + ["-m", "ranking.train", "--shards", str(shards), "--run-dir", str(run_dir),
-                                          "--steps", str(args.steps), "--classes-per-batch", str(min(8, args.classes)),
-                                          "--run-name", "demo", "--overwrite",  # a rerun moves the last aside
-                                          "--wandb-tags", "demo", "--workers", "1"], env)
-    run(launch_command(args.processes) + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out",
-                                          str(eval_dir), "--workers", "1"], env)
+    launch = launch_command(config.processes)
+    run(launch + ["-m", "ranking.train", "--shards", str(shards), "--run-dir", str(run_dir),
+                  "--steps", str(config.steps), "--classes-per-batch", str(min(8, config.classes)),
+                  "--run-name", "demo", "--overwrite",  # a rerun moves the last aside
+                  "--wandb-tags", "demo", "--workers", "1"], env)
+    run(launch + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out", str(eval_dir),
+                  "--workers", "1"], env)
     run(ranking + ["report", str(run_dir), str(eval_dir)], env)
 
     print(f"\nDone. Metrics: {eval_dir / 'metrics.json'} and {eval_dir / 'table.md'}")

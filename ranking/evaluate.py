@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from accelerate import Accelerator
 
 from ranking import cli
-from ranking.core import config, distributed, logs, precision
+from ranking.core import distributed, flags, logs, precision
 from ranking.core.config import EvalConfig, TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
@@ -111,7 +111,7 @@ def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse(EvalConfig, argv, "ranking evaluate", "embed gallery and queries, compute retrieval metrics")
+    cfg = flags.parse(EvalConfig, argv, "ranking evaluate", "embed gallery and queries, compute retrieval metrics")
     chosen = precision.for_inference(precision.resolve(cfg.mixed_precision))
     accelerator = Accelerator(mixed_precision=chosen.value,
                               kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])

@@ -8,24 +8,31 @@ and the checkpoint it came from). RUN is a run folder, a checkpoint folder or an
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ranking import cli
+from ranking.core.config import ExportFormat
+from ranking.core.flags import parse
 from ranking.retrieval import inference
 
 
+@dataclass
+class ExportConfig:
+    run: str = field(metadata={"positional": True})  # a run folder (its latest checkpoint), checkpoint or index folder
+
+    # output
+    format: ExportFormat  # the file's format
+    out: str  # the file to write
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ranking export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="run folder, checkpoint folder or index folder")
-    parser.add_argument("--format", choices=inference.EXPORT_FORMATS, required=True)
-    parser.add_argument("--out", type=Path, required=True, help="the file to write")
-    args = parser.parse_args(argv)
-    model = inference.load(args.model, device="cpu")
-    path = model.export(args.out, args.format)
+    config = parse(ExportConfig, argv, "ranking export", __doc__.split("\n\n")[0], config_file=False)
+    model = inference.load(Path(config.run), device="cpu")
+    path = model.export(Path(config.out), config.format)
     pre = model.preprocessing
-    print(f"wrote {path}: {args.format}, input float32 [N, 3, {pre.image_size}, {pre.image_size}] normalised with "
+    print(f"wrote {path}: {config.format}, input float32 [N, 3, {pre.image_size}, {pre.image_size}] normalised with "
           f"mean {list(pre.mean)} std {list(pre.std)}, output [N, {model.dim}]")
     return 0
 

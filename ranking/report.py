@@ -13,17 +13,17 @@ words) index is cached in EVAL as ``<split>-index.json``, which ``ranking search
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ranking.core.config import ArgumentParser, TrainConfig, at_least, at_most, build
+from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
+from ranking.core.flags import at_least, at_most, build, parse
 from ranking.folders import runfolder
 from ranking.folders.shardformat import SampleInfo, read_images, split_index
 from ranking.learning.distances import squared_distances
@@ -33,7 +33,7 @@ from ranking.reporting.plots import plot_loss, plot_pr_curve
 from ranking.retrieval import evalfolder
 from ranking.retrieval.evalfolder import EvalIndex
 
-MAX_GRID = 50  # queries and images per row a grid can show legibly
+MAX_GRID = 50  # queries and images per row a grid can show legibly (ReportConfig's help says 50)
 
 # ---------------------------------------------------------------------------------------------------------------
 # ranked examples: a few val queries of different classes, their nearest and farthest gallery items
@@ -161,51 +161,61 @@ def log_to_wandb(run_dir: Path, step: int, images: dict[str, Path], metrics: dic
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ReportConfig:
+    # inputs
+    run_dir: str = field(metadata={"positional": True})  # the run folder (metrics.jsonl, config.yaml, checkpoints/)
+    # the evaluation folder; empty: the newest in RUN_DIR
+    eval_dir: str = field(default="", metadata={"positional": True})
+    shards: str = ""  # the shards folder, if it moved since the evaluation
+
+    # ranked examples
+    queries: int = 5  # val queries shown, each from a different class (1 to 50)
+    top: int = 10  # nearest and farthest gallery images per query (1 to 50)
+
+    # Weights & Biases
+    wandb: bool = True  # log the pictures and the table to the run's W&B run
+
+    def validate(self) -> None:
+        for name in ("queries", "top"):
+            at_least(f"--{name}", getattr(self, name), 1)
+            at_most(f"--{name}", getattr(self, name), MAX_GRID)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="ranking report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="the run folder (metrics.jsonl, config.yaml, checkpoints/)")
-    parser.add_argument("eval_dir", type=Path, nargs="?", help="the evaluation folder (default: the newest in RUN)")
-    parser.add_argument("--shards", default=None, help="shards folder, if it moved since the evaluation")
-    parser.add_argument("--queries", type=int, default=5,
-                        help=f"val queries shown, each from a different class (1 to {MAX_GRID}; default: 5)")
-    parser.add_argument("--top", type=int, default=10,
-                        help=f"nearest and farthest gallery images per query (1 to {MAX_GRID}; default: 10)")
-    parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=True,
-                        help="log the pictures and the table to the run's W&B run")
-    args = parser.parse_args(argv)
-    for name in ("queries", "top"):
-        at_least(f"--{name}", getattr(args, name), 1)
-        at_most(f"--{name}", getattr(args, name), MAX_GRID)
-    if not args.run_dir.is_dir():
-        raise RankingError(f"{args.run_dir}: no such run folder")
+    config = parse(ReportConfig, argv, "ranking report", __doc__.split("\n\n")[0], config_file=False)
+    run_dir = Path(config.run_dir)
+    if not run_dir.is_dir():
+        raise RankingError(f"{run_dir}: no such run folder")
 
     # every input is read and checked before the first picture is written
-    records = runfolder.read_metrics_log(args.run_dir)
+    records = runfolder.read_metrics_log(run_dir)
     step = records[-1]["step"] if records else 0
-    eval_dir, metrics, results = args.eval_dir or evalfolder.find_in_run(args.run_dir), None, None
+    eval_dir = Path(config.eval_dir) if config.eval_dir else evalfolder.find_in_run(run_dir)
+    metrics, results = None, None
     if eval_dir is not None:
         metrics = evalfolder.read_metrics(eval_dir)
         index = evalfolder.EvalIndex.load(eval_dir)
-        shards = index.shards_dir(eval_dir, args.shards)
+        shards = index.shards_dir(eval_dir, config.shards or None)
         check_writable_folder(eval_dir, "EVAL_DIR")
-    check_writable_folder(args.run_dir, "RUN_DIR")
+    check_writable_folder(run_dir, "RUN_DIR")
 
-    images = {"loss_curve": plot_loss(records, args.run_dir / runfolder.LOSS_PLOT, args.run_dir.resolve().name)}
+    images = {"loss_curve": plot_loss(records, run_dir / runfolder.LOSS_PLOT, run_dir.resolve().name)}
     if eval_dir is None:
-        print(f"no evaluation folder in {args.run_dir} (run `ranking evaluate`): only the loss curve")
+        print(f"no evaluation folder in {run_dir} (run `ranking evaluate`): only the loss curve")
     else:
         assert metrics is not None
         images["pr_curve"] = plot_pr_curve(metrics, eval_dir / "pr_curve.png")
         step = index.step
-        results = ranked_results(index, eval_dir, shards, args.queries, args.top)
+        results = ranked_results(index, eval_dir, shards, config.queries, config.top)
         for n, path in enumerate(write_ranked_grids(results, eval_dir)):
             images[f"ranked_{n}"] = path
         print(evalfolder.markdown_table(metrics))
 
     for path in images.values():
         print(f"wrote {path}")
-    if args.wandb:
-        where = log_to_wandb(args.run_dir, step, images, metrics, results)
+    if config.wandb:
+        where = log_to_wandb(run_dir, step, images, metrics, results)
         if where:
             print(f"logged to W&B: {where}")
     return 0

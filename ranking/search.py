@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ranking.core.config import ArgumentParser, TrainConfig, at_least
+from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
+from ranking.core.flags import at_least, parse
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import read_images, split_index
 from ranking.learning.models import load_trained
@@ -92,41 +94,51 @@ def caption(result: Result) -> list[str]:
     return [f"d={result.distance:.3f}", (result.item.words or result.item.wnid or "?").split(",")[0]]
 
 
+@dataclass
+class SearchConfig:
+    # the search
+    # query image files (any size, grayscale or colour)
+    images: list[str] = field(metadata={"positional": True, "metavar": "IMAGE"})
+    index: str  # an index folder (`ranking index`) or an evaluation folder (holds embeddings.pt)
+    top: int = 10  # results per image
+    device: str = "auto"  # where to embed and search: auto (a GPU if any), cpu, cuda
+    shards: str = ""  # an evaluation folder's shards, if they moved since
+
+    # output
+    json: bool = False  # print the results as JSON
+    grid: str = ""  # also draw the queries and their results (PNG)
+
+    def validate(self) -> None:
+        at_least("--top", self.top, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="ranking search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", type=Path, help="query image files (any size, grayscale or colour)")
-    parser.add_argument("--index", type=Path, required=True,
-                        help="an index folder (`ranking index`) or an evaluation folder (holds embeddings.pt)")
-    parser.add_argument("--top", type=int, default=10, help="results per image")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--grid", type=Path, default=None, help="also draw the queries and their results (PNG)")
-    parser.add_argument("--device", default="auto", help="where to embed and search: auto (a GPU if any), cpu, cuda")
-    parser.add_argument("--shards", default=None, help="an evaluation folder's shards, if they moved since")
-    args = parser.parse_args(argv)
-    at_least("--top", args.top, 1)
-    device = parse_device(args.device)
+    config = parse(SearchConfig, argv, "ranking search", __doc__.split("\n\n")[0], config_file=False)
+    device = parse_device(config.device)
+    paths = [Path(image) for image in config.images]
+    grid = Path(config.grid) if config.grid else None
 
-    if args.grid is not None:
-        if args.grid.is_dir():
-            raise RankingError(f"{args.grid}: --grid is a folder; give a file name such as results.png")
-        check_writable_folder(args.grid.parent, "--grid's folder")
-    images = [load_image(path) for path in args.images]  # bad input fails before the model loads
-    gallery = open_gallery(args.index, args.shards, device)
-    found = gallery.search(images, args.top)
+    if grid is not None:
+        if grid.is_dir():
+            raise RankingError(f"{grid}: --grid is a folder; give a file name such as results.png")
+        check_writable_folder(grid.parent, "--grid's folder")
+    images = [load_image(path) for path in paths]  # bad input fails before the model loads
+    gallery = open_gallery(Path(config.index), config.shards or None, device)
+    found = gallery.search(images, config.top)
 
-    if args.json:
+    if config.json:
         print(json.dumps([{"query": str(path), "results": [r.to_dict() for r in results]}
-                          for path, results in zip(args.images, found)], indent=2))
+                          for path, results in zip(paths, found)], indent=2))
     else:
-        for path, results in zip(args.images, found):
+        for path, results in zip(paths, found):
             print("\n".join([f"{path}", *result_lines(results), ""]))
 
-    if args.grid:
+    if grid is not None:
         thumbnails = gallery.thumbnails(list({r.item.id: r.item for results in found for r in results}.values()))
         rows = [[Tile(image, ["query", path.name], QUERY)]
                 + [Tile(thumbnails[r.item.id], caption(r), NEUTRAL) for r in results]
-                for path, image, results in zip(args.images, images, found)]
+                for path, image, results in zip(paths, images, found)]
         title = f"nearest {len(found[0])} gallery images of each query (d = squared distance)"
-        written = save_png(draw_grid(rows, title), args.grid)
-        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
+        written = save_png(draw_grid(rows, title), grid)
+        print(f"wrote {written}", file=sys.stderr if config.json else sys.stdout)
     return 0

@@ -24,7 +24,7 @@ import re
 import sys
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,9 +32,9 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ranking.core.config import ArgumentParser, add_dataclass_flags, at_least, build
-from ranking.core.errors import RankingError
+from ranking.core.errors import ConfigError, RankingError
 from ranking.core.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
+from ranking.core.flags import at_least, parse
 from ranking.data.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
 from ranking.folders.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
 
@@ -47,16 +47,31 @@ JPEG_QUALITY = 95  # of the images converted to RGB JPEG (folder layouts: PNG, W
 
 @dataclass
 class ShardsConfig:
+    # the shards
+    # tiny-imagenet-200.zip or its extracted folder, a folder of class folders of images (ImageFolder), or a folder
+    # of unlabelled images (a gallery: the test split)
+    source: str = field(default="", metadata={"positional": True})
     out: str = ""  # destination folder; default shards/<source name>
     shard_size: int = 1000  # samples per shard
-    workers: int = 0  # packing processes; 0 = one per CPU core, up to 8
     seed: int = 0  # train shuffle
-    progress: bool = True
     overwrite: bool = False  # replace the shards of another source in --out (or write into a non-shard folder)
-    val_source: str = ""  # class folders: the val images, as class folders too
-    val_fraction: float = 0.0  # class folders: or this seeded share of each class's images becomes val
+
+    # class folders
+    val_source: str = ""  # the val images, as class folders too
+    val_fraction: float = 0.0  # or this seeded share of each class's images becomes val
+
+    # checking
+    verify: str = ""  # re-hash and re-count the shards of this folder against its manifest, and exit
+
+    # run
+    workers: int = 0  # packing processes; 0 = one per CPU core, up to 8
+    progress: bool = True  # a progress bar on a terminal
 
     def validate(self) -> None:
+        if self.source and self.verify:
+            raise ConfigError("give either SOURCE or --verify DIR, not both")
+        if not self.source and not self.verify:
+            raise ConfigError("SOURCE is required (or --verify DIR)")
         for name, least in (("shard_size", 1), ("workers", 0), ("seed", 0)):
             at_least(name, getattr(self, name), least)
 
@@ -355,7 +370,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
     `source` is Tiny ImageNet (zip or folder), class folders (with `val_source` or `val_fraction`, split by `seed`)
     or a folder of images (ranking.data.archive.open_archive).
     """
-    ShardsConfig(str(out), shard_size, workers, seed).validate()
+    ShardsConfig(source=str(source), out=str(out), shard_size=shard_size, workers=workers, seed=seed).validate()
     out = Path(out)
     with open_archive(source, val_source, val_fraction, seed) as archive, contextlib.ExitStack() as held:
         plans = plan_shards(archive, shard_size, seed)
@@ -483,23 +498,13 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="ranking shards", description=__doc__.splitlines()[0])
-    parser.add_argument("source", nargs="?", help="tiny-imagenet-200.zip or its extracted folder, a folder of class "
-                        "folders of images (ImageFolder), or a folder of unlabelled images (a gallery: the test split)")
-    parser.add_argument("--verify", metavar="DIR", help="re-hash the shards of DIR against its manifest and exit")
-    add_dataclass_flags(parser, ShardsConfig)
-    args = parser.parse_args(argv)
-    if args.verify:
-        if args.source:
-            parser.error("give either SOURCE or --verify DIR, not both")
-        manifest = verify_shards(args.verify)
-        print(f"{args.verify}: OK, {summary(manifest)}")
+    config = parse(ShardsConfig, argv, "ranking shards", __doc__.splitlines()[0])
+    if config.verify:
+        manifest = verify_shards(config.verify)
+        print(f"{config.verify}: OK, {summary(manifest)}")
         return 0
-    if not args.source:
-        parser.error("SOURCE is required (or --verify DIR)")
-    config = build(ShardsConfig, None, {k: v for k, v in vars(args).items() if k not in ("source", "verify")})
-    out = config.out or str(Path("shards") / Path(args.source).name.removesuffix(".zip"))
-    manifest = write_shards(args.source, out, config.shard_size, config.workers, config.seed, config.progress,
+    out = config.out or str(Path("shards") / Path(config.source).name.removesuffix(".zip"))
+    manifest = write_shards(config.source, out, config.shard_size, config.workers, config.seed, config.progress,
                             config.overwrite, config.val_source or None, config.val_fraction)
     print(f"{out}: {summary(manifest)}")
     return 0

@@ -21,9 +21,9 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ranking.core.config import at_least, parse
 from ranking.core.errors import ConfigError
 from ranking.core.files import write_atomically
+from ranking.core.flags import at_least, parse
 
 ROOT = "tiny-imagenet-200"
 SIZE = 64
@@ -39,12 +39,13 @@ FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # zip timestamps, for byte-identical archive
 
 @dataclass
 class SynthConfig:
+    # the archive
     out: str = "synth.zip"  # the zip to write
-    classes: int = 10
-    train_per_class: int = 300
-    val_per_class: int = 30
+    classes: int = 10  # each a combination of shape, colour and texture (2 to 252)
+    train_per_class: int = 300  # labelled train images of each class
+    val_per_class: int = 30  # labelled val images of each class
     test_count: int = 100  # unlabelled test images
-    seed: int = 0
+    seed: int = 0  # the same seed and sizes give the same bytes
 
     def validate(self) -> None:
         if not 2 <= self.classes <= MAX_CLASSES:
@@ -233,7 +234,7 @@ def write_synthetic_archive(path: str | os.PathLike, classes: int = 6, train_per
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse(SynthConfig, argv, prog="ranking synth", description=__doc__.splitlines()[0])
+    config = parse(SynthConfig, argv, "ranking synth", __doc__.splitlines()[0])
     path = write_synthetic_archive(config.out, config.classes, config.train_per_class, config.val_per_class,
                                    config.test_count, config.seed)
     images = config.classes * (config.train_per_class + config.val_per_class) + config.test_count

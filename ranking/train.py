@@ -27,7 +27,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ranking import cli
-from ranking.core import config, distributed
+from ranking.core import distributed, flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.logs import setup_logging
@@ -47,7 +47,7 @@ log = logging.getLogger("ranking.train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
+    cfg = flags.parse(TrainConfig, argv, "ranking train", "train the deep-ranking embedding")
     chosen = resolve_precision(cfg.mixed_precision)
     # config.yaml and W&B record the precision that ran; $WANDB_RUN_ID in --run-dir gives each sweep run its own
     cfg = dataclasses.replace(cfg, mixed_precision=chosen.value, run_dir=expand_run_dir(cfg.run_dir))

@@ -1,13 +1,18 @@
-"""Shared fixtures: a small synthetic archive and its shards, built once per test session, and the real mini zip."""
+"""Shared fixtures (a small synthetic archive and its shards, built once per test session; the real mini zip) and
+the test tiers: every test that starts a process is marked `system` at collection (`pytest -m "not system"` is the
+fast lane), and a guard fails any other test that starts one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 
-from harness import SHARED
+from harness import SYSTEM, ProcessGuard, process_start_of, shared_file
+
+pytest_plugins = ["pytester"]  # tests/test_harness.py collects planted test modules in this process
 
 # Tests are CPU-only and share two cores: keep every process to one intra-op thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -17,11 +22,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture(scope="session")
 def mini_zip() -> Path:
-    """The real 10-class subset in the official layout; CI must have ../shared beside the clone."""
-    path = SHARED / "data" / "tiny-imagenet-mini.zip"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: tests need ../shared/data beside the repository")
-    return path
+    """The real 10-class subset in the official layout; skipped without ../shared, a failure under CI."""
+    return shared_file("data/tiny-imagenet-mini.zip")
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +53,41 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# test tiers
+
+GUARD = ProcessGuard()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `system` every test whose code, helpers or fixtures visibly start a process."""
+    for item in items:
+        if not item.get_closest_marker(SYSTEM) and process_start_of(item):
+            item.add_marker(SYSTEM)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    GUARD.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    GUARD.uninstall()
+
+
+def guarded(item: pytest.Item) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if item.get_closest_marker(SYSTEM) else GUARD.refusing(item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with guarded(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with guarded(item):
+        return (yield)

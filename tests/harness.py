@@ -1,31 +1,276 @@
-"""What the tests share: paths, a launcher of real gloo ranks, the smoke run's flags, readers of a run's files and of
-W&B's offline records, and small real-image fixtures' builders. Test modules import from here, never from each
-other; conftest.py holds the pytest fixtures."""
+"""What the tests share: paths, the shared data's rule, the test tiers (which tests start processes, and the guard
+that keeps the fast lane free of them), a launcher of real gloo ranks, an in-process CLI refusal, the smoke run's
+flags, readers of a run's files and of W&B's offline records, and small real-image fixtures' builders. Test modules
+import from here, never from each other; conftest.py holds the pytest fixtures and hooks."""
 
 from __future__ import annotations
 
+import _posixsubprocess
+import ast
+import builtins
+import contextlib
+import inspect
 import io
 import json
+import multiprocessing.process
 import os
 import socket
 import struct
 import subprocess
 import sys
 import tarfile
+import textwrap
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
-from ranking.core import config
+from ranking.core import config, flags
 from ranking.folders.shardformat import shard_paths
 from ranking.learning.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+TESTS = REPO / "tests"
+# ../shared beside the clone (the real data, the test Slurm); RANKING_SHARED points elsewhere, e.g. at a missing
+# folder to see what an outside contributor without it sees
+SHARED = Path(os.environ.get("RANKING_SHARED") or REPO.parent / "shared")
 SMOKE = REPO / "configs" / "smoke.yaml"  # a random-init ResNet-18: the defaults' pretrained Lite0 is too slow here
 PER_CLASS = 6  # of the mini zip's 10 classes x 20 train images
+
+
+def shared_file(relative: str) -> Path:
+    """A file of ../shared (the real data, the test Slurm), or a one-line skip naming it where it is absent: an
+    outside contributor has no ../shared. Under CI (CI=true) its absence fails the test instead, so a CI that lost
+    ../shared cannot pass by skipping what it exists to check."""
+    path = SHARED / relative
+    if path.exists():
+        return path
+    message = f"{path} is missing: this test needs ../shared beside the repository (or RANKING_SHARED naming it)"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message}; CI must have it", pytrace=False)
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# test tiers: a test that starts a process is `system`; `pytest -m "not system"` is the fast lane
+
+SYSTEM = "system"
+
+
+def qualified_name(obj: object) -> str:
+    """``subprocess.run``, ``posix.system``, ``multiprocessing.context.BaseContext.Pool``: what a callable is,
+    whichever name a test reached it by."""
+    return f"{getattr(obj, '__module__', None) or ''}.{getattr(obj, '__qualname__', None) or ''}"
+
+
+def _process_starters() -> frozenset[str]:
+    import asyncio
+    import concurrent.futures
+    import multiprocessing
+    import multiprocessing.pool
+
+    import torch.multiprocessing
+
+    starters: list[object] = [
+        subprocess.Popen, subprocess.run, subprocess.call, subprocess.check_call, subprocess.check_output,
+        subprocess.getoutput, subprocess.getstatusoutput, os.system, os.popen, os.fork, os.forkpty, os.posix_spawn,
+        os.posix_spawnp, os.spawnv, os.spawnve, os.spawnvp, os.spawnvpe, os.spawnl, os.spawnle, os.spawnlp,
+        os.spawnlpe, multiprocessing.Process, multiprocessing.Pool, multiprocessing.pool.Pool,
+        concurrent.futures.ProcessPoolExecutor, torch.multiprocessing.spawn, torch.multiprocessing.start_processes,
+        asyncio.create_subprocess_exec, asyncio.create_subprocess_shell]
+    starters += [multiprocessing.get_context(method).Process for method in multiprocessing.get_all_start_methods()]
+    return frozenset(map(qualified_name, starters))
+
+
+PROCESS_STARTERS = _process_starters()
+_OUTSIDE_TEST_CODE = tuple(str(p) for p in {REPO / "ranking", REPO / "jobs", Path(sys.prefix), Path(sys.base_prefix),
+                                            Path(os.__file__).parent})
+_verdicts: dict[Callable, str | None] = {}  # per function, not per code: closures differ in their cells
+
+
+def _is_test_code(function: object) -> bool:
+    """A function of the tests themselves (a test module, harness, a planted example), not of the package, the
+    standard library or an installed one: the static check reads into these and no further."""
+    filename = getattr(getattr(function, "__code__", None), "co_filename", "")
+    return inspect.isfunction(function) and filename.endswith(".py") and not filename.startswith(_OUTSIDE_TEST_CODE)
+
+
+def _local_imports(tree: ast.AST) -> dict[str, tuple[str, str | None]]:
+    """Names bound by ``import x`` / ``from x import y`` inside the function: name -> (module, attribute)."""
+    found: dict[str, tuple[str, str | None]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                found[alias.asname or alias.name.split(".")[0]] = (alias.name if alias.asname else
+                                                                   alias.name.split(".")[0], None)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                found[alias.asname or alias.name] = (node.module, alias.name)
+    return found
+
+
+def _imported(module: str, attribute: str | None) -> object:
+    """What a local import names, if its module is loaded already. Nothing is imported here: every module that holds
+    a way to start a process, and the harness, are loaded by now, so a module that is not cannot lead to one."""
+    imported = sys.modules.get(module)
+    if imported is None or attribute is None:
+        return imported
+    return getattr(imported, attribute, None) or sys.modules.get(f"{module}.{attribute}")
+
+
+def _resolve(node: ast.expr, function: Callable, imports: dict[str, tuple[str, str | None]]) -> object:
+    """The object a call's target names (``launch``, ``subprocess.run``, ``mp.start_processes``), looked up the way
+    the function would at run time: its own imports, its closure, its module, the builtins; None when the target is
+    computed (``ctx.Process``) or not found."""
+    if isinstance(node, ast.Name):
+        if node.id in imports:
+            return _imported(*imports[node.id])
+        code = function.__code__
+        for name, cell in zip(code.co_freevars, getattr(function, "__closure__", None) or ()):
+            if name == node.id:
+                with contextlib.suppress(ValueError):  # an empty cell
+                    return cell.cell_contents
+                return None
+        namespace = getattr(function, "__globals__", {})
+        if node.id in namespace:
+            return namespace[node.id]
+        return getattr(builtins, node.id, None)
+    if isinstance(node, ast.Attribute):
+        owner = _resolve(node.value, function, imports)
+        if inspect.ismodule(owner) or inspect.isclass(owner):  # nothing else is safe to getattr on
+            return getattr(owner, node.attr, None)
+    return None
+
+
+def process_start(function: Callable) -> str | None:
+    """How ``function`` starts a process, as the chain of calls that leads there ("run_evaluate -> subprocess.run"),
+    or None when neither its source nor that of the test helpers it calls does. It reads test code only (see
+    _is_test_code): a process the package starts (the shards' worker pool, W&B's service) is for the explicit
+    ``@pytest.mark.system`` and the run-time guard to catch."""
+    function = inspect.unwrap(function)
+    if not hasattr(function, "__code__"):
+        return None
+    if function in _verdicts:
+        return _verdicts[function]
+    _verdicts[function] = None  # while reading it: a recursive helper adds nothing
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):  # no source to read (a builtin, a lambda in an odd place)
+        return None
+    if isinstance(definition := tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
+        tree = ast.Module(body=definition.body, type_ignores=[])  # decorators and defaults ran at import time
+    imports = _local_imports(tree)
+    verdict = None
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        target = _resolve(node.func, function, imports)
+        if target is None:
+            continue
+        if qualified_name(target) in PROCESS_STARTERS:
+            verdict = ast.unparse(node.func)
+        elif _is_test_code(target) and (inner := process_start(target)):
+            verdict = f"{ast.unparse(node.func)} -> {inner}"
+        if verdict:
+            break
+    _verdicts[function] = verdict
+    return verdict
+
+
+def process_start_of(item: pytest.Item) -> str | None:
+    """How a collected test starts a process: through its own code, or through a fixture it requests, directly or
+    through other fixtures ("fixture finished_run: train -> subprocess.run")."""
+    function = getattr(item, "obj", None)
+    if function is not None and (found := process_start(function)):
+        return found
+    fixture_info = getattr(item, "_fixtureinfo", None)  # pytest keeps the resolved fixtures (transitive) here
+    for name in getattr(item, "fixturenames", ()):
+        for definition in (fixture_info.name2fixturedefs.get(name, ()) if fixture_info else ()):
+            if (found := process_start(definition.func)):
+                return f"fixture {name}: {found}"
+    return None
+
+
+class ProcessGuard:
+    """Refuses to start a process while a test outside the system tier runs, so the marking cannot rot: such a test
+    fails at the call that would have started it (its traceback shows where), naming the test and the command.
+
+    ``install`` wraps every way a process starts in Python: ``subprocess.Popen`` (run, check_output, os.popen and
+    asyncio's subprocesses go through it), a multiprocessing ``Process.start`` (pools, torch's spawn, DataLoader
+    workers), the raw ``os.fork`` / ``os.system`` / ``os.posix_spawn``, and ``_posixsubprocess.fork_exec`` beneath
+    subprocess and multiprocessing's own helper processes."""
+
+    def __init__(self) -> None:
+        self.refusing_for: str | None = None
+        self.started: list[str] = []
+        self._installed: list[tuple[object, str, object]] = []
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._wrap(subprocess.Popen, "__init__", lambda popen, args, *_, **__: "subprocess: " + (
+            " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)))
+        self._wrap(multiprocessing.process.BaseProcess, "start",
+                   lambda process: f"multiprocessing: {type(process).__name__} {process.name}")
+        for name in ("fork", "forkpty", "system", "posix_spawn", "posix_spawnp"):
+            self._wrap(os, name, lambda *args, _name=name, **__: " ".join([f"os.{_name}", *map(str, args[:1])]))
+        # beneath them all, what multiprocessing starts its helpers with (the resource tracker, the fork server)
+        self._wrap(_posixsubprocess, "fork_exec", lambda args, *_, **__: "fork_exec: " + " ".join(
+            os.fsdecode(a) for a in args or ()))
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._installed):
+            setattr(owner, name, original)
+        self._installed.clear()
+
+    def _wrap(self, owner: object, name: str, describe: Callable[..., str]) -> None:
+        original = getattr(owner, name)
+
+        def guarded(*args, **kwargs):
+            if self.refusing_for is not None:
+                self.refuse(describe(*args, **kwargs)[:300])
+            return original(*args, **kwargs)
+
+        guarded.__wrapped__ = original
+        self._installed.append((owner, name, original))
+        setattr(owner, name, guarded)
+
+    def refuse(self, what: str) -> None:
+        self.started.append(what)
+        pytest.fail(self.complaint(self.refusing_for or "", what))
+
+    @staticmethod
+    def complaint(test: str, what: str) -> str:
+        return (f"{test} started a process ({what}) but is not marked {SYSTEM}: add @pytest.mark.{SYSTEM}, or check "
+                f"it without a process")
+
+    @contextlib.contextmanager
+    def refusing(self, test: str) -> Iterator[None]:
+        """While the block runs, starting a process fails ``test``; a refusal that something caught and swallowed
+        on its way up fails it at the end of the block."""
+        self.refusing_for, self.started = test, []
+        try:
+            yield
+        finally:
+            self.refusing_for = None
+        if self.started:
+            pytest.fail(self.complaint(test, self.started[0]), pytrace=False)
+
+
+def cli_refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """``ranking ARGV`` run in this process the way the command line runs it (``ranking.cli.main``): assert that it
+    refused with exit status 2 and one line on stderr, and return that line. A refusal needs no process; a few tests
+    run the real command to show its line and exit status."""
+    from ranking import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(list(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1, (done.value.code, lines)
+    return lines[0]
 
 
 def launch(args: list[str], processes: int = 2, timeout: float = 240, script: str | None = None,
@@ -114,11 +359,11 @@ def wandb_history_and_config(run_folder: Path) -> tuple[list[dict], dict]:
 
 def write_smoke_run(run_dir: Path, shards: str, **overrides) -> Path:
     """A run folder with a random-init smoke network at step 5 (what `ranking train` leaves, without training)."""
-    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
+    train_config = flags.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
                                                                  "wandb": False, **overrides})
     checkpoint = run_dir / "checkpoints" / "step-0000005"
     checkpoint.mkdir(parents=True)
-    config.save(train_config, run_dir / "config.yaml")
+    flags.save(train_config, run_dir / "config.yaml")
     torch.manual_seed(sum(map(ord, str(run_dir))) % 1000)
     model = build_model(train_config).eval()
     torch.save({"model": model.state_dict(), "step": 5, "wandb_run_id": "x"}, checkpoint / "state.pt")

@@ -1,16 +1,21 @@
-"""Checkpoints: atomic folders, rotation, the `latest` link, RNG round trips, load_model and its errors."""
+"""Checkpoints: atomic folders, rotation, the `latest` link, RNG round trips, load_model and its errors; the folder
+publisher and link replacement they (and index folders) are written with."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from harness import SMOKE
-from ranking.core import config
+from ranking.core import files, flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.folders import checkpoint, runfolder
@@ -84,8 +89,8 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
 
 
 def write_run(run_dir, step: int) -> tuple[torch.nn.Module, TrainConfig]:
-    cfg = config.build(TrainConfig, str(SMOKE), {"embed_dim": 8, "run_dir": str(run_dir)})
-    config.save(cfg, run_dir / "config.yaml")
+    cfg = flags.build(TrainConfig, str(SMOKE), {"embed_dim": 8, "run_dir": str(run_dir)})
+    flags.save(cfg, run_dir / "config.yaml")
     model = build_model(cfg)
     with torch.no_grad():
         model.head.bias.fill_(0.5)  # not the initialisation: the loaded weights must be these
@@ -126,7 +131,57 @@ def test_corrupt_or_missing_checkpoints_are_one_line_errors(tmp_path):
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     write_run(tmp_path, step=3)
-    cfg = config.build(TrainConfig, str(tmp_path / "config.yaml"), {"embed_dim": 16})
-    config.save(cfg, tmp_path / "config.yaml")
+    cfg = flags.build(TrainConfig, str(tmp_path / "config.yaml"), {"embed_dim": 16})
+    flags.save(cfg, tmp_path / "config.yaml")
     with pytest.raises(RankingError, match="do not fit the model"):
         load_trained(tmp_path)
+
+
+# ------------------------------------------------------------------------------- publishing a folder (core/files)
+
+
+def filled(folder, text: str):
+    folder.mkdir()
+    (folder / "marker").write_text(text)
+    return folder
+
+
+def test_a_published_folder_replaces_the_old_one_and_readers_never_find_it_missing(tmp_path):
+    """A reader in another process opens FINAL/marker in a loop while FINAL is replaced 200 times: it always finds
+    the old folder or the new one, never neither, and nothing is left beside FINAL."""
+    final = tmp_path / "index"
+    files.publish_folder(filled(tmp_path / ".index.tmp", "0"), final)
+    reader = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+found, missing, end = set(), 0, time.time() + 60
+while time.time() < end and "199" not in found:
+    try:
+        found.add(open({str(final / "marker")!r}).read())
+    except FileNotFoundError:
+        missing += 1
+print(len(found), missing)
+"""], stdout=subprocess.PIPE, text=True)
+    for n in range(1, 200):
+        files.publish_folder(filled(tmp_path / ".index.tmp", str(n)), final)
+        time.sleep(0.005)
+    seen, missing = map(int, reader.communicate(timeout=120)[0].split())
+    assert seen > 1 and missing == 0
+    assert (final / "marker").read_text() == "199" and [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_without_an_exchange_the_old_folder_is_put_back_if_the_rename_fails(tmp_path):
+    final = filled(tmp_path / "index", "old")
+    with pytest.raises(FileNotFoundError):
+        files.replace_by_renames(tmp_path / ".index.tmp-gone", final)
+    assert (final / "marker").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["index"]
+    files.replace_by_renames(filled(tmp_path / ".index.tmp", "new"), final)
+    assert (final / "marker").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_a_link_is_repointed_in_one_step(tmp_path):
+    for name in ("step-1", "step-2"):
+        filled(tmp_path / name, name)
+    files.replace_link(tmp_path / "latest", "step-1")
+    files.replace_link(tmp_path / "latest", "step-2")
+    assert os.readlink(tmp_path / "latest") == "step-2" and (tmp_path / "latest" / "marker").read_text() == "step-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1", "step-2"]

@@ -76,14 +76,14 @@ def test_gather_keeps_every_id_exactly_once_over_3_ranks():
 @pytest.fixture(scope="module")
 def tiny_run(synth_shards, tmp_path_factory) -> Path:
     """A run folder per the checkpoint contract, holding a randomly initialised small model."""
-    from ranking.core import config
+    from ranking.core import flags
     from ranking.core.config import TrainConfig
     from ranking.learning import models
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    train_cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "run_dir": str(run),
+    train_cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "run_dir": str(run),
                                                         "wandb": False})
-    config.save(train_cfg, run / "config.yaml")
+    flags.save(train_cfg, run / "config.yaml")
     torch.manual_seed(0)
     model = models.build_model(train_cfg)
     step_dir = run / "checkpoints" / "step-0000007"

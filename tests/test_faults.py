@@ -26,7 +26,7 @@ from PIL import Image
 
 from harness import SMOKE, launch, metrics, rank_steps, train_flags
 from ranking import cli, search
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.data import stream
@@ -120,7 +120,7 @@ def latest_step(run_dir: Path) -> int:
 ])
 def test_out_of_range_training_values_are_refused_by_the_config(override, message):
     with pytest.raises(ConfigError) as error:
-        config.build(TrainConfig, str(SMOKE), override)
+        flags.build(TrainConfig, str(SMOKE), override)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -155,7 +155,7 @@ def test_a_sampler_that_can_never_form_a_batch_is_refused_before_training(case, 
     shards, extra = {"too-many-per-class": (synth_shards, {"samples_per_class": 41}),
                      "single-image-batch": (one_image_per_class, {"classes_per_batch": 2, "samples_per_class": 2}),
                      "single-image-paper": (one_image_per_class, {"sampler": "paper"})}[case]
-    cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(tmp_path / "run"),
+    cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(tmp_path / "run"),
                                                  "workers": 0, "classes_per_batch": 3, "samples_per_class": 4,
                                                  **extra})
     with pytest.raises(RankingError) as error:
@@ -465,7 +465,7 @@ def test_the_trainer_resumes_past_a_damaged_checkpoint_and_a_torn_log(synth_shar
 
 
 def write_run(run_dir: Path, shards: Path, embed_dim: int, seed: int) -> Path:
-    cfg = config.build(TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": str(shards), "wandb": False,
+    cfg = flags.build(TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": str(shards), "wandb": False,
                                                  "embed_dim": embed_dim})
     runfolder.write_config(cfg, run_dir)
     torch.manual_seed(seed)

@@ -223,7 +223,7 @@ def test_shards_of_another_source_are_refused_and_kept(synth_zip, other_zip, tmp
     assert tree(out) == before  # nothing deleted, nothing written
     verify_shards(out)
 
-    assert main([str(other_zip), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert main([str(other_zip), "--out", str(out), "--overwrite", "--workers", "1", "--no-progress"]) == 0
     manifest = verify_shards(out)
     assert manifest["source"] == "other.zip" and manifest["splits"]["train"]["count"] == 30
     assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]

@@ -58,6 +58,7 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
     return sum(ImageStat.Stat(ImageChops.difference(a.convert("RGB"), b.convert("RGB"))).mean) / 3
 
 
+@pytest.mark.system  # a pool of packing processes, each reopening the folder
 def test_class_folders_become_labelled_shards(tree, tmp_path):
     root, written = tree
     out = tmp_path / "shards"
@@ -127,7 +128,7 @@ def test_separate_val_folder(tree, mini_zip, tmp_path):
             (val_root / wnid / "v.JPEG").write_bytes(z.read(name))
     out = tmp_path / "shards"
     assert main([str(root), "--out", str(out), "--val-source", str(val_root), "--shard-size", "40",
-                 "--no-progress"]) == 0
+                 "--workers", "1", "--no-progress"]) == 0
     manifest = load_manifest(out)
     assert [manifest["splits"][s]["count"] for s in SPLITS] == [63, 3, 0]
     val = [json.loads(s["json"]) for s in read_split(out, "val")]
@@ -202,7 +203,7 @@ def test_empty_folder_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("where", ["listing", "packing"])
+@pytest.mark.parametrize("where", ["listing", pytest.param("packing", marks=pytest.mark.system)])  # packing: a pool
 def test_unreadable_image_is_one_line_naming_the_file(where, tree, tmp_path):
     _, written = tree
     copy = tmp_path / "copy"

@@ -28,6 +28,16 @@ from ranking.shards import write_shards
 ODD = ("odd.png", "cmyk.jpg", "gray.jpeg")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_precision():
+    """These tests compare embeddings exactly (a photo finds itself at distance ~0, as `ranking search` embeds queries
+    in fp32; one process equals two ranks), so the index runs in fp32 wherever the device would pick bf16, set the
+    Accelerate way; test_precision.py checks that the index follows the precision rule."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        yield
+
+
 @pytest.fixture(scope="module")
 def data(mini_zip, tmp_path_factory) -> dict:
     """A class-folder tree (10 classes x 4 photos, the odd images in the first class), a flat folder (3 classes' photos

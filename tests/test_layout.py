@@ -15,7 +15,7 @@ import pytest
 from ranking.core import config
 from ranking.data import sampling
 from ranking.learning import losses, miners, models, optim
-from ranking.retrieval import metrics
+from ranking.retrieval import inference, metrics
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ranking"
 # lowest first: a module may import its own layer and the ones before it (DESIGN.md, "Modules")
@@ -78,6 +78,26 @@ def test_every_module_has_a_place():
             assert parts[0] in LAYERS and len(parts) == 2, f"{path}: not in one of the layers {LAYERS}"
 
 
+def missing_modules(path: Path) -> list[str]:
+    """The ``ranking`` modules a file imports that do not exist (an import a move forgot)."""
+    missing = []
+    for module in sorted(imported_modules(path)):
+        parts = module.split(".")
+        if parts[1] in LAYERS:
+            if len(parts) > 2 and not (PACKAGE / parts[1] / f"{parts[2]}.py").is_file():
+                missing.append(module)
+        elif parts[1] not in STAGES | ENTRY | {"__version__"}:
+            missing.append(module)
+    return missing
+
+
+@pytest.mark.parametrize("path", sorted(p for folder in ("ranking", "jobs", "tests", "bench")
+                                        for p in (PACKAGE.parent / folder).rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_every_import_of_ranking_names_a_module_that_exists(path: Path):
+    assert not missing_modules(path), f"{path}: imports {missing_modules(path)}"
+
+
 def test_the_stages_are_the_cli_subcommands():
     from ranking.cli import SUBCOMMANDS
 
@@ -126,6 +146,7 @@ def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
     (optim.SCHEDULES, config.ScheduleName),
     (sampling.SAMPLERS, config.SamplerName),
     (metrics.PER_QUERY, config.ValMetric),
-], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics"])
+    (inference.EXPORT_FORMATS, config.ExportFormat),
+], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics", "export formats"])
 def test_each_registry_matches_its_literal(registry, choice_type):
     assert set(registry) == set(typing.get_args(choice_type))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import launch, train_flags
-from ranking.core import config, precision
+from harness import launch, train_flags, write_smoke_run
+from ranking.core import flags, precision
 from ranking.core.config import TrainConfig
 
 FROM_ACCELERATE = "(Accelerate: accelerate launch's flag or config file, or ACCELERATE_MIXED_PRECISION)"
@@ -51,9 +51,9 @@ def test_the_default_is_unset_in_the_config_and_a_file_can_set_it(tmp_path):
     assert TrainConfig().mixed_precision is None
     path = tmp_path / "fp16.yaml"
     path.write_text("mixed_precision: fp16\n")
-    assert config.build(TrainConfig, path).mixed_precision == "fp16"
+    assert flags.build(TrainConfig, path).mixed_precision == "fp16"
     path.write_text("mixed_precision: null\n")
-    assert config.build(TrainConfig, path).mixed_precision is None
+    assert flags.build(TrainConfig, path).mixed_precision is None
 
 
 def precision_flags(shards: Path, run_dir: Path) -> list[str]:
@@ -65,7 +65,7 @@ def precision_flags(shards: Path, run_dir: Path) -> list[str]:
 
 
 def logged_precision(run_dir: Path) -> str:
-    return config.build(TrainConfig, run_dir / "config.yaml").mixed_precision or ""
+    return flags.build(TrainConfig, run_dir / "config.yaml").mixed_precision or ""
 
 
 def test_accelerate_launch_flag_reaches_the_trainer_and_plain_log_lines_replace_the_bar(synth_shards, tmp_path):
@@ -103,3 +103,27 @@ def test_the_environment_reaches_a_single_process_trainer(synth_shards, tmp_path
                           env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert logged_precision(run_dir) == "no" and f"mixed precision no {FROM_ACCELERATE}" in done.stderr
+
+
+def test_the_index_follows_the_same_rule(synth_shards, tmp_path, clean_env, capsys):
+    """`ranking index` has no rule of its own: its flag, else Accelerate's setting, else the device's best; fp16
+    becomes bf16 on the CPU, as for evaluation. Its last line says which precision ran and why."""
+    from accelerate.state import AcceleratorState
+
+    from ranking import index
+
+    run = write_smoke_run(tmp_path / "run", str(synth_shards), image_size=32, embed_dim=8)
+
+    def indexed(*argv: str) -> str:
+        out = tmp_path / f"index-{len(list(tmp_path.iterdir()))}"
+        assert index.main(["--checkpoint", str(run), "--images", str(synth_shards), "--split", "val", "--out",
+                           str(out), *argv]) == 0
+        AcceleratorState._reset_state(reset_partial_state=True)  # each index is a process of its own
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    device = precision.device_default()
+    assert f"mixed precision {device.value} ({device.source})" in indexed()
+    assert "mixed precision no (--mixed-precision)" in indexed("--mixed-precision", "no")
+    clean_env.setenv(precision.ENV, "fp16")
+    assert (f"mixed precision bf16 {FROM_ACCELERATE[:-1]}; fp16 needs a GPU, bf16 on the CPU instead)"
+            in indexed())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from harness import launch, train_flags
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.learning.models import build_model, set_train_mode
@@ -116,11 +116,11 @@ def test_time_limit_stops_every_rank_at_the_same_step_with_a_checkpoint(synth_sh
 
 def test_step_time_comes_from_the_calibration_runs_last_interval(tmp_path):
     bench = load_bench()
-    config.save(TrainConfig(sampler="batch", classes_per_batch=4, samples_per_class=4), tmp_path / "config.yaml")
+    flags.save(TrainConfig(sampler="batch", classes_per_batch=4, samples_per_class=4), tmp_path / "config.yaml")
     records = [{"step": 6, "triplets_per_s": 1.0}, {"step": 12, "triplets_per_s": 8.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert bench.seconds_per_step(tmp_path) == 2.0  # 16 mined images per step at 8 per second
-    config.save(TrainConfig(sampler="paper", triplets_per_batch=32, neg_per_query=2), tmp_path / "config.yaml")
+    flags.save(TrainConfig(sampler="paper", triplets_per_batch=32, neg_per_query=2), tmp_path / "config.yaml")
     assert bench.seconds_per_step(tmp_path) == 8.0  # 64 triplets per step
 
 
@@ -143,10 +143,10 @@ def test_results_merge_by_recipe_and_tabulate_in_recipe_order(tmp_path):
 def test_an_images_budget_gives_each_recipe_the_same_images():
     """--images N: N / images per step steps; the large-batch recipe takes a quarter of the default's steps."""
     bench = load_bench()
-    default, gpu = (config.build(TrainConfig, str(bench.CONFIGS[name])) for name in ("best", "gpu"))
+    default, gpu = (flags.build(TrainConfig, str(bench.CONFIGS[name])) for name in ("best", "gpu"))
     assert bench.images_per_step(default) == 64 and bench.images_per_step(gpu) >= 256
     assert bench.images_per_step(gpu) * gpu.steps == bench.images_per_step(default) * default.steps
     assert gpu.warmup_steps * bench.images_per_step(gpu) == pytest.approx(
         default.warmup_steps * bench.images_per_step(default), rel=0.1)  # warm-up in images
-    seeds = config.build(TrainConfig, str(bench.CONFIGS["seed"]))
+    seeds = flags.build(TrainConfig, str(bench.CONFIGS["seed"]))
     assert bench.images_per_step(seeds) == 32 * 3  # a query, a positive and a negative row per triplet

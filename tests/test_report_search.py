@@ -19,7 +19,7 @@ from PIL import Image
 
 from harness import SMOKE, shard_samples
 from ranking import cli, report, search
-from ranking.core import config
+from ranking.core import config, flags
 from ranking.core.errors import RankingError
 from ranking.folders import shardformat
 from ranking.reporting import grids
@@ -62,7 +62,7 @@ def write_eval_dir(eval_dir: Path, run_dir: Path, shards: Path, gallery: dict, q
 def write_run_dir(run_dir: Path, train_config: config.TrainConfig, state: dict) -> Path:
     checkpoint = run_dir / "checkpoints" / f"step-{STEP:07d}"
     checkpoint.mkdir(parents=True)
-    config.save(train_config, run_dir / "config.yaml")
+    flags.save(train_config, run_dir / "config.yaml")
     torch.save({"step": STEP, "wandb_run_id": RUN_ID, **state}, checkpoint / "state.pt")
     os.symlink(checkpoint.name, run_dir / "checkpoints" / "latest")
     with open(run_dir / "metrics.jsonl", "w") as f:
@@ -76,22 +76,26 @@ def write_run_dir(run_dir: Path, train_config: config.TrainConfig, state: dict) 
 # report
 
 
-@pytest.fixture(scope="module")
-def reported(synth_shards, tmp_path_factory):
+def write_report(root: Path, shards: Path, *flags: str) -> dict:
     """A run + evaluation folder with structured embeddings, and the report's output on them."""
-    root = tmp_path_factory.mktemp("report")
-    train, val = shard_samples(synth_shards, "train"), shard_samples(synth_shards, "val")
+    train, val = shard_samples(shards, "train"), shard_samples(shards, "val")
     gallery = split_set(train, lambda ids, labels: structured_embeddings(labels, 8, 0.6, seed=1))
     query = split_set(val, lambda ids, labels: structured_embeddings(labels, 8, 0.6, seed=2))
     run_dir = write_run_dir(root / "run", config.TrainConfig(run_dir=str(root / "run")), {})
-    eval_dir = write_eval_dir(run_dir / "eval", run_dir, synth_shards, gallery, query)
+    eval_dir = write_eval_dir(run_dir / "eval", run_dir, shards, gallery, query)
     output = io.StringIO()
     from contextlib import redirect_stdout
 
     with redirect_stdout(output):
-        assert report.main([str(run_dir)]) == 0  # finds run/eval on its own
+        assert report.main([str(run_dir), *flags]) == 0  # finds run/eval on its own
     return {"run": run_dir, "eval": eval_dir, "gallery": gallery, "query": query, "stdout": output.getvalue(),
             "eval_data": evalfolder.EvalIndex.load(eval_dir)}
+
+
+@pytest.fixture(scope="module")
+def reported(synth_shards, tmp_path_factory):
+    """The report without W&B, whose service is a process of its own; the W&B test writes its own report."""
+    return write_report(tmp_path_factory.mktemp("report"), synth_shards, "--no-wandb")
 
 
 def open_png(path: Path) -> Image.Image:
@@ -166,9 +170,11 @@ def test_the_table_has_the_numbers_of_metrics_json(reported):
         assert [float(c) for c in cells] == pytest.approx([100 * metrics["splits"][split][k] for k in keys], abs=0.006)
 
 
-def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(reported):
+@pytest.mark.system  # wandb.init starts W&B's service process
+def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(synth_shards, tmp_path):
     from harness import wandb_history_and_config, wandb_records
 
+    reported = write_report(tmp_path, synth_shards)
     assert not list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}")), \
         "the training run is not reopened from another process (offline segments sync lossily)"
     runs = list((reported["run"] / "wandb").glob("offline-run-*"))
@@ -222,7 +228,7 @@ def index(synth_shards, tmp_path_factory):
     from ranking.learning.models import build_model, input_normalization
 
     root = tmp_path_factory.mktemp("search")
-    train_config = config.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),
+    train_config = flags.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),
                                                                  "shards": str(synth_shards), "wandb": False})
     torch.manual_seed(0)
     model = build_model(train_config).eval()
@@ -297,17 +303,18 @@ def test_report_bounds_the_grids(flags, message, tmp_path):
         report.main([str(tmp_path), *flags])
 
 
-def test_report_of_a_run_without_wandb_never_imports_it(tmp_path):
-    """A --no-wandb run is reported where wandb is not installed (an import of it fails in this process)."""
-    import subprocess
+def test_report_of_a_run_without_wandb_never_imports_it(tmp_path, monkeypatch, capsys):
+    """A --no-wandb run is reported where wandb is not installed: with every wandb module None in sys.modules, any
+    `import wandb...` raises ImportError, also of a module an earlier test imported."""
     import sys
 
+    for name in [name for name in sys.modules if name == "wandb" or name.startswith("wandb.")] or ["wandb"]:
+        monkeypatch.setitem(sys.modules, name, None)
     run_dir = write_run_dir(tmp_path / "run", config.TrainConfig(wandb=False), {})
-    code = ("import sys; sys.modules['wandb'] = None  # as if not installed: `import wandb` raises ImportError\n"
-            f"from ranking import cli; cli.main(['report', {str(run_dir)!r}])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert f"wrote {run_dir / 'loss.png'}" in done.stdout
+    with pytest.raises(SystemExit) as done:
+        cli.main(["report", str(run_dir)])
+    assert done.value.code == 0, capsys.readouterr().err
+    assert f"wrote {run_dir / 'loss.png'}" in capsys.readouterr().out
 
 
 def test_report_reads_every_input_before_it_writes_a_picture(tmp_path):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from harness import launch, train_flags
-from ranking.core import config
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import LOCK, check_writable_folder, folder_lock
+from ranking.core.flags import parse
 from ranking.folders import runfolder
 from ranking.train import check_inputs
 
@@ -93,7 +93,7 @@ def test_overwrite_moves_the_old_run_aside(finished_run, synth_shards, tmp_path)
 
 
 def trainer_config(shards: Path, run_dir: Path, *flags: str) -> TrainConfig:
-    return config.parse(TrainConfig, tiny_flags(shards, run_dir) + list(flags), "ranking train", "")
+    return parse(TrainConfig, tiny_flags(shards, run_dir) + list(flags), "ranking train", "")
 
 
 def test_a_second_training_into_a_locked_run_folder_fails_at_once(synth_shards, tmp_path):

@@ -140,6 +140,7 @@ def test_build_batches_picks_the_sampler():
         build_batches(FakeStream(6), TrainConfig(sampler="paper", pos_per_query=4, buffer_per_class=4), 6, 0)
 
 
+@pytest.mark.system  # DataLoader worker processes
 def test_batches_work_in_dataloader_workers():
     sampler = PaperTripletSampler(FakeStream(6), 6, 4, 1, 1, buffer_per_class=4, seed=0)
     loader = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=2)

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from harness import REPO, SHARED, SMOKE
+from harness import REPO, SMOKE, shared_file
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 SLURM_TEST_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))
@@ -119,9 +119,7 @@ def test_extra_args_are_split_on_whitespace_and_never_expanded(tmp_path: Path) -
 @pytest.fixture(scope="session")
 def slurm() -> dict[str, str]:
     """Start the single-node test cluster; always stop it at the end of the session."""
-    start, stop = SHARED / "slurm" / "start-slurm.sh", SHARED / "slurm" / "stop-slurm.sh"
-    if not start.is_file():
-        pytest.fail(f"{start} is missing: tests need ../shared beside the repository")
+    start, stop = shared_file("slurm/start-slurm.sh"), shared_file("slurm/stop-slurm.sh")
     try:
         up = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=600)
         assert up.returncode == 0, f"start-slurm.sh failed:\n{up.stdout}\n{up.stderr}"

@@ -89,6 +89,7 @@ def test_train_samples_yield_transformed_images_labels_and_ids(tiny_shards):
     assert torch.allclose(gray[0], gray[1], atol=1e-5) and torch.allclose(gray[1], gray[2], atol=1e-5)
 
 
+@pytest.mark.system  # DataLoader worker processes
 def test_train_streams_split_over_workers_and_are_seeded(tiny_shards):
     def ids(seed: int) -> list[int]:
         stream = train_samples(str(tiny_shards), 16, MEAN, STD, shuffle_buffer=10, seed=seed)
@@ -111,6 +112,7 @@ def test_train_stream_differs_by_rank(tiny_shards, monkeypatch):
     assert ids(1) == ids(1)
 
 
+@pytest.mark.system  # DataLoader worker processes
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_eval_samples_cover_the_split_once_over_ranks(tiny_shards, world_size):
     seen = []
@@ -134,6 +136,7 @@ def test_eval_transform_is_deterministic_and_train_transform_is_not():
     assert train(image).shape == evaluate(image).shape == (3, 32, 32)
 
 
+@pytest.mark.system  # DataLoader worker processes
 @pytest.mark.parametrize("decode_in_batches", [True, False], ids=["records decoded per batch", "decoded samples"])
 @pytest.mark.parametrize("sampler", ["paper", "batch"])
 def test_batches_from_the_shard_stream_in_workers(tiny_shards, sampler, decode_in_batches):
@@ -168,6 +171,7 @@ def test_corrupt_jpeg_names_the_shard_and_sample(tmp_path):
         take(train_samples(str(shards), 16, MEAN, STD, shuffle_buffer=1, seed=0), 500)
 
 
+@pytest.mark.system  # DataLoader worker processes
 @pytest.mark.parametrize("sampler", ["paper", "batch"])
 def test_corrupt_jpeg_in_the_trainers_workers_names_the_shard_and_sample(tmp_path, sampler):
     """The trainer's path: DataLoader workers decode the records a batch uses to uint8 (augment.StoredDecoder)."""
@@ -188,6 +192,7 @@ def test_truncated_shard_is_named(tmp_path):
         take(eval_samples(str(shards), "val", 0, 1), 100)
 
 
+@pytest.mark.system  # DataLoader worker processes
 def test_real_shards_stream(synth_shards):
     """The shards `ranking shards` writes: labels agree with each sample's json, at the requested size."""
     manifest = json.loads((synth_shards / "manifest.json").read_text())

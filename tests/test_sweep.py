@@ -8,22 +8,22 @@ import pytest
 import yaml
 
 from harness import REPO
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.train import expand_run_dir
 
 
 def test_agent_style_flags_parse():
-    cfg = config.parse(TrainConfig, ["--trunk_lr_scale=0.3", "--pretrained=True", "--frozen_stages=2",
+    cfg = flags.parse(TrainConfig, ["--trunk_lr_scale=0.3", "--pretrained=True", "--frozen_stages=2",
                                      "--miner=hard", "--wandb=false", "--margin", "0.3", "--lr=2e-3"], "t", "")
     assert (cfg.trunk_lr_scale, cfg.pretrained, cfg.frozen_stages, cfg.miner, cfg.wandb, cfg.margin, cfg.lr) == \
         (0.3, True, 2, "hard", False, 0.3, 2e-3)
-    assert config.parse(TrainConfig, ["--normalize=FALSE", "--channels-last=1"], "t", "").normalize is False
+    assert flags.parse(TrainConfig, ["--normalize=FALSE", "--channels-last=1"], "t", "").normalize is False
     with pytest.raises(ConfigError, match="--pretrained takes true or false, got 'maybe'"):
-        config.parse(TrainConfig, ["--pretrained=maybe"], "t", "")
+        flags.parse(TrainConfig, ["--pretrained=maybe"], "t", "")
     with pytest.raises(ConfigError, match="unknown flag --trunk-lr-scal; did you mean --trunk-lr-scale"):
-        config.parse(TrainConfig, ["--trunk_lr_scal=0.1"], "t", "")
+        flags.parse(TrainConfig, ["--trunk_lr_scal=0.1"], "t", "")
 
 
 def test_the_sweep_file_names_real_knobs_with_valid_values():
@@ -32,7 +32,7 @@ def test_the_sweep_file_names_real_knobs_with_valid_values():
     for name, spec in sweep["parameters"].items():
         values = spec.get("values") or [spec["min"], spec["max"]]
         for value in values:  # each as the agent passes it
-            cfg = config.parse(TrainConfig, [f"--{name}={value}"], "t", "")
+            cfg = flags.parse(TrainConfig, [f"--{name}={value}"], "t", "")
             assert getattr(cfg, name) == (pytest.approx(value) if isinstance(value, float) else value), (name, value)
     command = sweep["command"]
     assert command[:5] == ["${env}", "accelerate", "launch", "-m", "ranking.train"] and command[-1] == "${args}"

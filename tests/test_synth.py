@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ranking.core.config import ConfigError
+from ranking.core.errors import ConfigError
 from ranking.data.archive import Archive
 from ranking.synth import class_style, main, write_synthetic_archive
 

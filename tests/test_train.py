@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from harness import SMOKE, launch, metrics, rank_steps, train_flags, wandb_history_and_config
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.data.sampling import Batch
 from ranking.learning import losses
@@ -40,12 +40,13 @@ def test_warmup_then_cosine_schedule():
     assert lr_factor(109, constant) == 1.0
 
 
+@pytest.mark.system  # DataLoader worker processes
 def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible(synth_shards, monkeypatch):
     """Workers ship uint8 at the stored size; the device side crops with a generator of (stream seeds, rank): the
     same seeds and rank give the same model input, as a resumed run that restarts from its step's seeds does."""
     from ranking.data.loader import DeviceAugment, stream_seeds, train_batches
 
-    cfg = config.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "workers": 2, "shuffle_buffer": 50,
+    cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "workers": 2, "shuffle_buffer": 50,
                                                  "classes_per_batch": 3, "samples_per_class": 4})
 
     def model_inputs(step: int, rank: int) -> list[Batch]:
@@ -142,7 +143,7 @@ def test_resume_continues_the_run_to_the_configured_step(stopped_run):
     assert f"resumed from {stopped_run.stopped_checkpoint} at step {stop_step}" in stopped_run.resumed.stderr
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # continuous, no duplicates
-    cfg = config.build(TrainConfig, str(run_dir / "config.yaml"))
+    cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
     for r in records:  # the schedule continues where it stopped instead of warming up again
         assert r["lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, cfg)), r
 

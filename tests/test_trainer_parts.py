@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch._utils import ExceptionWrapper
 
 from harness import SMOKE
-from ranking.core import config, distributed
+from ranking.core import distributed, flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.data.loader import BatchStall, BatchWatchdog, DeviceAugment, stream_seeds, train_batches
@@ -209,10 +209,10 @@ def test_a_workers_ranking_error_comes_back_as_its_one_line():
 
 
 def smoke_config(shards: Path, run_dir: Path, **overrides) -> TrainConfig:
-    return config.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(run_dir), "workers": 0,
-                                                  "shuffle_buffer": 50, "classes_per_batch": 3,
-                                                  "samples_per_class": 4, "wandb": False, "warmup_steps": 3,
-                                                  **overrides})
+    return flags.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(run_dir), "workers": 0,
+                                                 "shuffle_buffer": 50, "classes_per_batch": 3,
+                                                 "samples_per_class": 4, "wandb": False, "warmup_steps": 3,
+                                                 **overrides})
 
 
 def test_one_step_accumulates_updates_once_and_flags_a_loss_that_is_not_finite(synth_shards, tmp_path):

@@ -1,17 +1,22 @@
-"""Files appear under their final names only when complete: write a temporary name, fsync, rename.
+"""Files and folders appear under their final names only when complete: write a temporary name, fsync, rename.
 
 Every durable write of the project goes through here: config.yaml, metrics.jsonl, checkpoints' parts, shards,
-manifests, evaluation files and pictures.
+manifests, evaluation files and pictures; whole folders (checkpoints, index folders) through ``publish_folder``, and
+symlinks (``checkpoints/latest``) through ``replace_link``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +55,91 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], objec
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make the names in ``folder`` durable (a rename is only on disk once its folder is synced)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Every file and folder under ``folder`` on disk (files copied in, not written by write_atomically, too)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_folder(root)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``): a reader sees one or the other,
+    never neither. False where the system or the file system cannot (then the caller renames twice)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_by_renames(tmp: Path, final: Path) -> None:
+    """Where paths cannot be exchanged: move ``final`` aside, rename ``tmp`` into place (``final`` is put back if
+    that fails), then remove the old folder. ``final`` is missing between the two renames."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put the complete folder ``tmp`` (beside ``final``, under a name readers skip) in place as ``final``.
+
+    Its files are synced first and the parent folder after, so the name never points at data a crash could lose. A
+    folder already named ``final`` is replaced: exchanged with ``tmp`` in one step where the kernel can, so that its
+    readers find the old folder until the new one is there, then removed; elsewhere moved aside first
+    (``replace_by_renames``). Returns ``final``.
+    """
+    tmp, final = Path(tmp), Path(final)
+    _sync_tree(tmp)
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _exchange(tmp, final):
+        fsync_folder(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now under the temporary name
+    else:
+        replace_by_renames(tmp, final)
+    fsync_folder(final.parent)
+    return final
+
+
+def replace_link(link: str | os.PathLike, target: str) -> None:
+    """Point the symlink ``link`` at ``target`` in one step: a new link under a temporary name, renamed over it."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.tmp")  # one writer per folder (its lock): a name without a pid
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_folder(link.parent)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

@@ -6,8 +6,9 @@
     RUN/checkpoints/step-0000100/checkpoint.json the sha256 of each file above, written last
     RUN/checkpoints/latest -> step-0000100
 
-A checkpoint is assembled in ``.tmp-step-0000100/`` and renamed once every rank has written its part, so a folder
-named ``step-*`` is always complete; ``verify`` checks its files against ``checkpoint.json`` (flipped bytes, a
+A checkpoint is assembled in ``.tmp-step-0000100/`` and published (``files.publish_folder``) once every rank has
+written its part, then ``latest`` is repointed (``files.replace_link``), so a folder named ``step-*`` is always
+complete; ``verify`` checks its files against ``checkpoint.json`` (flipped bytes, a
 truncated file), and ``resumable`` falls back from a damaged ``latest`` to the newest intact checkpoint.
 Everything is stored as tensors and plain containers: loads use
 ``torch.load(weights_only=True)``. ``TrainState`` alone knows the keys of ``state.pt``.
@@ -30,7 +31,14 @@ import torch
 
 from ranking.core import distributed
 from ranking.core.errors import RankingError
-from ranking.core.files import file_sha256, read_json, write_atomically, write_text_atomically
+from ranking.core.files import (
+    file_sha256,
+    publish_folder,
+    read_json,
+    replace_link,
+    write_atomically,
+    write_text_atomically,
+)
 from ranking.folders.runfolder import (
     BEST,
     LATEST,
@@ -103,9 +111,10 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = 
     distributed.barrier()
     if rank == 0:
         _write_manifest(tmp, state.step)
-        _publish(tmp, final)
+        publish_folder(tmp, final)  # a step saved again (stopped right on a checkpoint step) replaces the old one
+        replace_link(root / LATEST, final.name)
         if best:
-            _point(root / BEST, final.name)
+            replace_link(root / BEST, final.name)
         _prune(root, keep)
     distributed.barrier()
     return final
@@ -176,22 +185,6 @@ def resumable(run_dir: str | os.PathLike, resume: str) -> tuple[Path, list[str]]
             continue
         return path.resolve(), skipped
     raise RankingError(f"{root}: no intact checkpoint to resume from ({'; '.join(skipped)})")
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished folder into place and repoint ``latest`` (both atomic renames)."""
-    if final.exists():  # the same step saved again (stopped right on a checkpoint step): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _point(final.parent / LATEST, final.name)
-
-
-def _point(link: Path, target: str) -> None:
-    """Replace the symlink ``link`` atomically by one to ``target``."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
 
 
 def _prune(root: Path, keep: int) -> None:

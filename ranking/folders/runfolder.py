@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ranking.core import config
+from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.core.files import LOCK, append_line, check_writable_folder, folder_lock, write_text_atomically
@@ -44,7 +44,7 @@ def config_path(run_dir: str | os.PathLike) -> Path:
 
 
 def write_config(cfg: TrainConfig, run_dir: str | os.PathLike) -> None:
-    config.save(cfg, config_path(run_dir))
+    flags.save(cfg, config_path(run_dir))
 
 
 def read_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -52,7 +52,7 @@ def read_config(run_dir: str | os.PathLike) -> TrainConfig:
     if not path.is_file():
         raise RankingError(f"{path}: missing: the run's config is needed to rebuild its model")
     try:
-        return config.build(TrainConfig, path)
+        return flags.build(TrainConfig, path)
     except ConfigError as e:
         raise RankingError(f"{path}: cannot rebuild the run's config ({e})") from None
 

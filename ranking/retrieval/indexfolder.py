@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from ranking.core.errors import RankingError
-from ranking.core.files import read_json, write_atomically, write_text_atomically
+from ranking.core.files import publish_folder, read_json, write_atomically, write_text_atomically
 from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike, decode_image
 from ranking.retrieval.metrics import EmbeddingSet, nearest_neighbors
 
@@ -400,7 +400,8 @@ def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource]
                 base: Index | None = None, merged: Sequence[Index] = ()) -> Path:
     """Write ``base`` (if any) + the ``merged`` indexes' rows + the sources' rows as the index folder ``out``.
 
-    Built under a temporary name beside ``out`` (``base``'s files copied, not re-embedded), then renamed into place.
+    Built under a temporary name beside ``out`` (``base``'s files copied, not re-embedded), then published in its
+    place (``files.publish_folder``): an index being grown stays readable until the new one is there.
     """
     from safetensors.torch import save
 
@@ -471,18 +472,3 @@ def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def publish_folder(tmp: Path, out: Path) -> None:
-    """Rename the complete folder ``tmp`` to ``out``, replacing an existing ``out`` (moved aside, then removed)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

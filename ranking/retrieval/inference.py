@@ -27,13 +27,13 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
 
-from ranking.core import config
-from ranking.core.config import TrainConfig
+from ranking.core import flags
+from ranking.core.config import ExportFormat, TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import read_json, write_atomically, write_text_atomically
 from ranking.data.archive import read_regular_file
@@ -44,7 +44,6 @@ MODEL_JSON = "model.json"
 MODEL_FORMAT = "deep-ranking-model/1"
 MAX_IMAGE_PIXELS = 64 * 2**20  # as ranking.shards: decoding takes 3 bytes a pixel, 192 MiB at most
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
-ExportFormat = Literal["onnx", "torchscript", "safetensors"]
 ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 RESIZE = "resize the shorter side to image_size (bilinear, antialiased), centre-crop image_size x image_size"
 
@@ -220,7 +219,7 @@ class EmbeddingModel:
         if not isinstance(described.get("config"), dict) or not isinstance(described.get("source"), dict):
             raise RankingError(f"{described_in}: no 'config' or 'source' entry")
         try:
-            train_config = dataclasses.replace(config.build(TrainConfig, None, {**described["config"],
+            train_config = dataclasses.replace(flags.build(TrainConfig, None, {**described["config"],
                                                                                 "pretrained": False,
                                                                                 "freeze_bn_stats": False,
                                                                                 "frozen_stages": 0}),
