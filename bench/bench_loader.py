@@ -2,7 +2,7 @@
 transform the trainer ran before against the device-side path it runs now (ranking/data/augment.py), in the same run, on
 the same samples.
 
-- current: what ``ranking.train.train_batches`` ran in a DataLoader worker before issue 11 phase 2 (kept in
+- current: what ``ranking.data.loader.train_batches`` ran in a DataLoader worker before issue 11 phase 2 (kept in
   ``stream.py`` as the reference): ``stream.train_records``, the sampler, and ``stream.Decoder(train_transform)`` per
   image (PIL decode, random resized crop to the output size, flip, float32, normalise); the worker ships float32
   ``[N, 3, S, S]``.

@@ -5,7 +5,9 @@ Every rank streams its own infinite, resampled view of the train shards, so ever
 each step augments its batch on the training device (``augment.TrainAugment``: a random resized crop and flip of its
 own for each image, resize, normalise) and embeds its images in one forward pass;
 the paper sampler's triplets index into them, the batch sampler mines triplets on the batch gathered from all ranks
-(``losses.DistributedLoss``).
+(``losses.DistributedLoss``). This module puts the run together; its parts are in ``ranking/training/`` (the
+network and optimizer, one step, the stop policy, the metrics sink, the checkpoint rule) and its input in
+``ranking/data/loader.py`` (the DataLoader, the wait for a batch, the device-side augmentation).
 
 Run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/ (``--resume latest`` continues the run), wandb/.
 SIGUSR1 or SIGTERM (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a launcher
@@ -17,248 +19,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
-import functools
 import logging
 import os
-import re
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
-import numpy as np
-import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from ranking import cli
 from ranking.core import distributed, flags
 from ranking.core.config import TrainConfig
-from ranking.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, RankingError
-from ranking.core.logs import Progress, setup_logging
+from ranking.core.errors import RankingError
+from ranking.core.logs import setup_logging
 from ranking.core.precision import resolve as resolve_precision
-from ranking.data import augment, sampling, stream
-from ranking.data.sampling import Batch
+from ranking.data.loader import BatchStall, BatchWatchdog, DeviceAugment, train_batches
 from ranking.folders import checkpoint, runfolder
-from ranking.folders.checkpoint import TrainState
-from ranking.folders.shardformat import class_counts, load_manifest, manifest_digest, split_counts
-from ranking.learning import losses, models, optim
-from ranking.learning.losses import StepLoss
-from ranking.reporting import tracking
+from ranking.folders.shardformat import split_counts
+from ranking.learning import models
 from ranking.retrieval import validation
+from ranking.training.checkpointing import Checkpointer
+from ranking.training.metrics import MetricsSink, start_records
+from ranking.training.parts import build_parts
+from ranking.training.policies import Stop, StopPolicy
+from ranking.training.step import train_step
 
 log = logging.getLogger("ranking.train")
-
-# ------------------------------------------------------------------------------------------------------------ data
-
-
-def stream_seeds(seed: int, step: int) -> tuple[int, int]:
-    """(samples seed, batches seed) of the stream starting at ``step``: a resumed run reads new, reproducible data."""
-    samples_seed, batches_seed = np.random.SeedSequence([seed, step]).generate_state(2)
-    return int(samples_seed), int(batches_seed)
-
-
-def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) -> Iterator[Batch]:
-    """This rank's infinite iterator of batches of uint8 ``[N, 3, stored_size, stored_size]`` images, not yet
-    augmented (stream.py mixes the rank and the worker into the seeds). An image of another size is resized to the
-    square (aspect ratio not kept): raise ``stored_size`` for a folder source of larger images.
-
-    A sampler that can never form a batch from the shards' per-class counts is refused first (it would wait forever).
-    """
-    num_classes = len(load_manifest(cfg.shards)["classes"])
-    sampling.check_feasible(cfg, class_counts(cfg.shards, "train", cache_dir=Path(cfg.shards)))
-    samples_seed, batches_seed = seeds
-    records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
-    decode = augment.StoredDecoder(cfg.stored_size).image
-    batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode)
-    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if cfg.workers > 0 else None,
-                        worker_init_fn=functools.partial(distributed.ignore_stop_signals, rank_pid=os.getpid()))
-    return iter(loader)
-
-
-STOP_GRACE_S = 10.0  # a stop signal while a batch is awaited: wait this much longer, then exit without a checkpoint
-WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:RankingError|ConfigError): (.*)$")
-
-
-class BatchStall(BaseException):
-    """No batch within the allowed time (raised by SIGALRM in the main thread); a BaseException, so that no
-    ``except Exception`` in webdataset or the DataLoader, which the wait may be inside, takes it for its own."""
-
-    def __init__(self, waited_s: float) -> None:
-        super().__init__(waited_s)
-        self.waited_s = waited_s
-
-
-def worker_error(error: RankingError) -> RankingError:
-    """A DataLoader worker's RankingError comes back as "Caught RankingError in DataLoader worker process 0" and the
-    worker's traceback: the one line it carried, again."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    found = WORKER_ERROR.match(lines[-1]) if len(lines) > 1 and lines[0].startswith("Caught ") else None
-    return RankingError(found.group(1)) if found else error
-
-
-class BatchWatchdog:
-    """``next(batches)`` with a deadline (``--batch-timeout-s``) that stop signals shorten to ``STOP_GRACE_S``.
-
-    A stalled stream (a sampler waiting for classes it never sees, a hung file system) used to block forever, and
-    the stop handler only set a flag that nothing read. SIGALRM interrupts the wait in the main thread, whether the
-    batch is formed there (``workers: 0``) or awaited from DataLoader workers.
-    """
-
-    def __init__(self, batches: Iterator[Batch], timeout_s: float, signals: distributed.StopRequest) -> None:
-        self.batches, self.timeout_s, self.signals = batches, timeout_s, signals
-        self.armed = threading.current_thread() is threading.main_thread()  # SIGALRM reaches the main thread only
-        self.started: float | None = None
-        signals.on_request = self._on_stop
-
-    def __next__(self) -> Batch:
-        if not self.armed or signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # another's alarm (pytest-timeout): keep it
-            return self._next()
-        previous = signal.signal(signal.SIGALRM, self._expired)
-        self.started = time.monotonic()
-        signal.setitimer(signal.ITIMER_REAL, min(self.timeout_s, STOP_GRACE_S) if self.signals.requested
-                         else self.timeout_s)
-        try:
-            return self._next()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self.started = None
-            signal.signal(signal.SIGALRM, previous)
-
-    def _next(self) -> Batch:
-        try:
-            return next(self.batches)
-        except RankingError as e:
-            raise worker_error(e) from None
-
-    def _on_stop(self) -> None:
-        if self.started is not None:
-            left = signal.getitimer(signal.ITIMER_REAL)[0]
-            if left == 0 or left > STOP_GRACE_S:
-                signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
-
-    def _expired(self, signum: int, frame: object) -> None:
-        raise BatchStall(time.monotonic() - (self.started or time.monotonic()))
-
-
-class DeviceAugment:
-    """A worker's uint8 batch -> the model's input on the training device: ``augment.TrainAugment`` there, its crops
-    and flips drawn from a generator of this run segment's stream seed and this rank (a resumed run restarts from
-    the seeds of its step: the same crops again), then channels_last."""
-
-    def __init__(self, cfg: TrainConfig, seeds: tuple[int, int], rank: int, device: torch.device) -> None:
-        self.augment = augment.TrainAugment(cfg.image_size, *models.input_normalization(cfg.backbone))
-        self.generator = augment.seeded_generator(seeds[1], rank)
-        self.device, self.channels_last = device, cfg.channels_last
-
-    def __call__(self, batch: Batch) -> Batch:
-        images = self.augment(batch.images.to(self.device, non_blocking=True), self.generator)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        triplets = None if batch.triplets is None else batch.triplets.to(self.device, non_blocking=True)
-        return Batch(images, batch.labels.to(self.device, non_blocking=True), batch.ids, triplets)
-
-
-def triplets_in(batch: Batch) -> int:
-    """Triplets a batch trains on; a mined batch counts one per anchor image (exact for batch-hard mining)."""
-    return len(batch.triplets) if batch.triplets is not None else len(batch.ids)
-
-
-# ------------------------------------------------------------------------------------------------ logs and stops
-
-
-class Meter:
-    """What one logging interval measured; loss sums stay on the device (no sync per step).
-
-    Time spent validating is not training time: ``exclude`` takes it out of the rates. The time spent waiting for
-    the next batch (``waited``) shows an input-bound run: step_s is a step's whole time, data_wait_s its wait.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(2, device=device)
-        self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
-        self.started = time.perf_counter()
-
-    def add(self, out: StepLoss, triplets: int, images: int, weight: float) -> None:
-        self.sums += weight * torch.stack([out.loss, out.active_fraction])
-        self.steps += weight
-        self.triplets += triplets
-        self.images += images
-
-    def waited(self, seconds: float) -> None:
-        self.waiting += seconds
-
-    def exclude(self, seconds: float) -> None:
-        self.started += seconds
-
-    def read(self, accelerator: Accelerator) -> dict[str, float]:
-        """Loss and active fraction averaged over steps and ranks, triplets/s and images/s (all ranks), step and
-        data-wait seconds (this rank's); a collective; starts anew."""
-        loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
-        seconds = time.perf_counter() - self.started
-        read = {"loss": loss, "active_fraction": active_fraction, "triplets_per_s": self.triplets / seconds,
-                "images_per_s": self.images / seconds, "step_s": seconds / self.steps,
-                "data_wait_s": self.waiting / self.steps}
-        self.sums.zero_()
-        self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
-        self.started = time.perf_counter()
-        return read
-
-
-class Stop(enum.Enum):
-    DONE = "done"
-    TIME_LIMIT = "time limit"
-    SIGNAL = "signal"
-    DIVERGED = "diverged"  # a loss or gradient norm that is not finite, on any rank: no checkpoint, exit 2
-
-    @property
-    def exit_code(self) -> int:
-        """A run stopped by a signal has more to do: exit 75 so that its launcher requeues it."""
-        return EXIT_REQUEUE if self is Stop.SIGNAL else EXIT_BAD_INPUT if self is Stop.DIVERGED else EXIT_OK
-
-
-class StopPolicy:
-    """Why the loop stops after a step, the same answer on every rank (a collective: all ranks ask every step)."""
-
-    def __init__(self, cfg: TrainConfig, signals: distributed.StopRequest, device: torch.device) -> None:
-        self.steps, self.minutes = cfg.steps, cfg.time_limit_minutes
-        self.signals, self.device = signals, device
-        self.deadline = time.monotonic() + 60 * cfg.time_limit_minutes
-
-    def exclude(self, seconds: float) -> None:
-        """The time limit counts training time: validation does not use it up."""
-        self.deadline += seconds
-
-    def reason(self, step: int, diverged: torch.Tensor) -> Stop | None:
-        """``diverged``: this rank's flag (a 0-d bool tensor on the device) that a loss or gradient norm of the step
-        was not finite. The three flags travel in one all-reduce, the collective this loop always made."""
-        local = torch.tensor([self.signals.requested, self.minutes > 0 and time.monotonic() > self.deadline],
-                             device=self.device)
-        signalled, out_of_time, not_finite = distributed.any_rank_of(torch.cat([local, diverged.view(1)]))
-        if not_finite:
-            return Stop.DIVERGED
-        if step >= self.steps:
-            return Stop.DONE
-        return Stop.SIGNAL if signalled else Stop.TIME_LIMIT if out_of_time else None
-
-    def explain(self, stop: Stop, step: int, saved: Path) -> str:
-        if stop is Stop.SIGNAL:
-            why = self.signals.signal.name if self.signals.signal else "another rank's stop request"
-            return (f"ranking train: stopped at step {step}/{self.steps} ({why}); checkpoint {saved}; "
-                    f"exit {stop.exit_code} to be requeued")
-        if stop is Stop.TIME_LIMIT:
-            return (f"ranking train: time limit of {self.minutes:g} min reached at step {step}/{self.steps}; "
-                    "checkpoint saved")
-        return ""
-
-
-# ---------------------------------------------------------------------------------------------------------- training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,220 +91,55 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
 
 
 def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) -> int:
-    """The run itself, once check_inputs has passed; config.yaml is written only after a resume has succeeded."""
-    run_dir = Path(cfg.run_dir)
-    set_seed(cfg.seed)  # the same initial weights on every rank
-    with accelerator.main_process_first():  # pretrained weights are downloaded once, then read from the cache
-        net = models.build_model(cfg)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = optim.build_optimizer(cfg, net)
-    scheduler = optim.build_scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(net, optimizer)
-    if cfg.compile:
-        model = compiled(model, accelerator.device)
-    objective = losses.build_objective(cfg)
-    set_seed(cfg.seed, device_specific=True)  # different dropout on every rank (crops: DeviceAugment's generator)
-
-    validator = validation.Validator(cfg, accelerator, run_dir) if cfg.eval_every else None
-    step, run_id, data_seeds = 0, tracking.new_run_id() if cfg.wandb else "", stream_seeds(cfg.seed, 0)
-    if resume_from is not None:
-        restored = restore(resume_from, accelerator, net, optimizer, scheduler)
-        step, run_id = restored.step, restored.wandb_run_id or (tracking.new_run_id() if cfg.wandb else "")
-        data_seeds = restored.stream_seeds or stream_seeds(cfg.seed, step)
-        if validator is not None:
-            validator.best = restored.best_validation
+    """The run itself, once check_inputs has passed: set-up, then per step: step, log, validate, checkpoint.
+    config.yaml is written only after a resume has succeeded."""
+    parts = build_parts(cfg, accelerator)
+    validator = validation.Validator(cfg, accelerator, Path(cfg.run_dir)) if cfg.eval_every else None
+    checkpoints = Checkpointer(cfg, accelerator, parts, validator)
+    step = checkpoints.resume(resume_from)  # and the W&B run id and stream seeds it continues with
     if accelerator.is_main_process:
-        runfolder.write_config(cfg, run_dir, models.ModelSpec.of(cfg).to_dict())
-        runfolder.restart_metrics_log(run_dir, step)
-    if cfg.wandb:
-        mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
-        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator), run_dir, run_id, mode)
-
-    def save_checkpoint(best: bool) -> Path:
-        state = TrainState(step=step, model=net.state_dict(), optimizer=optimizer.state_dict(),
-                           scheduler=scheduler.state_dict(),
-                           scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                           wandb_run_id=run_id, stream_seeds=stream_seeds(cfg.seed, step),
-                           best_validation=validator.best if validator is not None else None)
-        return checkpoint.save(run_dir, state, cfg.keep_checkpoints, best=best)
-
-    batches = train_batches(cfg, data_seeds, pin_memory=accelerator.device.type == "cuda")
-    on_device = DeviceAugment(cfg, data_seeds, accelerator.process_index, accelerator.device)
-    progress = Progress(log, cfg.steps, step, shown=accelerator.is_main_process, bar=cfg.progress)
-    meter = Meter(accelerator.device)
+        runfolder.write_config(cfg, cfg.run_dir, models.ModelSpec.of(cfg).to_dict())
+    start_records(cfg, accelerator, step, checkpoints.run_id)
+    batches = train_batches(cfg, checkpoints.data_seeds, pin_memory=accelerator.device.type == "cuda")
+    on_device = DeviceAugment(cfg, checkpoints.data_seeds, accelerator.process_index, accelerator.device)
+    sink = MetricsSink(cfg, accelerator, step)
     stop: Stop | None = None
-    saved = runfolder.checkpoints_dir(run_dir)
-    models.set_train_mode(model, cfg.freeze_bn_stats)
+    models.set_train_mode(parts.model, cfg.freeze_bn_stats)
     with distributed.StopRequest() as signals:
         policy = StopPolicy(cfg, signals, accelerator.device)
         fetch = BatchWatchdog(batches, cfg.batch_timeout_s, signals)
-        while True:
-            lrs = {f"lr/{group.get('name', i)}": group["lr"] for i, group in enumerate(optimizer.param_groups)}
-            lr = optimizer.param_groups[0]["lr"]
-            diverged = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-            for _ in range(cfg.grad_accum):
-                waiting = time.perf_counter()
-                try:
-                    raw = next(fetch)
-                except BatchStall as stall:
-                    return stalled(cfg, step, stall, signals, progress)
-                meter.waited(time.perf_counter() - waiting)
-                batch = on_device(raw)
-                with accelerator.accumulate(model):
-                    out = objective(model(batch.images), batch.labels, batch.triplets)
-                    accelerator.backward(out.objective)
-                    diverged |= ~torch.isfinite(out.loss.detach())
-                    if accelerator.sync_gradients and cfg.grad_clip > 0:
-                        norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        if accelerator.scaler is None:  # fp16: an inf norm is an overflow the scaler skips
-                            diverged |= ~torch.isfinite(torch.as_tensor(norm, device=accelerator.device))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                meter.add(out, triplets_in(batch) * accelerator.num_processes,
-                          len(batch.ids) * accelerator.num_processes, weight=1 / cfg.grad_accum)
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
-                scheduler.step()
+        while stop is None:
+            try:
+                done = train_step(cfg, accelerator, parts, fetch, on_device, sink.meter)
+            except BatchStall as stall:
+                sink.close()
+                return policy.stalled(step, stall)
             step += 1
-            progress.update(step)
+            sink.advance(step)
 
-            stop = policy.reason(step, diverged)  # before anything is logged or saved
+            stop = policy.reason(step, done.diverged)  # before anything is logged or saved
             if stop is Stop.DIVERGED:
-                progress.close()
-                raise RankingError(f"{run_dir}: the loss or gradient norm is not finite at step {step} (diverged: "
-                                   "lower --lr, check --margin and the data); no checkpoint written, the last is "
-                                   f"{latest_checkpoint(run_dir)}").everywhere()  # every rank saw the same flag
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                measured = meter.read(accelerator)
-                record = {"step": step, **measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}
-                if accelerator.is_main_process:
-                    runfolder.append_metrics(run_dir, record)
-                progress.log(step, measured["loss"], measured["active_fraction"], lr, measured["images_per_s"])
-                log_to_trackers(accelerator, {k: v for k, v in record.items() if k != "step"}, step)
+                sink.close()
+                raise policy.diverged(step)
+            if sink.due(step):
+                sink.log_step(step, done.lr, done.lrs)
 
             best = False
             if validator is not None and validator.due(step):
-                validated = validator.run(net, step)  # a collective, in eval mode
-                models.set_train_mode(model, cfg.freeze_bn_stats)
-                meter.exclude(validated.seconds)
+                validated = validator.run(parts.net, step)  # a collective, in eval mode
+                models.set_train_mode(parts.model, cfg.freeze_bn_stats)
                 policy.exclude(validated.seconds)
+                sink.log_validation(step, validated)
                 best = validator.improved(validated)
-                if accelerator.is_main_process:
-                    runfolder.append_metrics(run_dir, {"step": step, **validated.record()})
-                log_to_trackers(accelerator, validated.record(), step)
 
-            if stop is not None or step % cfg.checkpoint_every == 0 or best:
-                saved = save_checkpoint(best)
-            if stop is not None:
-                break
-    progress.close()
-    assert stop is not None
+            if checkpoints.due(step, stop, best):
+                checkpoints.save(step, best)
+    sink.close()
     if stop is not Stop.DONE:
-        accelerator.print(policy.explain(stop, step, saved), file=sys.stderr)
-    finish(accelerator, run_dir, artifacts=cfg.wandb and cfg.wandb_artifacts)
-    return stop.exit_code
-
-
-def compiled(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``torch.compile`` of the prepared model (TorchInductor; the first steps pay for compiling), refused in one line
-    where it cannot run: Inductor builds its kernels with a C compiler (C++ on the CPU, Triton's launchers on CUDA).
-    Checkpoints keep saving the plain module's weights."""
-    import shutil
-
-    import torch._dynamo
-
-    compilers = ("g++", "c++", "clang++") if device.type == "cpu" else ("cc", "gcc", "clang")
-    if not torch._dynamo.is_dynamo_supported():
-        raise RankingError(f"--compile: torch.compile is not supported with Python {sys.version.split()[0]} and "
-                           f"torch {torch.__version__}; run without --compile")
-    if not any(shutil.which(name) for name in compilers):
-        raise RankingError(f"--compile: no C compiler found ({', '.join(compilers)}) for TorchInductor's "
-                           f"{device.type} kernels; install one or run without --compile")
-    return cast(torch.nn.Module, torch.compile(model))
-
-
-def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
-    """The run's config as W&B shows it: the TrainConfig and what it does not say (world size, global batch,
-    the code's commit, the shards' manifest digest), so runs can be compared and filtered by them."""
-    per_rank = sampling.images_per_batch(cfg)
-    return {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes,
-            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
-            "images_per_step_per_rank": per_rank * cfg.grad_accum,
-            "global_batch": per_rank * cfg.grad_accum * accelerator.num_processes,
-            "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
-
-
-def log_to_trackers(accelerator: Accelerator, values: dict, step: int) -> None:
-    """W&B's service process gets a job's stop signal too (Slurm signals every process): its death must not crash
-    the rank before it checkpoints. Warn once and go on without it; metrics.jsonl has every record."""
-    try:
-        accelerator.log(values, step=step)
-    except Exception as e:  # noqa: BLE001 - whatever the tracker raised, training goes on
-        accelerator.trackers.clear()
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        accelerator.print(f"ranking train: warning: W&B logging stopped at step {step} ({reason}); metrics.jsonl "
-                          "goes on", file=sys.stderr)
-
-
-def latest_checkpoint(run_dir: Path) -> str:
-    latest = runfolder.checkpoints_dir(run_dir) / runfolder.LATEST
-    return str(latest.resolve()) if latest.exists() else "none"
-
-
-def stalled(cfg: TrainConfig, step: int, stall: BatchStall, signals: distributed.StopRequest,
-            progress: Progress) -> int:
-    """No batch came: after a stop signal, exit 75 at once (no collective: the other ranks may be mid-step, and a
-    checkpoint would need them); otherwise a one-line error naming the shards and the likely causes."""
-    progress.close()
-    where = f"at step {step}/{cfg.steps} after waiting {stall.waited_s:.0f} s for a batch"
-    if signals.requested:
-        assert signals.signal is not None
-        print(f"ranking train: stopped {where} ({signals.signal.name}); no new checkpoint, the last is "
-              f"{latest_checkpoint(Path(cfg.run_dir))}; exit {EXIT_REQUEUE} to be requeued", file=sys.stderr)
-        return EXIT_REQUEUE
-    raise RankingError(f"{cfg.shards}: no batch for {cfg.batch_timeout_s:g} s (--batch-timeout-s) at step {step}: "
-                       f"the train stream stalled (a hung file system?) or the {cfg.sampler} sampler cannot form a "
-                       "batch from these shards")
-
-
-
-
-def restore(resume_from: Path, accelerator: Accelerator, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainState:
-    """Load a checkpoint into the prepared objects and this rank's RNGs; returns what it held."""
-    state = checkpoint.load_state(resume_from)
-    try:
-        net.load_state_dict(state.model)
-    except RuntimeError as e:
-        raise RankingError(f"{resume_from}: weights do not fit the configured model "
-                           f"({str(e).splitlines()[0]})") from None
-    optimizer.load_state_dict(state.optimizer)
-    scheduler.load_state_dict(state.scheduler)
-    if accelerator.scaler is not None and state.scaler:
-        accelerator.scaler.load_state_dict(state.scaler)
-    rng = checkpoint.load_rng(resume_from, accelerator.process_index)
-    if rng is not None:
-        checkpoint.set_rng_state(rng)
-    if accelerator.is_main_process:
-        log.info(f"resumed from {resume_from} at step {state.step}")
-    return state
-
-
-def finish(accelerator: Accelerator, run_dir: Path, artifacts: bool = False) -> None:
-    """Loss plot and W&B files first, then a barrier: when a rank exits early (exit 75), the launcher SIGTERMs the
-    others, which must not cut rank 0 while it still writes. ``artifacts``: the latest and best checkpoints go to
-    the W&B run as artifacts."""
-    if accelerator.is_main_process and (run_dir / runfolder.METRICS).exists():
-        from ranking.reporting import plots  # matplotlib: only where a plot is drawn
-
-        plots.plot_loss(runfolder.read_metrics_log(run_dir), run_dir / runfolder.LOSS_PLOT, run_dir.name)
-    if artifacts and accelerator.is_main_process:
-        tracking.log_checkpoints(accelerator.get_tracker("wandb", unwrap=True), run_dir)
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.trackers.clear()
-    accelerator.wait_for_everyone()
+        accelerator.print(policy.explain(stop, step, checkpoints.last), file=sys.stderr)
+    sink.finish(artifacts=cfg.wandb and cfg.wandb_artifacts)  # ends with a barrier
     accelerator.end_training()  # destroys the process group
+    return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.data import stream
+from ranking.data.loader import stream_seeds, train_batches
 from ranking.folders import checkpoint, runfolder
 from ranking.learning.models import build_model
 from ranking.retrieval.evalfolder import EvalIndex
@@ -147,20 +148,30 @@ def one_image_per_class(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", ["too-many-per-class", "single-image-batch", "single-image-paper"])
 def test_a_sampler_that_can_never_form_a_batch_is_refused_before_training(case, synth_shards, one_image_per_class,
                                                                           tmp_path):
-    shards, extra = {"too-many-per-class": (synth_shards, {"samples-per-class": 41}),
-                     "single-image-batch": (one_image_per_class, {"classes-per-batch": 2, "samples-per-class": 2}),
+    """The trainer's input (loader.train_batches) refuses it before it makes a DataLoader; the CLI's line is below."""
+    shards, extra = {"too-many-per-class": (synth_shards, {"samples_per_class": 41}),
+                     "single-image-batch": (one_image_per_class, {"classes_per_batch": 2, "samples_per_class": 2}),
                      "single-image-paper": (one_image_per_class, {"sampler": "paper"})}[case]
+    cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(tmp_path / "run"),
+                                                 "workers": 0, "classes_per_batch": 3, "samples_per_class": 4,
+                                                 **extra})
+    with pytest.raises(RankingError) as error:
+        train_batches(cfg, stream_seeds(cfg.seed, 0), pin_memory=False)
+    assert str(error.value).startswith(f"{shards}: the {cfg.sampler} sampler needs "), error.value
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.timeout(60)
+def test_an_infeasible_sampler_is_one_line_and_exit_2_before_a_step(synth_shards, tmp_path):
     started = time.monotonic()
-    result = train_one(fault_flags(shards, tmp_path / "run", steps=3, **extra), timeout=50)
+    result = train_one(fault_flags(synth_shards, tmp_path / "run", steps=3, **{"samples-per-class": 41}), timeout=50)
     line = error_line(result)
-    sampler = "paper" if case.endswith("paper") else "batch"
-    assert f"error: {shards}: the {sampler} sampler needs " in line, line
+    assert f"ranking.train: error: {synth_shards}: the batch sampler needs " in line, line
     assert time.monotonic() - started < 50
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def lying_class_counts(shards: Path, per_class: int) -> None:
@@ -306,6 +317,7 @@ def test_preemption_of_every_process_with_workers_checkpoints_and_exits_75(synth
     # W&B's service died of the signal too: the rank warned and went on (the tracebacks left are the launcher's
     # and W&B's at exit, none through the trainer)
     assert "exit 75 to be requeued" in output and "ranking/train.py" not in output, output
+    assert "ranking/training/" not in output and "ranking/data/loader.py" not in output, output
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def test_warmup_then_cosine_schedule():
 def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible(synth_shards, monkeypatch):
     """Workers ship uint8 at the stored size; the device side crops with a generator of (stream seeds, rank): the
     same seeds and rank give the same model input, as a resumed run that restarts from its step's seeds does."""
-    from ranking.train import DeviceAugment, stream_seeds, train_batches
+    from ranking.data.loader import DeviceAugment, stream_seeds, train_batches
 
     cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "workers": 2, "shuffle_buffer": 50,
                                                  "classes_per_batch": 3, "samples_per_class": 4})
@@ -75,7 +75,7 @@ def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):
     import shutil
 
     from ranking.core.errors import RankingError
-    from ranking.train import compiled
+    from ranking.training.parts import compiled
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RankingError, match=r"^--compile: no C compiler found \(g\+\+, .*run without --compile$"):

@@ -13,7 +13,7 @@ the worker most of its time, which left the GPU idle most of each step. The path
 where even the decoding moves to the device.
 
 Where it runs:
-- training (``train.train_batches``): workers decode with ``StoredDecoder().image``; the samplers stack uint8
+- training (``loader.train_batches``): workers decode with ``StoredDecoder().image``; the samplers stack uint8
   ``[N, 3, 64, 64]`` batches (pinned by the DataLoader); the training loop moves a batch to its device and runs
   ``TrainAugment`` there, its crops drawn from ``seeded_generator(batches seed, rank)``, then the model.
 - evaluation (``stream.eval_samples``, ``embed.embed_split``): workers decode with ``StoredDecoder(None)`` (the size
