@@ -180,8 +180,7 @@ def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
     torch.testing.assert_close(ours, reference, rtol=1.6e-2, atol=1e-5)  # torch.testing's bf16 tolerances
 
     odd = [random_images(1, 50, 90, seed=2)[0], random_images(1, 120, 64, seed=3)[0]]  # query files: any size
-    pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in odd]
-    searched = embed_images(model, cfg, pil, normalize=False)
+    searched = embed_images(model, cfg, odd, normalize=False)
     with torch.inference_mode():
         reference = model(torch.stack([torchvision_eval(image) for image in odd]))
     torch.testing.assert_close(searched, reference, rtol=1.6e-2, atol=1e-5)

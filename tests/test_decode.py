@@ -1,18 +1,24 @@
 """The one image decoder (ranking/data/decode.py): formats, transparency, the pixel limit, one-line errors, EXIF
-orientation."""
+orientation; and a phone photo's rotation honoured end to end: `ranking shards` stores it upright, and an index of
+its shards or of its folder finds it from an upright copy."""
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image, ImageOps
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from harness import encoded, mini_jpegs, odd_images
+import ranking
+from harness import encoded, mini_jpegs, odd_images, write_smoke_run
+from ranking import index, search
 from ranking.core.errors import RankingError
 from ranking.data.augment import StoredDecoder
 from ranking.data.decode import (
@@ -22,7 +28,10 @@ from ranking.data.decode import (
     decode_jpegs,
     from_pil,
     read_header,
+    to_pil,
 )
+from ranking.folders.shardformat import shard_paths
+from ranking.shards import JPEG_QUALITY, write_shards
 
 ROTATED = 6  # EXIF orientation "rotate 90 degrees clockwise to display": how a phone held upright stores a photo
 # The photo of the end-to-end tests: a JPEG round trip of it moves a random-init smoke network's embedding by at most
@@ -192,3 +201,77 @@ def test_batched_decode_is_single_decodes_on_each_device(photo, device):
         assert image.shape == single.shape
         assert (image.cpu().int() - single.int()).abs().max() <= (0 if device == "cpu" else 2)
     assert decode_jpegs([], device=device) == []
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def phone_folder(photo, mini_zip, tmp_path_factory) -> dict:
+    """Class folders of real photos, one of them stored sideways with EXIF orientation 6 as a phone writes it; a
+    random-init smoke network; and an upright copy of that photo to search with."""
+    root = tmp_path_factory.mktemp("phone")
+    folder = root / "photos"
+    photos = mini_jpegs(mini_zip)
+    for wnid in [*sorted(photos)[:3], PHOTO_CLASS]:
+        (folder / wnid).mkdir(parents=True)
+        for name, data in photos[wnid][1:4]:
+            (folder / wnid / name).write_bytes(data)
+    rotated = folder / PHOTO_CLASS / "phone.jpg"
+    rotated.write_bytes(with_orientation(photo, ROTATED, quality=95))
+    upright = root / "upright.jpg"
+    upright.write_bytes(encoded(photo, "JPEG", quality=JPEG_QUALITY))
+    return {"root": root, "folder": folder, "rotated": rotated, "upright": upright,
+            "run": write_smoke_run(root / "run", "unused")}
+
+
+def search_first(capsys, query: Path, index_dir: Path) -> dict:
+    capsys.readouterr()
+    assert search.main([str(query), "--index", str(index_dir), "--top", "3", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)[0]["results"][0]
+
+
+def test_shards_store_a_rotated_photo_upright_and_search_finds_it(phone_folder, photo, tmp_path, capsys):
+    """`ranking shards` re-encodes the rotated JPEG upright (an RGB JPEG at q95 without EXIF, counted as converted);
+    an index of those shards, searched with an upright copy of the photo, finds it first at distance < 1e-3.
+
+    The copy is saved as the shard writer saves (RGB JPEG q95), so query and gallery differ by one JPEG round trip of
+    almost the same pixels, not by a rotation."""
+    shards = tmp_path / "shards"
+    manifest = write_shards(phone_folder["folder"], shards, shard_size=4, seed=0)
+    assert sum(entry["converted"] for entry in manifest["splits"].values()) == 1
+    samples = [(json.loads(sample["json"]), sample["jpg"]) for sample in wds.WebDataset(
+        shard_paths(shards, "train"), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)]
+    assert sorted(bool(meta.get("converted")) for meta, _ in samples) == [False] * 12 + [True]
+    meta, jpeg = next((meta, jpeg) for meta, jpeg in samples if meta["file"].endswith("phone.jpg"))
+    assert meta["converted"] is True
+    with Image.open(io.BytesIO(jpeg)) as image:
+        assert image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(0x0112) is None
+        upright_as_stored = pixels(image)
+    assert upright_as_stored.shape == (3, 48, 64), "stored upright, not sideways (64 x 48)"
+    assert mean_difference(upright_as_stored, pixels(photo)) < 2
+
+    index_dir = tmp_path / "index"
+    assert index.main(["--checkpoint", str(phone_folder["run"]), "--images", str(shards), "--out",
+                       str(index_dir)]) == 0
+    first = search_first(capsys, phone_folder["upright"], index_dir)
+    assert first["file"].endswith("phone.jpg") and first["distance"] < 1e-3, first
+
+
+def test_an_index_of_the_folder_finds_the_rotated_photo_from_an_upright_copy(phone_folder, tmp_path, capsys):
+    """`ranking index --images FOLDER` decodes the rotated file upright; ``ranking.load(...).embed`` of its path and
+    of the PIL image opened on it give that same embedding."""
+    index_dir = tmp_path / "index"
+    assert index.main(["--checkpoint", str(phone_folder["run"]), "--images", str(phone_folder["folder"]),
+                       "--out", str(index_dir)]) == 0
+    first = search_first(capsys, phone_folder["upright"], index_dir)
+    assert first["file"].endswith("phone.jpg") and first["distance"] < 1e-3, first
+
+    model = ranking.load(phone_folder["run"], device="cpu")
+    with Image.open(phone_folder["rotated"]) as opened:
+        path, pil, upright = model.embed([phone_folder["rotated"], opened, phone_folder["upright"]])
+    assert float((path - pil).pow(2).sum()) < 1e-5  # TorchCodec and PIL decode it; the same pixels or off by one
+    assert float((path - upright).pow(2).sum()) < 1e-3
+    assert torch.allclose(path, ranking.Index.load(index_dir).embeddings[first["id"]], atol=1e-6)
+    assert to_pil(decode_image(phone_folder["rotated"].read_bytes(), "phone.jpg")).size == (64, 48)
+
