@@ -6,8 +6,8 @@ rank waits for another. Evaluation streams read each sample of a split exactly o
 
 The trainer and the evaluation decode to uint8 at the stored size in their DataLoader workers and make the model's
 pixels on the training device (``ranking.data.augment``). ``train_transform``, ``Decoder`` and ``train_samples`` are
-the per-image torchvision path the trainer ran in its workers before, now on pixels decoded by
-``ranking.data.decode`` as everything is: the reference that ``augment.TrainAugment`` is tested and benchmarked
+the per-image torchvision path the trainer ran in its workers before (on PIL images, decoded by
+``ranking.data.decode`` as everything is): the reference that ``augment.TrainAugment`` is tested and benchmarked
 against (tests, ``bench/bench_loader.py``'s "current", ``bench/bench_shards.py``); ``eval_transform`` is
 ``augment.EvalResize``'s reference.
 """
@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from ranking.core import distributed
 from ranking.core.errors import RankingError
 from ranking.data.augment import StoredDecoder
-from ranking.data.decode import decode_jpeg
+from ranking.data.decode import decode_jpeg, to_pil
 from ranking.folders.shardformat import MANIFEST, key_id, shard_counts, shard_paths
 
 Sample = tuple[torch.Tensor, int, int]
@@ -163,14 +163,18 @@ class Record(NamedTuple):
 
 
 class Decoder:
-    """JPEG bytes -> transformed image tensor (``decode.decode_jpeg``, then ``transform``); a picklable callable, so
-    DataLoader workers can run it."""
+    """JPEG bytes -> transformed image tensor; a picklable callable, so DataLoader workers can run it.
+
+    Decoded by ``decode.decode_jpeg``, then handed to ``transform`` as the PIL image the workers' per-image path
+    transformed before: the same pixels as PIL's own decode of every Tiny ImageNet JPEG, so the reference stays what
+    it was.
+    """
 
     def __init__(self, transform: v2.Compose) -> None:
         self.transform = transform
 
     def __call__(self, jpeg: bytes, source: str = "?") -> torch.Tensor:
-        return self.transform(decode_jpeg(jpeg, source))
+        return self.transform(to_pil(decode_jpeg(jpeg, source)))
 
     def image(self, record: Record) -> torch.Tensor:
         return self(record.image, record.source)
