@@ -6,9 +6,10 @@ and ``ranking shards``, which checks each JPEG it keeps and decodes each image i
 same pixels whichever way it reaches the network: in a shard, in a folder or as a query.
 
 - JPEGs are decoded by TorchCodec (libjpeg-turbo on the CPU, nvJPEG on CUDA), which torchvision 0.29 deprecates
-  its own ``torchvision.io`` decoders for. It decodes each of Tiny ImageNet's 110,770 JPEGs to exactly the uint8
-  that ``torchvision.io.decode_jpeg`` gave, at the same speed, and needs no FFmpeg for images. It applies a JPEG's
-  EXIF orientation (every phone photo has one), on the CPU and on CUDA alike.
+  its own ``torchvision.io`` decoders for. It decodes every JPEG of the Tiny ImageNet zips in ../shared/data
+  (110,770: the 160- and 40-class subsets and the mini zip) to exactly the uint8 that ``torchvision.io.decode_jpeg``
+  gave, at the same speed (``bench/bench_decode.py``), and needs no FFmpeg for images. It applies a JPEG's EXIF
+  orientation (every phone photo has one), on the CPU and on CUDA alike.
 - Other formats (PNG, WebP, GIF, BMP, TIFF...) are decoded by PIL, which reads more of them than TorchCodec;
   they are lossless or rare, and PIL is what converted them before. Its EXIF orientation is applied too.
 - Transparency is composited over white; grayscale, palette and CMYK images come out as RGB.
