@@ -4,8 +4,8 @@ the same samples.
 
 - current: what ``ranking.data.loader.train_batches`` ran in a DataLoader worker before issue 11 phase 2 (kept in
   ``stream.py`` as the reference): ``stream.train_records``, the sampler, and ``stream.Decoder(train_transform)`` per
-  image (PIL decode, random resized crop to the output size, flip, float32, normalise); the worker ships float32
-  ``[N, 3, S, S]``.
+  image (decode to a PIL image, random resized crop to the output size, flip, float32, normalise); the worker ships
+  float32 ``[N, 3, S, S]``.
 - new: what the trainer runs now: the same records and sampler, ``augment.StoredDecoder`` per image (JPEG -> uint8
   64 px); the worker ships uint8 ``[N, 3, 64, 64]``; the training process runs ``augment.TrainAugment`` on the batch
   (here on the CPU, the device of a CPU-only run; on a GPU this part leaves the CPU altogether).

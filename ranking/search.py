@@ -4,9 +4,10 @@ of any images.
 The gallery is an index folder (`ranking index`: it carries its model, embeddings, file names and thumbnails) or an
 evaluation folder (`ranking evaluate`: the model is the run's checkpoint at the evaluation's step; file names, wnids
 and words are read from the shards, cached in EVAL_DIR as ``<split>-index.json``). Either way each image (any size,
-grayscale or colour, any format PIL reads) is embedded with the gallery's model through the eval transform and
-compared by squared Euclidean distance. Prints, for each image, one line per result: rank, distance, file, class
-(wnid) and words; or, with --json, a list of {"query", "results": [{rank, distance, id, label, class, words, file}]}.
+grayscale or colour, any format PIL reads, turned upright by its EXIF orientation) is embedded with the gallery's
+model through the eval transform and compared by squared Euclidean distance. Prints, for each image, one line per
+result: rank, distance, file, class (wnid) and words; or, with --json, a list of
+{"query", "results": [{rank, distance, id, label, class, words, file}]}.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
 from ranking.core.flags import at_least, parse
+from ranking.data.decode import to_pil
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import read_images, split_index
 from ranking.reporting.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if grid is not None:
         thumbnails = gallery.thumbnails(list({r.item.id: r.item for results in found for r in results}.values()))
-        rows = [[Tile(image, ["query", path.name], QUERY)]
+        rows = [[Tile(to_pil(image), ["query", path.name], QUERY)]
                 + [Tile(thumbnails[r.item.id], caption(r), NEUTRAL) for r in results]
                 for path, image, results in zip(paths, images, found)]
         title = f"nearest {len(found[0])} gallery images of each query (d = squared distance)"

@@ -1,7 +1,8 @@
 """`ranking shards SOURCE --out DIR`: repack a dataset into WebDataset shards; `ranking shards --verify DIR`.
 
 SOURCE is Tiny ImageNet (zip or folder), class folders of images, or a folder of unlabelled images
-(ranking.data.archive.open_archive); in the folder layouts images that are not RGB JPEGs are converted once.
+(ranking.data.archive.open_archive); in the folder layouts images that are not upright RGB JPEGs (other formats, and
+JPEGs with an EXIF rotation) are converted once, upright, to RGB JPEGs.
 
 Output (DESIGN.md, "Shards"): `DIR/{train,val,test}-NNNNNN.tar` and `DIR/manifest.json`. A sample's id is its
 position in its split's files sorted by path; train samples are written in a seeded permutation so every shard
@@ -29,20 +30,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from ranking.core.errors import ConfigError, RankingError
 from ranking.core.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
 from ranking.core.flags import at_least, parse
 from ranking.data.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
+from ranking.data.decode import decode_image, decode_jpeg, read_header, to_pil
 from ranking.folders.shardformat import FORMAT, MANIFEST, SPLITS, load_manifest, sample_key, shard_name, shortened
 
 JOURNAL = ".journal.jsonl"
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")
-MAX_IMAGE_PIXELS = 64 * 2**20  # decoding takes 3 bytes a pixel: 192 MiB at most
-JPEG_QUALITY = 95  # of the images converted to RGB JPEG (folder layouts: PNG, WebP, grayscale or CMYK JPEG...)
+JPEG_QUALITY = 95  # of the images converted to RGB JPEG (folder layouts: PNG, WebP, grayscale or CMYK JPEG, rotated)
 
 
 @dataclass
@@ -117,42 +117,19 @@ def plan_shards(archive: Archive | FolderDataset, shard_size: int, seed: int) ->
 
 
 def check_jpeg(data: bytes, where: str) -> None:
-    """Decode the whole image: a JPEG the trainer cannot read must fail here, naming its file."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format != "JPEG":
-                raise RankingError(f"{where}: not a JPEG (a {image.format} image)")
-            check_pixels(image, where)
-            image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise RankingError(f"{where}: JPEG does not decode ({e})") from None
-
-
-def check_pixels(image: Image.Image, where: str) -> None:
-    """Refuse, before decoding, an image whose pixels would take more memory than any photo needs (a small file
-    can declare a huge uniform image)."""
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise RankingError(f"{where}: {image.width}x{image.height} pixels, over the limit of {MAX_IMAGE_PIXELS} "
-                           f"(ranking.shards.MAX_IMAGE_PIXELS)")
+    """Decode the whole image: a JPEG the trainer cannot read (or one declaring too many pixels) must fail here,
+    naming its file."""
+    header = read_header(data, where)
+    if header.format != "JPEG":
+        raise RankingError(f"{where}: not a JPEG (a {header.format} image)")
+    decode_jpeg(data, where)
 
 
 def to_rgb_jpeg(data: bytes, where: str) -> bytes:
-    """Decode any image PIL reads and encode it once as an RGB JPEG (transparency over white); RankingError naming
-    the file if it does not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            check_pixels(image, where)
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-                rgb.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                rgb = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise RankingError(f"{where}: image does not decode ({e})") from None
+    """Decode any image (``decode.decode_image``: upright, transparency over white) and encode it once as an RGB
+    JPEG at JPEG_QUALITY, with no EXIF left to rotate it again; RankingError naming the file if it does not decode."""
     buffer = io.BytesIO()
-    rgb.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    to_pil(decode_image(data, where)).save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 

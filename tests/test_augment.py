@@ -5,28 +5,21 @@ from __future__ import annotations
 import io
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ranking.core.errors import RankingError
 from ranking.data.augment import (
     CropBoxes,
     EvalResize,
     StoredDecoder,
     TrainAugment,
     collate_samples,
-    decode_uint8,
-    decode_uint8_batch,
     seeded_generator,
 )
 from ranking.data.stream import eval_transform
-
-# torchvision 0.29 deprecates its JPEG decoder for TorchCodec; 0.26 (the GPU machine's) does not: still the one to use
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -187,47 +180,13 @@ def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
     torch.testing.assert_close(ours, reference, rtol=1.6e-2, atol=1e-5)  # torch.testing's bf16 tolerances
 
     odd = [random_images(1, 50, 90, seed=2)[0], random_images(1, 120, 64, seed=3)[0]]  # query files: any size
-    pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in odd]
-    searched = embed_images(model, ModelSpec.of(cfg), pil)
+    searched = embed_images(model, ModelSpec.of(cfg), odd)
     with torch.inference_mode():
         reference = model(torch.stack([torchvision_eval(image) for image in odd]))
     torch.testing.assert_close(searched, reference, rtol=1.6e-2, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------- decoding
-
-def test_decode_uint8_keeps_the_stored_pixels():
-    data = jpeg()
-    image = decode_uint8(data, "x")
-    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
-    with Image.open(io.BytesIO(data)) as pil:
-        expected = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
-    assert (image.int() - expected.int()).abs().max() <= 2  # libjpeg-turbo both; IDCT choices may differ by a level
-
-
-def test_grayscale_jpeg_decodes_to_three_channels():
-    image = decode_uint8(jpeg("L"), "x")
-    assert image.shape == (3, 64, 64)
-    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
-
-
-@pytest.mark.parametrize("data", [b"not a jpeg", b"", jpeg()[:200]], ids=["garbage", "empty", "truncated"])
-def test_corrupt_jpeg_is_one_line_naming_the_sample(data):
-    source = "shards/train-000003.tar: sample train_0000042"
-    with pytest.raises(RankingError) as raised:
-        decode_uint8(data, source)
-    message = str(raised.value)
-    assert message.startswith(f"{source}: cannot decode") and "\n" not in message
-    with pytest.raises(RankingError, match="sample train_0000042: cannot decode"):
-        decode_uint8_batch([jpeg(), data], ["good", source])
-
-
-def test_batch_decode_is_single_decodes():
-    datas = [jpeg(), jpeg("L"), jpeg(size=(40, 30))]
-    decoded = decode_uint8_batch(datas)
-    assert all(torch.equal(a, decode_uint8(d)) for a, d in zip(decoded, datas))
-    assert decode_uint8_batch([]) == []
-
+# ----------------------------------------------------------------------------------------------- worker side
 
 def test_stored_decoder_gives_a_fixed_size_and_pickles():
     decoder = pickle.loads(pickle.dumps(StoredDecoder(64)))

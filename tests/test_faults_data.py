@@ -21,7 +21,8 @@ from PIL import Image
 from ranking import cli
 from ranking.core.errors import RankingError
 from ranking.data.archive import MAX_FILE_BYTES, Archive, open_source
-from ranking.shards import MAX_IMAGE_PIXELS, main, verify_shards, write_shards
+from ranking.data.decode import MAX_IMAGE_PIXELS
+from ranking.shards import main, verify_shards, write_shards
 
 ROOT = "tiny-imagenet-200/"
 TRAIN_JPEG = ROOT + "train/n90000003/images/n90000003_7.JPEG"
@@ -133,7 +134,7 @@ def test_huge_declared_image_is_refused_before_decoding(synth_zip, tmp_path):
     with pytest.raises(RankingError) as error:
         write_shards(folder, tmp_path / "out", shard_size=50)
     assert one_line(error).endswith(f"n90000003_7.JPEG: {side}x{side} pixels, over the limit of {MAX_IMAGE_PIXELS} "
-                                    "(ranking.shards.MAX_IMAGE_PIXELS)")
+                                    "(ranking.data.decode.MAX_IMAGE_PIXELS)")
 
 
 @pytest.mark.timeout(30)

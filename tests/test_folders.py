@@ -213,11 +213,11 @@ def test_unreadable_image_is_one_line_naming_the_file(where, tree, tmp_path):
     bad = copy / sorted(written)[5]
     if where == "listing":  # PIL cannot even identify it
         bad.write_bytes(b"this is not an image")
-        message = f"{bad}: not a readable image (cannot identify image file"
+        message = f"{bad}: cannot decode (not an image file)"
     else:  # a truncated PNG: identified from its header, fails when decoded
         bad = bad.with_suffix(".png")
         bad.write_bytes(written[f"{sorted(written)[0].split('/')[0]}/odd.png"][:200])
-        message = f"{bad}: image does not decode ("
+        message = f"{bad}: cannot decode ("
     out = tmp_path / "out"
     with pytest.raises(RankingError) as error:
         write_shards(copy, out, shard_size=8, workers=2)

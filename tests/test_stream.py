@@ -20,9 +20,6 @@ from ranking.data.augment import StoredDecoder
 from ranking.data.sampling import build_batches
 from ranking.data.stream import eval_samples, eval_transform, train_records, train_samples, train_transform
 
-# torchvision 0.29 deprecates its JPEG decoder (augment.decode_uint8) for TorchCodec; 0.26 (the GPU machine's) does not
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
-
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CLASSES = 4
 

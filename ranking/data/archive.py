@@ -7,9 +7,10 @@
 - `flat`: a folder of unlabelled images `ROOT/*.jpg` with no class folders (FolderDataset): a gallery only,
   written as the test split with label -1 (training needs labels).
 
-In the folder layouts the images may be any format PIL reads (FOLDER_IMAGE_SUFFIXES); each is probed when listed,
-and those that are not RGB JPEGs (PNG, WebP, grayscale or CMYK JPEG...) are marked to be converted once to an RGB
-JPEG by the shard writer (`FolderDataset.converted`).
+In the folder layouts the images may be any format PIL reads (FOLDER_IMAGE_SUFFIXES); each one's header is read when
+listed, and those that are not upright RGB JPEGs (PNG, WebP, grayscale or CMYK JPEG, a JPEG with an EXIF rotation:
+every phone photo) are marked to be converted once, upright, to an RGB JPEG by the shard writer
+(`FolderDataset.converted`).
 
 The layout, inside a folder `tiny-imagenet-200/` (the folder may also be the source itself):
 
@@ -401,15 +402,12 @@ def list_images(root: Path) -> dict[str, int]:
 
 
 def needs_conversion(path: Path) -> bool:
-    """Whether the image must be re-encoded to be an RGB JPEG (read from its header only; RankingError if PIL cannot
-    identify it)."""
-    from PIL import Image, UnidentifiedImageError
+    """Whether the image must be re-encoded to be stored: anything but an RGB JPEG without an EXIF rotation (read
+    from its header only; RankingError if it is no image or declares too many pixels)."""
+    from ranking.data.decode import read_header  # torch and its decoders, only for folder sources
 
-    try:
-        with Image.open(path) as image:
-            return not (image.format == "JPEG" and image.mode == "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise RankingError(f"{path}: not a readable image ({e})") from None
+    header = read_header(path, str(path))
+    return not (header.format == "JPEG" and header.mode == "RGB" and header.orientation == 1)
 
 
 class FolderDataset(SampleSource):

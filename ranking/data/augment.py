@@ -4,12 +4,12 @@ A Tiny ImageNet image is stored as a 64 px JPEG of about 2 KB. Augmenting it in 
 random resized crop to 160 px, float32, normalise) makes 307 KB per image to cross to the training process and costs
 the worker most of its time, which left the GPU idle most of each step. The path here splits the work:
 
-- worker: ``StoredDecoder`` (``decode_uint8``, then ``fit_stored_size``): JPEG bytes -> uint8 ``[3, s, s]`` at the
-  stored size ``s`` (64: 12 KB); the samplers stack a batch into uint8 ``[N, 3, s, s]`` as they stack float images.
+- worker: ``StoredDecoder`` (``decode.decode_jpeg``, then ``fit_stored_size``): JPEG bytes -> uint8 ``[3, s, s]`` at
+  the stored size ``s`` (64: 12 KB); the samplers stack a batch into uint8 ``[N, 3, s, s]`` as they stack float images.
 - device: ``TrainAugment`` (a random resized crop and flip of its own for each image, resize, normalise: one
   ``roi_align`` for the whole batch) or ``EvalResize`` (resize, centre crop, normalise) -> float ``[N, 3, S, S]``.
 
-``decode_uint8_batch`` decodes a list of JPEGs in one call, on the GPU where ``device="cuda"`` (nvJPEG), for a path
+``decode.decode_jpegs`` decodes a list of JPEGs in one call, on the GPU where ``device="cuda"`` (nvJPEG), for a path
 where even the decoding moves to the device.
 
 Where it runs:
@@ -31,43 +31,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-from ranking.core.errors import RankingError
+from ranking.data.decode import decode_jpeg
 
 STORED_SIZE = 64  # every Tiny ImageNet image is 64 x 64
 
 
 # ------------------------------------------------------------------------------------------------- worker side
-
-def decode_uint8(jpeg: bytes, source: str = "?") -> Tensor:
-    """JPEG bytes -> uint8 ``[3, h, w]`` at the stored resolution; grayscale JPEGs come out as RGB.
-
-    ``source`` names the sample in the error (``"shard: sample key"``, as ``stream.Record.source``).
-    """
-    try:
-        return decode_jpeg(_as_tensor(jpeg), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
-        raise RankingError(f"{source}: cannot decode ({_one_line(e)})") from None
-
-
-def decode_uint8_batch(jpegs: Sequence[bytes], sources: Sequence[str] | None = None,
-                       device: str | torch.device = "cpu") -> list[Tensor]:
-    """Many JPEGs in one ``decode_jpeg`` call: uint8 ``[3, h, w]`` tensors on ``device`` (nvJPEG when "cuda").
-
-    If the batch fails, the images are decoded one by one on the CPU so that the error names the broken one.
-    """
-    sources = list(sources) if sources is not None else ["?"] * len(jpegs)
-    if not jpegs:
-        return []
-    try:
-        return list(decode_jpeg([_as_tensor(jpeg) for jpeg in jpegs], mode=ImageReadMode.RGB, device=device))
-    except (RuntimeError, ValueError):
-        images = [decode_uint8(jpeg, source) for jpeg, source in zip(jpegs, sources)]  # raises, naming the culprit
-        return [image.to(device) for image in images]  # decodable one by one: a device failure, not a bad image
-
 
 def fit_stored_size(image: Tensor, stored_size: int = STORED_SIZE) -> Tensor:
     """uint8 ``[3, h, w]`` -> ``[3, s, s]``: images of another size (none in Tiny ImageNet) are resized to the stored
@@ -95,7 +67,7 @@ class StoredDecoder:
         self.stored_size = stored_size
 
     def __call__(self, jpeg: bytes, source: str = "?") -> Tensor:
-        image = decode_uint8(jpeg, source)
+        image = decode_jpeg(jpeg, source)
         return image if self.stored_size is None else fit_stored_size(image, self.stored_size)
 
     def image(self, record: Any) -> Tensor:  # a stream.Record: image bytes, label, id, source
@@ -264,14 +236,3 @@ class EvalResize:
         cropped = TF.center_crop(resized, [self.image_size, self.image_size])
         mean, std = self._mean_std(images.device)  # TF.normalize's own sub_ and div_, its mean and std made once
         return TF.to_dtype(cropped, torch.float32, scale=True).sub_(mean).div_(std)
-
-
-def _as_tensor(jpeg: bytes) -> Tensor:
-    if not jpeg:
-        raise ValueError("empty")
-    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
-
-
-def _one_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -5,16 +5,16 @@ Training streams are infinite: every rank and every DataLoader worker resamples 
 rank waits for another. Evaluation streams read each sample of a split exactly once over all ranks.
 
 The trainer and the evaluation decode to uint8 at the stored size in their DataLoader workers and make the model's
-pixels on the training device (``ranking.data.augment``). ``train_transform``, ``Decoder`` and ``train_samples`` are the
-per-image torchvision path the trainer ran in its workers before: the reference that ``augment.TrainAugment`` is
-tested and benchmarked against (tests, ``bench/bench_loader.py``'s "current", ``bench/bench_shards.py``);
-``eval_transform`` is ``augment.EvalResize``'s reference.
+pixels on the training device (``ranking.data.augment``). ``train_transform``, ``Decoder`` and ``train_samples`` are
+the per-image torchvision path the trainer ran in its workers before (on PIL images, decoded by
+``ranking.data.decode`` as everything is): the reference that ``augment.TrainAugment`` is tested and benchmarked
+against (tests, ``bench/bench_loader.py``'s "current", ``bench/bench_shards.py``); ``eval_transform`` is
+``augment.EvalResize``'s reference.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import random
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -22,12 +22,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torchvision.transforms import v2
 
 from ranking.core import distributed
 from ranking.core.errors import RankingError
 from ranking.data.augment import StoredDecoder
+from ranking.data.decode import decode_jpeg, to_pil
 from ranking.folders.shardformat import MANIFEST, key_id, shard_counts, shard_paths
 
 Sample = tuple[torch.Tensor, int, int]
@@ -163,18 +163,18 @@ class Record(NamedTuple):
 
 
 class Decoder:
-    """JPEG bytes -> transformed image tensor; a picklable callable, so DataLoader workers can run it."""
+    """JPEG bytes -> transformed image tensor; a picklable callable, so DataLoader workers can run it.
+
+    Decoded by ``decode.decode_jpeg``, then handed to ``transform`` as the PIL image the workers' per-image path
+    transformed before: the same pixels as PIL's own decode of every Tiny ImageNet JPEG, so the reference stays what
+    it was.
+    """
 
     def __init__(self, transform: v2.Compose) -> None:
         self.transform = transform
 
     def __call__(self, jpeg: bytes, source: str = "?") -> torch.Tensor:
-        try:
-            with Image.open(io.BytesIO(jpeg)) as encoded:
-                image = encoded.convert("RGB")  # Tiny ImageNet has grayscale JPEGs
-        except (OSError, ValueError) as e:
-            raise RankingError(f"{source}: cannot decode ({e})") from None
-        return self.transform(image)
+        return self.transform(to_pil(decode_jpeg(jpeg, source)))
 
     def image(self, record: Record) -> torch.Tensor:
         return self(record.image, record.source)

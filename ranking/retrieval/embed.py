@@ -17,10 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ranking.data import stream
 from ranking.data.augment import EvalResize, collate_samples
@@ -121,17 +119,18 @@ def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader,
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, spec: ModelSpec, images: Sequence[Image.Image], flip: bool = False,
+def embed_images(model: nn.Module, spec: ModelSpec, images: Sequence[torch.Tensor], flip: bool = False,
                  batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
-    """[N, D] float32 embeddings on the CPU of images in memory (any sizes), fed as ``spec`` says through the
-    evaluation's ``EvalResize`` on the device, in full precision; ``flip`` as the gallery was embedded. ``device``
-    defaults to the GPU if there is one (the model is moved there)."""
+    """[N, D] float32 embeddings on the CPU of uint8 RGB images ``[3, H, W]`` in memory (any sizes, as
+    ``ranking.data.decode`` makes them), fed as ``spec`` says through the evaluation's ``EvalResize`` on the device,
+    in full precision; ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there is one (the
+    model is moved there)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resize = EvalResize(spec.image_size, spec.mean, spec.std)
     model = model.to(device).eval()
     embeddings = [torch.zeros(0, spec.embed_dim)]
     for start in range(0, len(images), batch_size):
-        pixels = [pil_to_tensor(image.convert("RGB")) for image in images[start:start + batch_size]]  # uint8
+        pixels = list(images[start:start + batch_size])
         embeddings.append(models.embed_with_mirror(model, resize(to_device(pixels, device)), flip).float().cpu())
     embeddings_cpu = torch.cat(embeddings)
     return F.normalize(embeddings_cpu, dim=1) if spec.normalize else embeddings_cpu

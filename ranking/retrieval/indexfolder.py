@@ -34,7 +34,8 @@ from PIL import Image
 
 from ranking.core.errors import RankingError
 from ranking.core.files import publish_folder, read_json, write_atomically, write_text_atomically
-from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike, decode_image
+from ranking.data.decode import decode_image, to_pil
+from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike
 from ranking.retrieval.metrics import EmbeddingSet, nearest_neighbors
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
                 if item.thumb is None:
                     raise RankingError(f"{tar_path}: item {item.id} has no thumbnail")
                 f.seek(item.thumb[0])
-                images[item.id] = decode_image(f.read(item.thumb[1]), f"{tar_path}: thumbnail {item.id}")
+                images[item.id] = to_pil(decode_image(f.read(item.thumb[1]), f"{tar_path}: thumbnail {item.id}"))
     except OSError as e:
         raise RankingError(f"{tar_path}: cannot read ({e.strerror})") from None
     return images
@@ -287,21 +288,21 @@ class ShardsSource(ImageSource):
                         if member.name.endswith(".jpg"):
                             extracted = tar.extractfile(member)
                             data = extracted.read() if extracted else b""
-                            yield key_id(member.name[:-4]), decode_image(data, f"{shard}: {member.name}")
+                            yield key_id(member.name[:-4]), to_pil(decode_image(data, f"{shard}: {member.name}"))
             except (OSError, tarfile.TarError) as e:
                 raise RankingError(f"{shard}: cannot read shard ({e})") from None
 
 
 class _FolderSamples(torch.utils.data.IterableDataset):
-    """This rank's share (position % world_size == rank) of a folder's images, decoded and transformed."""
+    """This rank's share (position % world_size == rank) of a folder's images, decoded to uint8."""
 
-    def __init__(self, source: FolderSource, transform: Callable, rank: int, world_size: int):
-        self.source, self.transform, self.rank, self.world_size = source, transform, rank, world_size
+    def __init__(self, source: FolderSource, rank: int, world_size: int):
+        self.source, self.rank, self.world_size = source, rank, world_size
 
     def __iter__(self):
         for position, (label, _, _, _) in enumerate(self.source.entries):
             if position % self.world_size == self.rank:
-                yield self.transform(self.source.image(position)), label, position
+                yield self.source.image(position), label, position
 
 
 class FolderSource(ImageSource):
@@ -321,19 +322,19 @@ class FolderSource(ImageSource):
         self.entries = [(s.label, classes[s.label].wnid if s.label >= 0 else None,
                          classes[s.label].words if s.label >= 0 else None, s.file) for s in samples]
 
-    def image(self, position: int) -> Image.Image:
+    def image(self, position: int) -> torch.Tensor:
+        """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded."""
         file = self.entries[position][3]
         return decode_image(self.dataset.read(file), self.dataset.describe(file))
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from torch.utils.data import DataLoader
-        from torchvision.transforms.v2.functional import pil_to_tensor
 
         from ranking.data.augment import EvalResize, collate_samples
         from ranking.retrieval.embed import embed_loader
 
         spec = model.spec
-        samples = _FolderSamples(self, pil_to_tensor, accelerator.process_index, accelerator.num_processes)  # uint8
+        samples = _FolderSamples(self, accelerator.process_index, accelerator.num_processes)
         loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
                             collate_fn=collate_samples)
         return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
@@ -341,7 +342,7 @@ class FolderSource(ImageSource):
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         for position in range(len(self.entries)):
-            yield position, self.image(position)
+            yield position, to_pil(self.image(position))
 
 
 def open_images(path: str | os.PathLike, split: str | None = None) -> ImageSource:

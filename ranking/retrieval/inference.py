@@ -24,17 +24,18 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ranking.core.config import ExportFormat
 from ranking.core.errors import RankingError
 from ranking.core.files import read_json, write_atomically, write_text_atomically
 from ranking.data.archive import read_regular_file
+from ranking.data.decode import decode_image, from_pil
 from ranking.folders import checkpoint, runfolder
 from ranking.learning import models
 from ranking.learning.models import ModelSpec
@@ -43,7 +44,6 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 MODEL_FORMAT = "deep-ranking-model/2"  # MODEL_JSON: {"format", "model": ModelSpec.to_dict(), "flip", "source"}
 LEGACY_MODEL_FORMAT = "deep-ranking-model/1"  # written before: {"format", "config": TrainConfig, "preprocessing", ...}
-MAX_IMAGE_PIXELS = 64 * 2**20  # as ranking.shards: decoding takes 3 bytes a pixel, 192 MiB at most
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 
@@ -51,42 +51,18 @@ ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 # ---------------------------------------------------------------------------------------------------------- images
 
 
-def decode_image(data: bytes, where: str) -> Image.Image:
-    """An upright RGB image from encoded bytes of any format PIL reads (transparency over white, EXIF orientation
-    applied); an image declaring more than MAX_IMAGE_PIXELS is refused before decoding. RankingError naming
-    ``where`` otherwise."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise RankingError(f"{where}: {image.width}x{image.height} pixels, over the limit of "
-                                   f"{MAX_IMAGE_PIXELS} (ranking.retrieval.inference.MAX_IMAGE_PIXELS)")
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
-                rgba = upright.convert("RGBA")
-                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-                rgb.paste(rgba, mask=rgba.getchannel("A"))
-                return rgb
-            return upright.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        reason = "not an image file" if isinstance(e, Image.UnidentifiedImageError) else f"cannot decode ({e})"
-        raise RankingError(f"{where}: {reason}") from None
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image from any file PIL can read (size-limited, as ``ranking.data.archive`` reads); RankingError
-    otherwise."""
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file of any format as uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode.decode_image``), read
+    within ``ranking.data.archive``'s size limits; RankingError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise RankingError(f"{path}: no such image file")
     return decode_image(read_regular_file(path), str(path))
 
 
-def to_images(images: ImageLike | Iterable[ImageLike]) -> list[Image.Image]:
-    """RGB PIL images from PIL images, paths, or uint8 tensors ([3, H, W], [1, H, W], [H, W] or a batch
-    [N, 3, H, W]); a tensor becomes the PIL image of its pixels, so it is embedded exactly like that image."""
-    from torchvision.transforms.v2.functional import to_pil_image
-
+def to_images(images: ImageLike | Iterable[ImageLike]) -> list[torch.Tensor]:
+    """uint8 RGB ``[3, H, W]`` tensors from PIL images (EXIF orientation applied, as for a file), paths, or uint8
+    tensors ([3, H, W], [1, H, W], [H, W] or a batch [N, 3, H, W]), so a tensor is embedded exactly as its pixels."""
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
     elif isinstance(images, torch.Tensor):
@@ -94,7 +70,7 @@ def to_images(images: ImageLike | Iterable[ImageLike]) -> list[Image.Image]:
     found = []
     for n, image in enumerate(images):
         if isinstance(image, Image.Image):
-            found.append(image.convert("RGB"))
+            found.append(from_pil(image))
         elif isinstance(image, (str, os.PathLike)):
             found.append(load_image(image))
         elif isinstance(image, torch.Tensor):
@@ -102,7 +78,8 @@ def to_images(images: ImageLike | Iterable[ImageLike]) -> list[Image.Image]:
                                                                              not in (1, 3)):
                 raise RankingError(f"image {n}: a tensor must be uint8 [3, H, W], [1, H, W] or [H, W]; got "
                                    f"{str(image.dtype).removeprefix('torch.')} {list(image.shape)}")
-            found.append(to_pil_image(image.cpu()).convert("RGB"))
+            gray = image.dim() == 2 or image.shape[0] == 1
+            found.append(image.reshape(1, *image.shape[-2:]).expand(3, -1, -1).contiguous() if gray else image)
         else:
             raise RankingError(f"image {n}: expected a PIL image, a path or a uint8 tensor; got {type(image).__name__}")
     return found
@@ -362,12 +339,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, flip
     return EmbeddingModel.from_run(path, flip, device)
 
 
-def preprocess(model: EmbeddingModel, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The network's input for ``images``: [N, 3, S, S] float32 after ``augment.EvalResize``, on the CPU (to feed an
-    exported copy)."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
+def preprocess(model: EmbeddingModel, images: ImageLike | Iterable[ImageLike]) -> torch.Tensor:
+    """The network's input for ``images`` (as ``embed`` takes them): [N, 3, S, S] float32 after
+    ``augment.EvalResize``, on the CPU (to feed an exported copy)."""
     from ranking.data.augment import EvalResize
 
     resize = EvalResize(model.spec.image_size, model.spec.mean, model.spec.std)
-    return resize([pil_to_tensor(image.convert("RGB")) for image in images])
+    return resize(to_images(images))
