@@ -263,7 +263,7 @@ def test_an_index_of_the_folder_finds_the_rotated_photo_from_an_upright_copy(pho
     of the PIL image opened on it give that same embedding."""
     index_dir = tmp_path / "index"
     assert index.main(["--checkpoint", str(phone_folder["run"]), "--images", str(phone_folder["folder"]),
-                       "--out", str(index_dir)]) == 0
+                       "--out", str(index_dir), "--mixed-precision", "no"]) == 0  # as embed: full precision
     first = search_first(capsys, phone_folder["upright"], index_dir)
     assert first["file"].endswith("phone.jpg") and first["distance"] < 1e-3, first
 
