@@ -184,6 +184,8 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
     history, _ = wandb_history_and_config(runs[0])
     run_config = {item.key: json.loads(item.value_json) for item in run.config.update}  # wandb.init(config=...)
     assert run_config["train_run_id"] == RUN_ID and history[0]["trainer/step"] == STEP
+    assert run_config["checkpoint_step"] == STEP and run_config["eval_dir"] == str(reported["eval"])
+    assert f"logged to W&B: {runs[0] / 'files'}" in reported["stdout"]  # a folder that exists
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     media = runs[0] / "files" / "media"
     for key in ("loss_curve", "pr_curve", *(f"ranked_{i}" for i in range(5))):
@@ -199,6 +201,14 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
     assert all(isinstance(row[-1], bool) for row in ranked["data"])
     table = json.loads(next((media / "table" / "report").glob("metrics_*.table.json")).read_text())
     assert [row[0] for row in table["data"]] == ["train", "val"]
+
+
+@pytest.mark.system  # wandb.init, even disabled, asks git for the code's folder
+def test_with_wandb_disabled_the_report_claims_no_wandb_log(synth_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    reported = write_report(tmp_path, synth_shards)
+    assert "W&B is disabled: nothing logged to W&B" in reported["stdout"]
+    assert "logged to W&B:" not in reported["stdout"] and not list(reported["run"].glob("wandb/*run-*"))
 
 
 def test_report_names_a_missing_metrics_log(tmp_path):
