@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
 
             if checkpoints.due(step, stop, best):
                 checkpoints.save(step, best)
-                if best:  # --wandb-artifacts: the weights of each new best as the run's model artifact
+                if best and stop is not Stop.SIGNAL:  # --wandb-artifacts: each new best's weights as the model artifact
                     sink.log_model(step, parts.net, best=True)
     sink.close()
     if stop is not Stop.DONE:

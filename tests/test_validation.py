@@ -4,6 +4,7 @@ step and survives rotation; W&B gets the val metrics at the training step."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from harness import launch, metrics, train_flags, wandb_history_and_config, wandb_run, wandb_summary
+from harness import launch, metrics, train_flags, wandb_history_and_config, wandb_records, wandb_run, wandb_summary
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import manifest_digest
 from ranking.retrieval.evalfolder import read_metrics
@@ -42,7 +43,7 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     run_dir = tmp_path / "run"
     flags = train_flags(synth_shards, run_dir, steps=6, lr=3e-3, **{
         "classes-per-batch": 3, "samples-per-class": 4, "eval-every": 2, "eval-gallery-per-class": PER_CLASS,
-        "checkpoint-every": 100, "keep-checkpoints": 1})
+        "checkpoint-every": 100, "keep-checkpoints": 1, "wandb-artifacts": None})
     result = launch(flags)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -82,6 +83,13 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
 
     # the run summary is the best validation, which a sweep on val/precision@30 maximises
     assert wandb_summary(training_run)["val/precision@30"] == pytest.approx(best["val/precision@30"])
+    # one model artifact collection, weights only; `best` last moved to the best step, `latest` to the last
+    artifacts = [r.artifact for r in wandb_records(training_run) if r.WhichOneof("record_type") == "artifact"]
+    assert {(a.name, a.type) for a in artifacts} == {(f"model-{wandb_run(training_run).run_id}", "model")}
+    by_step = {json.loads(a.metadata)["step"]: set(a.aliases) for a in artifacts}
+    assert max(step for step, aliases in by_step.items() if "best" in aliases) == best["step"]
+    assert "latest" in by_step[6]
+    assert all(sorted(e.path for e in a.manifest.contents) == ["model.json", "model.safetensors"] for a in artifacts)
 
     # the standalone evaluation is a run of its own in the training run's group, at the training step it measured,
     # on the validation's names: one panel over trainer/step shows the curve and the evaluation's point

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +98,17 @@ def start_records(cfg: TrainConfig, accelerator: Accelerator, step: int, run_id:
         tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator), Path(cfg.run_dir), run_id, mode)
 
 
-def log_to_trackers(accelerator: Accelerator, values: dict, step: int) -> None:
-    """W&B's service process gets a job's stop signal too (Slurm signals every process): its death must not crash
+def log_to_trackers(accelerator: Accelerator, values: dict, step: int,
+                    then: Callable[[], object] | None = None) -> None:
+    """``values`` to the trackers at ``step``, then ``then()`` (more W&B calls: a summary, an artifact).
+
+    W&B's service process gets a job's stop signal too (Slurm signals every process): its death must not crash
     the rank before it checkpoints. Warn once and go on without it; metrics.jsonl has every record."""
     try:
-        accelerator.log(values, step=step)
+        if values:
+            accelerator.log(values, step=step)
+        if then is not None:
+            then()
     except Exception as e:  # noqa: BLE001 - whatever the tracker raised, training goes on
         accelerator.trackers.clear()
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -146,20 +153,18 @@ class MetricsSink:
         self.meter.exclude(validated.seconds)
         record = {"step": step, **validated.record()}
         self._write(record)
-        self._log(record)
-        run = self._wandb_run()
-        if run is not None and self.best is not None:
-            self.best.update(run, record)
+        run, best = self._wandb_run(), self.best
+        self._log(record, then=None if run is None or best is None else lambda: best.update(run, record))
 
     def _write(self, record: dict) -> None:
         self.at_step = {**self.at_step, **record} if record["step"] == self.at_step["step"] else record
         if self.accelerator.is_main_process:
             runfolder.append_metrics(self.run_dir, record)
 
-    def _log(self, record: dict) -> None:
+    def _log(self, record: dict, then: Callable[[], object] | None = None) -> None:
         step = record["step"]
         log_to_trackers(self.accelerator, {tracking.TRAINER_STEP: step,
-                                           **{k: v for k, v in record.items() if k != "step"}}, step)
+                                           **{k: v for k, v in record.items() if k != "step"}}, step, then)
 
     def _wandb_run(self) -> Any:
         """The W&B run, on the main process while W&B logs (None once a dead service stopped it)."""
@@ -175,7 +180,9 @@ class MetricsSink:
             return
         metrics = {k: v for k, v in self.at_step.items() if k != "step"} if self.at_step["step"] == step else {}
         aliases = [runfolder.LATEST, runfolder.BEST] if best else [runfolder.LATEST]
-        tracking.log_model(run, self.run_dir, net, step, models.ModelSpec.of(self.cfg).to_dict(), metrics, aliases)
+        spec = models.ModelSpec.of(self.cfg).to_dict()
+        log_to_trackers(self.accelerator, {}, step,
+                        then=lambda: tracking.log_model(run, self.run_dir, net, step, spec, metrics, aliases))
         self.model_logged_at = step
 
     def close(self) -> None:
