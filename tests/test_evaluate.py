@@ -248,24 +248,18 @@ def test_the_output_location_and_the_splits_are_checked_before_any_embedding(tin
         main(["--checkpoint", str(tiny_run), "--query-split", "test"])
 
 
-@pytest.mark.system  # wandb.init, even disabled, asks git for the code's folder
-def test_with_wandb_disabled_the_evaluation_claims_no_wandb_log(tiny_run, synth_shards, tmp_path, monkeypatch,
-                                                                capsys):
+def test_with_wandb_disabled_the_evaluation_claims_no_wandb_log(tiny_run, synth_shards, tmp_path, monkeypatch):
     """A run that logs to W&B, evaluated under WANDB_MODE=disabled: one line says nothing was logged; no path of a
     W&B run that does not exist, and no W&B folder."""
     import shutil
 
     import yaml
 
-    from ranking import evaluate
-
     run = tmp_path / "logging-run"
     shutil.copytree(tiny_run, run, symlinks=True)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**saved, "wandb": True}, sort_keys=False))
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert evaluate.main(["--checkpoint", str(run), "--shards", str(synth_shards), "--out", str(tmp_path / "eval"),
-                          "--workers", "0", "--mixed-precision", "no", "--k", "5", "--triplets", "0"]) == 0
-    said = capsys.readouterr().out
+    said = run_evaluate(run, synth_shards, tmp_path / "eval", 1).stdout
     assert "W&B is disabled: nothing logged to W&B" in said and "logged to W&B:" not in said, said
-    assert not (run / "wandb").exists() or not list((run / "wandb").glob("*run-*"))
+    assert not list(run.glob("wandb/*run-*"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,12 +205,14 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
     assert [row[0] for row in table["data"]] == ["train", "val"]
 
 
-@pytest.mark.system  # wandb.init, even disabled, asks git for the code's folder
-def test_with_wandb_disabled_the_report_claims_no_wandb_log(synth_shards, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    reported = write_report(tmp_path, synth_shards)
-    assert "W&B is disabled: nothing logged to W&B" in reported["stdout"]
-    assert "logged to W&B:" not in reported["stdout"] and not list(reported["run"].glob("wandb/*run-*"))
+@pytest.mark.system  # a process of its own: W&B reads WANDB_MODE once per process
+def test_with_wandb_disabled_the_report_claims_no_wandb_log(synth_shards, tmp_path):
+    run_dir = write_report(tmp_path, synth_shards, "--no-wandb")["run"]
+    reported = subprocess.run([sys.executable, "-m", "ranking", "report", str(run_dir)], capture_output=True,
+                              text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    assert "W&B is disabled: nothing logged to W&B" in reported.stdout
+    assert "logged to W&B:" not in reported.stdout and not list(run_dir.glob("wandb/*run-*"))
 
 
 def test_report_names_a_missing_metrics_log(tmp_path):
