@@ -155,9 +155,9 @@ def best_keys() -> list[str]:
 
 
 def init_trainer(accelerator: Any, cfg: TrainConfig, config: dict, run_dir: Path, run_id: str,
-                 mode: str | None) -> Any:
-    """Start (or resume, by id) the training run's W&B run through Accelerate's tracker; returns the run on the main
-    process (None on the others, which log nothing)."""
+                 mode: str | None) -> None:
+    """Start (or resume, by id) the training run's W&B run through Accelerate's tracker (main process only), its
+    names on ``trainer/step``."""
     init: dict[str, Any] = {"name": run_name(cfg, run_dir), "group": group(cfg, run_dir), "tags": cfg.wandb_tags,
                             "id": run_id, "resume": "allow", "dir": str(run_dir), "job_type": "train",
                             "entity": cfg.wandb_entity or None, "notes": cfg.wandb_notes or None}
@@ -166,15 +166,8 @@ def init_trainer(accelerator: Any, cfg: TrainConfig, config: dict, run_dir: Path
     if accelerator.is_main_process:
         stage_files_in(run_dir)
     accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs={"wandb": init})
-    if not accelerator.is_main_process:
-        return None
-    run = accelerator.get_tracker("wandb", unwrap=True)
-    define_metrics(run, best_keys())
-    return run
-
-
-def model_artifact_name(run_id: str) -> str:
-    return f"model-{run_id}"
+    if accelerator.is_main_process:
+        define_metrics(accelerator.get_tracker("wandb", unwrap=True), best_keys())
 
 
 def log_model(run: Any, run_dir: Path, net: Any, step: int, spec: dict, metrics: dict[str, Any],
@@ -193,7 +186,7 @@ def log_model(run: Any, run_dir: Path, net: Any, step: int, spec: dict, metrics:
     write_atomically(folder / "model.safetensors", lambda f: f.write(save(weights)))
     identity = {"step": step, "model": spec, "metrics": metrics}
     write_atomically(folder / "model.json", lambda f: f.write(json.dumps(identity, indent=1).encode()))
-    artifact = wandb.Artifact(model_artifact_name(run.id), type="model", metadata=identity)
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=identity)
     for file in (folder / "model.safetensors", folder / "model.json"):
         artifact.add_file(str(file), policy="immutable", skip_cache=True)
     run.log_artifact(artifact, aliases=aliases)
