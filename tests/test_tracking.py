@@ -151,3 +151,14 @@ def test_the_training_run_logs_sections_on_trainer_step_keeps_the_best_and_one_m
     # W&B's service keeps its debug logs in ~/.cache/wandb/logs; nothing of an artifact may land in the home folder
     staged = [p for p in (tmp_path / "home").rglob("*") if "artifacts" in p.parts or p.suffix == ".safetensors"]
     assert not staged, staged
+
+
+def test_a_resumed_runs_best_summary_counts_the_validations_before_the_requeue():
+    from ranking.reporting.tracking import BestSummary, best_keys
+
+    assert "val/precision@30" in best_keys() and "val/seconds" not in best_keys()
+    best = BestSummary(best_keys(), earlier=[{"step": 2, "val/precision@30": 0.6, "val/knn1": 0.2},
+                                             {"step": 3, "train/loss": 0.1}])
+    assert best.improved({"step": 4, "val/precision@30": 0.5, "val/knn1": 0.3}) == {"val/knn1": 0.3}
+    assert best.improved({"step": 6, "val/precision@30": 0.7}) == {"val/precision@30": 0.7}
+    assert best.best == {"val/precision@30": 0.7, "val/knn1": 0.3}
