@@ -99,6 +99,9 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     assert eval_history[0]["eval/train/precision@30"] == pytest.approx(read_metrics(out)["splits"]["train"][
         "precision_at_k"])
     assert any(k.startswith("eval/pr_curve") for k in eval_history[0])
+    # --wandb-artifacts: W&B's staged copies (the embeddings, the tables) are in the run folder, not the home folder
+    staged = list((run_dir / "wandb" / "artifacts" / "staging").iterdir())
+    assert (out / "embeddings.pt").stat().st_size in [p.stat().st_size for p in staged]
     eval_config = wandb_history_and_config(eval_run)[1]
     assert eval_config["mixed_precision"] == "no" and eval_config["checkpoint_step"] == best["step"]
     assert eval_config["checkpoint_sha256"] == checkpoint.state_sha256(best_dir.resolve())

@@ -202,8 +202,9 @@ def log_job(run_dir: Path, cfg: TrainConfig, job_type: str, step: int, values: C
             config: dict | None = None, artifacts: dict[str, tuple[str, Path]] | None = None) -> str | None:
     """Log ``values(wandb)`` at training step ``step`` in a new run of ``job_type`` in the training run's group.
 
-    ``artifacts``: name -> (type, file), logged with the run (added in place, no copy). Returns the run's URL, or
-    its folder, or None when W&B is disabled (nothing was logged anywhere).
+    ``artifacts``: name -> (type, file), logged with the run; W&B copies each into its staging folder, in the run
+    folder (``stage_files_in``), since a later stage may rewrite the file before an offline run is synced. Returns
+    the run's URL, or its folder, or None when W&B is disabled (nothing was logged anywhere).
     """
     import wandb
 
@@ -220,7 +221,7 @@ def log_job(run_dir: Path, cfg: TrainConfig, job_type: str, step: int, values: C
         run.log(logged)
         for artifact_name, (kind, path) in (artifacts or {}).items():
             artifact = wandb.Artifact(artifact_name, type=kind)
-            artifact.add_file(str(path), policy="immutable", skip_cache=True)
+            artifact.add_file(str(path), skip_cache=True)
             run.log_artifact(artifact)
         return None if run.disabled else (run.url or run.dir)
     finally:
