@@ -43,7 +43,9 @@ def measure(work: Path) -> dict:
         run = work / name
         ranking("train", *COMMON, *flags, "--shards", str(work / "shards"), "--run-dir", str(run))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        found[name] = [record["loss"] for record in records if "loss" in record]
+        # `train/loss`, or `loss` at commits before the train/ names: the same number either way
+        found[name] = [record.get("train/loss", record.get("loss")) for record in records
+                       if "train/loss" in record or "loss" in record]
     run = work / "batch-semihard"
     ranking("evaluate", "--checkpoint", str(run), "--out", str(run / "eval"), "--workers", "0",
             "--mixed-precision", "no", "--batch-size", "32")

@@ -95,7 +95,9 @@ def train_summary(args: argparse.Namespace) -> int:
     if not kept:
         print(f"{args.label}: no logged interval after the first {args.drop} ({len(records)} logged)")
         return 1
-    rate = statistics.fmean(r["triplets_per_s"] for r in kept)
+    # this script runs without the package installed: it reads today's name and the one before `train/`
+    rate = statistics.fmean(r["train/triplets_per_s"] if "train/triplets_per_s" in r else r["triplets_per_s"]
+                            for r in kept)
     steps = kept[-1]["step"] - records[args.drop - 1]["step"] if args.drop else kept[-1]["step"]
     print(f"{args.label}: {rate:8.0f} {args.unit}/s, {rate / args.per_step:6.2f} steps/s "
           f"({len(kept)} logged intervals, {steps} steps after the first {args.drop})")

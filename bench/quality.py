@@ -51,6 +51,7 @@ from ranking.core.config import TrainConfig
 from ranking.core.files import write_text_atomically
 from ranking.data.archive import Archive, open_archive
 from ranking.data.sampling import images_per_batch
+from ranking.folders import runfolder
 from ranking.learning.models import LITE0_STATS, build_lite0
 from ranking.retrieval.metrics import EmbeddingSet, evaluate_retrieval, titles
 from ranking.shards import write_shards
@@ -138,8 +139,8 @@ def images_per_step(cfg: TrainConfig) -> int:
 def seconds_per_step(run_dir: Path) -> float:
     """Steady-state step time of a calibration run: its last logged interval, after the loader has started."""
     cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    return triplets_per_step(cfg) * cfg.grad_accum / last["triplets_per_s"]
+    last = runfolder.read_metrics_log(run_dir)[-1]
+    return triplets_per_step(cfg) * cfg.grad_accum / last["train/triplets_per_s"]
 
 
 def fresh(path: Path) -> Path:

@@ -1,8 +1,9 @@
 """`ranking compare RUN [RUN ...]`: runs side by side without W&B, for clusters without internet.
 
-Prints the config keys whose values differ between the runs, and each run's final loss, its best validation
-metric during training (``val/...`` in metrics.jsonl) and its newest evaluation's val metrics; draws the overlaid
-loss, validation and precision-recall curves into one PNG (``--out``, default ``compare.png``).
+Prints the config keys whose values differ between the runs, and each run's final loss (``train/loss``), its best
+validation metric during training (``val/...`` in metrics.jsonl, the names W&B shows) and its newest evaluation's val
+metrics; draws the overlaid loss, validation and precision-recall curves into one PNG (``--out``, default
+``compare.png``). Runs written before the ``train/`` names are read with today's names.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from ranking.core.errors import RankingError
 from ranking.core.flags import parse
 from ranking.folders import runfolder
 from ranking.reporting import plots
-from ranking.retrieval import evalfolder
+from ranking.retrieval import evalfolder, validation
 from ranking.retrieval.metrics import titles
 
-VAL_PREFIX = "val/"
+VAL_PREFIX = validation.VAL_PREFIX
+LOSS = "train/loss"  # the names W&B shows; runfolder.read_metrics_log gives older runs' `loss` this name too
 
 
 @dataclasses.dataclass
@@ -68,7 +70,7 @@ def comparison_table(runs: list[RunSummary], val_key: str | None) -> str:
     header += [f"eval val {title}" for title in shown.values()]
     rows = []
     for run in runs:
-        loss = run.final("loss")
+        loss = run.final(LOSS)
         row = [run.name, *(str(run.config.get(key)) for key in differing_keys(runs)),
                str(run.records[-1]["step"] if run.records else 0), "-" if loss is None else f"{loss:.4f}"]
         if val_key:

@@ -81,27 +81,37 @@ def check_subset(found: EmbeddingSet, wanted: frozenset[int], shards: str) -> No
                            "from their own labels")
 
 
+def wandb_names(split: str, k: int) -> dict[str, str]:
+    """A split's metric name -> its W&B key: the val split on the names of the trainer's validation (``val/...``, so
+    one panel shows both), any other split under ``eval/<split>/``; "queries" counts them."""
+    prefix = validation.VAL_PREFIX if split == "val" else f"{tracking.EVAL_PREFIX}{split}/"
+    return {**validation.metric_keys(k, prefix), "queries": f"{prefix}queries"}
+
+
 def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, cfg: EvalConfig, step: int, metrics: dict,
-                 out: Path) -> str:
-    """The metrics as values and tables, and the PR curves as a table with a line plot (so runs overlay), in an
-    "eval" run beside the training run; the embeddings as an artifact with --wandb-artifacts. Returns its URL or
-    folder."""
+                 out: Path, checkpoint_dir: Path, model_sha256: str) -> str | None:
+    """The metrics as values and a table, and the PR curves as a table with a line plot (so runs overlay), in an
+    "eval" run in the training run's group; the embeddings as an artifact with --wandb-artifacts. The run's config
+    is what ran: ``cfg`` with its precision resolved, the checkpoint's step and sha256. Returns its URL or folder,
+    or None when W&B is disabled."""
     def values(wandb: Any) -> dict[str, Any]:
-        logged: dict[str, Any] = {f"eval/{split}/{key}": value for split, summary in metrics["splits"].items()
-                                  for key, value in summary.items()}
+        logged: dict[str, Any] = {names[key]: value for split, summary in metrics["splits"].items()
+                                  for names in [wandb_names(split, cfg.k)] for key, value in summary.items()
+                                  if key in names}
         header, rows = evalfolder.table_rows(metrics)
-        logged["eval/metrics"] = wandb.Table(columns=header, data=rows)
+        logged[f"{tracking.EVAL_PREFIX}metrics"] = wandb.Table(columns=header, data=rows)
         curve = wandb.Table(columns=["split", "recall", "precision"],
                             data=[[split, r, p] for split, points in metrics["pr_curve"].items()
                                   for r, p in zip(points["recall"], points["precision"])])
-        logged["eval/pr_curve"] = wandb.plot.line(curve, "recall", "precision", stroke="split",
-                                                  title=f"precision-recall, step {step}")
+        logged[f"{tracking.EVAL_PREFIX}pr_curve"] = wandb.plot.line(curve, "recall", "precision", stroke="split",
+                                                                    title=f"precision-recall, step {step}")
         return logged
 
     artifacts = {f"embeddings-{tracking.run_name(train_cfg, run_dir)}-step-{step}":
                  ("embeddings", out / evalfolder.EMBEDDINGS)} if train_cfg.wandb_artifacts else None
-    return tracking.log_job(run_dir, train_cfg, "eval", step, values, config=dataclasses.asdict(cfg),
-                            artifacts=artifacts)
+    ran = {**dataclasses.asdict(cfg), "checkpoint": str(checkpoint_dir), "checkpoint_step": step,
+           "checkpoint_sha256": model_sha256}
+    return tracking.log_job(run_dir, train_cfg, "eval", step, values, config=ran, artifacts=artifacts)
 
 
 def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet) -> dict[str, RetrievalMetrics]:
@@ -145,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     by_split = evaluate_splits(cfg, gallery, query)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        model_sha256 = checkpoint.state_sha256(inputs.checkpoint)
         EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
                   gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=spec.normalize,
-                  flip=cfg.flip, gallery=gallery, query=query, model_sha256=checkpoint.state_sha256(inputs.checkpoint),
+                  flip=cfg.flip, gallery=gallery, query=query, model_sha256=model_sha256,
                   embed_dim=spec.embed_dim, model=spec).save(out)
         metrics = evalfolder.metrics_record(step, cfg.k, by_split, spec)
         evalfolder.write_metrics(out, metrics)
@@ -156,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{evalfolder.markdown_table(metrics)}")
         print(f"wrote {out}/{evalfolder.EMBEDDINGS}, {evalfolder.METRICS}, {evalfolder.TABLE}", flush=True)
         if train_cfg.wandb:
-            print(f"logged to W&B: {log_to_wandb(run_dir, train_cfg, cfg, step, metrics, out)}", flush=True)
+            where = log_to_wandb(run_dir, train_cfg, dataclasses.replace(cfg, mixed_precision=chosen.value), step,
+                                 metrics, out, inputs.checkpoint, model_sha256)
+            print(tracking.logged_line(where), flush=True)
     accelerator.end_training()
     return 0
 

@@ -135,15 +135,11 @@ def write_ranked_grids(results: RankedResults, eval_dir: Path) -> list[Path]:
 # Weights & Biases
 
 
-def log_to_wandb(run_dir: Path, step: int, images: dict[str, Path], metrics: dict | None,
-                 results: RankedResults | None) -> str | None:
-    """Log the pictures, the metrics and the ranked results as tables, in a "report" run beside the training run;
-    returns the run's folder (or URL when online)."""
-    config_file = runfolder.config_path(run_dir)
-    config = runfolder.read_config(run_dir) if config_file.is_file() else TrainConfig(run_dir=str(run_dir))
-    if not config.wandb:
-        return None
-
+def log_to_wandb(run_dir: Path, config: TrainConfig, step: int, images: dict[str, Path], metrics: dict | None,
+                 results: RankedResults | None, evaluation: tuple[Path, EvalIndex] | None) -> str | None:
+    """Log the pictures, the metrics and the ranked results as tables, in a "report" run in the training run's
+    group, with the evaluation's checkpoint step and sha256 in its config; returns the run's folder (or URL when
+    online), or None when W&B is disabled."""
     def values(wandb: Any) -> dict[str, Any]:
         logged: dict[str, Any] = {f"report/{name}": wandb.Image(str(path)) for name, path in images.items()}
         if metrics is not None:
@@ -155,7 +151,9 @@ def log_to_wandb(run_dir: Path, step: int, images: dict[str, Path], metrics: dic
             logged["report/ranked_results"] = wandb.Table(columns=RANKED_COLUMNS, data=rows)
         return logged
 
-    return tracking.log_job(run_dir, config, "report", step, values)
+    evaluated = {} if evaluation is None else {"eval_dir": str(evaluation[0]), "checkpoint_step": evaluation[1].step,
+                                               "checkpoint_sha256": evaluation[1].model_sha256}
+    return tracking.log_job(run_dir, config, "report", step, values, config=evaluated)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # every input is read and checked before the first picture is written
     records = runfolder.read_metrics_log(run_dir)
+    run_config = runfolder.read_config(run_dir) if runfolder.config_path(run_dir).is_file() else \
+        TrainConfig(run_dir=str(run_dir))  # its W&B settings
     step = records[-1]["step"] if records else 0
     eval_dir = Path(config.eval_dir) if config.eval_dir else evalfolder.find_in_run(run_dir)
     metrics, results = None, None
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for path in images.values():
         print(f"wrote {path}")
-    if config.wandb:
-        where = log_to_wandb(run_dir, step, images, metrics, results)
-        if where:
-            print(f"logged to W&B: {where}")
+    if config.wandb and run_config.wandb:
+        evaluation = (eval_dir, index) if eval_dir is not None else None
+        print(tracking.logged_line(log_to_wandb(run_dir, run_config, step, images, metrics, results, evaluation)))
     return 0

@@ -134,10 +134,13 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
 
             if checkpoints.due(step, stop, best):
                 checkpoints.save(step, best)
+                if best and stop is not Stop.SIGNAL:  # --wandb-artifacts: each new best's weights as the model artifact
+                    sink.log_model(step, parts.net, best=True)
     sink.close()
     if stop is not Stop.DONE:
         accelerator.print(policy.explain(stop, step, checkpoints.last), file=sys.stderr)
-    sink.finish(artifacts=cfg.wandb and cfg.wandb_artifacts)  # ends with a barrier
+    # the last checkpoint's weights too, unless a stop signal asks for a quick exit (the requeued run logs them)
+    sink.finish(last=(step, parts.net) if stop is not Stop.SIGNAL else None)  # ends with a barrier
     accelerator.end_training()  # destroys the process group
     return stop.exit_code
 

@@ -354,7 +354,24 @@ def wandb_history_and_config(run_folder: Path) -> tuple[list[dict], dict]:
             history.append(as_dict(record.history.item))
         elif kind == "config":
             run_config |= as_dict(record.config.update)
+        elif kind == "run":  # wandb.init(config=...)
+            run_config |= as_dict(record.run.config.update)
     return history, run_config
+
+
+def wandb_summary(run_folder: Path) -> dict:
+    """An offline run's summary as W&B keeps it: every summary record's updates, in order."""
+    summary: dict = {}
+    for record in wandb_records(run_folder):
+        if record.WhichOneof("record_type") == "summary":
+            summary |= {item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                        for item in record.summary.update}
+    return summary
+
+
+def wandb_run(run_folder: Path):
+    """An offline run's run record: its group, job type, display name, wandb.init's config."""
+    return next(r.run for r in wandb_records(run_folder) if r.WhichOneof("record_type") == "run")
 
 
 def write_smoke_run(run_dir: Path, shards: str, **overrides) -> Path:

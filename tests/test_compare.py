@@ -19,7 +19,9 @@ def make_run(root, name: str, lr: float, losses: list[float], val: dict[int, flo
     run_dir = root / name
     runfolder.write_config(TrainConfig(run_dir=str(run_dir), lr=lr, margin=0.2 if name != "wide" else 0.5), run_dir)
     for step, loss in enumerate(losses, 1):
-        record = {"step": step, "loss": loss, "active_fraction": 0.5, "lr": lr}
+        # "wide" is a run from before the train/ names: compare reads both
+        record = {"step": step, "loss": loss, "active_fraction": 0.5, "lr": lr} if name == "wide" else \
+            {"step": step, "train/loss": loss, "train/active_fraction": 0.5, "train/lr": lr}
         if val and step in val:
             record["val/precision@30"] = val[step]
         runfolder.append_metrics(run_dir, record)
@@ -44,6 +46,7 @@ def test_compare_lists_the_differing_keys_and_draws_the_curves(tmp_path, capsys)
     rows = {cells[0]: dict(zip(header, cells)) for cells in
             ([cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:])}
     assert rows["base"]["final loss"] == "0.2500" and rows["wide"]["steps"] == "3"
+    assert rows["wide"]["final loss"] == "0.4500"  # its `loss`, under today's name
     assert rows["base"]["best val/precision@30 (step)"] == "61.00 (2)"  # the best, not the last
     assert rows["wide"]["best val/precision@30 (step)"] == "-"
     assert rows["base"]["eval val precision@30"] == "60.00" and rows["wide"]["eval val mAP"] == "40.00"

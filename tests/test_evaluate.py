@@ -246,3 +246,20 @@ def test_the_output_location_and_the_splits_are_checked_before_any_embedding(tin
     assert taken.read_text() == "a file, not a folder"
     with pytest.raises(RankingError, match="--query-split test: the test split is unlabelled"):
         main(["--checkpoint", str(tiny_run), "--query-split", "test"])
+
+
+def test_with_wandb_disabled_the_evaluation_claims_no_wandb_log(tiny_run, synth_shards, tmp_path, monkeypatch):
+    """A run that logs to W&B, evaluated under WANDB_MODE=disabled: one line says nothing was logged; no path of a
+    W&B run that does not exist, and no W&B folder."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "logging-run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "wandb": True}, sort_keys=False))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    said = run_evaluate(run, synth_shards, tmp_path / "eval", 1).stdout
+    assert "W&B is disabled: nothing logged to W&B" in said and "logged to W&B:" not in said, said
+    assert not list(run.glob("wandb/*run-*"))

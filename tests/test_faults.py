@@ -282,7 +282,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_good_checkpoints(synt
     assert 2 <= step <= 5, errors
     # nothing from the diverged step on: no record, no checkpoint; what was saved before is still there
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, step))
-    assert all(math.isfinite(r["loss"]) for r in metrics(run_dir))
+    assert all(math.isfinite(r["train/loss"]) for r in metrics(run_dir))
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert saved == [f"step-{s:07d}" for s in range(1, step)], saved
     assert latest_step(run_dir) == step - 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +186,8 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
     history, _ = wandb_history_and_config(runs[0])
     run_config = {item.key: json.loads(item.value_json) for item in run.config.update}  # wandb.init(config=...)
     assert run_config["train_run_id"] == RUN_ID and history[0]["trainer/step"] == STEP
+    assert run_config["checkpoint_step"] == STEP and run_config["eval_dir"] == str(reported["eval"])
+    assert f"logged to W&B: {runs[0] / 'files'}" in reported["stdout"]  # a folder that exists
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     media = runs[0] / "files" / "media"
     for key in ("loss_curve", "pr_curve", *(f"ranked_{i}" for i in range(5))):
@@ -199,6 +203,16 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
     assert all(isinstance(row[-1], bool) for row in ranked["data"])
     table = json.loads(next((media / "table" / "report").glob("metrics_*.table.json")).read_text())
     assert [row[0] for row in table["data"]] == ["train", "val"]
+
+
+@pytest.mark.system  # a process of its own: W&B reads WANDB_MODE once per process
+def test_with_wandb_disabled_the_report_claims_no_wandb_log(synth_shards, tmp_path):
+    run_dir = write_report(tmp_path, synth_shards, "--no-wandb")["run"]
+    reported = subprocess.run([sys.executable, "-m", "ranking", "report", str(run_dir)], capture_output=True,
+                              text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    assert "W&B is disabled: nothing logged to W&B" in reported.stdout
+    assert "logged to W&B:" not in reported.stdout and not list(run_dir.glob("wandb/*run-*"))
 
 
 def test_report_names_a_missing_metrics_log(tmp_path):

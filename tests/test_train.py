@@ -145,7 +145,7 @@ def test_resume_continues_the_run_to_the_configured_step(stopped_run):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # continuous, no duplicates
     cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
     for r in records:  # the schedule continues where it stopped instead of warming up again
-        assert r["lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, cfg)), r
+        assert r["train/lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, cfg)), r
 
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000030", "step-0000040"]
@@ -159,10 +159,10 @@ def test_resume_continues_the_run_to_the_configured_step(stopped_run):
 
 def test_two_ranks_loss_falls(stopped_run):
     records = metrics(stopped_run.run_dir)
-    early = sum(r["loss"] for r in records[:8]) / 8
-    late = sum(r["loss"] for r in records[-8:]) / 8
+    early = sum(r["train/loss"] for r in records[:8]) / 8
+    late = sum(r["train/loss"] for r in records[-8:]) / 8
     assert late < 0.7 * early, (early, late)
-    assert all(0.0 <= r["active_fraction"] <= 1.0 and r["triplets_per_s"] > 0 for r in records)
+    assert all(0.0 <= r["train/active_fraction"] <= 1.0 and r["train/triplets_per_s"] > 0 for r in records)
 
 
 def test_wandb_offline_run_is_reused_and_holds_the_loss_and_the_config(stopped_run):
@@ -173,8 +173,11 @@ def test_wandb_offline_run_is_reused_and_holds_the_loss_and_the_config(stopped_r
     (first, first_config), (second, second_config) = map(wandb_history_and_config, folders)
     assert [row["_step"] for row in first] == list(range(1, stop_step + 1))
     assert [row["_step"] for row in second] == list(range(stop_step + 1, STEPS + 1))
-    for row, record in zip(first + second, metrics(run_dir)):
-        assert row["loss"] == pytest.approx(record["loss"]) and row["lr"] == pytest.approx(record["lr"])
+    for row, record in zip(first + second, metrics(run_dir)):  # the names of metrics.jsonl, on trainer/step
+        assert row["train/loss"] == pytest.approx(record["train/loss"]) and row["train/lr"] == pytest.approx(
+            record["train/lr"]) and row["trainer/step"] == record["step"]
+    assert not any(key for row in first + second for key in row if "/" not in key and not key.startswith("_")), \
+        "every logged name is in a section (train/, val/, trainer/)"
     for run_config in (first_config, second_config):
         assert run_config["miner"] == "all" and run_config["steps"] == STEPS and run_config["wandb_tags"] == ["test"]
     assert second_config["resume"] == "latest"

@@ -4,6 +4,7 @@ step and survives rotation; W&B gets the val metrics at the training step."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from harness import launch, metrics, train_flags, wandb_history_and_config
+from harness import launch, metrics, train_flags, wandb_history_and_config, wandb_records, wandb_run, wandb_summary
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import manifest_digest
 from ranking.retrieval.evalfolder import read_metrics
@@ -42,7 +43,7 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     run_dir = tmp_path / "run"
     flags = train_flags(synth_shards, run_dir, steps=6, lr=3e-3, **{
         "classes-per-batch": 3, "samples-per-class": 4, "eval-every": 2, "eval-gallery-per-class": PER_CLASS,
-        "checkpoint-every": 100, "keep-checkpoints": 1})
+        "checkpoint-every": 100, "keep-checkpoints": 1, "wandb-artifacts": None})
     result = launch(flags)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -78,11 +79,36 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     # what the TrainConfig does not say, for comparing runs: 2 ranks x 3 classes x 4 images
     assert run_config["world_size"] == 2 and run_config["global_batch"] == 24
     assert run_config["shards_manifest_sha256"] == manifest_digest(synth_shards)
-    assert all(h["step_s"] >= h["data_wait_s"] >= 0 for h in history if "loss" in h)
+    assert all(h["train/step_s"] >= h["train/data_wait_s"] >= 0 for h in history if "train/loss" in h)
 
-    # the standalone evaluation is a run of its own beside the training run, at the training step it measured
+    # the run summary is the best validation, which a sweep on val/precision@30 maximises
+    assert wandb_summary(training_run)["val/precision@30"] == pytest.approx(best["val/precision@30"])
+    # one model artifact collection, weights only; `best` last moved to the best step, `latest` to the last
+    artifacts = [r.artifact for r in wandb_records(training_run) if r.WhichOneof("record_type") == "artifact"]
+    assert {(a.name, a.type) for a in artifacts} == {(f"model-{wandb_run(training_run).run_id}", "model")}
+    by_step = {json.loads(a.metadata)["step"]: set(a.aliases) for a in artifacts}
+    assert max(step for step, aliases in by_step.items() if "best" in aliases) == best["step"]
+    assert "latest" in by_step[6]
+    assert all(sorted(e.path for e in a.manifest.contents) == ["model.json", "model.safetensors"] for a in artifacts)
+
+    # the standalone evaluation is a run of its own in the training run's group, at the training step it measured,
+    # on the validation's names: one panel over trainer/step shows the curve and the evaluation's point
     eval_history = wait_for_history(eval_run)
     assert eval_history[0]["trainer/step"] == best["step"]
-    assert eval_history[0]["eval/val/precision_at_k"] == pytest.approx(standalone["precision_at_k"])
-    assert "eval/pr_curve_table" in eval_history[0] or any(k.startswith("eval/pr_curve") for k in eval_history[0])
+    assert eval_history[0]["val/precision@30"] == pytest.approx(standalone["precision_at_k"])
+    assert eval_history[0]["eval/train/precision@30"] == pytest.approx(read_metrics(out)["splits"]["train"][
+        "precision_at_k"])
+    assert any(k.startswith("eval/pr_curve") for k in eval_history[0])
+    # --wandb-artifacts: W&B's staged copies (the embeddings, the tables) are in the run folder, not the home folder
+    staged = list((run_dir / "wandb" / "artifacts" / "staging").iterdir())
+    assert (out / "embeddings.pt").stat().st_size in [p.stat().st_size for p in staged]
+    eval_config = wandb_history_and_config(eval_run)[1]
+    assert eval_config["mixed_precision"] == "no" and eval_config["checkpoint_step"] == best["step"]
+    assert eval_config["checkpoint_sha256"] == checkpoint.state_sha256(best_dir.resolve())
+    reported = subprocess.run([sys.executable, "-m", "ranking", "report", str(run_dir), str(out)], capture_output=True,
+                              text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    report_run, = set((run_dir / "wandb").glob("offline-run-*")) - {training_run, eval_run}
+    groups = {run.job_type: run.run_group for run in map(wandb_run, (training_run, eval_run, report_run))}
+    assert groups == {"train": "run", "eval": "run", "report": "run"}  # without --wandb-group: the run's name
     assert not os.path.exists(run_dir / "checkpoints" / ".best.tmp")

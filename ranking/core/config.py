@@ -107,7 +107,7 @@ class TrainConfig:
     wandb_mode: WandbMode = ""  # online | offline | disabled; empty: WANDB_MODE, `wandb online/offline`, login decide
     wandb_entity: str = ""  # the W&B team or user; empty: the default entity of the login
     wandb_notes: str = ""  # free text shown with the run in W&B
-    wandb_artifacts: bool = False  # log the best and last checkpoints and the evaluation's embeddings as artifacts
+    wandb_artifacts: bool = False  # log the weights (best, last) as model-<run id>, the evaluation's embeddings
 
     # what a run's config.yaml holds beside the fields (its schema, the derived model block: ranking.folders.runfolder),
     # skipped when that file is given back as --config

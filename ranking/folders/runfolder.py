@@ -141,8 +141,15 @@ def read_config(run_dir: str | os.PathLike) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------------------- metrics
 
 
+def current_names(record: dict) -> dict:
+    """A metrics.jsonl record with today's names: runs before the ``train/`` prefix logged ``loss``, ``lr``,
+    ``lr/<group>``, ``images_per_s``, ... unprefixed (every training reading; ``val/...`` kept its name)."""
+    return {key if key == "step" or "/" in key and not key.startswith("lr/") else f"train/{key}": value
+            for key, value in record.items()}
+
+
 def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``RUN/metrics.jsonl``, one per logged step."""
+    """The records of ``RUN/metrics.jsonl``, one per logged step, with today's names (``current_names``)."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise RankingError(f"{path}: not found (is {run_dir} a run folder written by `ranking train`?)")
@@ -159,7 +166,7 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
             raise RankingError(f"{path}: line {number} is not JSON ({e.msg})") from None
         if not isinstance(record, dict) or "step" not in record:
             raise RankingError(f"{path}: line {number} has no step")
-        records.append(record)
+        records.append(current_names(record))
     return records
 
 

@@ -22,7 +22,8 @@ def save_figure(figure: plt.Figure, path: Path) -> Path:
 
 def plot_loss(records: list[dict], path: Path, title: str) -> Path:
     figure, (loss_axes, active_axes) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    for axes, key, label in ((loss_axes, "loss", "loss"), (active_axes, "active_fraction", "active triplets")):
+    for axes, key, label in ((loss_axes, "train/loss", "loss"),
+                             (active_axes, "train/active_fraction", "active triplets")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         axes.plot(*zip(*points) if points else ([], []), linewidth=1.2)
         axes.set_ylabel(label)
@@ -53,7 +54,7 @@ def plot_comparison(runs: dict[str, tuple[list[dict], dict | None]], path: Path,
     and the val PR curve of each run's newest evaluation. ``runs``: name -> (metrics.jsonl records, metrics.json)."""
     figure, (loss_axes, val_axes, pr_axes) = plt.subplots(1, 3, figsize=(16, 4.8))
     for name, (records, metrics) in runs.items():
-        line, = loss_axes.plot(*_series(records, "loss"), linewidth=1.2, label=name)
+        line, = loss_axes.plot(*_series(records, "train/loss"), linewidth=1.2, label=name)
         if val_key is not None:
             val_axes.plot(*_series(records, val_key), marker="o", markersize=3, linewidth=1.2, label=name,
                           color=line.get_color())

@@ -27,6 +27,12 @@ from ranking.retrieval import embed
 from ranking.retrieval.metrics import METRICS, evaluate_retrieval
 
 K = 30  # precision@k and hit@k, as `ranking evaluate` defaults to
+VAL_PREFIX = "val/"  # retrieval of the val queries, in metrics.jsonl and W&B; `ranking evaluate` logs its val split so
+
+
+def metric_keys(k: int, prefix: str = VAL_PREFIX) -> dict[str, str]:
+    """Metric name (``retrieval.metrics.METRICS``) -> its logged key: ``val/precision@30``, ``val/knn1``, ..."""
+    return {metric.name: prefix + metric.key.format(k=k) for metric in METRICS}
 
 
 def gallery_subset(shards: str, per_class: int, seed: int, cache_dir: Path | None = None) -> frozenset[int] | None:
@@ -52,8 +58,8 @@ class Validation:
 
     def record(self) -> dict[str, float]:
         """The metrics.jsonl / W&B entries: ``val/precision@30``, ``val/knn1``, ..., ``val/seconds``."""
-        short = {metric.name: metric.key.format(k=K) for metric in METRICS}
-        return {**{f"val/{short[name]}": value for name, value in self.values.items()}, "val/seconds": self.seconds}
+        keys = metric_keys(K)
+        return {**{keys[name]: value for name, value in self.values.items()}, f"{VAL_PREFIX}seconds": self.seconds}
 
 
 class Validator:
