@@ -87,6 +87,8 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         resume_from, skipped = checkpoint.resumable(cfg.run_dir, cfg.resume)
         for reason in skipped:
             log.warning(reason)
+    elif cfg.resume:
+        log.warning(runfolder.fresh_start_warning(cfg.run_dir))
     return resume_from
 
 

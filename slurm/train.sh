@@ -36,7 +36,10 @@ args=(--shards "$SHARDS" --run-dir "$RUN_DIR")
 if [[ -n "${CONFIG:-}" ]]; then
   args+=(--config "$CONFIG")
 fi
-if [[ -e "$RUN_DIR/checkpoints/latest" ]]; then
+# Always --resume latest: it continues from the newest intact checkpoint, or starts the run when there is none yet
+# (the first start, or a job killed before its first checkpoint), so every requeue can start. --overwrite and
+# --resume exclude each other: a user's --overwrite goes without it.
+if [[ " ${EXTRA[*]} $* " != *" --overwrite "* ]]; then
   args+=(--resume latest)
 fi
 log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"

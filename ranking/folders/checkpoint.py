@@ -172,11 +172,13 @@ def resumable(run_dir: str | os.PathLike, resume: str) -> tuple[Path, list[str]]
         verify(path)
         return path, []
     root = checkpoints_dir(run_dir)
-    candidates = [path.resolve() for path in [root / LATEST] if path.exists()]
+    latest = root / LATEST
+    candidates = [latest.resolve()] if latest.exists() else []
+    skipped = [f"skipping {latest}: it points at {os.readlink(latest)}, which is missing"] if latest.is_symlink() \
+        and not latest.exists() else []
     candidates += [path for path in sorted(root.glob("step-*"), reverse=True) if path.resolve() not in candidates]
     if not candidates:
         return resume_checkpoint(run_dir, resume), []  # its error: nothing to resume from
-    skipped = []
     for path in candidates:
         try:
             verify(path)

@@ -1,0 +1,125 @@
+"""Issue 22, trainer and run side: a run can always restart, never holds its node, stops on Ctrl-C like on SIGTERM,
+goes where --run-dir says, and refuses impossible settings and inconsistent input in one line (real processes,
+signals and files where the finding needs them)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import REPO, fault_flags, logged, train_one, wait_for
+from ranking.core import flags
+from ranking.core.config import TrainConfig
+from ranking.core.errors import RankingError
+from ranking.folders import checkpoint
+from ranking.train import check_inputs
+
+FAKE_SLURM = {  # just enough Slurm for slurm/train.sh on this machine: srun runs its command once, as node 0
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n',
+    "scontrol": '#!/bin/bash\nif [[ "$1" == show ]]; then echo localhost; else echo "scontrol $*" >> "$REQUEUED"; fi\n',
+    "sinfo": "#!/bin/bash\nexit 0\n",
+}
+
+
+def small_state(step: int) -> checkpoint.TrainState:
+    return checkpoint.TrainState(step=step, model={"w": torch.full((10,), float(step))}, optimizer={}, scheduler={})
+
+
+def resume_cfg(shards: Path, run_dir: Path, resume: str) -> TrainConfig:
+    return flags.parse(TrainConfig, fault_flags(shards, run_dir, steps=2, resume=resume), "ranking train", "")
+
+
+def slurm_train(shards: Path, run_dir: Path, tmp_path: Path, train: list[str]) -> subprocess.CompletedProcess:
+    """slurm/train.sh as sbatch would run it on one CPU node, with srun, scontrol and sinfo faked."""
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir(exist_ok=True)
+    for name, script in FAKE_SLURM.items():
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "ranking-train", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(port), "PYTHON": sys.executable,
+           "HF_HOME": str(tmp_path / "hf"), "SHARDS": str(shards), "RUN_DIR": str(run_dir),
+           "EXTRA_ARGS": " ".join(train), "REQUEUED": str(tmp_path / "requeued"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(REPO / "slurm" / "train.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+# ---------------------------------------------------------------------- 3: a restart that cannot start
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_job_killed_before_its_first_checkpoint_restarts_through_the_slurm_script(synth_shards, tmp_path):
+    """kill -9 after the first logged step, before any checkpoint: the folder holds metrics.jsonl and config.yaml but
+    no checkpoint. The requeued job used to be refused on every restart; now it starts the run with one warning."""
+    run_dir = tmp_path / "run"
+    run = train_one(fault_flags(synth_shards, run_dir, steps=400, **{"checkpoint-every": 1000}),
+                    start_new_session=True)
+    try:
+        wait_for(lambda: logged(run_dir), 180, "the first logged step", run)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert not list((run_dir / "checkpoints").glob("step-*")) and (run_dir / "metrics.jsonl").exists()
+
+    tiny = [arg for arg in fault_flags(synth_shards, run_dir, steps=2, **{"checkpoint-every": 1000}, **{
+        "no-wandb": None}) if arg not in ("--shards", str(synth_shards), "--run-dir", str(run_dir))]
+    done = slurm_train(synth_shards, run_dir, tmp_path, tiny)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "--resume latest" in output and "no checkpoint to resume from (the run stopped before its first); " \
+        "--resume latest starts the run from step 0" in output, output
+    assert (run_dir / "checkpoints" / "latest").resolve().name == "step-0000002"
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert steps == [1, 2]  # the killed segment's records were cut: the curve starts again at step 1
+
+
+def test_resume_latest_without_a_checkpoint_starts_the_run_with_one_warning(synth_shards, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".tmp-step-0000005").mkdir(parents=True)  # a save cut by a hard kill
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    with pytest.raises(RankingError, match="holds a run"):  # without --resume: still refused (nothing to lose?)
+        with contextlib.ExitStack() as held:
+            check_inputs(flags.parse(TrainConfig, fault_flags(synth_shards, run_dir, steps=2), "t", ""), held)
+    with caplog.at_level(logging.WARNING, "ranking.train"), contextlib.ExitStack() as held:
+        assert check_inputs(resume_cfg(synth_shards, run_dir, "latest"), held) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{run_dir / 'checkpoints'}: no checkpoint to resume from (the run stopped before its first); "
+                        "--resume latest starts the run from step 0"]
+    with pytest.raises(RankingError, match="neither a checkpoint folder"), contextlib.ExitStack() as held:
+        check_inputs(resume_cfg(synth_shards, run_dir, str(run_dir / "checkpoints" / "step-0000005")), held)
+
+
+def test_a_dangling_latest_resumes_from_the_intact_earlier_checkpoint(synth_shards, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    for step in (10, 20):
+        checkpoint.save(run_dir, small_state(step), keep=3)
+    root = run_dir / "checkpoints"
+    for file in (root / "step-0000020").iterdir():
+        file.unlink()
+    (root / "step-0000020").rmdir()
+    with caplog.at_level(logging.WARNING, "ranking.train"), contextlib.ExitStack() as held:
+        assert check_inputs(resume_cfg(synth_shards, run_dir, "latest"), held) == root / "step-0000010"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"skipping {root / 'latest'}: it points at step-0000020, which is missing"]
+    (root / "step-0000010" / "state.pt").unlink()  # nothing intact left: refused, the damaged one is kept
+    with pytest.raises(RankingError, match="no intact checkpoint to resume from"), contextlib.ExitStack() as held:
+        check_inputs(resume_cfg(synth_shards, run_dir, "latest"), held)
+    with pytest.raises(RankingError, match="without state.pt"), contextlib.ExitStack() as held:  # PATH: strict
+        check_inputs(resume_cfg(synth_shards, run_dir, str(root / "step-0000010")), held)
