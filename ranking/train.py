@@ -10,9 +10,11 @@ network and optimizer, one step, the stop policy, the metrics sink, the checkpoi
 ``ranking/data/loader.py`` (the DataLoader, the wait for a batch, the device-side augmentation).
 
 Run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/ (``--resume latest`` continues the run), wandb/.
-SIGUSR1 or SIGTERM (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a launcher
-requeues the job. A loss that is not finite ends the run with exit 2 and no checkpoint; so does a stream that gives
-no batch for ``--batch-timeout-s`` (a stop signal during such a wait exits 75 after a short grace, without one).
+SIGUSR1, SIGTERM or SIGINT (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
+launcher requeues the job; a second SIGINT exits at once (130, no checkpoint). A loss that is not finite ends the
+run with exit 2 and no checkpoint; so does a stream that gives no batch for ``--batch-timeout-s`` (a stop signal
+during such a wait exits 75 after a short grace, without one). The DataLoader workers end with the loop, within
+seconds even when one is stuck (``loader.stop_workers``).
 """
 
 from __future__ import annotations
@@ -107,9 +109,10 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
     sink = MetricsSink(cfg, accelerator, step)
     stop: Stop | None = None
     models.set_train_mode(parts.model, cfg.freeze_bn_stats)
-    with distributed.StopRequest() as signals:
+    # the workers end with the loop whichever way it ends: a worker stuck in a hung file system held the node
+    with distributed.StopRequest() as signals, contextlib.closing(
+            BatchWatchdog(batches, cfg.batch_timeout_s, signals)) as fetch:
         policy = StopPolicy(cfg, signals, accelerator.device)
-        fetch = BatchWatchdog(batches, cfg.batch_timeout_s, signals)
         while stop is None:
             try:
                 done = train_step(cfg, accelerator, parts, fetch, on_device, sink.meter)

@@ -11,12 +11,21 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
-from harness import REPO, fault_flags, logged, train_one, wait_for
+from harness import (
+    REPO,
+    fault_flags,
+    logged,
+    reap,
+    train_one,
+    wait_for,
+)
 from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
@@ -123,3 +132,38 @@ def test_a_dangling_latest_resumes_from_the_intact_earlier_checkpoint(synth_shar
         check_inputs(resume_cfg(synth_shards, run_dir, "latest"), held)
     with pytest.raises(RankingError, match="without state.pt"), contextlib.ExitStack() as held:  # PATH: strict
         check_inputs(resume_cfg(synth_shards, run_dir, str(root / "step-0000010")), held)
+
+
+# ---------------------------------------------------------------------- 2: a node held after a stall
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("then", ["batch timeout", "SIGTERM"])
+def test_a_stopped_dataloader_worker_does_not_hold_the_node(synth_shards, tmp_path, then):
+    """A worker stuck in a hung file system (here: stopped with SIGSTOP) used to keep its rank alive after the
+    watchdog's line, or after SIGTERM during the stall: multiprocessing joined the worker at exit with no timeout."""
+    timeout_s = 3 if then == "batch timeout" else 600
+    run_dir = tmp_path / "run"
+    run = train_one(fault_flags(synth_shards, run_dir, steps=400, workers=1, **{
+        "checkpoint-every": 1000, "batch-timeout-s": timeout_s}), start_new_session=True)
+    workers: list[psutil.Process] = []
+    try:
+        wait_for(lambda: logged(run_dir), 180, "the first logged step", run)
+        workers = psutil.Process(run.pid).children()
+        assert len(workers) == 1, workers
+        workers[0].suspend()  # SIGSTOP: the prefetched batches run out, then no batch comes
+        if then == "SIGTERM":
+            time.sleep(8)
+            run.send_signal(signal.SIGTERM)  # the rank only: Slurm's signal to the stopped worker would wait anyway
+        _, stderr = run.communicate(timeout=90)
+    finally:
+        reap([psutil.Process(run.pid)] if run.poll() is None else [])
+        reap([w for w in workers if w.is_running()])
+    if then == "batch timeout":
+        assert run.returncode == 2 and "no batch for 3 s (--batch-timeout-s) at step " in stderr, stderr
+    else:
+        assert run.returncode == 75 and "after waiting" in stderr and "(SIGTERM); no new checkpoint" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10,
+             "the stopped worker was killed")
