@@ -20,8 +20,13 @@ import torch
 
 from harness import (
     REPO,
+    copy_shards,
+    descendants,
     fault_flags,
+    launch,
     logged,
+    lying_class_counts,
+    rank_steps,
     reap,
     train_one,
     wait_for,
@@ -167,3 +172,55 @@ def test_a_stopped_dataloader_worker_does_not_hold_the_node(synth_shards, tmp_pa
     assert "Traceback" not in stderr, stderr
     wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10,
              "the stopped worker was killed")
+
+
+# ---------------------------------------------------------------------- 12: Ctrl-C is a stop request
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_on_a_two_rank_run_with_workers_checkpoints_and_exits_75(synth_shards, tmp_path):
+    """SIGINT to every process of the job used to give a traceback from every rank and no checkpoint."""
+    run_dir = tmp_path / "run"
+    launcher = launch(fault_flags(synth_shards, run_dir, steps=400, workers=2, **{"checkpoint-every": 1000}),
+                      wait=False)
+    processes: list[psutil.Process] = []
+    try:
+        wait_for(lambda: logged(run_dir), 180, "the first logged step", launcher)
+        processes = [*descendants(launcher.pid), psutil.Process(launcher.pid)]  # the launcher last
+        assert sum("ranking.train" in " ".join(p.cmdline()) for p in processes) >= 2 + 2 * 2  # ranks and workers
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        reap([p for p in processes if p.is_running()])
+    stop_step = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)["step"]
+    assert stop_step >= 1 and rank_steps(run_dir / "checkpoints" / "latest") == {0: stop_step, 1: stop_step}
+    assert f"stopped at step {stop_step}/400 (SIGINT); checkpoint " in output and "exit 75 to be requeued" in output
+    assert "KeyboardInterrupt" not in output and "killed by signal" not in output, output
+    assert "ranking/train.py" not in output and "ranking/training/" not in output, output
+
+
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(synth_shards, tmp_path):
+    """The first SIGINT asks for a checkpoint; during a long wait for a batch (a stalled stream) the second ends the
+    process at once with 130 and one line, instead of the grace period."""
+    shards = copy_shards(synth_shards, tmp_path / "shards")
+    lying_class_counts(shards, 100)
+    run = train_one(fault_flags(shards, tmp_path / "run", steps=3, **{"samples-per-class": 50,
+                                                                       "batch-timeout-s": 600}),
+                    start_new_session=True)
+    try:
+        wait_for(lambda: (tmp_path / "run" / "config.yaml").exists(), 60, "the run started", run)
+        time.sleep(2)  # into the wait for the first batch
+        run.send_signal(signal.SIGINT)
+        time.sleep(1)
+        sent = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=30)
+    finally:
+        reap([psutil.Process(run.pid)] if run.poll() is None else [])
+    assert time.monotonic() - sent < 5 and run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "rank 0: interrupted again: exiting now, without a checkpoint " \
+        "(the last is kept)", stderr
+    assert "Traceback" not in stderr and not (tmp_path / "run" / "checkpoints").exists()

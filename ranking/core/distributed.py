@@ -20,9 +20,10 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
 
-from ranking.core.errors import RankingError
+from ranking.core.errors import EXIT_INTERRUPTED, RankingError
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
+# Slurm's time-limit warning, preemption, and Ctrl-C (a stop request like the others; a second one exits at once)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LAUNCHER_PID = os.getppid()  # the parent when this module was first imported: torchrun's agent under a launch
 T = TypeVar("T")
@@ -211,8 +212,9 @@ def shutdown() -> None:
 
 
 class StopRequest:
-    """Set by SIGUSR1 or SIGTERM (or the launcher's death); the trainer finishes its step, checkpoints and exits with
-    EX_TEMPFAIL.
+    """Set by SIGUSR1, SIGTERM or SIGINT (or the launcher's death); the trainer finishes its step, checkpoints and
+    exits with EX_TEMPFAIL. A second SIGINT (Ctrl-C again: the user will not wait for the checkpoint) exits at once
+    with status 130, without a checkpoint; the DataLoader workers die with the rank (their parent-death signal).
 
     A context manager: the previous handlers come back on exit, so an in-process launcher (submitit) keeps its own.
     ``on_request`` runs in the handler (the trainer uses it to cut short a wait for a batch that does not come).
@@ -228,6 +230,10 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.requested:
+            os.write(2, f"rank {launched_rank()}: interrupted again: exiting now, without a checkpoint "
+                        f"(the last is kept)\n".encode())
+            os._exit(EXIT_INTERRUPTED)  # not KeyboardInterrupt: a rank inside a collective would not see it
         self.signal = signal.Signals(signum)
         if self.on_request is not None:
             self.on_request()
