@@ -70,10 +70,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expand_run_dir(run_dir: str) -> str:
-    """Environment variables in --run-dir (a W&B sweep agent's $WANDB_RUN_ID, Slurm's $SLURM_JOB_ID) expanded."""
-    expanded = os.path.expandvars(run_dir)
+    """Environment variables in --run-dir (a W&B sweep agent's $WANDB_RUN_ID, Slurm's $SLURM_JOB_ID) and a leading
+    ``~`` expanded, then checked as the config checks a literal path: a variable set to nothing used to write the run
+    into the current folder, one set to ``/`` into the root of the file system, and ``~`` made a folder named ``~``."""
+    expanded = os.path.expanduser(os.path.expandvars(run_dir))
     if "$" in expanded:
         raise RankingError(f"--run-dir {run_dir}: names an environment variable that is not set")
+    if not expanded.strip():
+        raise RankingError(f"--run-dir {run_dir}: empty once its environment variables are expanded")
+    if expanded.startswith("~"):
+        raise RankingError(f"--run-dir {run_dir}: {expanded.split('/')[0]} is not a user this machine knows")
+    if Path(expanded).resolve() == Path(Path(expanded).resolve().anchor):
+        raise RankingError(f"--run-dir {run_dir}: is the root of the file system ({expanded}); name a folder for "
+                           "the run")
     return expanded
 
 

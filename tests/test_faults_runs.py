@@ -20,6 +20,7 @@ import torch
 
 from harness import (
     REPO,
+    cli_refusal,
     copy_shards,
     descendants,
     fault_flags,
@@ -35,7 +36,7 @@ from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.folders import checkpoint
-from ranking.train import check_inputs
+from ranking.train import check_inputs, expand_run_dir
 
 FAKE_SLURM = {  # just enough Slurm for slurm/train.sh on this machine: srun runs its command once, as node 0
     "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n',
@@ -224,3 +225,30 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(synth_shards, tmp_pa
     assert stderr.strip().splitlines()[-1] == "rank 0: interrupted again: exiting now, without a checkpoint " \
         "(the last is kept)", stderr
     assert "Traceback" not in stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------- 5: the run goes where --run-dir says
+
+
+@pytest.mark.parametrize("run_dir, value, problem", [
+    ("$EMPTY", "", "--run-dir $EMPTY: empty once its environment variables are expanded"),
+    ("${EMPTY}  ", "", "--run-dir ${EMPTY}  : empty once its environment variables are expanded"),
+    ("$ROOT", "/", "--run-dir $ROOT: is the root of the file system (/); name a folder for the run"),
+    ("$ROOT/..", "/", "--run-dir $ROOT/..: is the root of the file system (//..); name a folder for the run"),
+    ("~nobody-here-xyz/run", "", "--run-dir ~nobody-here-xyz/run: ~nobody-here-xyz is not a user this machine knows"),
+])
+def test_a_run_dir_that_expands_to_nothing_or_the_root_is_refused(synth_shards, tmp_path, monkeypatch, capsys,
+                                                                   run_dir, value, problem):
+    monkeypatch.chdir(tmp_path)  # where an empty run folder used to write the run
+    monkeypatch.setenv("EMPTY", "")
+    monkeypatch.setenv("ROOT", value)
+    line = cli_refusal(capsys, "train", *fault_flags(synth_shards, Path(run_dir), steps=2))
+    assert line == f"ranking train: error: {problem}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tilde_in_the_run_dir_is_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("JOB", "7")
+    assert expand_run_dir("~/runs/job-$JOB") == str(tmp_path / "home" / "runs" / "job-7")
+    assert expand_run_dir("runs/~x") == "runs/~x"  # only a leading ~ names a home folder
