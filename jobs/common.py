@@ -181,7 +181,13 @@ def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:
 
 
 def submit(config: LaunchConfig, stage: str, task: StageTask) -> submitit.Job:
-    job = executor(config, stage).submit(task)
+    """Submit ``task``; a cluster that refuses it (sbatch failed, no Slurm here) is one line, not submitit's
+    traceback."""
+    try:
+        job = executor(config, stage).submit(task)
+    except (submitit.core.utils.FailedJobError, OSError, subprocess.SubprocessError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise RankingError(f"--cluster {config.cluster}: could not submit the {stage} job: {reason}") from None
     print(f"submitted {stage} job {job.job_id} ({config.cluster}); logs: {job.paths.stdout}", flush=True)
     return job
 

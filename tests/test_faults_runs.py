@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from harness import (
     cli_refusal,
     copy_shards,
     descendants,
+    error_line,
     fault_flags,
     launch,
     logged,
@@ -32,9 +34,10 @@ from harness import (
     train_one,
     wait_for,
 )
+from jobs import train as train_job
 from ranking.core import flags
 from ranking.core.config import TrainConfig
-from ranking.core.errors import RankingError
+from ranking.core.errors import ConfigError, RankingError
 from ranking.folders import checkpoint
 from ranking.train import check_inputs, expand_run_dir
 
@@ -252,3 +255,72 @@ def test_a_tilde_in_the_run_dir_is_the_home_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("JOB", "7")
     assert expand_run_dir("~/runs/job-$JOB") == str(tmp_path / "home" / "runs" / "job-7")
     assert expand_run_dir("runs/~x") == "runs/~x"  # only a leading ~ names a home folder
+
+
+# ---------------------------------------------------------------------- 13: one line, not a traceback
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"seed": -1}, "seed must be at least 0; got -1"),
+    ({"seed": 2**31}, f"seed must be at most {2**31 - 1}; got {2**31}"),
+    ({"image_size": 100000}, "image_size must be at most 1024; got 100000"),
+    ({"stored_size": 5000}, "stored_size must be at most 1024; got 5000"),
+    ({"embed_dim": 100000000}, "embed_dim must be at most 16384; got 100000000"),
+])
+def test_sizes_and_seeds_beyond_honest_bounds_are_refused_by_the_config(override, message):
+    """image_size 100000 and embed_dim 10^8 used to try to allocate hundreds of GB; seed -1 was numpy's traceback."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        flags.build(TrainConfig, None, override)
+    flags.build(TrainConfig, None, {"seed": 2**31 - 1, "image_size": 1024, "embed_dim": 16384})  # the bounds hold
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(synth_shards, tmp_path, capsys):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("run_name: caf\u00e9\n".encode("latin-1"))
+    line = cli_refusal(capsys, "train", "--config", str(config), "--shards", str(synth_shards), "--run-dir",
+                       str(tmp_path / "run"))
+    assert line == f"ranking train: error: {config}: not UTF-8 text (byte 13 is b'\\xe9'): save it as UTF-8"
+
+
+@pytest.mark.system  # submitit runs sbatch
+@pytest.mark.parametrize("sbatch", ["fails", "missing"])
+def test_jobs_train_when_sbatch_fails_is_one_line(tmp_path, monkeypatch, sbatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if sbatch == "fails":
+        (bin_dir / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: Invalid partition name specified" >&2\n'
+                                        "exit 1\n")
+        (bin_dir / "sbatch").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    else:
+        monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(RankingError) as error:
+        train_job.main(["--cluster", "slurm", "--folder", str(tmp_path / "submitit"), "--shards", "s",
+                        "--run-dir", str(tmp_path / "run")])
+    reason = "sbatch: error: Invalid partition name specified" if sbatch == "fails" else 'Could not detect "srun"'
+    assert str(error.value).startswith(f"--cluster slurm: could not submit the train job: {reason}"), error.value
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs: room for a run's small files, not for a checkpoint of a ResNet-18 and its optimizer state."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}): the full disk needs one")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.timeout(200)
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_no_partial_folder(synth_shards, small_disk):
+    run_dir = small_disk / "run"
+    result = train_one(fault_flags(synth_shards, run_dir, steps=2, **{"checkpoint-every": 1000}), timeout=180)
+    line = error_line(result)
+    assert f"error: {run_dir / 'checkpoints' / 'step-0000002'}: could not write the checkpoint (no space left on " \
+        "the device: " in line or "(No space left on device" in line, line
+    assert line.endswith("its partial files are removed, the last checkpoint is none"), line
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []  # no .tmp-step-0000002 left

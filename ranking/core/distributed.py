@@ -116,6 +116,16 @@ def decided_by_main(check: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
+def first_error(message: str) -> str:
+    """The first rank's non-empty ``message`` on every rank, "" when no rank has one (a collective: all ranks call
+    it, so that a failure of one rank's part, a checkpoint file on a full disk, ends every rank the same way)."""
+    if not is_distributed():
+        return message
+    messages: list[str] = [""] * world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), "")
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (a collective: all ranks must call it)."""
     if not is_distributed():
