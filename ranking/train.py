@@ -36,7 +36,7 @@ from ranking.core.logs import setup_logging
 from ranking.core.precision import resolve as resolve_precision
 from ranking.data.loader import BatchStall, BatchWatchdog, DeviceAugment, train_batches
 from ranking.folders import checkpoint, runfolder
-from ranking.folders.shardformat import split_counts
+from ranking.folders.shardformat import check_labels, split_counts
 from ranking.learning import models
 from ranking.retrieval import validation
 from ranking.training.checkpointing import Checkpointer
@@ -91,6 +91,7 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     run; --overwrite moves an old run aside) and the checkpoint to resume and its config. Returns that checkpoint."""
     if split_counts(cfg.shards, ["train"])["train"] == 0:
         raise RankingError(f"{cfg.shards}: the train split is empty (a folder of unlabelled images cannot train)")
+    check_labels(cfg.shards, ["train", "val"] if cfg.eval_every else ["train"])
     resume_from, aside = runfolder.open_run(cfg, held)
     if aside is not None:
         log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")

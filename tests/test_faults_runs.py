@@ -4,7 +4,9 @@ signals and files where the finding needs them)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -33,10 +35,12 @@ from harness import (
     reap,
     train_one,
     wait_for,
+    write_smoke_run,
 )
 from jobs import train as train_job
+from ranking import evaluate
 from ranking.core import flags
-from ranking.core.config import TrainConfig
+from ranking.core.config import EvalConfig, TrainConfig
 from ranking.core.errors import ConfigError, RankingError
 from ranking.folders import checkpoint
 from ranking.train import check_inputs, expand_run_dir
@@ -324,3 +328,42 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_no_partial_f
         "the device: " in line or "(No space left on device" in line, line
     assert line.endswith("its partial files are removed, the last checkpoint is none"), line
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []  # no .tmp-step-0000002 left
+
+
+# ---------------------------------------------------------------------- 14: inconsistent input is refused
+
+
+def three_of_six_classes(synth_shards: Path, target: Path) -> Path:
+    """The synthetic shards (6 classes) with a manifest edited to list only the first 3."""
+    shards = copy_shards(synth_shards, target)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:3]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return shards
+
+
+def test_a_manifest_listing_fewer_classes_than_the_shards_hold_is_refused_by_train_and_evaluate(synth_shards,
+                                                                                                  tmp_path):
+    """It used to train and evaluate with exit 0 (`ranking shards --verify` refused it): labels 3-5 had no class."""
+    shards = three_of_six_classes(synth_shards, tmp_path / "shards")
+    refusal = (f"{shards / 'manifest.json'}: lists 3 classes, but 120 train samples have labels outside them "
+               "(3, 4, 5): the manifest and the shards disagree (`ranking shards --verify` checks every sample)")
+    with pytest.raises(RankingError) as error, contextlib.ExitStack() as held:
+        check_inputs(flags.parse(TrainConfig, fault_flags(shards, tmp_path / "run", steps=2), "t", ""), held)
+    assert str(error.value) == refusal
+    assert not (tmp_path / "run").exists()
+    run_dir = write_smoke_run(tmp_path / "smoke", str(synth_shards))
+    with pytest.raises(RankingError) as error:
+        evaluate.check_inputs(flags.build(EvalConfig, None, {"checkpoint": str(run_dir), "shards": str(shards)}))
+    assert str(error.value) == refusal
+    evaluate.check_inputs(flags.build(EvalConfig, None, {"checkpoint": str(run_dir), "shards": str(synth_shards)}))
+
+
+def test_a_pickled_checkpoint_is_refused_in_our_words_not_torchs_advice(tmp_path):
+    run_dir = write_smoke_run(tmp_path / "run", "shards")
+    state = run_dir / "checkpoints" / "step-0000005" / "state.pt"
+    torch.save({"model": {}, "step": 5, "payload": argparse.Namespace(x=1)}, state)  # a global torch does not allow
+    with pytest.raises(RankingError) as error:
+        checkpoint.load_weights(state.parent)
+    assert str(error.value) == (f"{state}: holds pickled Python objects besides tensors and plain containers, which "
+                                "deep-ranking never writes; refused, since loading them could run code")
