@@ -37,6 +37,7 @@ from harness import (
     wait_for,
     write_smoke_run,
 )
+from jobs import common
 from jobs import train as train_job
 from ranking import evaluate
 from ranking.core import flags
@@ -367,3 +368,29 @@ def test_a_pickled_checkpoint_is_refused_in_our_words_not_torchs_advice(tmp_path
         checkpoint.load_weights(state.parent)
     assert str(error.value) == (f"{state}: holds pickled Python objects besides tensors and plain containers, which "
                                 "deep-ranking never writes; refused, since loading them could run code")
+
+
+# ---------------------------------------------------------------------- 15: submitit's folder is private
+
+
+def test_submitit_pickles_go_to_a_private_folder_by_default(tmp_path, monkeypatch):
+    """They went to logs/submitit in the current folder, which the compute node unpickles whoever wrote it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    common.executor(common.LaunchConfig(cluster="local"), "train")
+    folder = tmp_path / "cache" / "deep-ranking" / "submitit"
+    assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+    assert not (tmp_path / "logs").exists()
+    mine = tmp_path / "mine"
+    common.executor(common.LaunchConfig(cluster="local", folder=str(mine)), "train")
+    assert mine.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_submitit_folder_others_may_write_to_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(RankingError) as error:
+        common.executor(common.LaunchConfig(cluster="local", folder=str(shared)), "train")
+    assert str(error.value) == (f"--folder {shared}: others may write to it (mode 777), and the compute node unpickles "
+                                f"the job from it: chmod 700 {shared}, or give another --folder")
