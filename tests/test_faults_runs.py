@@ -203,6 +203,7 @@ def test_ctrl_c_on_a_two_rank_run_with_workers_checkpoints_and_exits_75(synth_sh
         output, _ = launcher.communicate(timeout=120)
     finally:
         reap([p for p in processes if p.is_running()])
+    assert (run_dir / "checkpoints" / "latest").exists(), output
     stop_step = torch.load(run_dir / "checkpoints" / "latest" / "state.pt", weights_only=True)["step"]
     assert stop_step >= 1 and rank_steps(run_dir / "checkpoints" / "latest") == {0: stop_step, 1: stop_step}
     assert f"stopped at step {stop_step}/400 (SIGINT); checkpoint " in output and "exit 75 to be requeued" in output
@@ -223,7 +224,9 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(synth_shards, tmp_pa
         wait_for(lambda: (tmp_path / "run" / "config.yaml").exists(), 60, "the run started", run)
         time.sleep(2)  # into the wait for the first batch
         run.send_signal(signal.SIGINT)
-        time.sleep(1)
+        run.send_signal(signal.SIGINT)  # the same Ctrl-C twice (torchrun forwards what it got): still one request
+        time.sleep(3)
+        assert run.poll() is None
         sent = time.monotonic()
         run.send_signal(signal.SIGINT)
         _, stderr = run.communicate(timeout=30)
