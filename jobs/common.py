@@ -108,7 +108,8 @@ def _ask_trainer_to_stop(signum: int, frame) -> None:
 
 
 def with_resume(argv: list[str]) -> list[str]:
-    """``argv`` with ``--resume latest`` (replacing any earlier ``--resume``)."""
+    """``argv`` with ``--resume latest`` (replacing any earlier ``--resume``, and dropping ``--overwrite``: a
+    requeued job continues its own run, which the --overwrite that started it would move aside)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -116,7 +117,7 @@ def with_resume(argv: list[str]) -> list[str]:
             skip = False
         elif arg == "--resume":
             skip = True
-        elif not arg.startswith("--resume="):
+        elif not arg.startswith("--resume=") and arg != "--overwrite":
             out.append(arg)
     return out + ["--resume", "latest"]
 

@@ -61,7 +61,8 @@ def resume_cfg(shards: Path, run_dir: Path, resume: str) -> TrainConfig:
     return flags.parse(TrainConfig, fault_flags(shards, run_dir, steps=2, resume=resume), "ranking train", "")
 
 
-def slurm_train(shards: Path, run_dir: Path, tmp_path: Path, train: list[str]) -> subprocess.CompletedProcess:
+def slurm_train(shards: Path, run_dir: Path, tmp_path: Path, train: list[str],
+                restart: int = 0) -> subprocess.CompletedProcess:
     """slurm/train.sh as sbatch would run it on one CPU node, with srun, scontrol and sinfo faked."""
     bin_dir = tmp_path / "fake-slurm"
     bin_dir.mkdir(exist_ok=True)
@@ -75,7 +76,8 @@ def slurm_train(shards: Path, run_dir: Path, tmp_path: Path, train: list[str]) -
            "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "ranking-train", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
            "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(port), "PYTHON": sys.executable,
            "HF_HOME": str(tmp_path / "hf"), "SHARDS": str(shards), "RUN_DIR": str(run_dir),
-           "EXTRA_ARGS": " ".join(train), "REQUEUED": str(tmp_path / "requeued"), "OMP_NUM_THREADS": "1"}
+           "EXTRA_ARGS": " ".join(train), "REQUEUED": str(tmp_path / "requeued"), "OMP_NUM_THREADS": "1",
+           "SLURM_RESTART_COUNT": str(restart)}
     return subprocess.run(["bash", str(REPO / "slurm" / "train.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=240)
 
@@ -111,6 +113,14 @@ def test_a_job_killed_before_its_first_checkpoint_restarts_through_the_slurm_scr
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2]  # the killed segment's records were cut: the curve starts again at step 1
+
+    # a job submitted with --overwrite, requeued: it continues its own run instead of moving it aside
+    more = [arg if arg != "2" or previous != "--steps" else "3" for previous, arg in zip(["", *tiny], tiny)]
+    done = slurm_train(synth_shards, run_dir, tmp_path, [*more, "--overwrite"], restart=1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-0000002'} at step 2" in done.stdout + done.stderr
+    assert (run_dir / "checkpoints" / "latest").resolve().name == "step-0000003"
+    assert not list(tmp_path.glob("run.replaced-*"))
 
 
 def test_resume_latest_without_a_checkpoint_starts_the_run_with_one_warning(synth_shards, tmp_path, caplog):

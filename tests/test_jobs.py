@@ -34,6 +34,7 @@ def test_checkpoint_resubmits_the_trainer_with_resume_latest() -> None:
     assert again.argv == ["--run-dir", "r", "--steps", "5", "--resume", "latest"]
     assert again.module == "ranking.train" and again.use_cpu
     assert common.with_resume(["--resume=latest", "--lr", "1"]) == ["--lr", "1", "--resume", "latest"]
+    assert common.with_resume(["--overwrite", "--lr", "1"]) == ["--lr", "1", "--resume", "latest"]  # its own run
 
 
 def test_train_launcher_always_resumes_latest_unless_told_otherwise(tmp_path, monkeypatch) -> None:

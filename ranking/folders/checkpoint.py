@@ -235,13 +235,11 @@ def _load(path: Path, mmap: bool = False) -> Any:
         raise RankingError(f"{path}: checkpoint file missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise RankingError(f"{path}: corrupt checkpoint (not a torch file this project wrote)") from None
-        # torch's message goes on to suggest turning the protection off: refuse in our own words instead
-        raise RankingError(f"{path}: holds pickled Python objects besides tensors and plain containers, which "
-                           "deep-ranking never writes; refused, since loading them could run code") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            # torch's message goes on to suggest turning the protection off: refuse in our own words instead
+            raise RankingError(f"{path}: holds pickled Python objects besides tensors and plain containers, which "
+                               "deep-ranking never writes; refused, since loading them could run code") from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RankingError(f"{path}: corrupt checkpoint ({first_line})") from None
 
