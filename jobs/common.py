@@ -9,6 +9,9 @@ Time limit and preemption: submitit asks Slurm for USR2 ``signal_delay_s`` befor
 requeues at once. A training task instead hands the signal to the trainer as USR1 (the trainer's stop request),
 waits for it to checkpoint and exit 75, and only then lets submitit requeue the job, whose ``checkpoint()`` adds
 ``--resume latest``.
+
+Submitit's folder (``--folder``) holds the job's pickles, which the compute node unpickles: it is created private
+(0700), by default under the user's cache, and refused when others may write to it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import submitit
 
@@ -40,7 +44,9 @@ class LaunchConfig:
     signal_delay_s: int = 120  # time-limit warning, enough to write a checkpoint
     partition: str = ""  # Slurm partition; empty: the cluster's default
     job_name: str = ""  # defaults to ranking-STAGE
-    folder: str = "logs/submitit"  # submitit's pickles and the tasks' logs
+    # submitit's job pickles (the compute node unpickles them: whoever can write there runs code in your job) and
+    # the tasks' logs; created private (0700); empty: ~/.cache/deep-ranking/submitit ($XDG_CACHE_HOME honoured)
+    folder: str = ""
     wait: bool = False  # block until the job ends and exit with its status
 
     def validate(self) -> None:
@@ -102,7 +108,8 @@ def _ask_trainer_to_stop(signum: int, frame) -> None:
 
 
 def with_resume(argv: list[str]) -> list[str]:
-    """``argv`` with ``--resume latest`` (replacing any earlier ``--resume``)."""
+    """``argv`` with ``--resume latest`` (replacing any earlier ``--resume``, and dropping ``--overwrite``: a
+    requeued job continues its own run, which the --overwrite that started it would move aside)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -110,7 +117,7 @@ def with_resume(argv: list[str]) -> list[str]:
             skip = False
         elif arg == "--resume":
             skip = True
-        elif not arg.startswith("--resume="):
+        elif not arg.startswith("--resume=") and arg != "--overwrite":
             out.append(arg)
     return out + ["--resume", "latest"]
 
@@ -165,11 +172,33 @@ def launch_config(args: argparse.Namespace) -> LaunchConfig:
     return build(LaunchConfig, None, vars(args))
 
 
+def default_folder() -> Path:
+    """Submitit's folder when --folder is not given: under the user's cache, private, on the home file system that
+    login and compute nodes share."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "deep-ranking" / "submitit"
+
+
+def private_folder(folder: str) -> Path:
+    """``folder`` (or ``default_folder()``), created with mode 0700. The job's pickles there are unpickled on the
+    compute node, so a folder others may write to is refused: they could run code in the job."""
+    path = Path(folder) if folder else default_folder()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise RankingError(f"--folder {path}: cannot create it ({e.strerror})") from None
+    if mode & 0o022:
+        raise RankingError(f"--folder {path}: others may write to it (mode {mode & 0o777:o}), and the compute node "
+                           f"unpickles the job from it: chmod 700 {path}, or give another --folder")
+    return path
+
+
 def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:
     tasks = config.tasks_per_node or max(config.gpus_per_node, 1)
     if config.cluster == "debug":
         tasks = 1
-    ex = submitit.AutoExecutor(folder=config.folder, cluster=config.cluster)
+    ex = submitit.AutoExecutor(folder=private_folder(config.folder), cluster=config.cluster)
     params = dict(name=config.job_name or f"ranking-{stage}", nodes=config.nodes, tasks_per_node=tasks,
                   gpus_per_node=config.gpus_per_node, cpus_per_task=config.cpus_per_task,
                   timeout_min=config.timeout_min, stderr_to_stdout=True,
@@ -181,7 +210,13 @@ def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:
 
 
 def submit(config: LaunchConfig, stage: str, task: StageTask) -> submitit.Job:
-    job = executor(config, stage).submit(task)
+    """Submit ``task``; a cluster that refuses it (sbatch failed, no Slurm here) is one line, not submitit's
+    traceback."""
+    try:
+        job = executor(config, stage).submit(task)
+    except (submitit.core.utils.FailedJobError, OSError, subprocess.SubprocessError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise RankingError(f"--cluster {config.cluster}: could not submit the {stage} job: {reason}") from None
     print(f"submitted {stage} job {job.job_id} ({config.cluster}); logs: {job.paths.stdout}", flush=True)
     return job
 

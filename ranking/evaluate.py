@@ -23,7 +23,7 @@ from ranking.core.config import EvalConfig, TrainConfig
 from ranking.core.errors import RankingError
 from ranking.core.files import check_writable_folder
 from ranking.folders import checkpoint, runfolder
-from ranking.folders.shardformat import split_counts
+from ranking.folders.shardformat import check_labels, split_counts
 from ranking.learning.models import ModelSpec
 from ranking.reporting import tracking
 from ranking.retrieval import embed, evalfolder, validation
@@ -61,6 +61,7 @@ def check_inputs(cfg: EvalConfig) -> Inputs:
     for split, count in counts.items():
         if count == 0:
             raise RankingError(f"{shards}: the {split} split is empty")
+    check_labels(shards, counts)
     out = Path(cfg.out or evalfolder.default_dir(run_dir, step))
     check_writable_folder(out, "--out")
     gallery_ids = validation.gallery_subset(shards, cfg.gallery_per_class, cfg.seed) \

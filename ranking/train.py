@@ -10,9 +10,11 @@ network and optimizer, one step, the stop policy, the metrics sink, the checkpoi
 ``ranking/data/loader.py`` (the DataLoader, the wait for a batch, the device-side augmentation).
 
 Run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/ (``--resume latest`` continues the run), wandb/.
-SIGUSR1 or SIGTERM (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a launcher
-requeues the job. A loss that is not finite ends the run with exit 2 and no checkpoint; so does a stream that gives
-no batch for ``--batch-timeout-s`` (a stop signal during such a wait exits 75 after a short grace, without one).
+SIGUSR1, SIGTERM or SIGINT (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
+launcher requeues the job; a second SIGINT exits at once (130, no checkpoint). A loss that is not finite ends the
+run with exit 2 and no checkpoint; so does a stream that gives no batch for ``--batch-timeout-s`` (a stop signal
+during such a wait exits 75 after a short grace, without one). The DataLoader workers end with the loop, within
+seconds even when one is stuck (``loader.stop_workers``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ranking.core.logs import setup_logging
 from ranking.core.precision import resolve as resolve_precision
 from ranking.data.loader import BatchStall, BatchWatchdog, DeviceAugment, train_batches
 from ranking.folders import checkpoint, runfolder
-from ranking.folders.shardformat import split_counts
+from ranking.folders.shardformat import check_labels, split_counts
 from ranking.learning import models
 from ranking.retrieval import validation
 from ranking.training.checkpointing import Checkpointer
@@ -68,10 +70,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def expand_run_dir(run_dir: str) -> str:
-    """Environment variables in --run-dir (a W&B sweep agent's $WANDB_RUN_ID, Slurm's $SLURM_JOB_ID) expanded."""
-    expanded = os.path.expandvars(run_dir)
+    """Environment variables in --run-dir (a W&B sweep agent's $WANDB_RUN_ID, Slurm's $SLURM_JOB_ID) and a leading
+    ``~`` expanded, then checked as the config checks a literal path: a variable set to nothing used to write the run
+    into the current folder, one set to ``/`` into the root of the file system, and ``~`` made a folder named ``~``."""
+    expanded = os.path.expanduser(os.path.expandvars(run_dir))
     if "$" in expanded:
         raise RankingError(f"--run-dir {run_dir}: names an environment variable that is not set")
+    if not expanded.strip():
+        raise RankingError(f"--run-dir {run_dir}: empty once its environment variables are expanded")
+    if expanded.startswith("~"):
+        raise RankingError(f"--run-dir {run_dir}: {expanded.split('/')[0]} is not a user this machine knows")
+    if Path(expanded).resolve() == Path(Path(expanded).resolve().anchor):
+        raise RankingError(f"--run-dir {run_dir}: is the root of the file system ({expanded}); name a folder for "
+                           "the run")
     return expanded
 
 
@@ -80,6 +91,7 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     run; --overwrite moves an old run aside) and the checkpoint to resume and its config. Returns that checkpoint."""
     if split_counts(cfg.shards, ["train"])["train"] == 0:
         raise RankingError(f"{cfg.shards}: the train split is empty (a folder of unlabelled images cannot train)")
+    check_labels(cfg.shards, ["train", "val"] if cfg.eval_every else ["train"])
     resume_from, aside = runfolder.open_run(cfg, held)
     if aside is not None:
         log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")
@@ -87,6 +99,8 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         resume_from, skipped = checkpoint.resumable(cfg.run_dir, cfg.resume)
         for reason in skipped:
             log.warning(reason)
+    elif cfg.resume:
+        log.warning(runfolder.fresh_start_warning(cfg.run_dir))
     return resume_from
 
 
@@ -105,9 +119,10 @@ def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) 
     sink = MetricsSink(cfg, accelerator, step)
     stop: Stop | None = None
     models.set_train_mode(parts.model, cfg.freeze_bn_stats)
-    with distributed.StopRequest() as signals:
+    # the workers end with the loop whichever way it ends: a worker stuck in a hung file system held the node
+    with distributed.StopRequest() as signals, contextlib.closing(
+            BatchWatchdog(batches, cfg.batch_timeout_s, signals)) as fetch:
         policy = StopPolicy(cfg, signals, accelerator.device)
-        fetch = BatchWatchdog(batches, cfg.batch_timeout_s, signals)
         while stop is None:
             try:
                 done = train_step(cfg, accelerator, parts, fetch, on_device, sink.meter)

@@ -36,11 +36,24 @@ args=(--shards "$SHARDS" --run-dir "$RUN_DIR")
 if [[ -n "${CONFIG:-}" ]]; then
   args+=(--config "$CONFIG")
 fi
-if [[ -e "$RUN_DIR/checkpoints/latest" ]]; then
+# Always --resume latest: it continues from the newest intact checkpoint, or starts the run when there is none yet
+# (the first start, or a job killed before its first checkpoint), so every requeue can start. A user's --overwrite
+# starts the first run without it; a requeued job continues its own run, so it drops the --overwrite.
+user_args=("${EXTRA[@]}" "$@")
+if [[ "${SLURM_RESTART_COUNT:-0}" != 0 ]]; then
+  kept=()
+  for arg in "${user_args[@]}"; do
+    if [[ "$arg" != --overwrite ]]; then
+      kept+=("$arg")
+    fi
+  done
+  user_args=("${kept[@]}")
+fi
+if [[ " ${user_args[*]} " != *" --overwrite "* ]]; then
   args+=(--resume latest)
 fi
 log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"
 
 rc=0
-accelerate_launch ranking.train "${args[@]}" "${EXTRA[@]}" "$@" || rc=$?
+accelerate_launch ranking.train "${args[@]}" "${user_args[@]}" || rc=$?
 requeue_if_stopped "$rc"

@@ -14,16 +14,19 @@ import io
 import json
 import multiprocessing.process
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -426,3 +429,75 @@ def shard_samples(shards: Path, split: str) -> dict[int, tuple[int, bytes]]:
                     jpg = tar.extractfile(member.name[: -len("json")] + "jpg").read()
                     samples[meta["id"]] = (meta["label"], jpg)
     return samples
+
+
+# ------------------------------------------------------------------- the trainer's faults, in real processes
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def train_one(flags: list[str], timeout: float = 120, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`python -m ranking.train` in one process (no launcher): the fastest real run of the trainer."""
+    command = [sys.executable, "-m", "ranking.train", *flags, "--no-wandb"]
+    if popen:
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def fault_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
+    """The smoke run of tests/test_train.py, with 3 x 4 batches (the synthetic shards have 6 classes)."""
+    return train_flags(shards, run_dir, **({"classes-per-batch": 3, "samples-per-class": 4} | overrides))
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a RankingError leaves on stderr (warnings and W&B aside), with exit status 2."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def copy_shards(shards: Path, target: Path) -> Path:
+    shutil.copytree(shards, target, ignore=shutil.ignore_patterns(".*-class-counts.json"))
+    return target
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"{what}: the process ended first"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+
+
+def logged(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and bool(path.read_text().strip())
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in descendants(launcher.pid) if "RANK" in p.environ() and "ranking.train" in " ".join(p.cmdline())
+            and p.ppid() == launcher.pid]
+
+
+def reap(processes: list[psutil.Process]) -> None:
+    """Kill whatever a failed test left running (only the processes this test started)."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def lying_class_counts(shards: Path, per_class: int) -> None:
+    """A class-count cache claiming `per_class` images in every class: the sampler then waits for images that never
+    come, which is how a stalled stream looks to the trainer (the cache is keyed by the manifest's shard list)."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    counts = {str(label): per_class for label in range(len(manifest["classes"]))}
+    (shards / ".train-class-counts.json").write_text(json.dumps({"shards": manifest["splits"]["train"]["shards"],
+                                                                  "counts": counts}))

@@ -62,15 +62,17 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
         real_write(obj, path)
 
     monkeypatch.setattr(checkpoint, "_write", crash_on_state)
-    with pytest.raises(OSError):
-        checkpoint.save(tmp_path, tiny_state(20), keep=2)
     root = tmp_path / "checkpoints"
+    with pytest.raises(RankingError) as error:  # one line (issue 22.13), the partial folder removed
+        checkpoint.save(tmp_path, tiny_state(20), keep=2)
+    assert str(error.value) == (f"{root / 'step-0000020'}: could not write the checkpoint (disk full); its partial "
+                                f"files are removed, the last checkpoint is {root / 'step-0000010'}")
     assert not (root / "step-0000020").exists()  # never under its final name half-written
+    assert not (root / ".tmp-step-0000020").exists()
     assert checkpoint.load_state(runfolder.resume_checkpoint(tmp_path, "latest")).step == 10
 
     monkeypatch.setattr(checkpoint, "_write", real_write)
-    checkpoint.save(tmp_path, tiny_state(20), keep=2)  # the next save clears the leftover
-    assert not (root / ".tmp-step-0000020").exists()
+    checkpoint.save(tmp_path, tiny_state(20), keep=2)
     assert checkpoint.load_state(runfolder.resume_checkpoint(tmp_path, "latest")).step == 20
 
 

@@ -13,8 +13,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -24,7 +22,22 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import SMOKE, launch, metrics, rank_steps, train_flags
+from harness import (
+    SMOKE,
+    copy_shards,
+    descendants,
+    error_line,
+    fault_flags,
+    launch,
+    logged,
+    lying_class_counts,
+    metrics,
+    rank_steps,
+    ranks_of,
+    reap,
+    train_one,
+    wait_for,
+)
 from ranking import cli, search
 from ranking.core import flags
 from ranking.core.config import TrainConfig
@@ -35,66 +48,6 @@ from ranking.folders import checkpoint, runfolder
 from ranking.learning.models import build_model
 from ranking.retrieval.evalfolder import EvalIndex
 from ranking.retrieval.metrics import EmbeddingSet
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-       "PYTHONUNBUFFERED": "1"}
-
-
-def train_one(flags: list[str], timeout: float = 120, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`python -m ranking.train` in one process (no launcher): the fastest real run of the trainer."""
-    command = [sys.executable, "-m", "ranking.train", *flags, "--no-wandb"]
-    if popen:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def fault_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
-    """The smoke run of tests/test_train.py, with 3 x 4 batches (the synthetic shards have 6 classes)."""
-    return train_flags(shards, run_dir, **({"classes-per-batch": 3, "samples-per-class": 4} | overrides))
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one line a RankingError leaves on stderr (warnings and W&B aside), with exit status 2."""
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
-
-
-def copy_shards(shards: Path, target: Path) -> Path:
-    shutil.copytree(shards, target, ignore=shutil.ignore_patterns(".*-class-counts.json"))
-    return target
-
-
-def wait_for(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process is None or process.poll() is None, f"{what}: the process ended first"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
-def logged(run_dir: Path) -> bool:
-    path = run_dir / "metrics.jsonl"
-    return path.exists() and bool(path.read_text().strip())
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in descendants(launcher.pid) if "RANK" in p.environ() and "ranking.train" in " ".join(p.cmdline())
-            and p.ppid() == launcher.pid]
-
-
-def reap(processes: list[psutil.Process]) -> None:
-    """Kill whatever a failed test left running (only the processes this test started)."""
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def latest_step(run_dir: Path) -> int:
@@ -172,15 +125,6 @@ def test_an_infeasible_sampler_is_one_line_and_exit_2_before_a_step(synth_shards
     assert f"ranking.train: error: {synth_shards}: the batch sampler needs " in line, line
     assert time.monotonic() - started < 50
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-def lying_class_counts(shards: Path, per_class: int) -> None:
-    """A class-count cache claiming `per_class` images in every class: the sampler then waits for images that never
-    come, which is how a stalled stream looks to the trainer (the cache is keyed by the manifest's shard list)."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    counts = {str(label): per_class for label in range(len(manifest["classes"]))}
-    (shards / ".train-class-counts.json").write_text(json.dumps({"shards": manifest["splits"]["train"]["shards"],
-                                                                  "counts": counts}))
 
 
 @pytest.mark.timeout(60)

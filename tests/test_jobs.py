@@ -34,19 +34,22 @@ def test_checkpoint_resubmits_the_trainer_with_resume_latest() -> None:
     assert again.argv == ["--run-dir", "r", "--steps", "5", "--resume", "latest"]
     assert again.module == "ranking.train" and again.use_cpu
     assert common.with_resume(["--resume=latest", "--lr", "1"]) == ["--lr", "1", "--resume", "latest"]
+    assert common.with_resume(["--overwrite", "--lr", "1"]) == ["--lr", "1", "--resume", "latest"]  # its own run
 
 
-def test_train_launcher_resumes_a_run_folder_with_a_checkpoint(tmp_path, monkeypatch) -> None:
+def test_train_launcher_always_resumes_latest_unless_told_otherwise(tmp_path, monkeypatch) -> None:
+    """Issue 22.3: --resume latest was passed only when checkpoints/latest existed, so a job killed before its first
+    checkpoint (a folder with metrics.jsonl, no checkpoint) was refused on every restart. The trainer now starts such
+    a run, so the launcher always passes it; a --resume PATH or --overwrite of the user's is kept as given."""
     submitted: list[common.StageTask] = []
     monkeypatch.setattr(train_job, "run", lambda stage, task, config: submitted.append(task) or 0)
     run_dir = tmp_path / "run"
     argv = ["--cluster", "local", "--shards", "s", "--run-dir", str(run_dir), "--", "--steps", "3"]
     assert train_job.main(argv) == 0
-    assert submitted[-1].argv == ["--shards", "s", "--run-dir", str(run_dir), "--steps", "3"]
-    (run_dir / "checkpoints" / "step-0000001").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest").symlink_to("step-0000001")
-    train_job.main(argv)
-    assert submitted[-1].argv[-2:] == ["--resume", "latest"]
+    assert submitted[-1].argv == ["--shards", "s", "--run-dir", str(run_dir), "--steps", "3", "--resume", "latest"]
+    for own in (["--resume", "ckpt"], ["--resume=ckpt"], ["--overwrite"]):
+        train_job.main([*argv, *own])
+        assert submitted[-1].argv == ["--shards", "s", "--run-dir", str(run_dir), "--steps", "3", *own]
 
 
 @pytest.mark.parametrize("flags, problem", [

@@ -28,6 +28,17 @@ ExportFormat = Literal["onnx", "torchscript", "safetensors"]  # retrieval.infere
 UNLABELLED_SPLIT = "test"  # DESIGN.md "Shards": test samples carry label -1
 
 
+# Upper bounds, so that a typo is one line rather than an attempt to allocate hundreds of GB:
+# - image sizes: 4.5x the 224 px the trunks were pretrained at; a 32-image batch at 1024 px is 400 MB of input and
+#   tens of GB of activations already (the first pass: 100000 px tried to allocate hundreds of GB);
+# - embed_dim: 4x the seeds' 4096; the head of the widest trunk (2048 features) is then 134 MB, and a gallery of
+#   100k images 6.5 GB (10^8 tried to allocate 800 GB for the head alone);
+# - seed: numpy's legacy seeding takes 32 bits, and Accelerate adds the rank to it (device_specific).
+MAX_IMAGE_SIZE = 1024
+MAX_EMBED_DIM = 16384
+MAX_SEED = 2**31 - 1
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -132,6 +143,11 @@ class TrainConfig:
                      "checkpoint_every"):
             flags.at_least(name, getattr(self, name), 1)
         flags.at_least("stored_size", self.stored_size, 1)
+        for name in ("image_size", "stored_size"):
+            flags.at_most(name, getattr(self, name), MAX_IMAGE_SIZE)
+        flags.at_most("embed_dim", self.embed_dim, MAX_EMBED_DIM)
+        flags.at_least("seed", self.seed, 0)
+        flags.at_most("seed", self.seed, MAX_SEED)
         for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "workers", "shuffle_buffer",
                      "weight_decay", "grad_clip", "momentum", "warmup_steps", "keep_checkpoints", "eval_every",
                      "eval_gallery_per_class"):

@@ -11,6 +11,7 @@ import datetime
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
@@ -20,10 +21,12 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
 
-from ranking.core.errors import RankingError
+from ranking.core.errors import EXIT_INTERRUPTED, RankingError
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # Slurm's time-limit warning and preemption
+# Slurm's time-limit warning, preemption, and Ctrl-C (a stop request like the others; a second one exits at once)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SAME_INTERRUPT_S = 2.0  # a SIGINT this soon after the first stop request is the same Ctrl-C, forwarded
 LAUNCHER_PID = os.getppid()  # the parent when this module was first imported: torchrun's agent under a launch
 T = TypeVar("T")
 
@@ -113,6 +116,16 @@ def decided_by_main(check: Callable[[], T]) -> T:
     if error:
         raise RankingError(error).everywhere()
     return result  # type: ignore[return-value]
+
+
+def first_error(message: str) -> str:
+    """The first rank's non-empty ``message`` on every rank, "" when no rank has one (a collective: all ranks call
+    it, so that a failure of one rank's part, a checkpoint file on a full disk, ends every rank the same way)."""
+    if not is_distributed():
+        return message
+    messages: list[str] = [""] * world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), "")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -211,8 +224,11 @@ def shutdown() -> None:
 
 
 class StopRequest:
-    """Set by SIGUSR1 or SIGTERM (or the launcher's death); the trainer finishes its step, checkpoints and exits with
-    EX_TEMPFAIL.
+    """Set by SIGUSR1, SIGTERM or SIGINT (or the launcher's death); the trainer finishes its step, checkpoints and
+    exits with EX_TEMPFAIL. A second SIGINT (Ctrl-C again: the user will not wait for the checkpoint) exits at once
+    with status 130, without a checkpoint; the DataLoader workers die with the rank (their parent-death signal).
+    A SIGINT within ``SAME_INTERRUPT_S`` of the first request is the same Ctrl-C arriving twice: torchrun forwards
+    the signal it got to its ranks, which may have had it directly too.
 
     A context manager: the previous handlers come back on exit, so an in-process launcher (submitit) keeps its own.
     ``on_request`` runs in the handler (the trainer uses it to cut short a wait for a batch that does not come).
@@ -221,6 +237,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal: signal.Signals | None = None
         self.on_request: Callable[[], None] | None = None
+        self._since = 0.0  # when the first stop request came (time.monotonic)
         self._previous: dict[signal.Signals, signal._HANDLER] = {}
 
     @property
@@ -228,6 +245,12 @@ class StopRequest:
         return self.signal is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.requested and time.monotonic() - self._since > SAME_INTERRUPT_S:
+            os.write(2, f"rank {launched_rank()}: interrupted again: exiting now, without a checkpoint "
+                        f"(the last is kept)\n".encode())
+            os._exit(EXIT_INTERRUPTED)  # not KeyboardInterrupt: a rank inside a collective would not see it
+        if not self.requested:
+            self._since = time.monotonic()
         self.signal = signal.Signals(signum)
         if self.on_request is not None:
             self.on_request()

@@ -31,6 +31,7 @@ from ranking.folders.shardformat import class_counts, load_manifest
 from ranking.learning import models
 
 STOP_GRACE_S = 10.0  # a stop signal while a batch is awaited: wait this much longer, then exit without a checkpoint
+WORKER_EXIT_S = 5.0  # a DataLoader worker asked to end gets this long before it is killed
 WORKER_ERROR = re.compile(r"^(?:[\w.]+\.)?(?:RankingError|ConfigError): (.*)$")
 
 
@@ -114,6 +115,11 @@ class BatchWatchdog:
         except RankingError as e:
             raise worker_error(e) from None
 
+    def close(self) -> None:
+        """End the DataLoader's workers within a bounded time (``stop_workers``); the trainer calls it on every way
+        out of its loop."""
+        stop_workers(self.batches)
+
     def _on_stop(self) -> None:
         if self.started is not None:
             left = signal.getitimer(signal.ITIMER_REAL)[0]
@@ -122,6 +128,25 @@ class BatchWatchdog:
 
     def _expired(self, signum: int, frame: object) -> None:
         raise BatchStall(time.monotonic() - (self.started or time.monotonic()))
+
+
+def stop_workers(batches: Iterator[Batch], grace_s: float = WORKER_EXIT_S) -> None:
+    """End the workers of a DataLoader iterator in bounded time: torch's own shutdown (the done signal, a join of
+    at most 5 s, SIGTERM, another 5 s), then SIGKILL to any worker still alive.
+
+    A worker stuck in its dataset (a hung file system; a stopped process) outlives SIGTERM, and torch's shutdown is
+    skipped at interpreter exit, where multiprocessing then joins the worker with no timeout: the rank printed its
+    line and never exited, holding the node. SIGKILL ends even a stopped process; it comes after torch's shutdown
+    has unregistered the workers, so its SIGCHLD check does not take the kill for a crash. Without workers, nothing.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's _MultiProcessingDataLoaderIter
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=grace_s)
 
 
 class DeviceAugment:

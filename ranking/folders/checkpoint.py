@@ -16,12 +16,14 @@ Everything is stored as tensors and plain containers: loads use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from ranking.folders.runfolder import (
 
 MANIFEST = "checkpoint.json"  # {"format", "step", "files": {name: sha256}}, the last file of a checkpoint
 FORMAT = "deep-ranking-checkpoint/1"
+LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less than this left is reported as a full disk
 
 
 @dataclass
@@ -103,21 +106,51 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = 
     rank = distributed.rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-        tmp.mkdir(parents=True)
-    distributed.barrier()
-    _write({"step": state.step, "rng": rng_state()}, tmp / f"rng-rank{rank}.pt")  # each rank records its own step
-    if rank == 0:
-        _write(state.to_dict(), tmp / STATE)
-    distributed.barrier()
-    if rank == 0:
-        _write_manifest(tmp, state.step)
-        publish_folder(tmp, final)  # a step saved again (stopped right on a checkpoint step) replaces the old one
-        replace_link(root / LATEST, final.name)
-        if best:
-            replace_link(root / BEST, final.name)
-        _prune(root, keep)
-    distributed.barrier()
+    problem = _attempt(lambda: tmp.mkdir(parents=True) if rank == 0 else None, root)
+    if not distributed.first_error(problem):  # every rank is past the mkdir (or knows it failed)
+        problem = _attempt(lambda: _write({"step": state.step, "rng": rng_state()}, tmp / f"rng-rank{rank}.pt"),
+                           root)
+        if rank == 0 and not problem:
+            problem = _attempt(lambda: _write(state.to_dict(), tmp / STATE), root)
+    problem = distributed.first_error(problem)  # every rank's files are written, or one rank could not write them
+    if rank == 0 and not problem:
+        problem = _attempt(lambda: _publish(tmp, final, state.step, best, keep), root)
+    problem = distributed.first_error(problem)
+    if problem:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = root / LATEST
+        raise RankingError(f"{final}: could not write the checkpoint ({problem}); its partial files are removed, the "
+                           f"last checkpoint is {latest.resolve() if latest.exists() else 'none'}").everywhere()
     return final
+
+
+def _attempt(write: Callable[[], object], folder: Path) -> str:
+    """"" when ``write`` into ``folder`` succeeded, else why not in a few words (a full disk, a read-only file
+    system). torch.save reports a short write as a RuntimeError of its own ("unexpected pos ..."): a nearly full
+    disk is named as such."""
+    try:
+        write()
+    except OSError as e:
+        return f"{e.strerror or str(e) or type(e).__name__}{f': {e.filename}' if e.filename else ''}"
+    except RuntimeError as e:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            if free < LOW_SPACE_BYTES:
+                return f"no space left on the device: {free / 2**20:.1f} MiB free"
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ""
+
+
+def _publish(tmp: Path, final: Path, step: int, best: bool, keep: int) -> None:
+    """Rank 0, once every rank wrote its files: the manifest, the folder under its final name, the links, pruning."""
+    root = final.parent
+    _write_manifest(tmp, step)
+    publish_folder(tmp, final)  # a step saved again (stopped right on a checkpoint step) replaces the old one
+    replace_link(root / LATEST, final.name)
+    if best:
+        replace_link(root / BEST, final.name)
+    _prune(root, keep)
 
 
 def _write(obj: object, path: Path) -> None:
@@ -172,11 +205,13 @@ def resumable(run_dir: str | os.PathLike, resume: str) -> tuple[Path, list[str]]
         verify(path)
         return path, []
     root = checkpoints_dir(run_dir)
-    candidates = [path.resolve() for path in [root / LATEST] if path.exists()]
+    latest = root / LATEST
+    candidates = [latest.resolve()] if latest.exists() else []
+    skipped = [f"skipping {latest}: it points at {os.readlink(latest)}, which is missing"] if latest.is_symlink() \
+        and not latest.exists() else []
     candidates += [path for path in sorted(root.glob("step-*"), reverse=True) if path.resolve() not in candidates]
     if not candidates:
         return resume_checkpoint(run_dir, resume), []  # its error: nothing to resume from
-    skipped = []
     for path in candidates:
         try:
             verify(path)
@@ -201,6 +236,10 @@ def _load(path: Path, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
+            # torch's message goes on to suggest turning the protection off: refuse in our own words instead
+            raise RankingError(f"{path}: holds pickled Python objects besides tensors and plain containers, which "
+                               "deep-ranking never writes; refused, since loading them could run code") from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RankingError(f"{path}: corrupt checkpoint ({first_line})") from None
 

@@ -260,6 +260,20 @@ def holds_run(run_dir: str | os.PathLike) -> list[str]:
     return found
 
 
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether ``--resume latest`` has anything to try in ``run_dir``: the checkpoint ``latest`` points at or a
+    published ``step-*`` folder. A ``.tmp-step-*`` left by a crash and a dangling ``latest`` do not count."""
+    root = checkpoints_dir(run_dir)
+    return (root / LATEST).exists() or any(root.glob("step-*"))
+
+
+def fresh_start_warning(run_dir: str | os.PathLike) -> str:
+    """The one line of a ``--resume latest`` that finds no checkpoint: the run stopped before its first (a hard kill,
+    a node failure, a full disk) or never started; a requeued job must be able to start it, not be refused."""
+    return (f"{checkpoints_dir(run_dir)}: no checkpoint to resume from (the run stopped before its first); "
+            "--resume latest starts the run from step 0")
+
+
 def check_same_model(cfg: TrainConfig, resume_from: Path) -> None:
     """A resumed run keeps the model of its checkpoint: refuse a flag that changes it (MODEL_KEYS)."""
     saved_path = config_path(run_of(resume_from))
@@ -274,9 +288,18 @@ def check_same_model(cfg: TrainConfig, resume_from: Path) -> None:
 
 
 def check_run(cfg: TrainConfig) -> Path | None:
-    """Read-only checks of the run folder before a run starts; returns the checkpoint to resume from, if any."""
+    """Read-only checks of the run folder before a run starts; returns the checkpoint to resume from, if any.
+
+    ``--resume latest`` in a folder with no checkpoint yet returns None: the run starts from step 0 (the caller says
+    so in one warning line), so that a launcher can always pass it. ``latest`` stands for the run's checkpoints here
+    (``checkpoint.resumable`` picks the intact one); ``--resume PATH`` must name a checkpoint."""
     run_dir = Path(cfg.run_dir)
     check_writable_folder(run_dir, "--run-dir")
+    if cfg.resume == LATEST:
+        if not has_checkpoint(run_dir):
+            return None
+        check_same_model(cfg, checkpoints_dir(run_dir) / LATEST)
+        return checkpoints_dir(run_dir) / LATEST
     if cfg.resume:
         resume_from = resume_checkpoint(run_dir, cfg.resume)
         check_same_model(cfg, resume_from)

@@ -18,6 +18,7 @@ from typing import IO, Any, NoReturn, TypeVar
 
 from PIL import Image
 
+from ranking.core.config import UNLABELLED_SPLIT
 from ranking.core.errors import RankingError
 from ranking.core.files import file_sha256, read_json, write_atomically
 
@@ -175,6 +176,24 @@ def class_counts(directory: str | os.PathLike, split: str, cache_dir: Path | Non
     return _cached(cache_dir / f".{split}-class-counts.json" if cache_dir else None, shard_list, "counts", count,
                    lambda counts: {str(k): v for k, v in sorted(counts.items())},
                    lambda stored: {int(label): int(n) for label, n in stored.items()})
+
+
+def check_labels(directory: str | os.PathLike, splits: Iterable[str]) -> None:
+    """Every sample of the labelled ``splits`` has a label among the manifest's classes, from the class counts the
+    trainer's feasibility check reads anyway (cached): a manifest edited to list 3 of 8 classes trained and evaluated
+    with exit 0. ``ranking shards --verify`` checks every sample; this is its cheap half."""
+    manifest = load_manifest(directory)
+    classes = len(manifest["classes"])
+    for split in splits:
+        if split == UNLABELLED_SPLIT or split not in manifest["splits"]:
+            continue
+        outside = {label: n for label, n in class_counts(directory, split, Path(directory)).items()
+                   if not 0 <= label < classes}
+        if outside:
+            labels = ", ".join(str(label) for label in sorted(outside)[:5]) + (", ..." if len(outside) > 5 else "")
+            raise RankingError(f"{Path(directory) / MANIFEST}: lists {classes} classes, but {sum(outside.values())} "
+                               f"{split} samples have labels outside them ({labels}): the manifest and the shards "
+                               "disagree (`ranking shards --verify` checks every sample)")
 
 
 def _cached(cache: Path | None, shard_list: list, key: str, compute: Callable[[], T], to_json: Callable[[T], Any],
