@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ranking.core import config, flags
+from ranking.folders.checkpoint import _write_manifest
 from ranking.folders.shardformat import shard_paths
 from ranking.learning.models import build_model
 
@@ -367,6 +368,7 @@ def write_smoke_run(run_dir: Path, shards: str, **overrides) -> Path:
     torch.manual_seed(sum(map(ord, str(run_dir))) % 1000)
     model = build_model(train_config).eval()
     torch.save({"model": model.state_dict(), "step": 5, "wandb_run_id": "x"}, checkpoint / "state.pt")
+    _write_manifest(checkpoint, 5)  # as `ranking train` does: a checkpoint without one loads with a warning
     (run_dir / "checkpoints" / "latest").symlink_to(checkpoint.name)
     return run_dir
 

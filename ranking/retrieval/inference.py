@@ -33,7 +33,7 @@ from PIL import Image
 
 from ranking.core.config import ExportFormat
 from ranking.core.errors import RankingError
-from ranking.core.files import read_json, write_atomically, write_text_atomically
+from ranking.core.files import open_regular, read_json, write_atomically, write_text_atomically
 from ranking.data.archive import read_regular_file
 from ranking.data.decode import decode_image, from_pil
 from ranking.folders import checkpoint, runfolder
@@ -179,13 +179,21 @@ class EmbeddingModel:
         from safetensors.torch import load_file
 
         spec, flip, source = read_description(described, described_in)
-        if not weights.is_file():
-            raise RankingError(f"{weights}: missing: the model's weights")
-        try:
-            state = load_file(str(weights))
+        try:  # regular files only (a FIFO would hang the load), mapped rather than read
+            with open_regular(weights):
+                state = load_file(str(weights))
+        except FileNotFoundError:
+            raise RankingError(f"{weights}: missing: the model's weights") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise RankingError(f"{weights}: not a readable safetensors file ({e})") from None
-        return cls(trained_net(spec, state, weights), spec, source, flip, device)
+        net = trained_net(spec, state, weights)
+        recorded = source.get("weights_sha256")
+        found = weights_sha256(net.state_dict()) if recorded else ""
+        if recorded and found != recorded:
+            raise RankingError(f"{weights}: not the weights {described_in.name} records (weights_sha256 "
+                               f"{str(recorded)[:12]}..., found {found[:12]}...): replaced "
+                               "or damaged; an index's embeddings only match the model that made them")
+        return cls(net, spec, source, flip, device)
 
     # -------------------------------------------------------------------------------------------------- using
 
