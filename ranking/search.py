@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ranking.core.errors import RankingError
-from ranking.core.files import check_writable_folder
+from ranking.core.files import check_output_file
 from ranking.core.flags import at_least, parse
 from ranking.data.decode import to_pil
 from ranking.folders import checkpoint, runfolder
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = Path(config.grid) if config.grid else None
 
     if grid is not None:
-        if grid.is_dir():
-            raise RankingError(f"{grid}: --grid is a folder; give a file name such as results.png")
-        check_writable_folder(grid.parent, "--grid's folder")
+        check_output_file(grid, "--grid")
     images = [load_image(path) for path in paths]  # bad input fails before the model loads
     gallery = open_gallery(Path(config.index), config.shards or None, device)
     found = gallery.search(images, config.top)

@@ -411,3 +411,30 @@ def shard_samples(shards: Path, split: str) -> dict[int, tuple[int, bytes]]:
                     jpg = tar.extractfile(member.name[: -len("json")] + "jpg").read()
                     samples[meta["id"]] = (meta["label"], jpg)
     return samples
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size_kib: int = 512, read_only: bool = False, full: bool = False) -> Iterator[Path]:
+    """A tmpfs of ``size_kib`` mounted at ``folder`` (created) in this process by mount(2), no process started:
+    ``read_only``, or ``full`` (a filler file takes every free byte). Skipped with one line where mounting is not
+    permitted (not root, or a container without CAP_SYS_ADMIN); unmounted after."""
+    import ctypes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_rdonly = 1  # <sys/mount.h>
+    if libc.mount(b"tmpfs", os.fsencode(folder), b"tmpfs", ms_rdonly if read_only else 0,
+                  f"size={size_kib}k".encode()) != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({os.strerror(ctypes.get_errno())}): the full-disk and read-only "
+                    "cases need root")
+    try:
+        if full:
+            with open(folder / ".filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+        yield folder
+    finally:
+        libc.umount2(os.fsencode(folder), 2)  # MNT_DETACH: also when a test left a file open

@@ -276,8 +276,11 @@ def lock_file(path: Path, guarded: str | os.PathLike, what: str, remove: bool = 
             break
         os.close(fd)  # removed by the writer before us as we opened it: lock the file there now
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        except OSError:  # a full disk: the lock is held all the same; only the refusal's "who" is lost
+            pass
         yield path
     finally:
         if remove:
@@ -336,3 +339,15 @@ def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise RankingError(f"{path}: {flag} is not writable ({existing}: {e.strerror})") from None
+
+
+def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = True) -> Path:
+    """Before any work: ``path`` can be written as a file: not a folder, its folder can be created and written
+    (``check_writable_folder``), and, unless ``overwrite``, no file is there yet. One line naming ``flag`` if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise RankingError(f"{path}: {flag} is a folder; give a file name in it")
+    if not overwrite and os.path.lexists(path):
+        raise RankingError(f"{path}: {flag} exists; choose another name, or replace it with --overwrite")
+    check_writable_folder(path.parent, f"{flag}'s folder")
+    return path

@@ -1,0 +1,149 @@
+"""Where the stages write (issue 22, findings 9 and 13): an --out that is a folder, lies under a file, is on a
+read-only or a full file system (a small tmpfs mounted here) is one line and leaves nothing half-written; `export`
+replaces a file only with --overwrite, never a checkpoint's or an index's own file, and writes the format its
+extension names."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import cli_refusal, small_tmpfs, write_smoke_run
+from ranking import export, index
+from ranking.core.config import TrainConfig
+from ranking.folders import runfolder
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("outputs")
+    run = write_smoke_run(root / "run", str(root), image_size=32, embed_dim=16)
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / f"p{n}.png")
+    return {"root": root, "run": run, "photos": photos}
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a-file").write_text("not a folder")
+    return tmp_path / "a-file"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_out_a_folder_or_under_a_file_is_one_line(made, tmp_path, capsys):
+    line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors", "--out", str(tmp_path))
+    assert f"{tmp_path}: --out is a folder" in line
+    file = under_a_file(tmp_path)
+    line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors",
+                       "--out", str(file / "m.safetensors"))
+    assert f"{file}: --out's folder exists and is not a folder" in line
+
+
+def test_export_never_overwrites_without_asking_and_never_a_checkpoint(made, tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"someone's file")
+    line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors", "--out", str(out))
+    assert f"{out}: --out exists; choose another name, or replace it with --overwrite" in line
+    assert out.read_bytes() == b"someone's file"
+    assert export.main([str(made["run"]), "--format", "safetensors", "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() != b"someone's file"
+
+    state = made["run"] / "checkpoints" / "step-0000005" / "state.pt"
+    before = state.read_bytes()
+    for target in (state, made["run"] / "checkpoints" / "latest.pt"):
+        line = cli_refusal(capsys, "export", str(made["run"]), "--format", "torchscript", "--out", str(target),
+                           "--overwrite")
+        assert "a checkpoint or index folder whose files other stages read and verify" in line
+    assert state.read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt,name", [("onnx", "m.safetensors"), ("torchscript", "m.onnx"),
+                                      ("safetensors", "m.pt"), ("onnx", "model")])
+def test_export_format_must_match_the_extension(fmt, name, made, tmp_path, capsys):
+    line = cli_refusal(capsys, "export", str(made["run"]), "--format", fmt, "--out", str(tmp_path / name))
+    assert f"--format {fmt} writes a" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_a_read_only_or_full_file_system_is_one_line(made, tmp_path, capsys):
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors",
+                           "--out", str(ro / "m.safetensors"))
+        assert "is not writable" in line and "Read-only file system" in line
+    with small_tmpfs(tmp_path / "full", full=True) as full:
+        line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors",
+                           "--out", str(full / "m.safetensors"))
+        assert f"{full / 'm.safetensors'}: cannot write (No space left on device)" in line
+        assert sorted(p.name for p in full.iterdir()) == [".filler"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# index
+
+
+def test_index_out_under_a_file_read_only_or_full_is_one_line(made, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    flags = ["index", "--checkpoint", str(made["run"]), "--images", str(made["photos"]), "--out"]
+    line = cli_refusal(capsys, *flags, str(under_a_file(tmp_path) / "index"))
+    assert "a-file: --out's folder exists and is not a folder" in line
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        line = cli_refusal(capsys, *flags, str(ro / "index"))
+        assert "Read-only file system" in line
+    with small_tmpfs(tmp_path / "full", full=True) as full:
+        line = cli_refusal(capsys, *flags, str(full / "index"))
+        assert f"{full / 'index'}: cannot write the index (No space left on device)" in line
+        assert sorted(p.name for p in full.iterdir()) == [".filler"]
+
+    built = tmp_path / "built"
+    assert index.main(flags[1:] + [str(built)]) == 0
+    size_kib = sum(p.stat().st_size for p in built.iterdir()) // 1024 + 512
+    with small_tmpfs(tmp_path / "small", size_kib=size_kib) as small:  # an --add that runs out of room
+        grown = small / "grown"
+        shutil.copytree(built, grown)
+        with open(small / ".filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        before = {p.name: p.read_bytes() for p in grown.iterdir()}
+        line = cli_refusal(capsys, "index", "--add", str(made["photos"]), "--index", str(grown))
+        assert "cannot write the index (No space left on device); it is left as it was" in line
+        assert {p.name: p.read_bytes() for p in grown.iterdir()} == before
+        assert sorted(p.name for p in small.iterdir()) == [".filler", "grown"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compare
+
+
+def compare_run(root: Path, name: str) -> Path:
+    run_dir = root / name
+    runfolder.write_config(TrainConfig(run_dir=str(run_dir)), run_dir)
+    for step, loss in enumerate([0.5, 0.4], 1):
+        runfolder.append_metrics(run_dir, {"step": step, "loss": loss})
+    return run_dir
+
+
+def test_compare_out_a_folder_under_a_file_read_only_or_full_is_one_line(tmp_path, capsys):
+    runs = [str(compare_run(tmp_path, name)) for name in ("a", "b")]
+    line = cli_refusal(capsys, "compare", *runs, "--out", str(tmp_path))
+    assert f"{tmp_path}: --out is a folder" in line
+    line = cli_refusal(capsys, "compare", *runs, "--out", str(under_a_file(tmp_path) / "c.png"))
+    assert "a-file: --out's folder exists and is not a folder" in line
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        line = cli_refusal(capsys, "compare", *runs, "--out", str(ro / "c.png"))
+        assert "Read-only file system" in line
+    with small_tmpfs(tmp_path / "full", full=True) as full:
+        line = cli_refusal(capsys, "compare", *runs, "--out", str(full / "c.png"))
+        assert f"{full / 'c.png'}: cannot write (No space left on device)" in line
+        assert sorted(p.name for p in full.iterdir()) == [".filler"]
