@@ -5,17 +5,20 @@ extension names."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harness import cli_refusal, small_tmpfs, write_smoke_run
 from ranking import export, index
 from ranking.core.config import TrainConfig
 from ranking.folders import runfolder
+from ranking.synth import write_synthetic_archive
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +150,71 @@ def test_compare_out_a_folder_under_a_file_read_only_or_full_is_one_line(tmp_pat
         line = cli_refusal(capsys, "compare", *runs, "--out", str(full / "c.png"))
         assert f"{full / 'c.png'}: cannot write (No space left on device)" in line
         assert sorted(p.name for p in full.iterdir()) == [".filler"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding 13: shards, synth, report
+
+
+@pytest.fixture(scope="module")
+def tiny_zip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.zip"
+    write_synthetic_archive(path, classes=2, train_per_class=3, val_per_class=1, test_count=1, seed=0)
+    return path
+
+
+def test_shards_out_under_a_file_read_only_or_full_is_one_line(tiny_zip, tmp_path, capsys):
+    flags = ["shards", str(tiny_zip), "--workers", "1", "--out"]
+    line = cli_refusal(capsys, *flags, str(under_a_file(tmp_path) / "shards"))
+    assert "a-file" in line
+    with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
+        line = cli_refusal(capsys, *flags, str(ro / "shards"))
+        assert "Read-only file system" in line
+    with small_tmpfs(tmp_path / "full", size_kib=64, full=True) as full:
+        line = cli_refusal(capsys, *flags, str(full / "shards"))
+        assert f"{full / 'shards'}: cannot write shards (No space left on device)" in line
+        assert sorted(p.name for p in full.iterdir()) == [".filler"]
+
+
+@pytest.mark.system
+def test_a_packing_worker_that_dies_is_one_line_not_a_hang(tiny_zip, tmp_path, capsys, monkeypatch):
+    """multiprocessing.Pool waited forever for a dead worker's shard; the executor reports it. The workers are
+    forked, so the patched write_shard is theirs: the worker packing the first train shard exits at once."""
+    import os
+
+    from ranking import shards
+
+    write_shard = shards.write_shard
+
+    def dies_on_the_first(plan, *args, **kwargs):
+        if plan.name.startswith("train-000000"):
+            os._exit(9)
+        return write_shard(plan, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", dies_on_the_first)
+    out = tmp_path / "shards"
+    line = cli_refusal(capsys, "shards", str(tiny_zip), "--workers", "2", "--shard-size", "2", "--no-progress",
+                       "--out", str(out))
+    assert f"{out}: a packing worker died" in line
+    assert not out.exists()
+
+
+def test_synth_out_an_existing_folder_is_one_line(tmp_path, capsys):
+    line = cli_refusal(capsys, "synth", "--out", str(tmp_path), "--classes", "2")
+    assert f"{tmp_path}: --out is a folder" in line
+
+
+def test_report_with_a_malformed_metrics_json_or_tampered_embeddings_is_one_line(tmp_path, capsys):
+    run_dir = compare_run(tmp_path, "run")
+    eval_dir = run_dir / "eval-0000002"
+    eval_dir.mkdir()
+    (eval_dir / "metrics.json").write_text('{"k": 30, "splits": ')
+    line = cli_refusal(capsys, "report", str(run_dir), str(eval_dir), "--no-wandb")
+    assert f"{eval_dir / 'metrics.json'}: not valid JSON" in line
+    (eval_dir / "metrics.json").write_text(json.dumps({"k": 30, "step": 2, "splits": "tampered"}))
+    line = cli_refusal(capsys, "report", str(run_dir), str(eval_dir), "--no-wandb")
+    assert "metrics.json" in line
+    (eval_dir / "metrics.json").write_text(json.dumps({"k": 30, "step": 2, "splits": {}, "pr_curve": {}}))
+    torch.save({"gallery": "tampered"}, eval_dir / "embeddings.pt")
+    line = cli_refusal(capsys, "report", str(run_dir), str(eval_dir), "--no-wandb")
+    assert "embeddings.pt" in line
