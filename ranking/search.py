@@ -22,14 +22,15 @@ import torch
 from ranking.core.errors import RankingError
 from ranking.core.files import check_output_file
 from ranking.core.flags import at_least, parse
-from ranking.data.decode import to_pil
+from ranking.data.archive import read_regular_file
+from ranking.data.decode import decode_image, read_header, to_pil
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import read_images, split_index
 from ranking.reporting.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
 from ranking.retrieval import evalfolder, indexfolder
 from ranking.retrieval.evalfolder import EvalIndex
 from ranking.retrieval.indexfolder import Index, Item, Result
-from ranking.retrieval.inference import EmbeddingModel, load_image, parse_device
+from ranking.retrieval.inference import EmbeddingModel, parse_device
 
 
 def load_index_model(index: EvalIndex, eval_dir: Path, device: str | torch.device | None = None) -> EmbeddingModel:
@@ -78,6 +79,16 @@ def open_gallery(path: Path, shards: str | None = None, device: str | torch.devi
                  thumbnails=lambda shown: read_images(shards_dir, split, (infos[item.id] for item in shown)))
 
 
+def read_query(path: Path) -> bytes:
+    """A query file's bytes, read as ``inference.load_image`` reads (a regular file within the size limit), its
+    header checked (an image, within the pixel limit); decoded once the model's image size is known."""
+    if not path.is_file():
+        raise RankingError(f"{path}: no such image file")
+    data = read_regular_file(path)
+    read_header(data, str(path))
+    return data
+
+
 def result_lines(results: list[Result]) -> list[str]:
     """A header and one aligned line per result: rank, distance, file, wnid (class), words."""
     file_width = max(len("file"), *(len(r.item.file) for r in results))
@@ -118,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if grid is not None:
         check_output_file(grid, "--grid")
-    images = [load_image(path) for path in paths]  # bad input fails before the model loads
+    encoded = [read_query(path) for path in paths]  # bad input fails before the model loads
     gallery = open_gallery(Path(config.index), config.shards or None, device)
+    # each reduced to the model's image size as it is decoded: 12 photos of 8000x8000 stay small
+    images = [decode_image(data, str(path), gallery.model.spec.image_size) for path, data in zip(paths, encoded)]
     found = gallery.search(images, config.top)
 
     if config.json:

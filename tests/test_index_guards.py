@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli_refusal, mini_jpegs, write_smoke_run
-from ranking import index
+from ranking import index, search
 from ranking.core.files import lock_file, sibling_lock_path
 from ranking.retrieval.indexfolder import Index
 
@@ -226,3 +226,54 @@ def test_the_temporary_folder_of_a_killed_add_is_removed_by_the_next_run(data, t
     assert index.main(["--add", str(data["more"]), "--index", str(grown)]) == 0
     assert not stale.exists() and alive.exists()
     assert f"{grown}: removed {stale.name}, left by a ranking index that was killed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding 4: huge images are decoded reduced to what the model needs
+
+
+def test_a_large_image_is_decoded_reduced_but_never_below_the_size_asked(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ranking.data.decode import decode_image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (1203, 1601, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored on its side: upright it is 1203 wide, 1601 high
+    for fmt, options in (("JPEG", {"exif": exif.tobytes()}), ("PNG", {})):
+        buffer = io.BytesIO()
+        photo.save(buffer, fmt, **options)
+        data = buffer.getvalue()
+        upright = (3, 1601, 1203) if fmt == "JPEG" else (3, 1203, 1601)
+        assert tuple(decode_image(data, "photo").shape) == upright
+        for shorter_side, factor in ((32, 8), (75, 8), (76, 4), (150, 4), (151, 2), (300, 2), (301, 1)):
+            reduced = decode_image(data, "photo", shorter_side)
+            assert tuple(reduced.shape) == (3, *(-(-side // factor) for side in upright[1:])), (fmt, shorter_side)
+            assert min(reduced.shape[1:]) >= 2 * shorter_side
+
+
+def test_a_large_photo_indexed_and_searched_finds_itself(data, tmp_path, capsys, monkeypatch):
+    """Indexing a folder and searching a query reduce a large photo the same way, so it is its own nearest row."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    photos = tmp_path / "large"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for n in range(3):
+        tile = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+        Image.fromarray(tile).resize((1600, 1200), Image.Resampling.BILINEAR).save(photos / f"big{n}.jpg")
+    out = tmp_path / "index"
+    assert index.main(["--checkpoint", str(data["run"]), "--images", str(photos), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert search.main([*map(str, sorted(photos.iterdir())), "--index", str(out), "--device", "cpu", "--top", "1",
+                        "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [entry["results"][0]["file"] for entry in found] == ["big0.jpg", "big1.jpg", "big2.jpg"]
+    assert all(entry["results"][0]["distance"] < 1e-4 for entry in found)
+

@@ -333,13 +333,13 @@ class ShardsSource(ImageSource):
 class _FolderSamples(torch.utils.data.IterableDataset):
     """This rank's share (position % world_size == rank) of a folder's images, decoded to uint8."""
 
-    def __init__(self, source: FolderSource, rank: int, world_size: int):
-        self.source, self.rank, self.world_size = source, rank, world_size
+    def __init__(self, source: FolderSource, rank: int, world_size: int, shorter_side: int):
+        self.source, self.rank, self.world_size, self.shorter_side = source, rank, world_size, shorter_side
 
     def __iter__(self):
         for position, (label, _, _, _) in enumerate(self.source.entries):
             if position % self.world_size == self.rank:
-                yield self.source.image(position), label, position
+                yield self.source.image(position, self.shorter_side), label, position
 
 
 class FolderSource(ImageSource):
@@ -359,10 +359,11 @@ class FolderSource(ImageSource):
         self.entries = [(s.label, classes[s.label].wnid if s.label >= 0 else None,
                          classes[s.label].words if s.label >= 0 else None, s.file) for s in samples]
 
-    def image(self, position: int) -> torch.Tensor:
-        """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded."""
+    def image(self, position: int, shorter_side: int | None = None) -> torch.Tensor:
+        """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded: a large
+        image reduced on decoding to no less than ``shorter_side`` (the model's image size, or a thumbnail's)."""
         file = self.entries[position][3]
-        return decode_image(self.dataset.read(file), self.dataset.describe(file))
+        return decode_image(self.dataset.read(file), self.dataset.describe(file), shorter_side)
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from torch.utils.data import DataLoader
@@ -371,7 +372,7 @@ class FolderSource(ImageSource):
         from ranking.retrieval.embed import embed_loader
 
         spec = model.spec
-        samples = _FolderSamples(self, accelerator.process_index, accelerator.num_processes)
+        samples = _FolderSamples(self, accelerator.process_index, accelerator.num_processes, spec.image_size)
         loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
                             collate_fn=collate_samples)
         return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
@@ -379,7 +380,7 @@ class FolderSource(ImageSource):
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         for position in range(len(self.entries)):
-            yield position, to_pil(self.image(position))
+            yield position, to_pil(self.image(position, THUMB_SIZE))
 
 
 def open_images(path: str | os.PathLike, split: str | None = None) -> ImageSource:

@@ -51,18 +51,20 @@ ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 # ---------------------------------------------------------------------------------------------------------- images
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file of any format as uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode.decode_image``), read
-    within ``ranking.data.archive``'s size limits; RankingError naming the file otherwise."""
+def load_image(path: str | os.PathLike, shorter_side: int | None = None) -> torch.Tensor:
+    """An image file of any format as uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode.decode_image``; a
+    large one reduced on decoding to no less than ``shorter_side``), read within ``ranking.data.archive``'s size
+    limits; RankingError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise RankingError(f"{path}: no such image file")
-    return decode_image(read_regular_file(path), str(path))
+    return decode_image(read_regular_file(path), str(path), shorter_side)
 
 
-def to_images(images: ImageLike | Iterable[ImageLike]) -> list[torch.Tensor]:
-    """uint8 RGB ``[3, H, W]`` tensors from PIL images (EXIF orientation applied, as for a file), paths, or uint8
-    tensors ([3, H, W], [1, H, W], [H, W] or a batch [N, 3, H, W]), so a tensor is embedded exactly as its pixels."""
+def to_images(images: ImageLike | Iterable[ImageLike], shorter_side: int | None = None) -> list[torch.Tensor]:
+    """uint8 RGB ``[3, H, W]`` tensors from PIL images (EXIF orientation applied, as for a file), paths (decoded
+    reduced to no less than ``shorter_side``, ``load_image``), or uint8 tensors ([3, H, W], [1, H, W], [H, W] or a
+    batch [N, 3, H, W]), so a tensor is embedded exactly as its pixels."""
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
     elif isinstance(images, torch.Tensor):
@@ -72,7 +74,7 @@ def to_images(images: ImageLike | Iterable[ImageLike]) -> list[torch.Tensor]:
         if isinstance(image, Image.Image):
             found.append(from_pil(image))
         elif isinstance(image, (str, os.PathLike)):
-            found.append(load_image(image))
+            found.append(load_image(image, shorter_side))
         elif isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8 or image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0]
                                                                              not in (1, 3)):
@@ -222,8 +224,8 @@ class EmbeddingModel:
         """[N, D] float32 embeddings on the CPU of PIL images, image paths or uint8 tensors, in full precision."""
         from ranking.retrieval.embed import embed_images
 
-        return embed_images(self.net, self.spec, to_images(images), flip=self.flip, batch_size=batch_size,
-                            device=self.device)
+        return embed_images(self.net, self.spec, to_images(images, self.spec.image_size), flip=self.flip,
+                            batch_size=batch_size, device=self.device)
 
     def describe(self) -> dict[str, Any]:
         """MODEL_JSON's content: the model's identity (``ModelSpec.to_dict``), flip, and where it came from."""
@@ -353,4 +355,4 @@ def preprocess(model: EmbeddingModel, images: ImageLike | Iterable[ImageLike]) -
     from ranking.data.augment import EvalResize
 
     resize = EvalResize(model.spec.image_size, model.spec.mean, model.spec.std)
-    return resize(to_images(images))
+    return resize(to_images(images, model.spec.image_size))
