@@ -107,7 +107,7 @@ def index(config: IndexConfig, out: Path) -> int:
     try:
         embedded = indexfolder.embed_sources(model, sources, accelerator, config.batch_size, config.workers)
     except RuntimeError as e:
-        raise distributed.timed_out(e, config.collective_timeout_s) from None
+        raise distributed.timed_out(e, config.collective_timeout_s, "run `ranking index` again") from None
     if accelerator.is_main_process:
         model.to("cpu")
         indexfolder.write_index(out, model, sources, embedded, base=base, merged=merged)

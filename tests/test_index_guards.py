@@ -277,3 +277,39 @@ def test_a_large_photo_indexed_and_searched_finds_itself(data, tmp_path, capsys,
     assert [entry["results"][0]["file"] for entry in found] == ["big0.jpg", "big1.jpg", "big2.jpg"]
     assert all(entry["results"][0]["distance"] < 1e-4 for entry in found)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding 7: a frozen rank of a sharded index ends the launch after --collective-timeout-s
+
+FROZEN_RANK = """
+import os, sys, time
+from ranking import cli, index
+from ranking.retrieval import indexfolder
+
+embed_sources = indexfolder.embed_sources
+
+def frozen(*args, **kwargs):
+    if os.environ.get("RANK") == "1":
+        time.sleep(120)  # a rank on a hung file system
+    return embed_sources(*args, **kwargs)
+
+indexfolder.embed_sources = frozen
+cli.run_stage(index.main, sys.argv[1:], "ranking.index")
+"""
+
+
+def test_a_frozen_rank_of_a_sharded_index_ends_it_after_the_collective_timeout(data, tmp_path):
+    import time
+
+    from harness import launch
+
+    script = tmp_path / "frozen_rank.py"
+    script.write_text(FROZEN_RANK)
+    started = time.monotonic()
+    result = launch(["--checkpoint", str(data["run"]), "--images", str(data["photos"]), "--out",
+                     str(tmp_path / "index"), "--collective-timeout-s", "5"], script=str(script), timeout=110)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 100  # not the frozen rank's 120 s, nor torch's 30 minutes
+    assert ("a collective waited more than 5 s (--collective-timeout-s) for another rank, which is frozen or gone; "
+            "run `ranking index` again") in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "index").exists()
