@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ranking.core.errors import RankingError
-from ranking.core.files import check_output_file
+from ranking.core.files import check_output_file, shown_name
 from ranking.core.flags import at_least, parse
 from ranking.data.archive import read_regular_file
 from ranking.data.decode import decode_image, read_header, to_pil
@@ -91,12 +91,20 @@ def read_query(path: Path) -> bytes:
 
 def result_lines(results: list[Result]) -> list[str]:
     """A header and one aligned line per result: rank, distance, file, wnid (class), words."""
-    file_width = max(len("file"), *(len(r.item.file) for r in results))
+    files = [shown_name(r.item.file) for r in results]  # a newline or non-UTF-8 bytes in a name: escaped
+    file_width = max(len("file"), *map(len, files))
     lines = [f"{'rank':>4}  {'distance':>8}  {'file':<{file_width}}  {'wnid':<9}  words"]
-    for r in results:
-        wnid, words = r.item.wnid or "-", r.item.words or "-"
-        lines.append(f"{r.rank:>4}  {r.distance:8.4f}  {r.item.file:<{file_width}}  {wnid:<9}  {words}")
+    for r, file in zip(results, files):
+        wnid, words = shown_name(r.item.wnid or "-"), shown_name(r.item.words or "-")
+        lines.append(f"{r.rank:>4}  {r.distance:8.4f}  {file:<{file_width}}  {wnid:<9}  {words}")
     return lines
+
+
+def result_json(path: Path, results: list[Result]) -> dict:
+    """One query's --json entry; file names as ``shown_name`` writes them without escaping control characters
+    (JSON does): bytes that are not UTF-8 as \\xNN, never lone surrogates."""
+    return {"query": shown_name(str(path), one_line=False),
+            "results": [{**r.to_dict(), "file": shown_name(r.item.file, one_line=False)} for r in results]}
 
 
 def caption(result: Result) -> list[str]:
@@ -136,11 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     found = gallery.search(images, config.top)
 
     if config.json:
-        print(json.dumps([{"query": str(path), "results": [r.to_dict() for r in results]}
-                          for path, results in zip(paths, found)], indent=2))
+        print(json.dumps([result_json(path, results) for path, results in zip(paths, found)], indent=2))
     else:
         for path, results in zip(paths, found):
-            print("\n".join([f"{path}", *result_lines(results), ""]))
+            print("\n".join([shown_name(str(path)), *result_lines(results), ""]))
 
     if grid is not None:
         thumbnails = gallery.thumbnails(list({r.item.id: r.item for results in found for r in results}.values()))

@@ -313,3 +313,52 @@ def test_a_frozen_rank_of_a_sharded_index_ends_it_after_the_collective_timeout(d
     assert ("a collective waited more than 5 s (--collective-timeout-s) for another rank, which is frozen or gone; "
             "run `ranking index` again") in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "index").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding 11: odd names
+
+
+def odd_named_photos(folder: Path, names: list[bytes]) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    paths = []
+    for n, name in enumerate(names):
+        path = Path(os.fsdecode(os.path.join(os.fsencode(folder), name)))
+        Image.fromarray(np.random.default_rng(n).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path, "PNG")
+        paths.append(path)
+    return paths
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    source = tmp_path / "classes"
+    odd_named_photos(source, [b"good"])  # a file here; the class folders below
+    (source / "good").unlink()
+    odd_named_photos(source / "good", [b"a.png", b"b.png"])
+    odd_named_photos(Path(os.fsdecode(os.fsencode(source) + b"/caf\xe9")), [b"a.png", b"b.png"])
+    line = cli_refusal(capsys, "shards", str(source), "--out", str(tmp_path / "shards"), "--no-progress")
+    assert line.endswith(f"{source}/caf\\xe9: a class folder name that is not printable UTF-8 text (shown with "
+                         "\\xNN for its other bytes); rename it"), line
+    assert not (tmp_path / "shards").exists()
+
+
+def test_odd_file_names_keep_the_search_table_and_its_json_readable(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    photos = odd_named_photos(tmp_path / "odd", [b"line\nbreak.png", b"bad\xff.png", b"plain.png"])
+    out = tmp_path / "index"
+    assert index.main(["--checkpoint", str(data["run"]), "--images", str(tmp_path / "odd"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert search.main([str(photos[0]), "--index", str(out), "--device", "cpu", "--top", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 1 + 1 + 3 + 1  # the query, the header, one line per result, a blank line
+    assert table[0] == f"{tmp_path}/odd/line\\nbreak.png"
+    assert {line.split()[2] for line in table[2:5]} == {"line\\nbreak.png", "bad\\xff.png", "plain.png"}
+
+    assert search.main([*map(str, photos[:2]), "--index", str(out), "--device", "cpu", "--top", "3", "--json"]) == 0
+    text = capsys.readouterr().out
+    text.encode("utf-8")  # no lone surrogates: any strict JSON reader takes it
+    found = json.loads(text)
+    assert [entry["query"] for entry in found] == [f"{tmp_path}/odd/line\nbreak.png", f"{tmp_path}/odd/bad\\xff.png"]
+    assert {r["file"] for r in found[1]["results"]} == {"line\nbreak.png", "bad\\xff.png", "plain.png"}

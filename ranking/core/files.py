@@ -351,3 +351,15 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = True
         raise RankingError(f"{path}: {flag} exists; choose another name, or replace it with --overwrite")
     check_writable_folder(path.parent, f"{flag}'s folder")
     return path
+
+
+def shown_name(name: str, one_line: bool = True) -> str:
+    """A file name as printable text: each byte that is not UTF-8 (kept by ``os.fsdecode`` as a lone surrogate,
+    which strict JSON readers and terminals reject) as ``\\xNN``, Python's ``backslashreplace``; with ``one_line``
+    also control characters (a newline in a name) as ``\\n``, ``\\t`` or ``\\xNN``, so a name never breaks a table.
+    ``ranking search`` prints file names so, in its table and in --json."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    if one_line and any(ord(c) < 32 or ord(c) == 127 for c in text):
+        text = "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c
+                       for c in text)
+    return text

@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from ranking.core.errors import RankingError
-from ranking.core.files import file_kind, read_regular
+from ranking.core.files import file_kind, read_regular, shown_name
 from ranking.folders.shardformat import SPLITS
 
 ROOT_NAME = "tiny-imagenet-200"
@@ -424,7 +424,12 @@ class FolderDataset(SampleSource):
             self._add("test", {f: -1 for f in images})
         else:
             self.layout = "imagefolder"
-            self.classes = [ClassInfo(name, name) for name in sorted({f.split("/")[0] for f in nested})]
+            names = sorted({f.split("/")[0] for f in nested})
+            for name in names:
+                if shown_name(name) != name:  # stored as text in every shard and manifest: UTF-8, one line
+                    raise RankingError(f"{self.path / shown_name(name)}: a class folder name that is not printable UTF-8 "
+                                       "text (shown with \\xNN for its other bytes); rename it")
+            self.classes = [ClassInfo(name, name) for name in names]
             self.label_of = {c.wnid: index for index, c in enumerate(self.classes)}
             train = {f: self.label_of[f.split("/")[0]] for f in nested}
             if val_source:
