@@ -7,7 +7,8 @@ and words are read from the shards, cached in EVAL_DIR as ``<split>-index.json``
 grayscale or colour, any format PIL reads, turned upright by its EXIF orientation) is embedded with the gallery's
 model through the eval transform and compared by squared Euclidean distance. Prints, for each image, one line per
 result: rank, distance, file, class (wnid) and words; or, with --json, a list of
-{"query", "results": [{rank, distance, id, label, class, words, file}]}.
+{"query", "results": [{rank, distance, id, label, class, words, file}]}. File names are printed through
+``files.shown_name``: bytes that are not UTF-8 as ``\\xNN``, and in the table control characters escaped too.
 """
 
 from __future__ import annotations

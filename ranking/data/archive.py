@@ -427,8 +427,8 @@ class FolderDataset(SampleSource):
             names = sorted({f.split("/")[0] for f in nested})
             for name in names:
                 if shown_name(name) != name:  # stored as text in every shard and manifest: UTF-8, one line
-                    raise RankingError(f"{self.path / shown_name(name)}: a class folder name that is not printable UTF-8 "
-                                       "text (shown with \\xNN for its other bytes); rename it")
+                    raise RankingError(f"{self.path / shown_name(name)}: a class folder name that is not printable "
+                                       "UTF-8 text (shown with \\xNN for its other bytes); rename it")
             self.classes = [ClassInfo(name, name) for name in names]
             self.label_of = {c.wnid: index for index, c in enumerate(self.classes)}
             train = {f: self.label_of[f.split("/")[0]] for f in nested}
