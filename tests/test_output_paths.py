@@ -218,3 +218,22 @@ def test_report_with_a_malformed_metrics_json_or_tampered_embeddings_is_one_line
     torch.save({"gallery": "tampered"}, eval_dir / "embeddings.pt")
     line = cli_refusal(capsys, "report", str(run_dir), str(eval_dir), "--no-wandb")
     assert "embeddings.pt" in line
+
+
+def test_nan_gallery_embeddings_of_an_evaluation_are_one_line_in_report_and_search(made, tmp_path, capsys):
+    """Finding 14: an evaluation whose gallery holds NaN rows gave NaN distances and exit 0."""
+    run_dir = compare_run(tmp_path, "run")
+    eval_dir = run_dir / "eval-0000002"
+    eval_dir.mkdir()
+    (eval_dir / "metrics.json").write_text(json.dumps({"k": 30, "step": 2, "splits": {}, "pr_curve": {}}))
+    embeddings = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    embeddings[4] = float("nan")
+    rows = {"embeddings": embeddings, "ids": torch.arange(10, 16), "labels": torch.tensor([0, 0, 1, 1, 2, 2])}
+    torch.save({"run_dir": str(run_dir), "step": 2, "shards": "", "gallery": rows, "query": rows},
+               eval_dir / "embeddings.pt")
+    expected = f"{eval_dir / 'embeddings.pt'}: 1 gallery embedding row(s) are not finite (NaN or inf), the first of "
+    line = cli_refusal(capsys, "report", str(run_dir), str(eval_dir), "--no-wandb")
+    assert expected + "sample id 14" in line
+    query = next(made["photos"].iterdir())
+    line = cli_refusal(capsys, "search", str(query), "--index", str(eval_dir), "--device", "cpu")
+    assert expected + "sample id 14" in line
