@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ranking.core.errors import RankingError
+from ranking.core.files import check_output_file
 from ranking.core.flags import parse
 from ranking.folders import runfolder
 from ranking.reporting import plots
@@ -93,6 +94,7 @@ class CompareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse(CompareConfig, argv, "ranking compare", __doc__.split("\n\n")[0], config_file=False)
+    out = check_output_file(Path(config.out), "--out")  # before reading the runs
     run_dirs = [Path(run) for run in config.runs]
     runs = [read_run(run_dir) for run_dir in run_dirs]
     names = [run.name for run in runs]
@@ -101,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             run.name = str(run_dir)
     val_key = validation_key(runs)
     print(comparison_table(runs, val_key))
-    drawn = plots.plot_comparison({run.name: (run.records, run.evaluation) for run in runs}, Path(config.out), val_key)
+    try:
+        drawn = plots.plot_comparison({run.name: (run.records, run.evaluation) for run in runs}, out, val_key)
+    except OSError as e:  # a full disk: the PNG is written atomically, so nothing half-written is left
+        raise RankingError(f"{out}: cannot write ({e.strerror or e})") from None
     print(f"wrote {drawn}")
     return 0

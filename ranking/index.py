@@ -12,15 +12,16 @@ index folder of the same model too (merged without re-embedding).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ranking import cli
-from ranking.core import precision
+from ranking.core import distributed, precision
 from ranking.core.config import Precision, Split
 from ranking.core.errors import ConfigError, RankingError
-from ranking.core.flags import at_least, parse
+from ranking.core.flags import above, at_least, parse
 from ranking.retrieval import indexfolder
 from ranking.retrieval.indexfolder import Index
 from ranking.retrieval.inference import EmbeddingModel
@@ -45,10 +46,12 @@ class IndexConfig:
     workers: int = 0  # DataLoader workers of a shards folder
     # unset: Accelerate decides, else bf16 where the device has it (as `ranking evaluate`); a value here wins
     mixed_precision: Precision | None = None
+    collective_timeout_s: float = 300.0  # a rank waiting this long on another (frozen) rank ends the run
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
         at_least("--workers", self.workers, 0)
+        above("--collective-timeout-s", self.collective_timeout_s, 0)
         if self.add:
             if self.images or self.out:
                 raise ConfigError("--add appends to --index; --images and --out build a new index (not both)")
@@ -64,11 +67,22 @@ class IndexConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse(IndexConfig, argv, "ranking index", __doc__)
     out = Path(config.index if config.add else config.out)
-    if not config.add and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RankingError(f"{out}: exists; choose a new folder, or append with --add ... --index {out}")
+    with contextlib.ExitStack() as held:
+        if distributed.launched_rank() == 0:  # the one writer: two runs on one index serialise, the second fails
+            held.enter_context(indexfolder.writing(out, new=not config.add))
+        elif not config.add and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RankingError(f"{out}: exists; choose a new folder, or append with --add ... --index {out}")
+        return index(config, out)
+
+
+def index(config: IndexConfig, out: Path) -> int:
+    """Embed and write (``main`` holds the index's lock)."""
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    base: Index | None = Index.load(out, device="cpu") if config.add else None
     paths = [Path(p) for p in config.add or config.images]
+    for path in paths:
+        if config.add and path.exists() and out.exists() and path.resolve() == out.resolve():
+            raise RankingError(f"{path}: is the index --add appends to; adding it to itself would repeat every row")
+    base: Index | None = Index.load(out, device="cpu") if config.add else None
     merged = [Index.load(p, device="cpu") for p in paths if indexfolder.is_index(p)]
     sources = [indexfolder.open_images(p, config.split) for p in paths if not indexfolder.is_index(p)]
     if base is not None:  # the index's own model embeds what is added
@@ -87,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     chosen = precision.for_inference(precision.resolve(config.mixed_precision))
-    accelerator = Accelerator(mixed_precision=chosen.value)
+    accelerator = Accelerator(mixed_precision=chosen.value,
+                              kwargs_handlers=[distributed.process_group_kwargs(config.collective_timeout_s)])
     model.to(accelerator.device)
-    embedded = indexfolder.embed_sources(model, sources, accelerator, config.batch_size, config.workers)
+    try:
+        embedded = indexfolder.embed_sources(model, sources, accelerator, config.batch_size, config.workers)
+    except RuntimeError as e:
+        raise distributed.timed_out(e, config.collective_timeout_s, "run `ranking index` again") from None
     if accelerator.is_main_process:
         model.to("cpu")
         indexfolder.write_index(out, model, sources, embedded, base=base, merged=merged)

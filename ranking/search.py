@@ -7,7 +7,8 @@ and words are read from the shards, cached in EVAL_DIR as ``<split>-index.json``
 grayscale or colour, any format PIL reads, turned upright by its EXIF orientation) is embedded with the gallery's
 model through the eval transform and compared by squared Euclidean distance. Prints, for each image, one line per
 result: rank, distance, file, class (wnid) and words; or, with --json, a list of
-{"query", "results": [{rank, distance, id, label, class, words, file}]}.
+{"query", "results": [{rank, distance, id, label, class, words, file}]}. File names are printed through
+``files.shown_name``: bytes that are not UTF-8 as ``\\xNN``, and in the table control characters escaped too.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from pathlib import Path
 import torch
 
 from ranking.core.errors import RankingError
-from ranking.core.files import check_writable_folder
+from ranking.core.files import check_output_file, shown_name
 from ranking.core.flags import at_least, parse
-from ranking.data.decode import to_pil
+from ranking.data.archive import read_regular_file
+from ranking.data.decode import decode_image, read_header, to_pil
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import read_images, split_index
 from ranking.reporting.grids import NEUTRAL, QUERY, Tile, draw_grid, save_png
 from ranking.retrieval import evalfolder, indexfolder
 from ranking.retrieval.evalfolder import EvalIndex
 from ranking.retrieval.indexfolder import Index, Item, Result
-from ranking.retrieval.inference import EmbeddingModel, load_image, parse_device
+from ranking.retrieval.inference import EmbeddingModel, parse_device
 
 
 def load_index_model(index: EvalIndex, eval_dir: Path, device: str | torch.device | None = None) -> EmbeddingModel:
@@ -78,14 +80,32 @@ def open_gallery(path: Path, shards: str | None = None, device: str | torch.devi
                  thumbnails=lambda shown: read_images(shards_dir, split, (infos[item.id] for item in shown)))
 
 
+def read_query(path: Path) -> bytes:
+    """A query file's bytes, read as ``inference.load_image`` reads (a regular file within the size limit), its
+    header checked (an image, within the pixel limit); decoded once the model's image size is known."""
+    if not path.is_file():
+        raise RankingError(f"{path}: no such image file")
+    data = read_regular_file(path)
+    read_header(data, str(path))
+    return data
+
+
 def result_lines(results: list[Result]) -> list[str]:
     """A header and one aligned line per result: rank, distance, file, wnid (class), words."""
-    file_width = max(len("file"), *(len(r.item.file) for r in results))
+    files = [shown_name(r.item.file) for r in results]  # a newline or non-UTF-8 bytes in a name: escaped
+    file_width = max(len("file"), *map(len, files))
     lines = [f"{'rank':>4}  {'distance':>8}  {'file':<{file_width}}  {'wnid':<9}  words"]
-    for r in results:
-        wnid, words = r.item.wnid or "-", r.item.words or "-"
-        lines.append(f"{r.rank:>4}  {r.distance:8.4f}  {r.item.file:<{file_width}}  {wnid:<9}  {words}")
+    for r, file in zip(results, files):
+        wnid, words = shown_name(r.item.wnid or "-"), shown_name(r.item.words or "-")
+        lines.append(f"{r.rank:>4}  {r.distance:8.4f}  {file:<{file_width}}  {wnid:<9}  {words}")
     return lines
+
+
+def result_json(path: Path, results: list[Result]) -> dict:
+    """One query's --json entry; file names as ``shown_name`` writes them without escaping control characters
+    (JSON does): bytes that are not UTF-8 as \\xNN, never lone surrogates."""
+    return {"query": shown_name(str(path), one_line=False),
+            "results": [{**r.to_dict(), "file": shown_name(r.item.file, one_line=False)} for r in results]}
 
 
 def caption(result: Result) -> list[str]:
@@ -117,19 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     grid = Path(config.grid) if config.grid else None
 
     if grid is not None:
-        if grid.is_dir():
-            raise RankingError(f"{grid}: --grid is a folder; give a file name such as results.png")
-        check_writable_folder(grid.parent, "--grid's folder")
-    images = [load_image(path) for path in paths]  # bad input fails before the model loads
+        check_output_file(grid, "--grid")
+    encoded = [read_query(path) for path in paths]  # bad input fails before the model loads
     gallery = open_gallery(Path(config.index), config.shards or None, device)
+    # each reduced to the model's image size as it is decoded: 12 photos of 8000x8000 stay small
+    images = [decode_image(data, str(path), gallery.model.spec.image_size) for path, data in zip(paths, encoded)]
     found = gallery.search(images, config.top)
 
     if config.json:
-        print(json.dumps([{"query": str(path), "results": [r.to_dict() for r in results]}
-                          for path, results in zip(paths, found)], indent=2))
+        print(json.dumps([result_json(path, results) for path, results in zip(paths, found)], indent=2))
     else:
         for path, results in zip(paths, found):
-            print("\n".join([f"{path}", *result_lines(results), ""]))
+            print("\n".join([shown_name(str(path)), *result_lines(results), ""]))
 
     if grid is not None:
         thumbnails = gallery.thumbnails(list({r.item.id: r.item for results in found for r in results}.values()))

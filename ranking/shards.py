@@ -18,13 +18,14 @@ import dataclasses
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import random
 import re
 import sys
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,7 +34,15 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ranking.core.errors import ConfigError, RankingError
-from ranking.core.files import LOCK, append_line, file_sha256, folder_lock, write_atomically, write_text_atomically
+from ranking.core.files import (
+    LOCK,
+    append_line,
+    check_writable_folder,
+    file_sha256,
+    folder_lock,
+    write_atomically,
+    write_text_atomically,
+)
 from ranking.core.flags import at_least, parse
 from ranking.data.archive import Archive, ClassInfo, FolderDataset, Sample, Source, open_archive, reopen_source
 from ranking.data.decode import decode_image, decode_jpeg, read_header, to_pil
@@ -180,8 +189,19 @@ def pack(archive: Archive | FolderDataset, plans: list[ShardPlan], out: Path,
             yield write_shard(plan, out, archive.source, archive.classes)
         return
     initargs = (archive.spec(), archive.classes)
-    with multiprocessing.Pool(min(workers, len(plans)), _open_worker_source, initargs) as pool:
-        yield from pool.imap_unordered(_write_in_worker, [(plan, str(out)) for plan in plans])
+    # an executor, not multiprocessing.Pool: a Pool whose worker dies (killed, out of memory) waits forever for its
+    # result; the executor reports it (BrokenProcessPool)
+    with ProcessPoolExecutor(min(workers, len(plans)), initializer=_open_worker_source, initargs=initargs) as pool:
+        futures = [pool.submit(_write_in_worker, (plan, str(out))) for plan in plans]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool:
+            raise RankingError(f"{out}: a packing worker died (killed, or out of memory?); run `ranking shards` "
+                               "again") from None
+        finally:
+            for future in futures:
+                future.cancel()  # the queued ones; those running finish, and what they wrote is cleaned up
 
 
 # ---------------------------------------------------------------------------------------------------------- resume
@@ -353,6 +373,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
         plans = plan_shards(archive, shard_size, seed)
         if out.exists() and not out.is_dir():
             raise RankingError(f"{out}: exists and is not a folder")
+        check_writable_folder(out, "--out")  # under a file, read-only: one line before any work
         identity = source_identity(archive)
         try:
             check_destination(out, identity, plans)
@@ -363,18 +384,20 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
             same_source = False
         created = not out.exists()
         held.enter_context(folder_lock(out, "ranking shards"))  # creates out; a second writer fails at once
-        start_journal(out, identity, keep=same_source)
-        remove_leftovers(out, plans)
-        results = finished_shards(out, plans)
-        todo = [plan for plan in plans if plan.name not in results]
-        if todo:
-            (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
-
-        bar = tqdm(total=sum(len(plan.samples) for plan in plans), unit="img", desc=f"shards {out.name}",
-                   initial=sum(result.count for result in results.values()), file=sys.stderr,
-                   disable=not progress, dynamic_ncols=True)
-        plan_of = {plan.name: plan for plan in todo}
+        todo: list[ShardPlan] = []  # what discard removes: never the finished shards of an earlier run
+        bar = None
         try:
+            start_journal(out, identity, keep=same_source)
+            remove_leftovers(out, plans)
+            results = finished_shards(out, plans)
+            todo = [plan for plan in plans if plan.name not in results]
+            if todo:
+                (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
+
+            bar = tqdm(total=sum(len(plan.samples) for plan in plans), unit="img", desc=f"shards {out.name}",
+                       initial=sum(result.count for result in results.values()), file=sys.stderr,
+                       disable=not progress, dynamic_ncols=True)
+            plan_of = {plan.name: plan for plan in todo}
             for result in pack(archive, todo, out, workers or min(8, os.cpu_count() or 1)):
                 append_journal(out, journal_line(plan_of[result.name], result))
                 results[result.name] = result
@@ -382,15 +405,23 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
         except RankingError:
             discard(out, todo, remove_folder=created)
             raise
+        except OSError as e:  # a full disk: the shards of this run go, finished shards of earlier runs stay
+            discard(out, todo, remove_folder=created)
+            raise RankingError(f"{out}: cannot write shards ({e.strerror or e})") from None
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             if out.is_dir():
                 remove_leftovers(out, plans)  # temporaries of pool workers stopped mid-shard
 
         manifest = build_manifest(archive, plans, results, seed, shard_size)
-        write_text_atomically(out / JOURNAL, json.dumps({"source": identity}) + "\n"
-                              + "".join(journal_line(plan, results[plan.name]) for plan in plans))
-        write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        try:
+            write_text_atomically(out / JOURNAL, json.dumps({"source": identity}) + "\n"
+                                  + "".join(journal_line(plan, results[plan.name]) for plan in plans))
+            write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        except OSError as e:  # the shards are complete and kept: a rerun with room only writes these two files
+            raise RankingError(f"{out}: cannot write {MANIFEST} ({e.strerror or e}); free some space and run "
+                               "`ranking shards` again (the finished shards are kept)") from None
     return manifest
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ranking.core.errors import ConfigError
-from ranking.core.files import write_atomically
+from ranking.core.files import check_output_file, write_atomically
 from ranking.core.flags import at_least, parse
 
 ROOT = "tiny-imagenet-200"
@@ -235,6 +235,7 @@ def write_synthetic_archive(path: str | os.PathLike, classes: int = 6, train_per
 
 def main(argv: list[str] | None = None) -> int:
     config = parse(SynthConfig, argv, "ranking synth", __doc__.splitlines()[0])
+    check_output_file(config.out, "--out")
     path = write_synthetic_archive(config.out, config.classes, config.train_per_class, config.val_per_class,
                                    config.test_count, config.seed)
     images = config.classes * (config.train_per_class + config.val_per_class) + config.test_count

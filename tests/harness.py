@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ranking.core import config, flags
+from ranking.folders.checkpoint import _write_manifest
 from ranking.folders.shardformat import shard_paths
 from ranking.learning.models import build_model
 
@@ -387,6 +388,7 @@ def write_smoke_run(run_dir: Path, shards: str, **overrides) -> Path:
     torch.manual_seed(sum(map(ord, str(run_dir))) % 1000)
     model = build_model(train_config).eval()
     torch.save({"model": model.state_dict(), "step": 5, "wandb_run_id": "x"}, checkpoint / "state.pt")
+    _write_manifest(checkpoint, 5)  # as `ranking train` does: a checkpoint without one loads with a warning
     (run_dir / "checkpoints" / "latest").symlink_to(checkpoint.name)
     return run_dir
 
@@ -501,3 +503,30 @@ def lying_class_counts(shards: Path, per_class: int) -> None:
     counts = {str(label): per_class for label in range(len(manifest["classes"]))}
     (shards / ".train-class-counts.json").write_text(json.dumps({"shards": manifest["splits"]["train"]["shards"],
                                                                   "counts": counts}))
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size_kib: int = 512, read_only: bool = False, full: bool = False) -> Iterator[Path]:
+    """A tmpfs of ``size_kib`` mounted at ``folder`` (created) in this process by mount(2), no process started:
+    ``read_only``, or ``full`` (a filler file takes every free byte). Skipped with one line where mounting is not
+    permitted (not root, or a container without CAP_SYS_ADMIN); unmounted after."""
+    import ctypes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    ms_rdonly = 1  # <sys/mount.h>
+    if libc.mount(b"tmpfs", os.fsencode(folder), b"tmpfs", ms_rdonly if read_only else 0,
+                  f"size={size_kib}k".encode()) != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({os.strerror(ctypes.get_errno())}): the full-disk and read-only "
+                    "cases need root")
+    try:
+        if full:
+            with open(folder / ".filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+        yield folder
+    finally:
+        libc.umount2(os.fsencode(folder), 2)  # MNT_DETACH: also when a test left a file open

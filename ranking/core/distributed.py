@@ -143,14 +143,14 @@ def process_group_kwargs(timeout_s: float) -> InitProcessGroupKwargs:
     return InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def timed_out(error: RuntimeError, timeout_s: float) -> Exception:
+def timed_out(error: RuntimeError, timeout_s: float, advice: str = "resume from the last checkpoint") -> Exception:
     """A collective that gave up on a frozen or lost peer, as one line (gloo and NCCL raise a DistBackendError or a
     RuntimeError whose message says it timed out); any other error unchanged."""
     text = str(error)
     if not (isinstance(error, dist.DistBackendError) or "timed out" in text.lower() or "timeout" in text.lower()):
         return error
     return RankingError(f"rank {rank()}: a collective waited more than {timeout_s:g} s (--collective-timeout-s) for "
-                        "another rank, which is frozen or gone; resume from the last checkpoint")
+                        f"another rank, which is frozen or gone; {advice}")
 
 
 def ignore_stop_signals(worker_id: int = 0, rank_pid: int | None = None) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -150,19 +151,77 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_json(path: str | os.PathLike, if_missing: str) -> Any:
-    """A JSON file's content; a missing or unparsable file is a one-line RankingError (``if_missing`` says why)."""
+MAX_JSON_BYTES = 256 * 2**20  # a project's JSON file (manifest, checkpoint.json, model.json, metrics.json)
+
+
+def file_kind(mode: int) -> str:
+    """What a path is, in words, when it is not a regular file (``os.stat``'s ``st_mode``)."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike, advice: str = "") -> Iterator[IO[bytes]]:
+    """``path`` opened for reading only if it is a regular file. Opened without blocking and checked on the open file
+    (``fstat``), so a FIFO or device in its place is refused at once by name, never waited on or read forever.
+    ``advice`` ends the refusal (``"; remove it from the source"``)."""
     try:
-        return json.loads(Path(path).read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise RankingError(f"{path}: cannot read ({e.strerror})") from None
+    with open(fd, "rb", buffering=0) as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise RankingError(f"{path}: {file_kind(mode)}, not a regular file{advice}")
+        yield f
+
+
+def read_regular(path: str | os.PathLike, limit: int, limit_name: str, advice: str = "") -> bytes:
+    """The bytes of a regular file (``open_regular``) of at most ``limit`` bytes (``limit_name`` names the limit in
+    the refusal), checked before reading and while reading, so a file that grows cannot eat memory either."""
+
+    def too_large(size: int | str) -> RankingError:
+        return RankingError(f"{path}: {size} bytes, over the limit of {limit} bytes per file ({limit_name})")
+
+    with open_regular(path, advice) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise too_large(size)
+        try:
+            chunks, left = [], limit + 1
+            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                chunks.append(chunk)
+                left -= len(chunk)
+        except OSError as e:
+            raise RankingError(f"{path}: cannot read ({e.strerror})") from None
+    data = b"".join(chunks)
+    if len(data) > limit:  # it grew after the stat
+        raise too_large(f"more than {limit}")
+    return data
+
+
+def read_json(path: str | os.PathLike, if_missing: str, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file's content; a missing, unparsable, oversized or not regular file (a FIFO, a device) is a one-line
+    RankingError (``if_missing`` says why it should be there). The project's own files are read like untrusted
+    images: an index or an evaluation folder is meant to be copied and shared."""
+    try:
+        data = read_regular(path, limit, "ranking.core.files.MAX_JSON_BYTES")
     except FileNotFoundError:
         raise RankingError(f"{path}: {if_missing}") from None
-    except (ValueError, OSError) as e:
+    try:
+        return json.loads(data)
+    except ValueError as e:
         raise RankingError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
@@ -181,20 +240,86 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with lock_file(folder / LOCK, folder, what) as path:
+        yield path
+
+
+def sibling_lock_path(folder: str | os.PathLike) -> Path:
+    """``.NAME.lock`` beside ``folder``: the lock of a folder that is replaced whole (``publish_folder``), whose own
+    ``.lock`` would go with the old folder. ``lock_file(..., remove=True)`` takes it and leaves nothing behind."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}{LOCK}")
+
+
+@contextlib.contextmanager
+def lock_file(path: Path, guarded: str | os.PathLike, what: str, remove: bool = False) -> Iterator[Path]:
+    """``folder_lock``'s mechanism on any lock file ``path`` (its folder must exist); ``guarded`` is what the refusal
+    names as in use. ``remove``: the file is removed on release; then a lock is only held once the file locked is
+    still the one at ``path`` (another writer may have removed it meanwhile), so two writers can never both hold it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RankingError(f"{guarded}: cannot take the lock {path} ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise RankingError(f"{folder}: in use by {holder}; wait for it to end or choose another "
+            os.close(fd)
+            raise RankingError(f"{guarded}: in use by {holder}; wait for it to end or choose another "
                                "folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and current.st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # removed by the writer before us as we opened it: lock the file there now
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        except OSError:  # a full disk: the lock is held all the same; only the refusal's "who" is lost
+            pass
         yield path
     finally:
+        if remove:
+            path.unlink(missing_ok=True)  # still locked: whoever opened it retries on the new file
         os.close(fd)
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove ``.NAME.tmp-PID`` beside ``final`` (``temporary_name``) left by a writer that was killed: those whose
+    pid is not a live process here. Call it holding ``final``'s lock. Returns what was removed."""
+    final = Path(final)
+    prefix = f".{final.name}.tmp-"
+    removed = []
+    try:
+        names = [entry.name for entry in os.scandir(final.parent) if entry.name.startswith(prefix)]
+    except OSError:
+        return []
+    for name in names:
+        pid = name[len(prefix):]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        stale = final.parent / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (signal 0: nothing is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return pid > 0
 
 
 def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
@@ -214,3 +339,27 @@ def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise RankingError(f"{path}: {flag} is not writable ({existing}: {e.strerror})") from None
+
+
+def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = True) -> Path:
+    """Before any work: ``path`` can be written as a file: not a folder, its folder can be created and written
+    (``check_writable_folder``), and, unless ``overwrite``, no file is there yet. One line naming ``flag`` if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise RankingError(f"{path}: {flag} is a folder; give a file name in it")
+    if not overwrite and os.path.lexists(path):
+        raise RankingError(f"{path}: {flag} exists; choose another name, or replace it with --overwrite")
+    check_writable_folder(path.parent, f"{flag}'s folder")
+    return path
+
+
+def shown_name(name: str, one_line: bool = True) -> str:
+    """A file name as printable text: each byte that is not UTF-8 (kept by ``os.fsdecode`` as a lone surrogate,
+    which strict JSON readers and terminals reject) as ``\\xNN``, Python's ``backslashreplace``; with ``one_line``
+    also control characters (a newline in a name) as ``\\n``, ``\\t`` or ``\\xNN``, so a name never breaks a table.
+    ``ranking search`` prints file names so, in its table and in --json."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    if one_line and any(ord(c) < 32 or ord(c) == 127 for c in text):
+        text = "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c
+                       for c in text)
+    return text

@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from ranking.core.errors import RankingError
+from ranking.core.files import file_kind, read_regular, shown_name
 from ranking.folders.shardformat import SPLITS
 
 ROOT_NAME = "tiny-imagenet-200"
@@ -165,14 +166,6 @@ class FolderSource(Source):
         return str(self.root / file)
 
 
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
 def _regular_file_size(path: Path) -> int:
     """The size of a regular file (after symlinks); anything else is a RankingError naming it."""
     try:
@@ -182,34 +175,17 @@ def _regular_file_size(path: Path) -> int:
                            ) from None
     if not stat.S_ISREG(info.st_mode):
         via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
-        raise RankingError(f"{path}: {_kind(info.st_mode)}{via}, not a regular file; remove it from the source")
+        raise RankingError(f"{path}: {file_kind(info.st_mode)}{via}, not a regular file; remove it from the source")
     return info.st_size
 
 
 def read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_FILE_BYTES. Opened without blocking and checked on the open file,
-    so a FIFO or device put in its place after the listing is refused, not waited on or read forever."""
+    """The bytes of a regular file of at most MAX_FILE_BYTES (``files.read_regular``: opened without blocking and
+    checked on the open file, so a FIFO or device put in its place after the listing is refused, not waited on)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise RankingError(f"{path}: cannot read ({e.strerror})") from None
-    with open(fd, "rb", buffering=0) as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise RankingError(f"{path}: {_kind(info.st_mode)}, not a regular file; remove it from the source")
-        if info.st_size > MAX_FILE_BYTES:
-            raise _too_large(str(path), info.st_size)
-        try:
-            chunks, left = [], MAX_FILE_BYTES + 1
-            while left > 0 and (chunk := f.read(min(left, 1 << 20))):
-                chunks.append(chunk)
-                left -= len(chunk)
-        except OSError as e:
-            raise RankingError(f"{path}: cannot read ({e.strerror})") from None
-    data = b"".join(chunks)
-    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
-        raise _too_large(str(path), f"more than {MAX_FILE_BYTES}")
-    return data
+        return read_regular(path, MAX_FILE_BYTES, "ranking.data.archive.MAX_FILE_BYTES", "; remove it from the source")
+    except FileNotFoundError:
+        raise RankingError(f"{path}: cannot read (No such file or directory)") from None
 
 
 def _find_root(source: Path, names: list[str]) -> str:
@@ -448,7 +424,12 @@ class FolderDataset(SampleSource):
             self._add("test", {f: -1 for f in images})
         else:
             self.layout = "imagefolder"
-            self.classes = [ClassInfo(name, name) for name in sorted({f.split("/")[0] for f in nested})]
+            names = sorted({f.split("/")[0] for f in nested})
+            for name in names:
+                if shown_name(name) != name:  # stored as text in every shard and manifest: UTF-8, one line
+                    raise RankingError(f"{self.path / shown_name(name)}: a class folder name that is not printable "
+                                       "UTF-8 text (shown with \\xNN for its other bytes); rename it")
+            self.classes = [ClassInfo(name, name) for name in names]
             self.label_of = {c.wnid: index for index, c in enumerate(self.classes)}
             train = {f: self.label_of[f.split("/")[0]] for f in nested}
             if val_source:

@@ -40,6 +40,7 @@ from ranking.core.errors import RankingError
 MAX_IMAGE_PIXELS = 64 * 2**20  # decoding takes 3 bytes a pixel: 192 MiB at most
 JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a camera's multi-picture file, a JPEG followed by others
 EXIF_ORIENTATION = 0x0112
+REDUCE_MARGIN = 2  # an image decoded reduced keeps at least twice the shorter side it will be resized to
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
@@ -64,16 +65,39 @@ def read_header(source: bytes | str | os.PathLike, where: str) -> Header:
         raise _cannot_decode(where, e) from None
 
 
-def decode_image(data: bytes, where: str) -> Tensor:
+def decode_image(data: bytes, where: str, shorter_side: int | None = None) -> Tensor:
     """Any image PIL or TorchCodec reads -> uint8 ``[3, H, W]``, upright RGB, transparency over white; the pixel
-    limit checked from the header first. ``where`` names the file in a RankingError."""
+    limit checked from the header first. ``where`` names the file in a RankingError.
+
+    ``shorter_side``: the shorter side the caller resizes to (a model's eval resize to S). An image at least
+    2 x REDUCE_MARGIN times as large is decoded reduced by 2, 4 or 8 (``reduction``), keeping at least REDUCE_MARGIN
+    x S: a JPEG by libjpeg's DCT scaling (PIL's draft mode), so its full size is never in memory; other formats are
+    reduced (box filter) right after decoding. Twelve 8000x8000 photos then take megabytes, not gigabytes. The
+    margin leaves the final antialiased resize to set the pixels, and images of a few times S (Tiny ImageNet's
+    64 px at S = 32, say) decode exactly as the workers decode shard records.
+    """
     try:
         with _open(data) as image:
-            if _header(image, where).format not in JPEG_FORMATS:
+            header = _header(image, where)
+            factor = reduction(header, shorter_side)
+            if header.format not in JPEG_FORMATS:
+                rgb = upright_rgb(image)
+                return pil_to_tensor(rgb.reduce(factor) if factor > 1 else rgb)
+            if factor > 1:
+                image.draft("RGB", (header.width // factor, header.height // factor))
                 return pil_to_tensor(upright_rgb(image))
     except _PIL_ERRORS as e:
         raise _cannot_decode(where, e) from None
     return decode_jpeg(data, where)
+
+
+def reduction(header: Header, shorter_side: int | None) -> int:
+    """The largest of 8, 4, 2 that keeps the image's shorter side at least REDUCE_MARGIN x ``shorter_side`` (1:
+    decode at full size; always 1 without ``shorter_side``)."""
+    if not shorter_side:
+        return 1
+    shorter = min(header.width, header.height)
+    return next((factor for factor in (8, 4, 2) if shorter // factor >= REDUCE_MARGIN * shorter_side), 1)
 
 
 def decode_jpeg(data: bytes, where: str = "?") -> Tensor:

@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,15 +164,23 @@ def _write_manifest(folder: Path, step: int) -> None:
     write_text_atomically(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
 
 
+_WARNED_UNVERIFIED: set[Path] = set()
+
+
 def verify(checkpoint: Path) -> None:
     """Every file listed in ``checkpoint.json`` is there with its sha256; a RankingError names the first that is not.
 
-    A checkpoint written before manifests existed (no ``checkpoint.json``) has nothing to check and passes.
+    A checkpoint without ``checkpoint.json`` (written before manifests existed, or its manifest removed) has nothing
+    to check: it passes with a warning on stderr, once per checkpoint, that its files are unverified.
     """
     path = checkpoint / MANIFEST
     if not path.exists():
         if not (checkpoint / STATE).is_file():
             raise RankingError(f"{checkpoint / STATE}: checkpoint file missing")
+        if checkpoint.resolve() not in _WARNED_UNVERIFIED:
+            _WARNED_UNVERIFIED.add(checkpoint.resolve())
+            print(f"warning: {checkpoint}: no {MANIFEST}, so its files are loaded unverified (no sha256 to check; "
+                  "written before manifests, or the manifest was removed)", file=sys.stderr, flush=True)
         return
     manifest = read_json(path, "missing")
     files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None

@@ -141,6 +141,12 @@ def freeze_stages(model: EmbeddingNet, count: int) -> None:
             parameter.requires_grad_(False)
 
 
+# A model file (an index's model.json, an export) is untrusted: sizes beyond these would allocate tens of GB before
+# any weight is checked (the seeds' largest: 4096-d embeddings of 224 px images)
+MAX_EMBED_DIM = 65536
+MAX_IMAGE_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A trained network's identity: what rebuilds it (backbone, embed_dim, dropout, normalize) and what it must be
@@ -167,9 +173,9 @@ class ModelSpec:
         mean, std = input_normalization(self.backbone)
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean) or mean)
         object.__setattr__(self, "std", tuple(float(v) for v in self.std) or std)
-        if self.embed_dim < 1 or self.image_size < 1:
-            raise RankingError(f"embed_dim and image_size must be at least 1; got {self.embed_dim} and "
-                               f"{self.image_size}")
+        if not (1 <= self.embed_dim <= MAX_EMBED_DIM and 1 <= self.image_size <= MAX_IMAGE_SIZE):
+            raise RankingError(f"embed_dim must be in [1, {MAX_EMBED_DIM}] and image_size in [1, {MAX_IMAGE_SIZE}]; "
+                               f"got {self.embed_dim} and {self.image_size}")
         if not 0 <= self.dropout < 1:
             raise RankingError(f"dropout must be in [0, 1); got {self.dropout}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:

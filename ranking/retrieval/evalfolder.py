@@ -96,7 +96,18 @@ class EvalIndex:
                 raise RankingError(f"{path}: missing {part} embeddings, ids or labels")
 
         def rows(part: str) -> EmbeddingSet:
-            return EmbeddingSet(data[part]["embeddings"], data[part]["ids"], data[part]["labels"])
+            embeddings, ids, labels = (data[part][key] for key in ("embeddings", "ids", "labels"))
+            if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.is_floating_point()
+                    and all(isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) == len(embeddings)
+                            and not t.is_floating_point() for t in (ids, labels))):
+                raise RankingError(f"{path}: its {part} rows are not float embeddings [N, D] with N integer ids and "
+                                   "labels (damaged or edited); rerun `ranking evaluate`")
+            finite = torch.isfinite(embeddings).all(dim=1)
+            if not bool(finite.all()):
+                raise RankingError(f"{path}: {int((~finite).sum())} {part} embedding row(s) are not finite (NaN or "
+                                   "inf), the first of sample id "
+                                   f"{int(ids[(~finite).nonzero()[0, 0]])}; rerun `ranking evaluate`")
+            return EmbeddingSet(embeddings, ids, labels)
 
         from ranking.learning.models import ModelSpec
 

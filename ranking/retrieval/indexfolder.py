@@ -19,10 +19,12 @@ place, so a failed build or add leaves the index as it was.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,8 +35,21 @@ import torch
 from PIL import Image
 
 from ranking.core.errors import RankingError
-from ranking.core.files import publish_folder, read_json, write_atomically, write_text_atomically
+from ranking.core.files import (
+    check_writable_folder,
+    lock_file,
+    open_regular,
+    publish_folder,
+    read_json,
+    read_regular,
+    remove_stale_temporaries,
+    sibling_lock_path,
+    temporary_name,
+    write_atomically,
+    write_text_atomically,
+)
 from ranking.data.decode import decode_image, to_pil
+from ranking.learning.models import MAX_EMBED_DIM
 from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike
 from ranking.retrieval.metrics import EmbeddingSet, nearest_neighbors
 
@@ -42,12 +57,14 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 FORMAT = "deep-ranking-index/1"
+MAX_SAFETENSORS_HEADER = 2**20
 INDEX_JSON = "index.json"
 EMBEDDINGS = "embeddings.safetensors"
 ITEMS = "items.jsonl"
 THUMBS = "thumbs.tar"
 THUMB_SIZE = 64  # pixels of a thumbnail's longer side
 THUMB_QUALITY = 85
+MAX_ITEM_BYTES = 64 * 2**10  # one line of items.jsonl: its size is bounded by index.json's count times this
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,12 @@ class Index:
                  thumbnails: ThumbnailReader | None = None):
         if embeddings.dim() != 2 or embeddings.shape[0] != len(items):
             raise ValueError(f"{tuple(embeddings.shape)} embeddings for {len(items)} items")
+        finite = torch.isfinite(embeddings).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise RankingError(f"{path if path is not None else 'the gallery'}: embedding row {row} (and "
+                               f"{int((~finite).sum()) - 1} more) is not finite (NaN or inf): a damaged gallery, "
+                               "whose distances would be meaningless; rebuild it")
         self.model = model
         self.embeddings = embeddings.float().contiguous().to(model.device)
         self.items = items
@@ -171,13 +194,14 @@ class Index:
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Index:
         """An index folder, checked: its files agree on the count and the dimension, the model rebuilds."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         path = Path(path)
         meta = read_index_json(path)
         count, dim = meta["count"], meta["dim"]
-        try:
-            stored = load_file(str(path / EMBEDDINGS))
+        try:  # read like any untrusted file: regular, and no larger than index.json's count and dim allow
+            stored = load(read_regular(path / EMBEDDINGS, count * dim * 4 + MAX_SAFETENSORS_HEADER,
+                                       f"{count} x {dim} float32 and a header"))
         except FileNotFoundError:
             raise RankingError(f"{path / EMBEDDINGS}: missing") from None
         except (SafetensorError, OSError, ValueError) as e:
@@ -188,9 +212,10 @@ class Index:
             raise RankingError(f"{path / EMBEDDINGS}: expected float32 embeddings [{count}, {dim}] as "
                                f"{INDEX_JSON} says; found {found}")
         try:
-            lines = (path / ITEMS).read_bytes().splitlines()
-        except OSError as e:
-            raise RankingError(f"{path / ITEMS}: cannot read ({e.strerror})") from None
+            lines = read_regular(path / ITEMS, max(count, 1) * MAX_ITEM_BYTES,
+                                 f"{count} items of ranking.retrieval.indexfolder.MAX_ITEM_BYTES").splitlines()
+        except FileNotFoundError:
+            raise RankingError(f"{path / ITEMS}: missing") from None
         if len(lines) != count:
             raise RankingError(f"{path / ITEMS}: {len(lines)} items, but {INDEX_JSON} says {count}")
         model = EmbeddingModel.from_folder(path, device)
@@ -202,7 +227,9 @@ class Index:
 
 
 def is_index(path: str | os.PathLike) -> bool:
-    return (Path(path) / INDEX_JSON).is_file()
+    """Whether ``path`` claims to be an index folder (it has an INDEX_JSON of any kind: ``read_index_json`` then
+    says what is wrong with it, a FIFO say, rather than the folder being taken for something else)."""
+    return os.path.lexists(Path(path) / INDEX_JSON)
 
 
 def read_index_json(path: Path) -> dict:
@@ -213,6 +240,9 @@ def read_index_json(path: Path) -> dict:
     for key, kind in (("count", int), ("dim", int), ("classes", list), ("sources", list)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise RankingError(f"{where}: {key!r} must be a {kind.__name__}")
+    if meta["count"] < 0 or not 1 <= meta["dim"] <= MAX_EMBED_DIM:
+        raise RankingError(f"{where}: count {meta['count']} and dim {meta['dim']} are not an index's "
+                           f"(dim at most {MAX_EMBED_DIM})")
     return meta
 
 
@@ -220,12 +250,19 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
     """Each item's thumbnail, read at its recorded offset (no scan of the tar)."""
     images = {}
     try:
-        with open(tar_path, "rb") as f:
+        with open_regular(tar_path) as f:
+            size = os.fstat(f.fileno()).st_size
             for item in items:
                 if item.thumb is None:
                     raise RankingError(f"{tar_path}: item {item.id} has no thumbnail")
-                f.seek(item.thumb[0])
-                images[item.id] = to_pil(decode_image(f.read(item.thumb[1]), f"{tar_path}: thumbnail {item.id}"))
+                offset, length = item.thumb
+                if not (0 <= offset and 0 < length <= MAX_ITEM_BYTES * 16 and offset + length <= size):
+                    raise RankingError(f"{tar_path}: item {item.id}'s thumbnail at [{offset}, {length}] lies outside "
+                                       f"the file's {size} bytes (a damaged items.jsonl)")
+                f.seek(offset)
+                images[item.id] = to_pil(decode_image(f.read(length), f"{tar_path}: thumbnail {item.id}"))
+    except FileNotFoundError:
+        raise RankingError(f"{tar_path}: missing") from None
     except OSError as e:
         raise RankingError(f"{tar_path}: cannot read ({e.strerror})") from None
     return images
@@ -296,13 +333,13 @@ class ShardsSource(ImageSource):
 class _FolderSamples(torch.utils.data.IterableDataset):
     """This rank's share (position % world_size == rank) of a folder's images, decoded to uint8."""
 
-    def __init__(self, source: FolderSource, rank: int, world_size: int):
-        self.source, self.rank, self.world_size = source, rank, world_size
+    def __init__(self, source: FolderSource, rank: int, world_size: int, shorter_side: int):
+        self.source, self.rank, self.world_size, self.shorter_side = source, rank, world_size, shorter_side
 
     def __iter__(self):
         for position, (label, _, _, _) in enumerate(self.source.entries):
             if position % self.world_size == self.rank:
-                yield self.source.image(position), label, position
+                yield self.source.image(position, self.shorter_side), label, position
 
 
 class FolderSource(ImageSource):
@@ -322,10 +359,11 @@ class FolderSource(ImageSource):
         self.entries = [(s.label, classes[s.label].wnid if s.label >= 0 else None,
                          classes[s.label].words if s.label >= 0 else None, s.file) for s in samples]
 
-    def image(self, position: int) -> torch.Tensor:
-        """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded."""
+    def image(self, position: int, shorter_side: int | None = None) -> torch.Tensor:
+        """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded: a large
+        image reduced on decoding to no less than ``shorter_side`` (the model's image size, or a thumbnail's)."""
         file = self.entries[position][3]
-        return decode_image(self.dataset.read(file), self.dataset.describe(file))
+        return decode_image(self.dataset.read(file), self.dataset.describe(file), shorter_side)
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from torch.utils.data import DataLoader
@@ -334,7 +372,7 @@ class FolderSource(ImageSource):
         from ranking.retrieval.embed import embed_loader
 
         spec = model.spec
-        samples = _FolderSamples(self, accelerator.process_index, accelerator.num_processes)
+        samples = _FolderSamples(self, accelerator.process_index, accelerator.num_processes, spec.image_size)
         loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
                             collate_fn=collate_samples)
         return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
@@ -342,7 +380,7 @@ class FolderSource(ImageSource):
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         for position in range(len(self.entries)):
-            yield position, to_pil(self.image(position))
+            yield position, to_pil(self.image(position, THUMB_SIZE))
 
 
 def open_images(path: str | os.PathLike, split: str | None = None) -> ImageSource:
@@ -395,6 +433,27 @@ def check_same_model(index: Index, model: EmbeddingModel, where: str | os.PathLi
                            "would not be comparable (build a new index)")
 
 
+@contextlib.contextmanager
+def writing(out: Path, new: bool) -> Iterator[None]:
+    """Hold the lock of the index folder ``out`` (``.OUT.lock`` beside it, as the folder itself is replaced whole)
+    while one ``ranking index`` builds (``new``) or grows it: a second run on it fails at once with one line, so two
+    ``--add``s cannot both pass and one lose the other's rows. Under the lock, temporary folders of killed runs are
+    removed, and a new index's ``out`` must not exist."""
+    flag = "--out" if new else "--index"
+    if new and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RankingError(f"{out}: exists; choose a new folder, or append with --add ... --index {out}")
+    if not new and not is_index(out):
+        read_index_json(out)  # the one line saying why it is not an index
+    check_writable_folder(out.parent, f"{flag}'s folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file(sibling_lock_path(out), out, "ranking index", remove=True):
+        for stale in remove_stale_temporaries(out):
+            print(f"{out}: removed {stale.name}, left by a ranking index that was killed", file=sys.stderr)
+        if new and out.exists() and (not out.is_dir() or any(out.iterdir())):  # written while we waited
+            raise RankingError(f"{out}: exists; choose a new folder, or append with --add ... --index {out}")
+        yield
+
+
 def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource], embedded: Sequence[torch.Tensor],
                 base: Index | None = None, merged: Sequence[Index] = ()) -> Path:
     """Write ``base`` (if any) + the ``merged`` indexes' rows + the sources' rows as the index folder ``out``.
@@ -402,72 +461,80 @@ def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource]
     Built under a temporary name beside ``out`` (``base``'s files copied, not re-embedded), then published in its
     place (``files.publish_folder``): an index being grown stays readable until the new one is there.
     """
-    from safetensors.torch import save
-
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
-        classes = list(base.classes) if base else []
-        lines: list[bytes] = list(base.items.lines) if base and isinstance(base.items, LazyItems) else []
-        if base is not None and not isinstance(base.items, LazyItems):
-            lines = [json.dumps(item.to_dict()).encode() for item in base.items]
-        parts = [base.embeddings.cpu()] if base else []
-        described = list(base.sources) if base else []
-        if base is not None and base.path is not None:
-            for name in (MODEL_WEIGHTS, MODEL_JSON, THUMBS):
-                shutil.copyfile(base.path / name, tmp / name)
-        else:
-            model.save(tmp)
-
-        def label_of(name: str | None) -> int:
-            if name is None:
-                return -1
-            if name not in classes:
-                classes.append(name)
-            return classes.index(name)
-
-        with tarfile.open(tmp / THUMBS, "a" if (tmp / THUMBS).exists() else "w") as tar:
-            def add_thumbnail(row: int, image: Image.Image) -> tuple[int, int]:
-                data = thumbnail_jpeg(image)
-                info = tarfile.TarInfo(f"{row:07d}.jpg")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))  # after its header
-                tar.addfile(info, io.BytesIO(data))
-                return offset, len(data)
-
-            for other in merged:  # rows of another index of the same model, thumbnails copied
-                first = len(lines)
-                source_offset = len(described)
-                described += other.sources
-                thumbs = other.thumbnails(list(other.items))
-                for item in other.items:
-                    row = first + item.id
-                    entry = Item(row, label_of(item.wnid), item.wnid, item.words, item.file,
-                                 source_offset + item.source, add_thumbnail(row, thumbs[item.id]))
-                    lines.append(json.dumps(entry.to_dict()).encode())
-                parts.append(other.embeddings.cpu())
-            for source, embeddings in zip(sources, embedded):
-                first = len(lines)
-                described.append({**source.describe(), "first_id": first})
-                thumbs_at: dict[int, tuple[int, int]] = {}
-                for position, image in source.images():
-                    thumbs_at[position] = add_thumbnail(first + position, image)
-                for position, (_, wnid, words, file) in enumerate(source.entries):
-                    entry = Item(first + position, label_of(wnid), wnid, words, file, len(described) - 1,
-                                 thumbs_at.get(position))
-                    lines.append(json.dumps(entry.to_dict()).encode())
-                parts.append(embeddings)
-        all_embeddings = torch.cat(parts) if parts else torch.zeros(0, model.dim)
-        write_atomically(tmp / EMBEDDINGS, lambda f: f.write(save({"embeddings": all_embeddings.contiguous()},
-                                                                  metadata={"format": FORMAT})))
-        write_atomically(tmp / ITEMS, lambda f: f.write(b"".join(line + b"\n" for line in lines)))
-        meta = {"format": FORMAT, "count": len(lines), "dim": model.dim, "normalized": model.normalize,
-                "flip": model.flip, "thumb_size": THUMB_SIZE, "classes": classes, "sources": described,
-                "model": model.source}
-        write_text_atomically(tmp / INDEX_JSON, json.dumps(meta, indent=2) + "\n")
-        publish_folder(tmp, out)
+        _write_index(tmp, out, model, sources, embedded, base, merged)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: the index stays as it was
+        raise RankingError(f"{out}: cannot write the index ({e.strerror or e}); it is left as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_index(tmp: Path, out: Path, model: EmbeddingModel, sources: Sequence[ImageSource],
+                 embedded: Sequence[torch.Tensor], base: Index | None, merged: Sequence[Index]) -> None:
+    from safetensors.torch import save
+
+    tmp.mkdir(parents=True)
+    classes = list(base.classes) if base else []
+    lines: list[bytes] = list(base.items.lines) if base and isinstance(base.items, LazyItems) else []
+    if base is not None and not isinstance(base.items, LazyItems):
+        lines = [json.dumps(item.to_dict()).encode() for item in base.items]
+    parts = [base.embeddings.cpu()] if base else []
+    described = list(base.sources) if base else []
+    if base is not None and base.path is not None:
+        for name in (MODEL_WEIGHTS, MODEL_JSON, THUMBS):
+            with open_regular(base.path / name) as source_file, open(tmp / name, "wb") as copy:
+                shutil.copyfileobj(source_file, copy)
+    else:
+        model.save(tmp)
+
+    def label_of(name: str | None) -> int:
+        if name is None:
+            return -1
+        if name not in classes:
+            classes.append(name)
+        return classes.index(name)
+
+    with tarfile.open(tmp / THUMBS, "a" if (tmp / THUMBS).exists() else "w") as tar:
+        def add_thumbnail(row: int, image: Image.Image) -> tuple[int, int]:
+            data = thumbnail_jpeg(image)
+            info = tarfile.TarInfo(f"{row:07d}.jpg")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))  # after its header
+            tar.addfile(info, io.BytesIO(data))
+            return offset, len(data)
+
+        for other in merged:  # rows of another index of the same model, thumbnails copied
+            first = len(lines)
+            source_offset = len(described)
+            described += other.sources
+            thumbs = other.thumbnails(list(other.items))
+            for item in other.items:
+                row = first + item.id
+                entry = Item(row, label_of(item.wnid), item.wnid, item.words, item.file,
+                             source_offset + item.source, add_thumbnail(row, thumbs[item.id]))
+                lines.append(json.dumps(entry.to_dict()).encode())
+            parts.append(other.embeddings.cpu())
+        for source, embeddings in zip(sources, embedded):
+            first = len(lines)
+            described.append({**source.describe(), "first_id": first})
+            thumbs_at: dict[int, tuple[int, int]] = {}
+            for position, image in source.images():
+                thumbs_at[position] = add_thumbnail(first + position, image)
+            for position, (_, wnid, words, file) in enumerate(source.entries):
+                entry = Item(first + position, label_of(wnid), wnid, words, file, len(described) - 1,
+                             thumbs_at.get(position))
+                lines.append(json.dumps(entry.to_dict()).encode())
+            parts.append(embeddings)
+    all_embeddings = torch.cat(parts) if parts else torch.zeros(0, model.dim)
+    write_atomically(tmp / EMBEDDINGS, lambda f: f.write(save({"embeddings": all_embeddings.contiguous()},
+                                                              metadata={"format": FORMAT})))
+    write_atomically(tmp / ITEMS, lambda f: f.write(b"".join(line + b"\n" for line in lines)))
+    meta = {"format": FORMAT, "count": len(lines), "dim": model.dim, "normalized": model.normalize,
+            "flip": model.flip, "thumb_size": THUMB_SIZE, "classes": classes, "sources": described,
+            "model": model.source}
+    write_text_atomically(tmp / INDEX_JSON, json.dumps(meta, indent=2) + "\n")
+    publish_folder(tmp, out)

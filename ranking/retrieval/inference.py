@@ -33,7 +33,7 @@ from PIL import Image
 
 from ranking.core.config import ExportFormat
 from ranking.core.errors import RankingError
-from ranking.core.files import read_json, write_atomically, write_text_atomically
+from ranking.core.files import open_regular, read_json, write_atomically, write_text_atomically
 from ranking.data.archive import read_regular_file
 from ranking.data.decode import decode_image, from_pil
 from ranking.folders import checkpoint, runfolder
@@ -51,18 +51,20 @@ ImageLike = Image.Image | str | os.PathLike | torch.Tensor
 # ---------------------------------------------------------------------------------------------------------- images
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file of any format as uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode.decode_image``), read
-    within ``ranking.data.archive``'s size limits; RankingError naming the file otherwise."""
+def load_image(path: str | os.PathLike, shorter_side: int | None = None) -> torch.Tensor:
+    """An image file of any format as uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode.decode_image``; a
+    large one reduced on decoding to no less than ``shorter_side``), read within ``ranking.data.archive``'s size
+    limits; RankingError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
         raise RankingError(f"{path}: no such image file")
-    return decode_image(read_regular_file(path), str(path))
+    return decode_image(read_regular_file(path), str(path), shorter_side)
 
 
-def to_images(images: ImageLike | Iterable[ImageLike]) -> list[torch.Tensor]:
-    """uint8 RGB ``[3, H, W]`` tensors from PIL images (EXIF orientation applied, as for a file), paths, or uint8
-    tensors ([3, H, W], [1, H, W], [H, W] or a batch [N, 3, H, W]), so a tensor is embedded exactly as its pixels."""
+def to_images(images: ImageLike | Iterable[ImageLike], shorter_side: int | None = None) -> list[torch.Tensor]:
+    """uint8 RGB ``[3, H, W]`` tensors from PIL images (EXIF orientation applied, as for a file), paths (decoded
+    reduced to no less than ``shorter_side``, ``load_image``), or uint8 tensors ([3, H, W], [1, H, W], [H, W] or a
+    batch [N, 3, H, W]), so a tensor is embedded exactly as its pixels."""
     if isinstance(images, (Image.Image, str, os.PathLike)):
         images = [images]
     elif isinstance(images, torch.Tensor):
@@ -72,7 +74,7 @@ def to_images(images: ImageLike | Iterable[ImageLike]) -> list[torch.Tensor]:
         if isinstance(image, Image.Image):
             found.append(from_pil(image))
         elif isinstance(image, (str, os.PathLike)):
-            found.append(load_image(image))
+            found.append(load_image(image, shorter_side))
         elif isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8 or image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0]
                                                                              not in (1, 3)):
@@ -179,13 +181,21 @@ class EmbeddingModel:
         from safetensors.torch import load_file
 
         spec, flip, source = read_description(described, described_in)
-        if not weights.is_file():
-            raise RankingError(f"{weights}: missing: the model's weights")
-        try:
-            state = load_file(str(weights))
+        try:  # regular files only (a FIFO would hang the load), mapped rather than read
+            with open_regular(weights):
+                state = load_file(str(weights))
+        except FileNotFoundError:
+            raise RankingError(f"{weights}: missing: the model's weights") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise RankingError(f"{weights}: not a readable safetensors file ({e})") from None
-        return cls(trained_net(spec, state, weights), spec, source, flip, device)
+        net = trained_net(spec, state, weights)
+        recorded = source.get("weights_sha256")
+        found = weights_sha256(net.state_dict()) if recorded else ""
+        if recorded and found != recorded:
+            raise RankingError(f"{weights}: not the weights {described_in.name} records (weights_sha256 "
+                               f"{str(recorded)[:12]}..., found {found[:12]}...): replaced "
+                               "or damaged; an index's embeddings only match the model that made them")
+        return cls(net, spec, source, flip, device)
 
     # -------------------------------------------------------------------------------------------------- using
 
@@ -214,8 +224,8 @@ class EmbeddingModel:
         """[N, D] float32 embeddings on the CPU of PIL images, image paths or uint8 tensors, in full precision."""
         from ranking.retrieval.embed import embed_images
 
-        return embed_images(self.net, self.spec, to_images(images), flip=self.flip, batch_size=batch_size,
-                            device=self.device)
+        return embed_images(self.net, self.spec, to_images(images, self.spec.image_size), flip=self.flip,
+                            batch_size=batch_size, device=self.device)
 
     def describe(self) -> dict[str, Any]:
         """MODEL_JSON's content: the model's identity (``ModelSpec.to_dict``), flip, and where it came from."""
@@ -345,4 +355,4 @@ def preprocess(model: EmbeddingModel, images: ImageLike | Iterable[ImageLike]) -
     from ranking.data.augment import EvalResize
 
     resize = EvalResize(model.spec.image_size, model.spec.mean, model.spec.std)
-    return resize(to_images(images))
+    return resize(to_images(images, model.spec.image_size))
