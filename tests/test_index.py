@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import ranking
-from harness import mini_jpegs, odd_images, train_flags, write_smoke_run
-from ranking import cli, index, search, train
+from harness import cli_refusal, mini_jpegs, odd_images, train_flags, write_smoke_run
+from ranking import index, search, train
 from ranking.core.errors import RankingError
 from ranking.retrieval import indexfolder
 from ranking.retrieval.indexfolder import Index
@@ -220,7 +220,7 @@ def test_an_index_written_before_the_model_identity_searches_as_it_did(data, tmp
     assert search_json(capsys, *queries, "--index", old, "--top", "4") == expected
     assert ranking.load(old).spec.to_dict() == spec
     (old / "model.json").write_text(json.dumps({**legacy, "config": {**legacy["config"], "embed_dim": None}}))
-    err = one_line_error(capsys, ["search", str(queries[0]), "--index", str(old)])
+    err = cli_refusal(capsys, *["search", str(queries[0]), "--index", str(old)])
     assert f"{old / 'model.json'}: config: embed_dim must be an integer, got None" in err
 
 
@@ -256,21 +256,12 @@ def test_import_ranking_stays_light():
 # bad input: one line, exit 2, nothing changed
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err
-
-
 def test_empty_folder_is_one_line(data, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images")
     out = tmp_path / "out"
-    err = one_line_error(capsys, ["index", "--checkpoint", str(data["run"]), "--images", str(empty), "--out", str(out)])
+    err = cli_refusal(capsys, *["index", "--checkpoint", str(data["run"]), "--images", str(empty), "--out", str(out)])
     assert f"{empty}: no images" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [empty]
 
@@ -285,11 +276,11 @@ def test_unreadable_image_is_one_line_and_leaves_the_index_as_it_was(damage, dat
     grown = tmp_path / "grown"
     shutil.copytree(data["indexes"] / "flat", grown)
     before = folder_bytes(grown)
-    err = one_line_error(capsys, ["index", "--add", str(photos), "--index", str(grown)])
+    err = cli_refusal(capsys, *["index", "--add", str(photos), "--index", str(grown)])
     assert str(bad) in err
     assert folder_bytes(grown) == before and sorted(p.name for p in tmp_path.iterdir()) == ["grown", "photos"]
     out = tmp_path / "new"
-    one_line_error(capsys, ["index", "--checkpoint", str(data["run"]), "--images", str(photos), "--out", str(out)])
+    cli_refusal(capsys, *["index", "--checkpoint", str(data["run"]), "--images", str(photos), "--out", str(out)])
     assert not out.exists()
 
 
@@ -300,13 +291,13 @@ def test_mixed_embedding_dims_on_add_are_one_line(data, tmp_path, capsys):
     grown = tmp_path / "grown"
     shutil.copytree(data["indexes"] / "flat", grown)
     before = folder_bytes(grown)
-    err = one_line_error(capsys, ["index", "--add", str(other), "--index", str(grown)])
+    err = cli_refusal(capsys, *["index", "--add", str(other), "--index", str(grown)])
     assert f"{other}: makes 8-d embeddings, but the index {grown} holds 32-d ones" in err
-    err = one_line_error(capsys, ["index", "--add", str(data["flat"]), "--index", str(grown),
+    err = cli_refusal(capsys, *["index", "--add", str(data["flat"]), "--index", str(grown),
                                   "--checkpoint", str(other_run)])
     assert "mixed embedding dimensions" in err
     same_dim = write_smoke_run(tmp_path / "same-dim", str(data["root"] / "shards-tree"), embed_dim=32, image_size=32)
-    err = one_line_error(capsys, ["index", "--add", str(data["flat"]), "--index", str(grown),
+    err = cli_refusal(capsys, *["index", "--add", str(data["flat"]), "--index", str(grown),
                                   "--checkpoint", str(same_dim)])
     assert "a different model" in err
     assert folder_bytes(grown) == before
@@ -318,15 +309,15 @@ def test_damaged_index_and_wrong_flags_are_one_line(data, tmp_path, capsys):
     meta = json.loads((broken / "index.json").read_text())
     (broken / "index.json").write_text(json.dumps({**meta, "count": meta["count"] + 1}))
     query = sorted(data["flat"].iterdir())[0]
-    err = one_line_error(capsys, ["search", str(query), "--index", str(broken)])
+    err = cli_refusal(capsys, *["search", str(query), "--index", str(broken)])
     assert "embeddings.safetensors: expected float32 embeddings [16, 32]" in err
-    err = one_line_error(capsys, ["index", "--checkpoint", str(data["run"]), "--images", str(data["flat"]),
+    err = cli_refusal(capsys, *["index", "--checkpoint", str(data["run"]), "--images", str(data["flat"]),
                                   "--out", str(data["indexes"] / "flat")])
     assert "exists; choose a new folder, or append with --add" in err
-    err = one_line_error(capsys, ["index", "--add", str(data["flat"])])
+    err = cli_refusal(capsys, *["index", "--add", str(data["flat"])])
     assert "--add needs --index INDEX" in err
     if not torch.cuda.is_available():
-        err = one_line_error(capsys, ["search", str(query), "--index", str(data["indexes"] / "flat"),
+        err = cli_refusal(capsys, *["search", str(query), "--index", str(data["indexes"] / "flat"),
                                       "--device", "cuda:0"])
         assert "no CUDA device here" in err
     assert indexfolder.is_index(data["indexes"] / "flat")
