@@ -505,6 +505,16 @@ def lying_class_counts(shards: Path, per_class: int) -> None:
                                                                   "counts": counts}))
 
 
+def fill(folder: Path) -> None:
+    """Take every free byte of ``folder``'s file system with a filler file (a full disk)."""
+    with open(folder / ".filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def small_tmpfs(folder: Path, size_kib: int = 512, read_only: bool = False, full: bool = False) -> Iterator[Path]:
     """A tmpfs of ``size_kib`` mounted at ``folder`` (created) in this process by mount(2), no process started:
@@ -521,12 +531,7 @@ def small_tmpfs(folder: Path, size_kib: int = 512, read_only: bool = False, full
                     "cases need root")
     try:
         if full:
-            with open(folder / ".filler", "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass
+            fill(folder)
         yield folder
     finally:
         libc.umount2(os.fsencode(folder), 2)  # MNT_DETACH: also when a test left a file open

@@ -33,6 +33,7 @@ from harness import (
     lying_class_counts,
     rank_steps,
     reap,
+    small_tmpfs,
     train_one,
     wait_for,
     write_smoke_run,
@@ -323,14 +324,8 @@ def test_jobs_train_when_sbatch_fails_is_one_line(tmp_path, monkeypatch, sbatch)
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MB tmpfs: room for a run's small files, not for a checkpoint of a ResNet-18 and its optimizer state."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}): the full disk needs one")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    with small_tmpfs(tmp_path / "disk", size_kib=24 * 1024) as disk:
+        yield disk
 
 
 @pytest.mark.timeout(200)

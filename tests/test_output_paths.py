@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import cli_refusal, small_tmpfs, write_smoke_run
+from harness import cli_refusal, fill, small_tmpfs, write_smoke_run
 from ranking import export, index
 from ranking.core.config import TrainConfig
 from ranking.folders import runfolder
@@ -112,12 +112,7 @@ def test_index_out_under_a_file_read_only_or_full_is_one_line(made, tmp_path, ca
     with small_tmpfs(tmp_path / "small", size_kib=size_kib) as small:  # an --add that runs out of room
         grown = small / "grown"
         shutil.copytree(built, grown)
-        with open(small / ".filler", "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        fill(small)
         before = {p.name: p.read_bytes() for p in grown.iterdir()}
         line = cli_refusal(capsys, "index", "--add", str(made["photos"]), "--index", str(grown))
         assert "cannot write the index (No space left on device); it is left as it was" in line
