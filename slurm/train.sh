@@ -42,5 +42,5 @@ fi
 log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"
 
 rc=0
-accelerate_launch ranking.train "${args[@]}" "${EXTRA[@]}" "$@" || rc=$?
+accelerate_launch ranking.train "${args[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$@" || rc=$?
 requeue_if_stopped "$rc"
