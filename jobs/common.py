@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
@@ -31,6 +32,12 @@ from ranking.core.errors import EXIT_REQUEUE, RankingError
 from ranking.core.flags import ArgumentParser, add_dataclass_flags, at_least, build
 
 CLUSTERS = ("slurm", "local", "debug")
+# sbatch parameters the launcher sets itself -> the flag that sets them (--sbatch refuses them)
+OWN_PARAMETERS = {"nodes": "nodes", "ntasks_per_node": "tasks-per-node", "gpus_per_node": "gpus-per-node",
+                  "cpus_per_task": "cpus-per-task", "time": "timeout-min", "signal": "signal-delay-s",
+                  "partition": "partition", "job_name": "job-name", "account": "account", "qos": "qos",
+                  "mem": "mem", "constraint": "constraint", "exclusive": "exclusive", "output": "folder",
+                  "error": "folder"}
 
 
 @dataclass
@@ -43,6 +50,14 @@ class LaunchConfig:
     timeout_min: int = 24 * 60  # the job's time limit in minutes (a requeue starts a new one)
     signal_delay_s: int = 120  # time-limit warning, enough to write a checkpoint
     partition: str = ""  # Slurm partition; empty: the cluster's default
+    account: str = ""  # Slurm account to charge (sbatch --account); many clusters refuse a job without one
+    qos: str = ""  # Slurm quality of service (sbatch --qos); empty: the account's default
+    mem: str = ""  # memory per node in Slurm's units, e.g. 200G (sbatch --mem); empty: the partition's default
+    constraint: str = ""  # node features to require, e.g. a100|h100 (sbatch --constraint)
+    exclusive: bool = False  # the nodes to this job alone (sbatch --exclusive)
+    # more sbatch parameters as KEY=VALUE (or KEY alone for a switch), e.g. --sbatch reservation=r1 mail-type=END;
+    # they go to submitit's slurm_additional_parameters, so any sbatch option works
+    sbatch: list[str] = field(default_factory=list)
     job_name: str = ""  # defaults to ranking-STAGE
     # submitit's job pickles (the compute node unpickles them: whoever can write there runs code in your job) and
     # the tasks' logs; created private (0700); empty: ~/.cache/deep-ranking/submitit ($XDG_CACHE_HOME honoured)
@@ -58,6 +73,22 @@ class LaunchConfig:
             raise RankingError("--gpus-per-node and --tasks-per-node cannot be negative")
         if self.cluster != "slurm" and self.nodes > 1:
             raise RankingError(f"--cluster {self.cluster} runs on this machine only; got --nodes {self.nodes}")
+        self.additional_parameters()
+
+    def additional_parameters(self) -> dict[str, str | bool]:
+        """--sbatch KEY=VALUE ... as submitit's slurm_additional_parameters (keys with _ for -, a bare KEY is a
+        switch); a malformed item or a parameter this launcher sets from its own flag is a one-line error."""
+        parameters: dict[str, str | bool] = {}
+        for item in self.sbatch:
+            key, has_value, value = item.partition("=")
+            key = key.strip().lstrip("-").replace("-", "_")
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", key) or (has_value and not value):
+                raise RankingError(f"--sbatch {item!r}: give sbatch parameters as KEY=VALUE (e.g. mail-type=END) "
+                                   "or KEY for a switch")
+            if key in OWN_PARAMETERS:
+                raise RankingError(f"--sbatch {item}: set it with --{OWN_PARAMETERS[key]} instead")
+            parameters[key] = value if has_value else True
+        return parameters
 
 
 class StageTask(submitit.helpers.Checkpointable):
@@ -203,8 +234,13 @@ def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:
                   gpus_per_node=config.gpus_per_node, cpus_per_task=config.cpus_per_task,
                   timeout_min=config.timeout_min, stderr_to_stdout=True,
                   slurm_signal_delay_s=config.signal_delay_s)
-    if config.partition:
-        params["slurm_partition"] = config.partition
+    for name in ("partition", "account", "qos", "mem", "constraint"):
+        if getattr(config, name):
+            params[f"slurm_{name}"] = getattr(config, name)
+    if config.exclusive:
+        params["slurm_exclusive"] = True
+    if config.sbatch:
+        params["slurm_additional_parameters"] = config.additional_parameters()
     ex.update_parameters(**params)
     return ex
 

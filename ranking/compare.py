@@ -1,6 +1,7 @@
 """`ranking compare RUN [RUN ...]`: runs side by side without W&B, for clusters without internet.
 
-Prints the config keys whose values differ between the runs, and each run's final loss (``train/loss``), its best
+Prints the config keys whose values differ between the runs (the job's world size, processes per node, global
+batch and scaled lr among them), and each run's final loss (``train/loss``), its best
 validation metric during training (``val/...`` in metrics.jsonl, the names W&B shows) and its newest evaluation's val
 metrics; draws the overlaid loss, validation and precision-recall curves into one PNG (``--out``, default
 ``compare.png``). Runs written before the ``train/`` names are read with today's names.
@@ -14,7 +15,7 @@ from typing import Any
 
 from ranking.core.errors import RankingError
 from ranking.core.files import check_output_file
-from ranking.core.flags import parse
+from ranking.core.flags import load_yaml, parse
 from ranking.folders import runfolder
 from ranking.reporting import plots
 from ranking.retrieval import evalfolder, validation
@@ -41,10 +42,25 @@ class RunSummary:
         return max(points) if points else None
 
 
+def launch_of(run_dir: Path) -> dict[str, Any]:
+    """The job's scale from config.yaml's ``launch`` block, under the names the table shows (``lr_scaled`` beside
+    the recipe's ``lr``; ``mixed_precision`` already holds the precision that ran); empty for older runs."""
+    try:
+        launch = load_yaml(runfolder.config_path(run_dir)).get(runfolder.LAUNCH_KEY)
+    except RankingError:
+        return {}
+    if not isinstance(launch, dict):
+        return {}
+    shown = {key: launch[key] for key in ("world_size", "processes_per_node", "global_batch") if key in launch}
+    if "lr" in launch:
+        shown["lr_scaled"] = launch["lr"]
+    return shown
+
+
 def read_run(run_dir: Path) -> RunSummary:
     if not run_dir.is_dir():
         raise RankingError(f"{run_dir}: no such run folder")
-    config = dataclasses.asdict(runfolder.read_config(run_dir))
+    config = {**dataclasses.asdict(runfolder.read_config(run_dir)), **launch_of(run_dir)}
     eval_dir = evalfolder.find_in_run(run_dir)
     evaluation = evalfolder.read_metrics(eval_dir) if eval_dir is not None else None
     return RunSummary(run_dir.name, config, runfolder.read_metrics_log(run_dir), evaluation)

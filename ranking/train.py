@@ -43,6 +43,7 @@ from ranking.training.checkpointing import Checkpointer
 from ranking.training.metrics import MetricsSink, start_records
 from ranking.training.parts import build_parts
 from ranking.training.policies import Stop, StopPolicy
+from ranking.training.scale import Scale
 from ranking.training.step import train_step
 
 log = logging.getLogger("ranking.train")
@@ -58,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                               kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
     setup_logging(accelerator.process_index)
     try:
+        scale = Scale.of(cfg, accelerator.num_processes)  # the same on every rank: a bad --images stops them all
         with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock until the run ends
             resume_from = distributed.decided_by_main(lambda: check_inputs(cfg, held))
             if accelerator.is_main_process:
+                log.info(scale.describe(cfg))
                 log.info(chosen.describe())
-            return train(cfg, accelerator, resume_from)
+            return train(cfg, accelerator, resume_from, scale)
     except RuntimeError as e:
         raise distributed.timed_out(e, cfg.collective_timeout_s) from None
     finally:
@@ -104,16 +107,18 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     return resume_from
 
 
-def train(cfg: TrainConfig, accelerator: Accelerator, resume_from: Path | None) -> int:
+def train(recipe: TrainConfig, accelerator: Accelerator, resume_from: Path | None, scale: Scale) -> int:
     """The run itself, once check_inputs has passed: set-up, then per step: step, log, validate, checkpoint.
-    config.yaml is written only after a resume has succeeded."""
+    config.yaml is written only after a resume has succeeded; it and the W&B config hold the recipe as given and
+    the job's scale beside it; the run trains with the recipe at that scale (steps, warm-up, lr)."""
+    cfg = scale.applied(recipe)
     parts = build_parts(cfg, accelerator)
     validator = validation.Validator(cfg, accelerator, Path(cfg.run_dir)) if cfg.eval_every else None
     checkpoints = Checkpointer(cfg, accelerator, parts, validator)
     step = checkpoints.resume(resume_from)  # and the W&B run id and stream seeds it continues with
     if accelerator.is_main_process:
-        runfolder.write_config(cfg, cfg.run_dir, models.ModelSpec.of(cfg).to_dict())
-    start_records(cfg, accelerator, step, checkpoints.run_id)
+        runfolder.write_config(recipe, cfg.run_dir, models.ModelSpec.of(cfg).to_dict(), launch=scale.to_dict())
+    start_records(recipe, accelerator, step, checkpoints.run_id, scale)
     batches = train_batches(cfg, checkpoints.data_seeds, pin_memory=accelerator.device.type == "cuda")
     on_device = DeviceAugment(cfg, checkpoints.data_seeds, accelerator.process_index, accelerator.device)
     sink = MetricsSink(cfg, accelerator, step)

@@ -4,21 +4,32 @@
 #
 # Knobs (environment): VENV (a virtualenv to activate), PYTHON (default python3), GPUS_PER_NODE (default: the GPUs
 # Slurm gave this node, else the GPUs nvidia-smi sees), PROCS_PER_NODE (processes per node on nodes without GPUs;
-# default 1), MAIN_PROCESS_PORT (default 20000 + job id % 20000), EXTRA_ARGS (appended to the stage's arguments),
-# MIXED_PRECISION (no, fp16 or bf16: passed to accelerate launch; unset: an `accelerate config` file decides, and
-# without one the stage picks bf16 where the GPU has it (compute capability 8.0+), else fp16; ranking/core/precision.py).
+# default 1), MAIN_PROCESS_PORT (the rendezvous port on the first node; default 15000 + job id % 15000, fixed per job
+# and below Linux's ephemeral range 32768-60999, so that no outgoing connection already holds it), EXTRA_ARGS
+# (appended to the stage's arguments), MIXED_PRECISION (no, fp16 or bf16: passed to accelerate launch; unset: an
+# `accelerate config` file decides, and without one the stage picks bf16 where the GPU has it (compute capability
+# 8.0+), else fp16; ranking/core/precision.py).
+#
+# One Slurm task per node: each task runs one `accelerate launch`, which starts one process per GPU. A job submitted
+# with more tasks per node (--ntasks-per-node=8, the open_clip / Lightning habit) is refused in one line, exit 2.
 #
 # On bad input every rank exits 2 and prints nothing but rank 0's one line; accelerate launch (torchrun) then exits 1
 # with its own traceback and a ChildFailedError summary whose "Root Cause" repeats that line; this script's last line
-# is "finished with status 1".
+# is "finished with status 1". A planned stop (every process exited 75 after checkpointing) is not a crash: each node
+# says so in one line instead of torchrun's traceback, and its task exits 75.
 #
 # The numeric knobs must be plain decimal integers (validate_knobs checks them before any shell arithmetic reads
 # them: bash arithmetic would evaluate a value such as `HOME[$(cmd)]` as an expression and run cmd); a bad value
 # stops the script with one line naming the knob and exit status 2.
 # EXTRA_ARGS is split on whitespace like a shell command line, but quotes, `$(...)` and globs are not interpreted,
 # so one argument cannot contain a space; arguments after the script name are passed as they are.
+# Arrays that may be empty are expanded as ${A[@]+"${A[@]}"}: bash before 4.4 (RHEL/CentOS 7) calls an empty
+# "${A[@]}" an unbound variable under set -u.
 
 set -euo pipefail
+
+# This file, for the tasks of a step to source on their node (the submit folder is on a shared file system).
+COMMON_SH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh
 
 log() { echo "[$(date +%T) ${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-local}] $*"; }
 
@@ -67,6 +78,27 @@ validate_knobs() {
   require_integer SLURM_NNODES 1 100000
   require_integer SLURM_JOB_ID 0 999999999
   require_integer SLURM_GPUS_ON_NODE 0 1024
+  require_integer SLURM_NTASKS 1 100000000
+  require_integer SLURM_NTASKS_PER_NODE 1 100000
+  one_task_per_node
+}
+
+# one_task_per_node: refuse a job submitted with more than one task per node in one line (exit 2). srun inherits the
+# batch job's task count, and each task would start a whole accelerate launch of its own.
+one_task_per_node() {
+  local per_node=${SLURM_NTASKS_PER_NODE:-1} tasks=${SLURM_NTASKS:-${SLURM_NNODES:-1}}
+  if ((per_node > 1 || tasks > ${SLURM_NNODES:-1})); then
+    echo "slurm: error: the job has ${SLURM_NTASKS:-?} tasks on ${SLURM_NNODES:-?} node(s)" \
+      "(SLURM_NTASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-unset}); these scripts start one task per node and one" \
+      "process per GPU themselves: submit with --ntasks-per-node=1 (and --gpus-per-node=G)" >&2
+    exit 2
+  fi
+}
+
+# The rendezvous port: MAIN_PROCESS_PORT, else 15000 + job id % 15000 (the same on every node and every requeue of
+# the job, and below the ephemeral range 32768-60999 that outgoing connections take their ports from).
+main_process_port() {
+  echo "${MAIN_PROCESS_PORT:-$((15000 + ${SLURM_JOB_ID:-0} % 15000))}"
 }
 
 setup_python() {
@@ -127,7 +159,7 @@ accelerate_launch() {
   shift
   plan_processes
   local launch=(--num_machines "$SLURM_NNODES" --num_processes "$NUM_PROCESSES"
-    --main_process_ip "$(main_process_ip)" --main_process_port "${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    --main_process_ip "$(main_process_ip)" --main_process_port "$(main_process_port)"
     --rdzv_backend static --dynamo_backend no)
   if ((NUM_PROCESSES > 1)); then
     launch+=(--multi_gpu)
@@ -141,17 +173,58 @@ accelerate_launch() {
     export RANKING_PRECISION_DEFAULTED=1
   fi
   log "accelerate launch ${launch[*]} -m $module $* (${SLURM_NNODES} nodes x ${PROCS_PER_NODE} processes)"
-  # srun does not pass the batch job's CPUs per task on to the step in every Slurm version.
-  local step=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES")
+  # One task per node, stated: srun would otherwise inherit SLURM_NTASKS of the batch job. srun does not pass the
+  # batch job's CPUs per task on to the step in every Slurm version.
+  local step=(srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)
   if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
     step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   fi
-  # Runs in each task: the machine rank is that node's id, so it is read there, not on the batch host.
-  # A forwarded USR1 reaches every process of the step; the shell and the launcher ignore it (the ignore is
-  # inherited through exec) so that only the trainer, which installs its own handler, acts on it.
   # shellcheck disable=SC2016
-  local per_node='trap "" USR1; exec "$PYTHON" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"'
-  run_step "${step[@]}" bash -c "$per_node" accelerate-task "${launch[@]}" -m "$module" "$@"
+  local per_node='source "$1"; shift; launch_on_node "$@"'
+  run_step "${step[@]}" bash -c "$per_node" accelerate-task "$COMMON_SH" "${launch[@]}" -m "$module" "$@"
+}
+
+# launch_on_node ARGS...: runs in each task of the step: `accelerate launch --machine_rank NODEID ARGS...`, its
+# output through quiet_requeue. The machine rank is that node's id, so it is read there, not on the batch host.
+# A forwarded USR1 reaches every process of the step; this shell, the launcher and the filter ignore it (the
+# ignore is inherited through exec) so that only the trainer, which installs its own handler, acts on it.
+# Exit status: 75 when every process of this node stopped with 75 (a planned stop), else the launcher's.
+launch_on_node() {
+  trap "" USR1
+  local codes
+  set +e
+  "$PYTHON" -m accelerate.commands.launch --machine_rank "${SLURM_NODEID:-0}" "$@" 2>&1 | quiet_requeue
+  codes=("${PIPESTATUS[@]}")
+  set -e
+  if ((codes[1] == 75)); then
+    exit 75
+  fi
+  exit "${codes[0]}"
+}
+
+# quiet_requeue: copies its input, except torchrun's report of failed processes (the "failed (exitcode: N)" line,
+# accelerate's traceback and the ChildFailedError box) when every process in it exited 75: that is a stop to be
+# requeued, said in one line per node, with exit status 75. Any other failure is copied whole.
+quiet_requeue() {
+  awk -v node="${SLURM_NODEID:-0}" -v job="${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-local}" '
+    function flush() { for (i = 1; i <= n; i++) print held[i]; n = 0; fflush() }
+    !inside && /torch\/distributed\/elastic\/.*\] failed \(exitcode: / { inside = 1; root = 0; planned = 0; other = 0 }
+    inside {
+      held[++n] = $0
+      if ($0 ~ /^ *exitcode *: /) { if ($3 == "75") planned++; else other++ }
+      if ($0 ~ /^Root Cause/) root = 1
+      if (root && $0 ~ /^=====/) {
+        inside = 0
+        if (planned > 0 && other == 0) {
+          n = 0; stopped = 1
+          printf "[%s] node %s: every process stopped after checkpointing (exit status 75), ready to requeue\n", job, node
+          fflush()
+        } else flush()
+      }
+      next
+    }
+    { print; fflush() }
+    END { flush(); exit stopped ? 75 : 0 }'
 }
 
 # run_step COMMAND...: runs a job step in the background so that USR1 traps run while it is going, and returns

@@ -33,6 +33,6 @@ if [[ -n "${OUT:-}" ]]; then
 fi
 
 rc=0
-accelerate_launch ranking.evaluate "${args[@]}" "${EXTRA[@]}" "$@" || rc=$?
+accelerate_launch ranking.evaluate "${args[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "$@" || rc=$?
 log "finished with status $rc"
 exit "$rc"

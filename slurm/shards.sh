@@ -19,5 +19,5 @@ SOURCE=${SOURCE:-data/tiny-imagenet-200.zip}
 OUT=${OUT:-shards/tiny-imagenet-200}
 split_extra_args
 
-log "ranking shards $SOURCE --out $OUT ${EXTRA[*]} $*"
-"$PYTHON" -m ranking shards "$SOURCE" --out "$OUT" "${EXTRA[@]}" "$@"
+log "ranking shards $SOURCE --out $OUT ${EXTRA[*]-} $*"
+"$PYTHON" -m ranking shards "$SOURCE" --out "$OUT" ${EXTRA[@]+"${EXTRA[@]}"} "$@"

@@ -39,15 +39,15 @@ fi
 # Always --resume latest: it continues from the newest intact checkpoint, or starts the run when there is none yet
 # (the first start, or a job killed before its first checkpoint), so every requeue can start. A user's --overwrite
 # starts the first run without it; a requeued job continues its own run, so it drops the --overwrite.
-user_args=("${EXTRA[@]}" "$@")
+user_args=(${EXTRA[@]+"${EXTRA[@]}"} "$@")
 if [[ "${SLURM_RESTART_COUNT:-0}" != 0 ]]; then
   kept=()
-  for arg in "${user_args[@]}"; do
+  for arg in ${user_args[@]+"${user_args[@]}"}; do
     if [[ "$arg" != --overwrite ]]; then
       kept+=("$arg")
     fi
   done
-  user_args=("${kept[@]}")
+  user_args=(${kept[@]+"${kept[@]}"})
 fi
 if [[ " ${user_args[*]} " != *" --overwrite "* ]]; then
   args+=(--resume latest)
@@ -55,5 +55,5 @@ fi
 log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"
 
 rc=0
-accelerate_launch ranking.train "${args[@]}" "${user_args[@]}" || rc=$?
+accelerate_launch ranking.train "${args[@]}" ${user_args[@]+"${user_args[@]}"} || rc=$?
 requeue_if_stopped "$rc"

@@ -122,3 +122,34 @@ def test_local_job_checkpoints_on_the_time_limit_signal_requeues_and_finishes(in
     assert metrics_steps(run_dir) == list(range(1, STEPS + 1))
     assert (run_dir / "checkpoints" / "latest").resolve().name == f"step-{STEPS:07d}"
 
+
+
+def test_a_job_for_a_real_account_writes_every_slurm_parameter(tmp_path) -> None:
+    """python -m jobs.train on Slurm with account, QoS, memory, constraint, exclusive and free sbatch parameters:
+    the batch script submitit hands to (a stand-in) sbatch asks for all of them."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\ncp "${{@: -1}}" {record}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "jobs.train", "--account", "proj42", "--qos", "high", "--mem", "200G",
+                           "--constraint", "a100|h100", "--exclusive", "--sbatch", "reservation=r1", "mail-type=END",
+                           "requeue", "--folder", str(tmp_path / "submitit"), "--shards", "s", "--run-dir", "r"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    assert "submitted train job 4242" in done.stdout
+    lines = set(record.read_text().splitlines())
+    # submitit shell-quotes a value with | in it; sbatch reads #SBATCH values with quotes removed
+    for wanted in ("#SBATCH --account=proj42", "#SBATCH --qos=high", "#SBATCH --mem=200G",
+                   "#SBATCH --constraint='a100|h100'", "#SBATCH --exclusive", "#SBATCH --reservation=r1",
+                   "#SBATCH --mail-type=END", "#SBATCH --requeue", "#SBATCH --nodes=1", "#SBATCH --gpus-per-node=8"):
+        assert wanted in lines, (wanted, sorted(line for line in lines if line.startswith("#SBATCH")))
+
+
+@pytest.mark.parametrize("item, problem", [("reservation=", "give sbatch parameters as KEY=VALUE"),
+                                           ("Bad Key=1", "give sbatch parameters as KEY=VALUE"),
+                                           ("nodes=2", "set it with --nodes instead"),
+                                           ("time=60", "set it with --timeout-min instead")])
+def test_a_bad_sbatch_parameter_is_one_line(item, problem) -> None:
+    with pytest.raises(RankingError, match=problem):
+        train_job.main(["--sbatch", item, "--shards", "s", "--run-dir", "r"])

@@ -16,6 +16,7 @@ from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
 from ranking.learning.models import build_model, set_train_mode
 from ranking.learning.optim import build_optimizer
+from ranking.training.scale import Scale
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,8 +146,10 @@ def test_an_images_budget_gives_each_recipe_the_same_images():
     bench = load_bench()
     default, gpu = (flags.build(TrainConfig, str(bench.CONFIGS[name])) for name in ("best", "gpu"))
     assert bench.images_per_step(default) == 64 and bench.images_per_step(gpu) >= 256
-    assert bench.images_per_step(gpu) * gpu.steps == bench.images_per_step(default) * default.steps
-    assert gpu.warmup_steps * bench.images_per_step(gpu) == pytest.approx(
-        default.warmup_steps * bench.images_per_step(default), rel=0.1)  # warm-up in images
+    gpu_run, default_run = Scale.of(gpu, 1), Scale.of(default, 1)  # what one GPU trains with
+    assert bench.images_per_step(gpu) * gpu_run.steps == bench.images_per_step(default) * default_run.steps
+    assert gpu_run.warmup_steps * bench.images_per_step(gpu) == pytest.approx(
+        default_run.warmup_steps * bench.images_per_step(default), rel=0.1)  # warm-up in images
+    assert gpu_run.lr == 2 * default_run.lr  # sqrt of the 4x batch
     seeds = flags.build(TrainConfig, str(bench.CONFIGS["seed"]))
     assert bench.images_per_step(seeds) == 32 * 3  # a query, a positive and a negative row per triplet

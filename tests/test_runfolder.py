@@ -5,6 +5,8 @@ printed once under accelerate launch)."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from harness import launch, train_flags
 from ranking.core import flags
 from ranking.core.config import TrainConfig
 from ranking.core.errors import ConfigError, RankingError
-from ranking.core.files import LOCK, check_writable_folder, folder_lock
+from ranking.core.files import LOCK, NO_LOCK, check_writable_folder, file_system, folder_lock
 from ranking.core.flags import parse
 from ranking.folders import runfolder
 from ranking.train import check_inputs
@@ -116,6 +118,35 @@ def test_the_lock_goes_with_its_holder(tmp_path):
                 pass
     with folder_lock(tmp_path, "third"):  # released on exit: free again
         assert "third" in (tmp_path / LOCK).read_text()
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_flock_is_one_line_naming_it_and_the_way_on(code, synth_shards, tmp_path,
+                                                                           monkeypatch):
+    """Lustre mounted noflock, NFS without lockd: flock raises; the stage stops with one line naming the file system
+    and RANKING_NO_LOCK, and with RANKING_NO_LOCK=1 it writes without the lock."""
+    def no_flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.delenv(NO_LOCK, raising=False)
+    with pytest.raises(RankingError) as refused:
+        with folder_lock(tmp_path / "run", "ranking train"):
+            pytest.fail("entered the folder without a lock")
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"{tmp_path / 'run' / LOCK}: cannot lock ({os.strerror(code)}) on ")
+    assert f" at {file_system(tmp_path).split(' at ')[1]};" in line and "set RANKING_NO_LOCK=1" in line
+    assert "overwrite each other" in line  # the risk, said where the way on is offered
+    fs_type = file_system(tmp_path).split(" ")[0]
+    assert fs_type in Path("/proc/mounts").read_text().split() and fs_type != "an"
+    # what rank 0 of `ranking train` runs first refuses the same way, before writing anything
+    run_dir = tmp_path / "train"
+    with contextlib.ExitStack() as held, pytest.raises(RankingError, match="set RANKING_NO_LOCK=1"):
+        check_inputs(trainer_config(synth_shards, run_dir), held)
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]
+    monkeypatch.setenv(NO_LOCK, "1")
+    with contextlib.ExitStack() as held:
+        assert check_inputs(trainer_config(synth_shards, run_dir), held) is None
 
 
 def test_output_folders_are_checked_before_any_work(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,102 @@ def test_a_bad_mixed_precision_knob_exits_2_with_one_line(value: str, tmp_path: 
     assert len(done.stderr.splitlines()) == 1 and "MIXED_PRECISION=" in done.stderr
     assert "must be no, fp16 or bf16 (or unset)" in done.stderr
     assert common_sh("validate_knobs; echo launched", {"MIXED_PRECISION": "fp16"}, tmp_path).stdout == "launched\n"
+
+
+# ------------------------------------------------------------------------------------------------ real clusters
+# slurm/common.sh with stand-in srun, scontrol and sinfo on PATH: what a cluster's Slurm would be asked to do.
+
+STAND_INS = {
+    # srun: record the options, then run the task's command once, as node 0
+    "srun": 'printf "%s\\n" "$*" >> "$RECORD"\nwhile [[ "$1" == --* ]]; do shift; done\n'
+            'SLURM_NODEID=0 exec "$@"\n',
+    "scontrol": 'case "$1" in show) echo node1 ;; *) echo "scontrol $*" >> "$RECORD" ;; esac\n',
+    "sinfo": "echo 127.0.0.1\n",
+}
+
+
+def stand_in_slurm(tmp_path: Path, exit_code: int) -> dict[str, str]:
+    """A PATH with stand-in srun/scontrol/sinfo and a module `stage` that prints a stop line and exits with
+    `exit_code` on every process; the environment of a one-node batch job with 2 CPU processes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STAND_INS.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "stage.py").write_text(f"import sys\nprint('ranking train: stopped at step 3/10', flush=True)\n"
+                                       f"sys.exit({exit_code})\n")
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record.txt"),
+            "PYTHON": sys.executable, "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1",
+            "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ranking-train", "SLURM_JOB_NODELIST": "n1",
+            "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "HOME": str(tmp_path)}
+
+
+def test_a_planned_stop_reads_as_one_line_per_node_and_requeues(tmp_path: Path) -> None:
+    """Every process exits 75: no ChildFailedError block, one line for the node, the step's status is 75 and the
+    job requeues (the stand-in scontrol records it)."""
+    env = stand_in_slurm(tmp_path, 75)
+    done = common_sh("rc=0; accelerate_launch stage || rc=$?; requeue_if_stopped $rc", env, tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "ChildFailedError" not in output and "Traceback" not in output and "exitcode" not in output, output
+    assert output.count("every process stopped after checkpointing (exit status 75), ready to requeue") == 1, output
+    assert output.count("ranking train: stopped at step 3/10") == 2  # the trainer's own lines still come through
+    assert "stopped after checkpointing (status 75): requeueing job 4242" in output
+    record = (tmp_path / "record.txt").read_text().splitlines()
+    assert record[0].startswith("--kill-on-bad-exit=1 --nodes=1 --ntasks=1 --ntasks-per-node=1 bash -c")
+    assert "--main_process_port 19242" in record[0]  # 15000 + 4242 % 15000
+    assert record[1] == "scontrol requeue 4242"
+
+
+def test_a_crash_keeps_torchruns_whole_report(tmp_path: Path) -> None:
+    env = stand_in_slurm(tmp_path, 3)
+    done = common_sh("rc=0; accelerate_launch stage || rc=$?; requeue_if_stopped $rc", env, tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "ChildFailedError" in output and "exitcode  : 3" in output and "ready to requeue" not in output
+    assert "finished with status 1" in output and "scontrol" not in (tmp_path / "record.txt").read_text()
+
+
+@pytest.mark.parametrize("env", [{"SLURM_NNODES": "2", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"},
+                                 {"SLURM_NNODES": "1", "SLURM_NTASKS": "4"}], ids=["per-node", "ntasks"])
+def test_a_job_with_more_tasks_per_node_is_refused_in_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    done = common_sh("validate_knobs; echo launched", env, tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "submit with --ntasks-per-node=1" in lines[0], lines
+    one_per_node = common_sh("validate_knobs; echo launched",
+                             {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1"}, tmp_path)
+    assert one_per_node.stdout == "launched\n", one_per_node.stderr
+
+
+def test_the_rendezvous_port_is_fixed_per_job_below_the_ephemeral_range(tmp_path: Path) -> None:
+    job_ids = [0, 1, 14999, 15000, 32767, 99999, 123456789, 999999999]
+    script = "; ".join(f"SLURM_JOB_ID={j} main_process_port" for j in job_ids)
+    ports = [int(p) for p in common_sh(script, {}, tmp_path).stdout.split()]
+    assert ports == [15000 + j % 15000 for j in job_ids]
+    assert all(1024 < p < 32768 for p in ports)
+    assert common_sh("main_process_port", {"SLURM_JOB_ID": "7", "MAIN_PROCESS_PORT": "29500"}, tmp_path).stdout \
+        == "29500\n"
+
+
+def test_empty_arrays_are_guarded_for_bash_before_4_4() -> None:
+    """bash < 4.4 calls an empty "${A[@]}" unbound under set -u; arrays that may be empty must be expanded as
+    ${A[@]+"${A[@]}"}. Only arrays the scripts build non-empty may go unguarded."""
+    never_empty = {"args", "launch", "step", "codes", "PIPESTATUS"}
+    for script in SCRIPTS:
+        text = "\n".join(line for line in script.read_text().splitlines() if not line.lstrip().startswith("#"))
+        for match in re.finditer(r'(.)"\$\{(\w+)\[[@*]\]\}"', text):
+            assert match.group(1) == "+" or match.group(2) in never_empty, f"{script.name}: {match.group(0)}"
+        for match in re.finditer(r'\$\{(\w+)\[\*\]\}', text):
+            assert match.group(1) in never_empty, f"{script.name}: {match.group(0)} (write ${{A[*]-}})"
+
+
+def test_scripts_run_with_no_extra_args_under_set_u(tmp_path: Path) -> None:
+    recorder = tmp_path / "python"
+    recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / "args.txt"}\n')
+    recorder.chmod(0o755)
+    done = subprocess.run(["bash", str(REPO / "slurm" / "shards.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30, env={"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO),
+                                           "PYTHON": str(recorder), "SOURCE": "s.zip", "OUT": "o"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "args.txt").read_text().split() == ["-m", "ranking", "shards", "s.zip", "--out", "o"]

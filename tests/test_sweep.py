@@ -37,6 +37,9 @@ def test_the_sweep_file_names_real_knobs_with_valid_values():
     command = sweep["command"]
     assert command[:5] == ["${env}", "accelerate", "launch", "-m", "ranking.train"] and command[-1] == "${args}"
     assert "--eval-every" in command and "$WANDB_RUN_ID" in command[command.index("--run-dir") + 1]
+    # every run trains alike on any node: the precision is named, the budget is in images (steps follow the job)
+    assert command[command.index("--mixed-precision") + 1] in ("no", "bf16", "fp16")
+    assert int(command[command.index("--images") + 1]) > 0 and "--steps" not in command
 
 
 def test_run_dir_names_the_agents_run(monkeypatch):

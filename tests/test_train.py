@@ -25,6 +25,7 @@ from ranking.data.sampling import Batch
 from ranking.learning import losses
 from ranking.learning.miners import mine_triplets
 from ranking.learning.optim import lr_factor
+from ranking.training.scale import Scale
 
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # fp32; the two sides differ only in summation order
 
@@ -143,7 +144,10 @@ def test_resume_continues_the_run_to_the_configured_step(stopped_run):
     assert f"resumed from {stopped_run.stopped_checkpoint} at step {stop_step}" in stopped_run.resumed.stderr
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # continuous, no duplicates
-    cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
+    # what 2 ranks train with: the recipe's lr scaled by sqrt(2) (lr_scaling sqrt against one process's batch)
+    recipe = flags.build(TrainConfig, str(run_dir / "config.yaml"))
+    cfg = Scale.of(recipe, 2).applied(recipe)
+    assert cfg.lr == pytest.approx(recipe.lr * 2 ** 0.5)
     for r in records:  # the schedule continues where it stopped instead of warming up again
         assert r["train/lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, cfg)), r
 

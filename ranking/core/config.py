@@ -22,6 +22,7 @@ SamplerName = Literal["batch", "paper"]
 Precision = Literal["no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
 WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settings decide (ranking.reporting.tracking)
+LrScaling = Literal["sqrt", "linear", "none"]  # how lr follows the global batch (ranking.training.scale)
 ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.metrics.PER_QUERY
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]  # retrieval.inference.EXPORT_FORMATS
 
@@ -83,6 +84,11 @@ class TrainConfig:
     nesterov: bool = True  # sgd only
     weight_decay: float = 1e-4  # decoupled for adamw, L2 for sgd and adam
     warmup_steps: int = 30  # linear warm-up of the learning rate
+    warmup_images: int = 0  # warm-up in images instead: ceil(N / global batch) steps, whatever the job's size; 0: off
+    # lr is the learning rate at reference_batch images per optimizer step; at the job's global batch G it becomes
+    # lr * sqrt(G / reference_batch) (sqrt), lr * G / reference_batch (linear) or lr (none); ranking.training.scale
+    lr_scaling: LrScaling = "sqrt"  # sqrt (Adam-type optimisers) | linear (SGD) | none
+    reference_batch: int = 0  # the global batch lr is stated for; 0: one process's batch, so 1 process never scales
     schedule: ScheduleName = "cosine"  # cosine | constant
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     grad_accum: int = 1  # batches per optimizer step
@@ -92,6 +98,7 @@ class TrainConfig:
 
     # run
     steps: int = 500  # optimizer steps in the whole run
+    images: int = 0  # the budget in images instead: N // global batch steps; 0: use steps (a flag wins over the file)
     time_limit_minutes: float = 0.0  # stop (checkpoint, exit 0) after this much training time; 0: no limit
     log_every: int = 10  # steps between metrics.jsonl records, W&B points and log lines
     checkpoint_every: int = 100  # steps between checkpoints (one is also written when the run stops)
@@ -122,7 +129,9 @@ class TrainConfig:
 
     # what a run's config.yaml holds beside the fields (its schema, the derived model block: ranking.folders.runfolder),
     # skipped when that file is given back as --config
-    saved_alongside: ClassVar[tuple[str, ...]] = ("schema", "model")
+    saved_alongside: ClassVar[tuple[str, ...]] = ("schema", "model", "launch")
+    # given as a flag, one of these drops the other's value from a config file (both as flags: refused)
+    alternatives: ClassVar[tuple[tuple[str, str], ...]] = (("images", "steps"), ("warmup_images", "warmup_steps"))
 
     @staticmethod
     def implied(given: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +159,7 @@ class TrainConfig:
         flags.at_most("seed", self.seed, MAX_SEED)
         for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "workers", "shuffle_buffer",
                      "weight_decay", "grad_clip", "momentum", "warmup_steps", "keep_checkpoints", "eval_every",
-                     "eval_gallery_per_class"):
+                     "eval_gallery_per_class", "images", "warmup_images", "reference_batch"):
             flags.at_least(name, getattr(self, name), 0)
         flags.finite_floats(self)
         for name in ("lr", "margin", "smooth_ap_tau", "batch_timeout_s", "collective_timeout_s"):

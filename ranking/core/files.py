@@ -228,6 +228,29 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 LOCK = ".lock"  # FOLDER/.lock: who writes FOLDER now (flock; the file stays, the lock goes with its holder)
+# RANKING_NO_LOCK=1: write without the lock where the file system has no flock (Lustre mounted noflock, NFS without
+# lockd). The risk: nothing stops a second job writing the same folder, and the two overwrite each other's files.
+NO_LOCK = "RANKING_NO_LOCK"
+
+
+def file_system(path: str | os.PathLike) -> str:
+    """``TYPE at MOUNT`` for the file system that holds ``path`` (the longest mount point of /proc/mounts above it),
+    or ``an unknown file system`` where /proc/mounts cannot be read."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "an unknown file system"
+    target = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")  # /proc/mounts writes a space in a path as \040
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) >= len(best[0])):
+            best = (mount, fields[2])
+    return f"{best[1]} at {best[0]}" if best else "an unknown file system"
 
 
 @contextlib.contextmanager
@@ -236,7 +259,8 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
 
     A second writer fails at once with one line naming the holder's pid and host. The kernel drops the lock when
     its holder exits, however it exits, so a crash never leaves a stale lock; the file itself is left in place
-    (removing it would let a waiting writer lock a file nobody else sees).
+    (removing it would let a waiting writer lock a file nobody else sees). A file system without flock is one line
+    naming it and ``RANKING_NO_LOCK=1``, which skips the lock (see NO_LOCK for the risk).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -256,6 +280,9 @@ def lock_file(path: Path, guarded: str | os.PathLike, what: str, remove: bool = 
     """``folder_lock``'s mechanism on any lock file ``path`` (its folder must exist); ``guarded`` is what the refusal
     names as in use. ``remove``: the file is removed on release; then a lock is only held once the file locked is
     still the one at ``path`` (another writer may have removed it meanwhile), so two writers can never both hold it."""
+    if os.environ.get(NO_LOCK, "") not in ("", "0"):
+        yield path
+        return
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -268,6 +295,11 @@ def lock_file(path: Path, guarded: str | os.PathLike, what: str, remove: bool = 
             os.close(fd)
             raise RankingError(f"{guarded}: in use by {holder}; wait for it to end or choose another "
                                "folder") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the file system does not lock
+            os.close(fd)
+            raise RankingError(
+                f"{path}: cannot lock ({e.strerror or e}) on {file_system(path.parent)}; set {NO_LOCK}=1 to write "
+                "without the lock, at the risk that two jobs writing this folder overwrite each other") from None
         try:
             current = os.stat(path)
         except FileNotFoundError:

@@ -355,6 +355,20 @@ def save(config: Any, path: str | os.PathLike) -> None:
     write_text_atomically(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
+def alternatives(cls: type, given: dict) -> None:
+    """Pairs of fields that say one thing two ways (``cls.alternatives``: --images or --steps): a flag for one sets
+    the other to its default, overriding a config file's value; both as flags are refused."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for one, other in getattr(cls, "alternatives", ()):
+        if given.get(one) is not None and given.get(other) is not None:
+            raise ConfigError(f"{flag_name(fields[one])} and {flag_name(fields[other])} say the same thing two ways: "
+                              "give one")
+        if given.get(one) is not None:
+            given[other] = default_of(fields[other])
+        elif given.get(other) is not None:
+            given[one] = default_of(fields[one])
+
+
 def parse(cls: type[C], argv: list[str] | None, prog: str, description: str, config_file: bool = True) -> C:
     """Parse ``[--config FILE.yaml] [POSITIONAL ...] [--flag value ...]`` into a validated config of type ``cls``.
 
@@ -369,6 +383,7 @@ def parse(cls: type[C], argv: list[str] | None, prog: str, description: str, con
     add_dataclass_flags(parser, cls)
     given = vars(parser.parse_args(argv))
     yaml_path = given.pop("config", None)
+    alternatives(cls, given)
     if yaml_path is None:  # with a file, build names what neither the file nor the flags gave
         absent = missing(cls, given)
         if absent:

@@ -54,18 +54,24 @@ def config_path(run_dir: str | os.PathLike) -> Path:
 # the model reads its identity as it was, whatever the TrainConfig of the reading version looks like.
 SCHEMA = 2
 SCHEMA_KEY = "schema"
+LAUNCH_KEY = "launch"  # the job's scale (ranking.training.scale.Scale), written by the trainer
 MODEL_KEY = "model"  # TrainConfig.saved_alongside names both: `ranking train --config RUN/config.yaml` skips them
 # a TrainConfig field's former name -> its name now: a run's config.yaml is read under the new name, without a warning
 RENAMED: dict[str, str] = {}
 _warned: set[Path] = set()  # config.yaml files whose version warning this process has printed
 
 
-def write_config(cfg: TrainConfig, run_dir: str | os.PathLike, model: Mapping[str, Any] | None = None) -> None:
-    """``RUN/config.yaml``, atomically: the schema, the config's fields and the run's model identity
-    (``ModelSpec.to_dict()``; without it, readers derive it from the fields as for a schema 1 file)."""
+def write_config(cfg: TrainConfig, run_dir: str | os.PathLike, model: Mapping[str, Any] | None = None,
+                 launch: Mapping[str, Any] | None = None) -> None:
+    """``RUN/config.yaml``, atomically: the schema, the config's fields, the run's model identity
+    (``ModelSpec.to_dict()``; without it, readers derive it from the fields as for a schema 1 file) and the job's
+    scale (``launch``: world size, global batch, the scaled lr..., ``ranking.training.scale``; readers of the
+    fields skip it)."""
     saved: dict[str, Any] = {SCHEMA_KEY: SCHEMA, **dataclasses.asdict(cfg)}
     if model is not None:
         saved[MODEL_KEY] = dict(model)
+    if launch is not None:
+        saved[LAUNCH_KEY] = dict(launch)
     write_text_atomically(config_path(run_dir), yaml.safe_dump(saved, sort_keys=False))
 
 
@@ -75,6 +81,7 @@ class SavedConfig:
 
     values: dict[str, Any]  # TrainConfig's fields the file holds, under their current names
     model: Any = None  # the `model` block (schema 2); None in a file written before it existed
+    launch: Any = None  # the `launch` block (the job's scale); None in a file written before it existed
     schema: int = 1
     unknown: list[str] = field(default_factory=list)  # keys with no field now (removed, or from a newer version)
     missing: list[str] = field(default_factory=list)  # fields the file lacks (added since): they take their defaults
@@ -106,6 +113,8 @@ def upgrade(data: Mapping[str, Any], renamed: Mapping[str, str] = RENAMED) -> Sa
             saved.schema = value
         elif key == MODEL_KEY:
             saved.model = value
+        elif key == LAUNCH_KEY:
+            saved.launch = value
         elif renamed.get(key, key) in fields:
             values[renamed.get(key, key)] = value
         else:

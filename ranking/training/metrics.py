@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from ranking.learning import models
 from ranking.learning.losses import StepLoss
 from ranking.reporting import tracking
 from ranking.retrieval.validation import Validation
+from ranking.training.scale import LAUNCH_KEY, Scale
 
 log = logging.getLogger("ranking.train")  # the stage's name on every line: users and tests grep `ranking.train:`
 
@@ -77,25 +77,28 @@ class Meter:
         return read
 
 
-def logged_config(cfg: TrainConfig, accelerator: Accelerator) -> dict:
-    """The run's config as W&B shows it: the TrainConfig and what it does not say (world size, global batch,
-    the code's commit, the shards' manifest digest), so runs can be compared and filtered by them."""
-    per_rank = sampling.images_per_batch(cfg)
-    return {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes,
-            "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
-            "images_per_step_per_rank": per_rank * cfg.grad_accum,
-            "global_batch": per_rank * cfg.grad_accum * accelerator.num_processes,
+def logged_config(cfg: TrainConfig, accelerator: Accelerator, scale: Scale | None = None) -> dict:
+    """The run's config as W&B shows it: the TrainConfig as given, the job's scale (the ``launch`` block of
+    config.yaml: world size, global batch, the scaled lr, ...) and what neither says (the code's commit, the shards'
+    manifest digest), so runs can be compared and filtered by them."""
+    scale = scale or Scale.of(cfg, accelerator.num_processes)
+    return {**dataclasses.asdict(cfg), LAUNCH_KEY: scale.to_dict(), "world_size": scale.world_size,
+            "processes_per_node": scale.processes_per_node,
+            "images_per_step_per_rank": sampling.images_per_batch(cfg) * cfg.grad_accum,
+            "global_batch": scale.global_batch,
             "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
 
 
-def start_records(cfg: TrainConfig, accelerator: Accelerator, step: int, run_id: str) -> None:
+def start_records(cfg: TrainConfig, accelerator: Accelerator, step: int, run_id: str,
+                  scale: Scale | None = None) -> None:
     """Before the first step: metrics.jsonl cut back to the step the run starts at (a resumed curve continues without
     duplicates) and the W&B run started, or resumed by ``run_id``."""
     if accelerator.is_main_process:
         runfolder.restart_metrics_log(cfg.run_dir, step)
     if cfg.wandb:
         mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
-        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator), Path(cfg.run_dir), run_id, mode)
+        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator, scale), Path(cfg.run_dir), run_id,
+                              mode)
 
 
 def log_to_trackers(accelerator: Accelerator, values: dict, step: int,
