@@ -63,10 +63,12 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in found}
     for _ in range(args.rounds):
         for name in times:
-            times[name] += DataLoader(Timed(jpegs[:args.timed], name), batch_size=None, num_workers=1)
+            times[name] += DataLoader(Timed(jpegs[: args.timed], name), batch_size=None, num_workers=1)
     for name, found_times in times.items():
-        print(f"{name}: median {statistics.median(found_times):.1f} us, best {min(found_times):.1f} us per image in a "
-              f"worker ({args.rounds} rounds of {min(args.timed, len(jpegs))})")
+        print(
+            f"{name}: median {statistics.median(found_times):.1f} us, best {min(found_times):.1f} us per image in a "
+            f"worker ({args.rounds} rounds of {min(args.timed, len(jpegs))})"
+        )
     return 1 if differ else 0
 
 

@@ -35,8 +35,10 @@ def main() -> None:
     variants = {count: ours(dataclasses.replace(base, frozen_stages=count), images, labels, None) for count in stages}
     rates = {count: len(images) / wall for count, (wall, _) in timed(variants, args.steps).items()}
     for count, rate in rates.items():
-        print(f"frozen_stages {count}: {rate:6.1f} images/s, {rate / rates[0]:.2f}x the whole trunk trained "
-              f"({args.size} px, batch {len(images)}, {args.threads} threads, {args.steps} steps)")
+        print(
+            f"frozen_stages {count}: {rate:6.1f} images/s, {rate / rates[0]:.2f}x the whole trunk trained "
+            f"({args.size} px, batch {len(images)}, {args.threads} threads, {args.steps} steps)"
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ def write_photos(folder: Path, count: int, size: int) -> None:
 
 def peak_rss_mib(command: list[str], pythonpath: Path) -> tuple[float, int]:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "no"}
-    result = subprocess.run(["/usr/bin/time", "-v", *command], env=env, capture_output=True, text=True,
-                            cwd=pythonpath)  # python -m puts the current folder first on sys.path
+    result = subprocess.run(
+        ["/usr/bin/time", "-v", *command], env=env, capture_output=True, text=True, cwd=pythonpath
+    )  # python -m puts the current folder first on sys.path
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     if result.returncode != 0 or found is None:
         sys.exit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -67,10 +68,35 @@ def main() -> None:
         for checkout in checkouts:
             index = root / f"index-{checkouts.index(checkout)}"
             python = [sys.executable, "-m", "ranking"]
-            built, _ = peak_rss_mib(python + ["index", "--checkpoint", str(run), "--images", str(photos),
-                                              "--out", str(index), "--batch-size", str(args.count)], checkout)
-            searched, _ = peak_rss_mib(python + ["search", *map(str, sorted(photos.iterdir())), "--index",
-                                                 str(index), "--device", "cpu", "--top", "1"], checkout)
+            built, _ = peak_rss_mib(
+                python
+                + [
+                    "index",
+                    "--checkpoint",
+                    str(run),
+                    "--images",
+                    str(photos),
+                    "--out",
+                    str(index),
+                    "--batch-size",
+                    str(args.count),
+                ],
+                checkout,
+            )
+            searched, _ = peak_rss_mib(
+                python
+                + [
+                    "search",
+                    *map(str, sorted(photos.iterdir())),
+                    "--index",
+                    str(index),
+                    "--device",
+                    "cpu",
+                    "--top",
+                    "1",
+                ],
+                checkout,
+            )
             print(f"{checkout}: peak RSS  index {built:7.0f} MiB   search {searched:7.0f} MiB")
 
 

@@ -36,7 +36,7 @@ def unit_vectors(n: int, dim: int, seed: int, block: int = 8192) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, block):
-        rows = out[start:start + block]
+        rows = out[start : start + block]
         rows[:] = rng.standard_normal(rows.shape, dtype=np.float32)
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     return out
@@ -95,16 +95,42 @@ def worker(args: argparse.Namespace) -> None:
     indices = search(args.worker, queries, gallery, args.k, args.threads, args.chunk_size)
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     np.save(args.indices_out, indices.astype(np.int64))
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak_rss_mb(),
-                      "extra_mb": peak_rss_mb() - before}))
+    print(
+        json.dumps(
+            {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": peak_rss_mb(), "extra_mb": peak_rss_mb() - before}
+        )
+    )
 
 
 def measure(method: str, dim: int, measured: int, args: argparse.Namespace, indices_out: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", method, "--dim", str(dim), "--measure-queries", str(measured),
-               "--queries", str(args.queries), "--gallery", str(args.gallery), "--k", str(args.k),
-               "--threads", str(args.threads), "--chunk-size", str(args.chunk_size), "--indices-out", str(indices_out)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        method,
+        "--dim",
+        str(dim),
+        "--measure-queries",
+        str(measured),
+        "--queries",
+        str(args.queries),
+        "--gallery",
+        str(args.gallery),
+        "--k",
+        str(args.k),
+        "--threads",
+        str(args.threads),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--indices-out",
+        str(indices_out),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        OPENBLAS_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+    )
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{method} at dim {dim} failed:\n{result.stderr}")
@@ -142,8 +168,10 @@ def main() -> None:
         return worker(args)
 
     print(f"top-{args.k} of {args.queries:,} queries in {args.gallery:,} gallery vectors, {args.threads} threads\n")
-    print("| dim | method | queries searched | seconds (all queries) | CPU seconds | peak RSS MB | extra MB "
-          "| time / ours | extra memory / ours | same top-k as faiss |")
+    print(
+        "| dim | method | queries searched | seconds (all queries) | CPU seconds | peak RSS MB | extra MB "
+        "| time / ours | extra memory / ours | same top-k as faiss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for dim in args.dims:
@@ -159,10 +187,13 @@ def main() -> None:
                 rows[method], indices[method] = row, np.load(out)
             for method, row in rows.items():
                 estimated = "" if row["measured"] == args.queries else " (extrapolated)"
-                print(f"| {dim} | {method} | {row['measured']:,} | {row['full_seconds']:.1f}{estimated} "
-                      f"| {row['full_cpu']:.1f} | {row['peak_mb']:.0f} | {row['extra_mb']:.0f} "
-                      f"| {ratio(row, rows.get('ours'), 'full_seconds')} | {ratio(row, rows.get('ours'), 'extra_mb')} "
-                      f"| {agreement(indices[method], indices.get('faiss'))} |", flush=True)
+                print(
+                    f"| {dim} | {method} | {row['measured']:,} | {row['full_seconds']:.1f}{estimated} "
+                    f"| {row['full_cpu']:.1f} | {row['peak_mb']:.0f} | {row['extra_mb']:.0f} "
+                    f"| {ratio(row, rows.get('ours'), 'full_seconds')} | {ratio(row, rows.get('ours'), 'extra_mb')} "
+                    f"| {agreement(indices[method], indices.get('faiss'))} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-4
 class DataPath:
     """One data path: ``batches`` is what a worker yields, ``device`` what the training process does with it."""
 
-    def __init__(self, name: str, batches: Iterator[Batch], device: Callable[[Batch], torch.Tensor],
-                 sync: Callable[[], None]) -> None:
+    def __init__(
+        self, name: str, batches: Iterator[Batch], device: Callable[[Batch], torch.Tensor], sync: Callable[[], None]
+    ) -> None:
         self.name, self.batches, self.device, self.sync = name, batches, device, sync
         self.rows = 0
         self.worker_cpu = self.device_cpu = self.device_wall = self.wall = 0.0
@@ -70,8 +71,9 @@ class DataPath:
         return 1e3 * seconds / self.rows
 
 
-def build_paths(cfg: TrainConfig, shards_dir: str, num_classes: int, seed: int,
-                device: torch.device) -> dict[str, DataPath]:
+def build_paths(
+    cfg: TrainConfig, shards_dir: str, num_classes: int, seed: int, device: torch.device
+) -> dict[str, DataPath]:
     mean, std = models.input_normalization(cfg.backbone)
 
     def batches(decode: Callable) -> Iterator[Batch]:  # the same records and sampler draws for both paths
@@ -84,13 +86,18 @@ def build_paths(cfg: TrainConfig, shards_dir: str, num_classes: int, seed: int,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     return {  # the device side includes the copy to the device (none on the CPU), as the trainer's DeviceAugment does
         "current": DataPath("current", batches(current.image), lambda batch: batch.images.to(device), sync),
-        "new": DataPath("new", batches(augment.StoredDecoder().image),
-                        lambda batch: train_augment(batch.images.to(device), generator), sync),
+        "new": DataPath(
+            "new",
+            batches(augment.StoredDecoder().image),
+            lambda batch: train_augment(batch.images.to(device), generator),
+            sync,
+        ),
     }
 
 
-def measure(cfg: TrainConfig, shards_dir: str, num_classes: int, images: int, warmup: int,
-            device: torch.device) -> dict[str, DataPath]:
+def measure(
+    cfg: TrainConfig, shards_dir: str, num_classes: int, images: int, warmup: int, device: torch.device
+) -> dict[str, DataPath]:
     paths = build_paths(cfg, shards_dir, num_classes, seed=0, device=device)
     for _ in range(warmup):  # fills the shuffle buffers and the samplers' queues
         for path in paths.values():
@@ -125,23 +132,30 @@ def main() -> None:
         num_classes = len(shards.load_manifest(shards_dir)["classes"])
         results = {}
         for size in args.sizes:
-            cfg = TrainConfig(shards=shards_dir, image_size=size, sampler=args.sampler,
-                              classes_per_batch=min(16, num_classes))
+            cfg = TrainConfig(
+                shards=shards_dir, image_size=size, sampler=args.sampler, classes_per_batch=min(16, num_classes)
+            )
             results[size] = measure(cfg, shards_dir, num_classes, args.images, args.warmup, device)
         report(results, args, num_classes)
 
 
 def report(results: dict[int, dict[str, DataPath]], args: argparse.Namespace, num_classes: int) -> None:
-    print(f"{args.sampler} sampler, {num_classes} classes, {args.images} images per path and size, "
-          f"{args.threads} torch thread(s), device {args.device}; ms per image: CPU time (worker, device, total), "
-          f"and the device side's wall time (with the copy to the device)")
-    print(f"{'size':>4}  {'path':<8} {'images/s':>9} {'worker':>8} {'device':>8} {'total':>8} {'dev wall':>8} "
-          f"{'bytes/img':>10}")
+    print(
+        f"{args.sampler} sampler, {num_classes} classes, {args.images} images per path and size, "
+        f"{args.threads} torch thread(s), device {args.device}; ms per image: CPU time (worker, device, total), "
+        f"and the device side's wall time (with the copy to the device)"
+    )
+    print(
+        f"{'size':>4}  {'path':<8} {'images/s':>9} {'worker':>8} {'device':>8} {'total':>8} {'dev wall':>8} "
+        f"{'bytes/img':>10}"
+    )
     for size, paths in results.items():
         for path in paths.values():
             worker, device = path.per_image_ms(path.worker_cpu), path.per_image_ms(path.device_cpu)
-            print(f"{size:>4}  {path.name:<8} {path.rows / path.wall:9.0f} {worker:8.3f} {device:8.3f} "
-                  f"{worker + device:8.3f} {path.per_image_ms(path.device_wall):8.3f} {path.bytes / path.rows:10.0f}")
+            print(
+                f"{size:>4}  {path.name:<8} {path.rows / path.wall:9.0f} {worker:8.3f} {device:8.3f} "
+                f"{worker + device:8.3f} {path.per_image_ms(path.device_wall):8.3f} {path.bytes / path.rows:10.0f}"
+            )
     if 160 not in results:
         return
     current, new = results[160]["current"], results[160]["new"]
@@ -149,9 +163,11 @@ def report(results: dict[int, dict[str, DataPath]], args: argparse.Namespace, nu
     worker_share = (new.worker_cpu / new.rows) / (old / current.rows)
     whole = ((new.worker_cpu + new.device_cpu) / new.rows) / (old / current.rows)
     rate = (new.rows / new.wall) / (current.rows / current.wall)
-    print(f"targets at 160 px: new worker CPU / current whole path {worker_share:.2f} (at most 0.33); "
-          f"new whole path CPU / current's {whole:.2f}, images/s {rate:.2f}x current's (no slower); "
-          f"{new.bytes / new.rows / 1000:.1f} KB per image from a worker (at most 13 KB)")
+    print(
+        f"targets at 160 px: new worker CPU / current whole path {worker_share:.2f} (at most 0.33); "
+        f"new whole path CPU / current's {whole:.2f}, images/s {rate:.2f}x current's (no slower); "
+        f"{new.bytes / new.rows / 1000:.1f} KB per image from a worker (at most 13 KB)"
+    )
     print(f"worker-side speed-up at 160 px: {1 / worker_share:.1f}x")
 
 

@@ -74,8 +74,9 @@ def build_index(out: Path, gallery: int, backbone: str, image_size: int, dim: in
     spec = ModelSpec(backbone=backbone, image_size=image_size, embed_dim=dim)
     torch.manual_seed(seed)
     net = build_model(spec).eval()
-    model = EmbeddingModel(net, spec, {"run_dir": "bench", "step": 0, "weights_sha256": weights_sha256(
-        net.state_dict())}, device="cpu")
+    model = EmbeddingModel(
+        net, spec, {"run_dir": "bench", "step": 0, "weights_sha256": weights_sha256(net.state_dict())}, device="cpu"
+    )
     generator = torch.Generator().manual_seed(seed)
     embeddings = F.normalize(torch.randn(gallery, dim, generator=generator), dim=1)
     write_index(out, model, [Synthetic()], [embeddings])
@@ -89,9 +90,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads of the searching process (OMP_NUM_THREADS; 0: torch's default). "
-                             "On CPUs shared with other work, 1 thread answers one image fastest")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of the searching process (OMP_NUM_THREADS; 0: torch's default). "
+        "On CPUs shared with other work, 1 thread answers one image fastest",
+    )
     parser.add_argument("--index", type=Path, default=None, help="keep the index here (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -107,8 +112,12 @@ def main() -> None:
         size = sum(p.stat().st_size for p in out.iterdir())
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         began = time.time()
-        probe = subprocess.run([sys.executable, "-c", PROBE, str(out), str(query), str(args.k), str(args.repeats)],
-                               capture_output=True, text=True, env=env)
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, str(out), str(query), str(args.k), str(args.repeats)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if probe.returncode:
             sys.exit(probe.stderr)
         r = json.loads(probe.stdout)
@@ -118,14 +127,20 @@ def main() -> None:
         ordered = sorted(values)
         return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-    print(f"index: {r['rows']} rows x {r['dim']}-d, {args.backbone} at {args.image_size} px, {size / 2**20:.1f} MiB "
-          f"on disk (built in {built:.1f} s); searching with {r['threads']} torch thread(s), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"cold start: {wall:.2f} s from starting a fresh process to its first answer (import ranking "
-          f"{r['import_s']:.2f} s, Index.load {r['load_s']:.2f} s, first search {r['first_query_s']:.2f} s)")
-    print(f"warm query (k={args.k}, {args.repeats} repeats): median {ms(r['total'], 0.5):.1f} ms, p90 "
-          f"{ms(r['total'], 0.9):.1f} ms (embed the image {ms(r['embed'], 0.5):.1f} ms, search the gallery "
-          f"{ms(r['search'], 0.5):.1f} ms)")
+    print(
+        f"index: {r['rows']} rows x {r['dim']}-d, {args.backbone} at {args.image_size} px, {size / 2**20:.1f} MiB "
+        f"on disk (built in {built:.1f} s); searching with {r['threads']} torch thread(s), {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"cold start: {wall:.2f} s from starting a fresh process to its first answer (import ranking "
+        f"{r['import_s']:.2f} s, Index.load {r['load_s']:.2f} s, first search {r['first_query_s']:.2f} s)"
+    )
+    print(
+        f"warm query (k={args.k}, {args.repeats} repeats): median {ms(r['total'], 0.5):.1f} ms, p90 "
+        f"{ms(r['total'], 0.9):.1f} ms (embed the image {ms(r['embed'], 0.5):.1f} ms, search the gallery "
+        f"{ms(r['search'], 0.5):.1f} ms)"
+    )
     print(f"target: warm query under 500 ms: {'met' if ms(r['total'], 0.9) < 500 else 'MISSED'}")
 
 

@@ -42,8 +42,10 @@ class Clock:
         self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
 
     def rate(self, images: int) -> str:
-        return (f"{images / self.cpu:6.0f} images/s per core  "
-                f"({images} images, {self.cpu:.1f} s CPU, {self.wall:.1f} s wall)")
+        return (
+            f"{images / self.cpu:6.0f} images/s per core  "
+            f"({images} images, {self.cpu:.1f} s CPU, {self.wall:.1f} s wall)"
+        )
 
 
 def bench_packing(zip_path: Path, out: Path) -> float:
@@ -121,8 +123,10 @@ def main() -> None:
         images = args.images // 3 * 3
         streaming = bench_streaming(work / "shards", images, args.image_size)
         seeds = bench_seed_loader(args.zip, work, images, args.image_size)
-    print(f"(b)/(c) = {seeds.cpu / streaming.cpu:.2f} per CPU second, {seeds.wall / streaming.wall:.2f} in wall time "
-          f"(image size {args.image_size}, 1 thread)")
+    print(
+        f"(b)/(c) = {seeds.cpu / streaming.cpu:.2f} per CPU second, {seeds.wall / streaming.wall:.2f} in wall time "
+        f"(image size {args.image_size}, 1 thread)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,10 +29,22 @@ from ranking.learning.optim import build_optimizer
 
 
 def seed_recipe() -> TrainConfig:
-    return TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0,
-                       trunk_lr_scale=1.0,
-                       embed_dim=4096, normalize=False, loss="triplet_margin", margin=1.0,
-                       optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-5)
+    return TrainConfig(
+        backbone="resnet18",
+        pretrained=False,
+        freeze_bn_stats=False,
+        frozen_stages=0,
+        trunk_lr_scale=1.0,
+        embed_dim=4096,
+        normalize=False,
+        loss="triplet_margin",
+        margin=1.0,
+        optimizer="sgd",
+        lr=1e-3,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=1e-5,
+    )
 
 
 def random_triplets(triplets: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,12 +78,12 @@ def ours(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, triplets:
     model, optimizer = accelerator.prepare(model, build_optimizer(cfg, model))
     set_train_mode(model, cfg.freeze_bn_stats)
     loss_fn = build_objective(cfg)
-    batch = Batch(images.to(accelerator.device).contiguous(memory_format=torch.channels_last), labels, labels,
-                  triplets)
+    batch = Batch(images.to(accelerator.device).contiguous(memory_format=torch.channels_last), labels, labels, triplets)
 
     def step(images: torch.Tensor | None = None) -> None:  # other images on the device, else the batch's
-        accelerator.backward(loss_fn(model(batch.images if images is None else images), batch.labels,
-                                     batch.triplets).objective)
+        accelerator.backward(
+            loss_fn(model(batch.images if images is None else images), batch.labels, batch.triplets).objective
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -120,14 +132,18 @@ def main() -> None:
     cfg = seed_recipe()
     data = random_triplets(args.triplets, args.size)
 
-    variants = {"seeds (3 forwards, fp32)": seeds(cfg, *data),
-                "1 forward, fp32 (for reference)": one_forward_fp32(cfg, *data),
-                "ours (1 forward, bf16, channels_last)": ours(cfg, *data)}
+    variants = {
+        "seeds (3 forwards, fp32)": seeds(cfg, *data),
+        "1 forward, fp32 (for reference)": one_forward_fp32(cfg, *data),
+        "ours (1 forward, bf16, channels_last)": ours(cfg, *data),
+    }
     rates = {}
     for name, (wall, cpu) in timed(variants, args.steps).items():
         rates[name] = args.triplets / wall
-        print(f"{name:<40} {rates[name]:7.1f} triplets/s  ({wall:.2f} s/step wall, {cpu:.2f} s CPU; "
-              f"{args.threads} threads, {args.size}x{args.size}, {args.triplets} triplets, {args.steps} steps)")
+        print(
+            f"{name:<40} {rates[name]:7.1f} triplets/s  ({wall:.2f} s/step wall, {cpu:.2f} s CPU; "
+            f"{args.threads} threads, {args.size}x{args.size}, {args.triplets} triplets, {args.steps} steps)"
+        )
     seeds_rate, ours_rate = rates["seeds (3 forwards, fp32)"], rates["ours (1 forward, bf16, channels_last)"]
     print(f"ratio ours / seeds: {ours_rate / seeds_rate:.2f}x")
 

@@ -24,9 +24,28 @@ TRAININGS = {
     "paper-triplet-margin": ["--sampler", "paper", "--loss", "triplet_margin", "--triplets-per-batch", "8"],
     "smooth-ap": ["--sampler", "batch", "--loss", "smooth_ap"],
 }
-COMMON = ["--config", str(REPO / "configs" / "smoke.yaml"), "--steps", "6", "--workers", "0", "--log-every", "1",
-          "--classes-per-batch", "3", "--samples-per-class", "4", "--shuffle-buffer", "50", "--mixed-precision", "no",
-          "--no-wandb", "--no-progress", "--checkpoint-every", "6"]
+COMMON = [
+    "--config",
+    str(REPO / "configs" / "smoke.yaml"),
+    "--steps",
+    "6",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+    "--classes-per-batch",
+    "3",
+    "--samples-per-class",
+    "4",
+    "--shuffle-buffer",
+    "50",
+    "--mixed-precision",
+    "no",
+    "--no-wandb",
+    "--no-progress",
+    "--checkpoint-every",
+    "6",
+]
 
 
 def ranking(*args: str) -> None:
@@ -35,8 +54,19 @@ def ranking(*args: str) -> None:
 
 
 def measure(work: Path) -> dict:
-    ranking("synth", "--out", str(work / "synth.zip"), "--classes", "4", "--train-per-class", "24",
-            "--val-per-class", "6", "--test-count", "4")
+    ranking(
+        "synth",
+        "--out",
+        str(work / "synth.zip"),
+        "--classes",
+        "4",
+        "--train-per-class",
+        "24",
+        "--val-per-class",
+        "6",
+        "--test-count",
+        "4",
+    )
     ranking("shards", str(work / "synth.zip"), "--out", str(work / "shards"), "--shard-size", "30", "--workers", "1")
     found: dict = {}
     for name, flags in TRAININGS.items():
@@ -44,11 +74,25 @@ def measure(work: Path) -> dict:
         ranking("train", *COMMON, *flags, "--shards", str(work / "shards"), "--run-dir", str(run))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         # `train/loss`, or `loss` at commits before the train/ names: the same number either way
-        found[name] = [record.get("train/loss", record.get("loss")) for record in records
-                       if "train/loss" in record or "loss" in record]
+        found[name] = [
+            record.get("train/loss", record.get("loss"))
+            for record in records
+            if "train/loss" in record or "loss" in record
+        ]
     run = work / "batch-semihard"
-    ranking("evaluate", "--checkpoint", str(run), "--out", str(run / "eval"), "--workers", "0",
-            "--mixed-precision", "no", "--batch-size", "32")
+    ranking(
+        "evaluate",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(run / "eval"),
+        "--workers",
+        "0",
+        "--mixed-precision",
+        "no",
+        "--batch-size",
+        "32",
+    )
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     found["evaluate"] = metrics["splits"]
     return found

@@ -1,11 +1,11 @@
 """The Python parts of bench/gpu_check.sh; each subcommand prints what it measured.
 
-    python bench/gpu_check.py install WHEELS_DIR TARGET_DIR   # pip-install the wheels whose package is missing
-    python bench/gpu_check.py ceiling [--sizes 64 256 512]    # the trainer's step on random images on the device
-    python bench/gpu_check.py train-summary RUN_DIR --per-step N
-    python bench/gpu_check.py util-summary FILE                # nvidia-smi utilization.gpu samples, one per line
-    python bench/gpu_check.py embed RUN_DIR --shards DIR      # the evaluation's embedding of a split, images/s
-    python bench/gpu_check.py augment                          # ranking/data/augment on the GPU: speed, CPU agreement
+python bench/gpu_check.py install WHEELS_DIR TARGET_DIR   # pip-install the wheels whose package is missing
+python bench/gpu_check.py ceiling [--sizes 64 256 512]    # the trainer's step on random images on the device
+python bench/gpu_check.py train-summary RUN_DIR --per-step N
+python bench/gpu_check.py util-summary FILE                # nvidia-smi utilization.gpu samples, one per line
+python bench/gpu_check.py embed RUN_DIR --shards DIR      # the evaluation's embedding of a split, images/s
+python bench/gpu_check.py augment                          # ranking/data/augment on the GPU: speed, CPU agreement
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def seconds_per_call(call, warmup: int, repeats: int, sync) -> float:
     sync()
     return (time.perf_counter() - started) / repeats
 
+
 def install(args: argparse.Namespace) -> int:
     """Install, without an index and without dependencies, every wheel of the folder whose distribution is not
     installed yet, into ``target`` (put on PYTHONPATH by the caller): the machine's own packages stay as they are."""
@@ -42,12 +43,25 @@ def install(args: argparse.Namespace) -> int:
             version(name)
         except PackageNotFoundError:
             missing.append(wheel)
-    print(f"install: {len(wheels)} wheels in {args.wheels}, {len(missing)} not installed: "
-          f"{' '.join(w.name.split('-')[0] for w in missing) or '-'}")
+    print(
+        f"install: {len(wheels)} wheels in {args.wheels}, {len(missing)} not installed: "
+        f"{' '.join(w.name.split('-')[0] for w in missing) or '-'}"
+    )
     if not missing:
         return 0
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "--target", args.target, *map(str, missing)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--target",
+        args.target,
+        *map(str, missing),
+    ]
     return subprocess.run(command, check=False).returncode
 
 
@@ -75,9 +89,15 @@ def ceiling(args: argparse.Namespace) -> int:
         labels = torch.arange(size) // cfg.samples_per_class  # P x K classes, as the batch sampler's
         step = ours(cfg, images, labels, None)
         rates = {}
-        for name, run in (("random images on the device", lambda step=step: step(None)),
-                          ("+ TrainAugment of uint8 64 px", lambda step=step, stored=stored: step(
-                              augment(stored, generator).contiguous(memory_format=torch.channels_last)))):
+        for name, run in (
+            ("random images on the device", lambda step=step: step(None)),
+            (
+                "+ TrainAugment of uint8 64 px",
+                lambda step=step, stored=stored: step(
+                    augment(stored, generator).contiguous(memory_format=torch.channels_last)
+                ),
+            ),
+        ):
             rates[name] = 1 / seconds_per_call(run, args.warmup, args.steps, sync)
         parts = [f"{name}: {per_s:6.2f} steps/s, {per_s * size:6.0f} images/s" for name, per_s in rates.items()]
         print(f"ceiling {size:>4} images/step ({cfg.backbone}, {cfg.image_size} px): {'; '.join(parts)}", flush=True)
@@ -91,16 +111,19 @@ def train_summary(args: argparse.Namespace) -> int:
     """Mean triplets/s of the logged intervals, the first (start-up, cuDNN planning, workers' warm-up) left out."""
     path = Path(args.run_dir) / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    kept = records[args.drop:]
+    kept = records[args.drop :]
     if not kept:
         print(f"{args.label}: no logged interval after the first {args.drop} ({len(records)} logged)")
         return 1
     # this script runs without the package installed: it reads today's name and the one before `train/`
-    rate = statistics.fmean(r["train/triplets_per_s"] if "train/triplets_per_s" in r else r["triplets_per_s"]
-                            for r in kept)
+    rate = statistics.fmean(
+        r["train/triplets_per_s"] if "train/triplets_per_s" in r else r["triplets_per_s"] for r in kept
+    )
     steps = kept[-1]["step"] - records[args.drop - 1]["step"] if args.drop else kept[-1]["step"]
-    print(f"{args.label}: {rate:8.0f} {args.unit}/s, {rate / args.per_step:6.2f} steps/s "
-          f"({len(kept)} logged intervals, {steps} steps after the first {args.drop})")
+    print(
+        f"{args.label}: {rate:8.0f} {args.unit}/s, {rate / args.per_step:6.2f} steps/s "
+        f"({len(kept)} logged intervals, {steps} steps after the first {args.drop})"
+    )
     return 0
 
 
@@ -116,8 +139,10 @@ def util_summary(args: argparse.Namespace) -> int:
         return 1
     busy = sum(v >= 90 for v in values) / len(values)
     mean, median = statistics.fmean(values), statistics.median(values)
-    print(f"{args.label}: GPU utilization mean {mean:.0f}%, median {median:.0f}%,"
-          f" min {min(values):.0f}%, >=90% in {busy:.0%} of {len(values)} samples")
+    print(
+        f"{args.label}: GPU utilization mean {mean:.0f}%, median {median:.0f}%,"
+        f" min {min(values):.0f}%, >=90% in {busy:.0%} of {len(values)} samples"
+    )
     return 0
 
 
@@ -140,9 +165,12 @@ def embed(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        print(f"evaluation embedding of {split}: {len(rows.ids)} images in {seconds:.1f} s, "
-              f"{len(rows.ids) / seconds:.0f} images/s ({spec.image_size} px, batch {args.batch_size}, "
-              f"{args.workers} workers, loader start-up included)", flush=True)
+        print(
+            f"evaluation embedding of {split}: {len(rows.ids)} images in {seconds:.1f} s, "
+            f"{len(rows.ids) / seconds:.0f} images/s ({spec.image_size} px, batch {args.batch_size}, "
+            f"{args.workers} workers, loader start-up included)",
+            flush=True,
+        )
     return 0
 
 
@@ -167,6 +195,7 @@ def augment(args: argparse.Namespace) -> int:
         same = (train(on_device, seeded_generator(0)).cpu() - train(images, seeded_generator(0))).abs().max()
         same_eval = (evaluate(on_device).cpu() - evaluate(images)).abs().max()
         timings = {}
+
         def run_train(train=train, on_device=on_device):
             return train(on_device, seeded_generator(1))
 
@@ -175,10 +204,12 @@ def augment(args: argparse.Namespace) -> int:
 
         for name, transform in (("TrainAugment", run_train), ("EvalResize", run_eval)):
             timings[name] = seconds_per_call(transform, 3, args.repeats, sync)
-        print(f"augment {size:>4} images 64 -> {args.image_size} px on {device}: TrainAugment "
-              f"{1e3 * timings['TrainAugment']:.2f} ms ({size / timings['TrainAugment']:.0f} images/s), EvalResize "
-              f"{1e3 * timings['EvalResize']:.2f} ms; max |device - cpu| {same:.1e} (train), {same_eval:.1e} (eval)",
-              flush=True)
+        print(
+            f"augment {size:>4} images 64 -> {args.image_size} px on {device}: TrainAugment "
+            f"{1e3 * timings['TrainAugment']:.2f} ms ({size / timings['TrainAugment']:.0f} images/s), EvalResize "
+            f"{1e3 * timings['EvalResize']:.2f} ms; max |device - cpu| {same:.1e} (train), {same_eval:.1e} (eval)",
+            flush=True,
+        )
     jpegs = []
     for seed in range(args.decode):
         buffer = io.BytesIO()
@@ -192,8 +223,11 @@ def augment(args: argparse.Namespace) -> int:
     sync()
     seconds = time.perf_counter() - started
     worst = max(int((a.cpu().int() - decode_jpeg(j).int()).abs().max()) for a, j in zip(decoded, jpegs))
-    print(f"augment decode_jpegs of {len(jpegs)} JPEGs on {device}: {len(jpegs) / seconds:.0f} images/s; "
-          f"max level difference from the CPU's decode {worst}", flush=True)
+    print(
+        f"augment decode_jpegs of {len(jpegs)} JPEGs on {device}: {len(jpegs) / seconds:.0f} images/s; "
+        f"max level difference from the CPU's decode {worst}",
+        flush=True,
+    )
     return 0
 
 

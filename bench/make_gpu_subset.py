@@ -30,10 +30,13 @@ def subset_members(source: zipfile.ZipFile, train_per_class: int, test_count: in
     names = source.namelist()
     wnids = source.read(ROOT + "wnids.txt").decode().split()
     classes = set(wnids)
-    words = [line for line in source.read(ROOT + "words.txt").decode().splitlines()
-             if line.split("\t", 1)[0] in classes]
-    members = [(ROOT + "wnids.txt", "\n".join(wnids).encode() + b"\n"),
-               (ROOT + "words.txt", "\n".join(words).encode() + b"\n")]
+    words = [
+        line for line in source.read(ROOT + "words.txt").decode().splitlines() if line.split("\t", 1)[0] in classes
+    ]
+    members = [
+        (ROOT + "wnids.txt", "\n".join(wnids).encode() + b"\n"),
+        (ROOT + "words.txt", "\n".join(words).encode() + b"\n"),
+    ]
     kept_train = set()
     for name in sorted(names):
         match = TRAIN_IMAGE.search(name)
@@ -46,8 +49,11 @@ def subset_members(source: zipfile.ZipFile, train_per_class: int, test_count: in
             lines = [line for line in source.read(boxes).decode().splitlines() if line.split("\t", 1)[0] in kept_train]
             members.append((boxes, "\n".join(lines).encode() + b"\n"))
     members.append((ROOT + "val/val_annotations.txt", source.read(ROOT + "val/val_annotations.txt")))
-    members += [(name, source.read(name)) for name in sorted(names)
-                if name.startswith(ROOT + "val/images/") and name.endswith(".JPEG")]
+    members += [
+        (name, source.read(name))
+        for name in sorted(names)
+        if name.startswith(ROOT + "val/images/") and name.endswith(".JPEG")
+    ]
     tests = sorted(name for name in names if name.startswith(ROOT + "test/images/") and name.endswith(".JPEG"))
     members += [(name, source.read(name)) for name in tests[:test_count]]
     return members

@@ -60,34 +60,42 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RECIPES = ("floor", "seed", "best", "gpu")
 ALL = ("floor", "seed", "best")  # what "all" runs
-CONFIGS = {"seed": REPO / "configs" / "seed.yaml", "best": REPO / "configs" / "default.yaml",
-           "gpu": REPO / "configs" / "gpu.yaml"}
+CONFIGS = {
+    "seed": REPO / "configs" / "seed.yaml",
+    "best": REPO / "configs" / "default.yaml",
+    "gpu": REPO / "configs" / "gpu.yaml",
+}
 CALIBRATION_STEPS = 12  # timed over the second half: the first steps start the loader and fill the buffers
 METRICS = ("precision_at_k", "knn1_accuracy", "hit_at_k", "map")  # the table's columns, titled by the registry
 
 
 # ------------------------------------------------------------------------------------------------------------ floor
 
+
 def floor_transform(size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),  # on uint8: no overshoot
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(*LITE0_STATS),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),  # on uint8: no overshoot
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(*LITE0_STATS),
+        ]
+    )
 
 
 @torch.inference_mode()
-def embed_split(net: torch.nn.Module, archive: Archive, split: str, transform: v2.Compose, batch_size: int,
-                every: int) -> EmbeddingSet:
+def embed_split(
+    net: torch.nn.Module, archive: Archive, split: str, transform: v2.Compose, batch_size: int, every: int
+) -> EmbeddingSet:
     samples = archive.samples(split)[::every]
     chunks = []
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
+        batch = samples[start : start + batch_size]
         images = torch.stack([transform(Image.open(io.BytesIO(archive.read(s.file))).convert("RGB")) for s in batch])
         chunks.append(F.normalize(net(images.contiguous(memory_format=torch.channels_last)), dim=1))
-    return EmbeddingSet(torch.cat(chunks), torch.tensor([s.id for s in samples]),
-                        torch.tensor([s.label for s in samples]))
+    return EmbeddingSet(
+        torch.cat(chunks), torch.tensor([s.id for s in samples]), torch.tensor([s.label for s in samples])
+    )
 
 
 def floor(args: argparse.Namespace) -> dict:
@@ -99,12 +107,18 @@ def floor(args: argparse.Namespace) -> dict:
         query = embed_split(net, archive, "val", transform, args.batch_size, args.limit)
     embed_seconds = time.perf_counter() - started
     metrics = evaluate_retrieval(query, gallery, k=args.k)
-    return {"recipe": "floor", "image_size": args.image_size, "gallery": len(gallery.ids), "queries": len(query.ids),
-            "embed_seconds": round(embed_seconds, 1),
-            **{name: round(value, 4) for name, value in metrics.summary().items() if name != "queries"}}
+    return {
+        "recipe": "floor",
+        "image_size": args.image_size,
+        "gallery": len(gallery.ids),
+        "queries": len(query.ids),
+        "embed_seconds": round(embed_seconds, 1),
+        **{name: round(value, 4) for name, value in metrics.summary().items() if name != "queries"},
+    }
 
 
 # -------------------------------------------------------------------------------------------------- trained recipes
+
 
 def run_module(module: str, argv: list[str], log: Path) -> None:
     """`python -m module argv` as a user runs it, its output appended to ``log``; a failure stops the benchmark."""
@@ -116,12 +130,33 @@ def run_module(module: str, argv: list[str], log: Path) -> None:
         sys.exit(f"bench/quality.py: python -m {module} exited with {code}; see {log}")
 
 
-def train_argv(recipe: str, args: argparse.Namespace, run_dir: Path, steps: int, minutes: float,
-               log_every: int) -> list[str]:
-    return ["--config", str(args.configs[recipe]), "--shards", str(args.shards), "--run-dir", str(run_dir),
-            "--workers", "1", "--steps", str(steps), "--time-limit-minutes", f"{minutes:g}", "--eval-every", "0",
-            "--checkpoint-every", str(max(steps, 1)), "--keep-checkpoints", "1", "--log-every", str(log_every),
-            "--no-wandb", "--no-progress"]
+def train_argv(
+    recipe: str, args: argparse.Namespace, run_dir: Path, steps: int, minutes: float, log_every: int
+) -> list[str]:
+    return [
+        "--config",
+        str(args.configs[recipe]),
+        "--shards",
+        str(args.shards),
+        "--run-dir",
+        str(run_dir),
+        "--workers",
+        "1",
+        "--steps",
+        str(steps),
+        "--time-limit-minutes",
+        f"{minutes:g}",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        str(max(steps, 1)),
+        "--keep-checkpoints",
+        "1",
+        "--log-every",
+        str(log_every),
+        "--no-wandb",
+        "--no-progress",
+    ]
 
 
 def triplets_per_step(cfg: TrainConfig) -> int:
@@ -159,8 +194,9 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
         steps, minutes, step_seconds = max(1, round(args.images / per_step)), 0.0, None
     else:  # equal time: calibrate the step time, then fill the budget
         calibration = fresh(work / "calibration")
-        run_module("ranking.train", train_argv(recipe, args, calibration, CALIBRATION_STEPS, 0,
-                                               CALIBRATION_STEPS // 2), log)
+        run_module(
+            "ranking.train", train_argv(recipe, args, calibration, CALIBRATION_STEPS, 0, CALIBRATION_STEPS // 2), log
+        )
         step_seconds = seconds_per_step(calibration)
         shutil.rmtree(calibration)
         steps, minutes = max(1, math.floor(args.minutes * 60 / step_seconds)), args.minutes
@@ -171,21 +207,48 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
 
     eval_dir = run_dir / "eval"
     started = time.perf_counter()
-    run_module("ranking.evaluate", ["--checkpoint", str(run_dir), "--shards", str(args.shards), "--out",
-                                    str(eval_dir), "--workers", "1", "--k", str(args.k)], log)
+    run_module(
+        "ranking.evaluate",
+        [
+            "--checkpoint",
+            str(run_dir),
+            "--shards",
+            str(args.shards),
+            "--out",
+            str(eval_dir),
+            "--workers",
+            "1",
+            "--k",
+            str(args.k),
+        ],
+        log,
+    )
     eval_seconds = time.perf_counter() - started
 
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     val = metrics["splits"]["val"]
     cfg = flags.build(TrainConfig, str(run_dir / "config.yaml"))
-    budget = {"images": args.images} if args.images else {"minutes": args.minutes,
-                                                          "seconds_per_step": round(step_seconds or 0.0, 2)}
-    return {"recipe": recipe, "backbone": cfg.backbone, "image_size": cfg.image_size, **budget,
-            "config": str(args.configs[recipe]), "images_per_step": per_step,
-            "images_seen": metrics["step"] * per_step,
-            "steps_planned": steps, "steps_done": metrics["step"], "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(eval_seconds, 1), "run_dir": str(run_dir), "queries": val["queries"],
-            **{name: round(value, 4) for name, value in val.items() if name != "queries"}}
+    budget = (
+        {"images": args.images}
+        if args.images
+        else {"minutes": args.minutes, "seconds_per_step": round(step_seconds or 0.0, 2)}
+    )
+    return {
+        "recipe": recipe,
+        "backbone": cfg.backbone,
+        "image_size": cfg.image_size,
+        **budget,
+        "config": str(args.configs[recipe]),
+        "images_per_step": per_step,
+        "images_seen": metrics["step"] * per_step,
+        "steps_planned": steps,
+        "steps_done": metrics["step"],
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "run_dir": str(run_dir),
+        "queries": val["queries"],
+        **{name: round(value, 4) for name, value in val.items() if name != "queries"},
+    }
 
 
 def ensure_shards(args: argparse.Namespace) -> None:
@@ -195,6 +258,7 @@ def ensure_shards(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- results
+
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -220,8 +284,13 @@ def table(results: dict, k: int) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for recipe in sorted(results, key=lambda name: RECIPES.index(name) if name in RECIPES else len(RECIPES)):
         result = results[recipe]
-        budget = (f"{result['images']:,} images" if "images" in result
-                  else f"{result['minutes']:g} min" if "minutes" in result else "none")
+        budget = (
+            f"{result['images']:,} images"
+            if "images" in result
+            else f"{result['minutes']:g} min"
+            if "minutes" in result
+            else "none"
+        )
         steps = str(result.get("steps_done", 0))
         lines.append("| " + " | ".join([recipe, budget, steps] + [f"{100 * result[m]:.1f}" for m in METRICS]) + " |")
     return "\n".join(lines)
@@ -231,22 +300,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="+", choices=[*RECIPES, "all", "table"])
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each trained recipe")
-    parser.add_argument("--images", type=int, default=0, metavar="N", help="instead of --minutes: each trained "
-                        "recipe trains on N images (N / its images per step steps), so that recipes with different "
-                        "batches see the same data")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of --minutes: each trained "
+        "recipe trains on N images (N / its images per step steps), so that recipes with different "
+        "batches see the same data",
+    )
     parser.add_argument("--zip", type=Path, default=SHARED_DATA / "tiny-imagenet-40cls.zip")
-    parser.add_argument("--shards", type=Path, default=None, help="shards of --zip (written when missing); "
-                        "default OUT/shards")
+    parser.add_argument(
+        "--shards", type=Path, default=None, help="shards of --zip (written when missing); default OUT/shards"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quality", help="runs, logs and results.json")
-    parser.add_argument("--image-size", type=int, default=128, help="floor: input size (the trained recipes use "
-                        "their configs' sizes: 128 px for the seed recipe, 160 px for the best)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=128,
+        help="floor: input size (the trained recipes use "
+        "their configs' sizes: 128 px for the seed recipe, 160 px for the best)",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="floor: images per forward pass")
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--limit", type=int, default=1, metavar="N", help="floor: keep every N-th image of each split")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="floor: intra-op threads (the trainer and the evaluator follow OMP_NUM_THREADS)")
-    parser.add_argument("--best-config", type=Path, default=CONFIGS["best"],
-                        help="the config the best recipe trains with (to measure a variant of it)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="floor: intra-op threads (the trainer and the evaluator follow OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--best-config",
+        type=Path,
+        default=CONFIGS["best"],
+        help="the config the best recipe trains with (to measure a variant of it)",
+    )
     args = parser.parse_args(argv)
     args.configs = {**CONFIGS, "best": args.best_config}
     if args.images < 0:
@@ -263,8 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in recipes:
         print(f"{datetime.datetime.now():%H:%M:%S} {recipe} ...", flush=True)
         result = floor(args) if recipe == "floor" else trained(recipe, args)
-        result.update(zip=args.zip.name, machine=machine(), date=f"{datetime.date.today()}",
-                      command=" ".join(sys.argv))
+        result.update(zip=args.zip.name, machine=machine(), date=f"{datetime.date.today()}", command=" ".join(sys.argv))
         results = save_result(results_path, result)
         print(json.dumps(result), flush=True)
     print(f"\n{table(results, args.k)}\n\n(written to {results_path})")

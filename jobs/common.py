@@ -33,11 +33,23 @@ from ranking.core.flags import ArgumentParser, add_dataclass_flags, at_least, bu
 
 CLUSTERS = ("slurm", "local", "debug")
 # sbatch parameters the launcher sets itself -> the flag that sets them (--sbatch refuses them)
-OWN_PARAMETERS = {"nodes": "nodes", "ntasks_per_node": "tasks-per-node", "gpus_per_node": "gpus-per-node",
-                  "cpus_per_task": "cpus-per-task", "time": "timeout-min", "signal": "signal-delay-s",
-                  "partition": "partition", "job_name": "job-name", "account": "account", "qos": "qos",
-                  "mem": "mem", "constraint": "constraint", "exclusive": "exclusive", "output": "folder",
-                  "error": "folder"}
+OWN_PARAMETERS = {
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks-per-node",
+    "gpus_per_node": "gpus-per-node",
+    "cpus_per_task": "cpus-per-task",
+    "time": "timeout-min",
+    "signal": "signal-delay-s",
+    "partition": "partition",
+    "job_name": "job-name",
+    "account": "account",
+    "qos": "qos",
+    "mem": "mem",
+    "constraint": "constraint",
+    "exclusive": "exclusive",
+    "output": "folder",
+    "error": "folder",
+}
 
 
 @dataclass
@@ -83,8 +95,9 @@ class LaunchConfig:
             key, has_value, value = item.partition("=")
             key = key.strip().lstrip("-").replace("-", "_")
             if not re.fullmatch(r"[a-z][a-z0-9_]*", key) or (has_value and not value):
-                raise RankingError(f"--sbatch {item!r}: give sbatch parameters as KEY=VALUE (e.g. mail-type=END) "
-                                   "or KEY for a switch")
+                raise RankingError(
+                    f"--sbatch {item!r}: give sbatch parameters as KEY=VALUE (e.g. mail-type=END) or KEY for a switch"
+                )
             if key in OWN_PARAMETERS:
                 raise RankingError(f"--sbatch {item}: set it with --{OWN_PARAMETERS[key]} instead")
             parameters[key] = value if has_value else True
@@ -174,8 +187,9 @@ def node_address(node: str, num_nodes: int) -> str:
     if num_nodes == 1:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%o"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-n", node, "-o", "%o"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return node
     return out[0] if out else node
@@ -183,9 +197,12 @@ def node_address(node: str, num_nodes: int) -> str:
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
     """The launcher's flags (LaunchConfig fields); the stage adds its own."""
-    p = ArgumentParser(prog=f"python -m jobs.{stage}", description=description,
-                                usage=f"python -m jobs.{stage} [launcher flags] [-- ranking {stage} flags]",
-                                epilog=f"Arguments after -- go to ranking.{stage} unchanged.")
+    p = ArgumentParser(
+        prog=f"python -m jobs.{stage}",
+        description=description,
+        usage=f"python -m jobs.{stage} [launcher flags] [-- ranking {stage} flags]",
+        epilog=f"Arguments after -- go to ranking.{stage} unchanged.",
+    )
     add_dataclass_flags(p, LaunchConfig)
     return p
 
@@ -194,7 +211,7 @@ def parse(p: argparse.ArgumentParser, argv: list[str]) -> tuple[LaunchConfig, ar
     """(launcher config, the stage's own flags, the arguments after ``--``)."""
     passthrough: list[str] = []
     if "--" in argv:
-        argv, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+        argv, passthrough = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = p.parse_args(argv)
     return launch_config(args), args, passthrough
 
@@ -220,8 +237,10 @@ def private_folder(folder: str) -> Path:
     except OSError as e:
         raise RankingError(f"--folder {path}: cannot create it ({e.strerror})") from None
     if mode & 0o022:
-        raise RankingError(f"--folder {path}: others may write to it (mode {mode & 0o777:o}), and the compute node "
-                           f"unpickles the job from it: chmod 700 {path}, or give another --folder")
+        raise RankingError(
+            f"--folder {path}: others may write to it (mode {mode & 0o777:o}), and the compute node "
+            f"unpickles the job from it: chmod 700 {path}, or give another --folder"
+        )
     return path
 
 
@@ -230,10 +249,16 @@ def executor(config: LaunchConfig, stage: str) -> submitit.AutoExecutor:
     if config.cluster == "debug":
         tasks = 1
     ex = submitit.AutoExecutor(folder=private_folder(config.folder), cluster=config.cluster)
-    params = dict(name=config.job_name or f"ranking-{stage}", nodes=config.nodes, tasks_per_node=tasks,
-                  gpus_per_node=config.gpus_per_node, cpus_per_task=config.cpus_per_task,
-                  timeout_min=config.timeout_min, stderr_to_stdout=True,
-                  slurm_signal_delay_s=config.signal_delay_s)
+    params = dict(
+        name=config.job_name or f"ranking-{stage}",
+        nodes=config.nodes,
+        tasks_per_node=tasks,
+        gpus_per_node=config.gpus_per_node,
+        cpus_per_task=config.cpus_per_task,
+        timeout_min=config.timeout_min,
+        stderr_to_stdout=True,
+        slurm_signal_delay_s=config.signal_delay_s,
+    )
     for name in ("partition", "account", "qos", "mem", "constraint"):
         if getattr(config, name):
             params[f"slurm_{name}"] = getattr(config, name)

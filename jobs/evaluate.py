@@ -1,6 +1,6 @@
 """Submit an evaluation with submitit, embedding on all GPUs of all nodes.
 
-    python -m jobs.evaluate --gpus-per-node 8 --checkpoint RUN_DIR [--shards DIR] [--out DIR] [-- evaluate flags]
+python -m jobs.evaluate --gpus-per-node 8 --checkpoint RUN_DIR [--shards DIR] [--out DIR] [-- evaluate flags]
 """
 
 from __future__ import annotations

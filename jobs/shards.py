@@ -1,6 +1,6 @@
 """Submit the repacking of Tiny ImageNet into WebDataset shards (one CPU task) with submitit.
 
-    python -m jobs.shards SOURCE --out DIR [--cpus-per-task 16] [-- shards flags]
+python -m jobs.shards SOURCE --out DIR [--cpus-per-task 16] [-- shards flags]
 """
 
 from __future__ import annotations

@@ -29,8 +29,7 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: ranking SUBCOMMAND [options]   (ranking SUBCOMMAND --help for its options; ranking --version)",
-             ""]
+    lines = ["usage: ranking SUBCOMMAND [options]   (ranking SUBCOMMAND --help for its options; ranking --version)", ""]
     lines += [f"  {name:<9} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 

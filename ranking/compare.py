@@ -88,8 +88,12 @@ def comparison_table(runs: list[RunSummary], val_key: str | None) -> str:
     rows = []
     for run in runs:
         loss = run.final(LOSS)
-        row = [run.name, *(str(run.config.get(key)) for key in differing_keys(runs)),
-               str(run.records[-1]["step"] if run.records else 0), "-" if loss is None else f"{loss:.4f}"]
+        row = [
+            run.name,
+            *(str(run.config.get(key)) for key in differing_keys(runs)),
+            str(run.records[-1]["step"] if run.records else 0),
+            "-" if loss is None else f"{loss:.4f}",
+        ]
         if val_key:
             best = run.best(val_key)
             row.append("-" if best is None else f"{100 * best[0]:.2f} ({best[1]})")

@@ -22,8 +22,17 @@ from ranking.core.flags import at_least, parse
 
 def launch_command(processes: int) -> list[str]:
     """`accelerate launch` for `processes` ranks: GPUs when there are enough, else gloo ranks on the CPU."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
-               str(processes), "--main_process_port", str(29500 + os.getpid() % 1000)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+    ]
     if processes > 1:
         command.append("--multi_gpu")
     return command + ["--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -72,16 +81,51 @@ def main(argv: list[str] | None = None) -> int:
         env["WANDB_MODE"] = "offline"
     ranking = [sys.executable, "-m", "ranking"]
 
-    run(ranking + ["synth", "--out", str(archive), "--classes", str(config.classes), "--train-per-class",
-                   str(config.train_per_class), "--val-per-class", str(config.val_per_class), "--seed", "0"], env)
+    run(
+        ranking
+        + [
+            "synth",
+            "--out",
+            str(archive),
+            "--classes",
+            str(config.classes),
+            "--train-per-class",
+            str(config.train_per_class),
+            "--val-per-class",
+            str(config.val_per_class),
+            "--seed",
+            "0",
+        ],
+        env,
+    )
     run(ranking + ["shards", str(archive), "--out", str(shards), "--shard-size", "200"], env)
     launch = launch_command(config.processes)
-    run(launch + ["-m", "ranking.train", "--shards", str(shards), "--run-dir", str(run_dir),
-                  "--steps", str(config.steps), "--classes-per-batch", str(min(8, config.classes)),
-                  "--run-name", "demo", "--overwrite",  # a rerun moves the last aside
-                  "--wandb-tags", "demo", "--workers", "1"], env)
-    run(launch + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out", str(eval_dir),
-                  "--workers", "1"], env)
+    run(
+        launch
+        + [
+            "-m",
+            "ranking.train",
+            "--shards",
+            str(shards),
+            "--run-dir",
+            str(run_dir),
+            "--steps",
+            str(config.steps),
+            "--classes-per-batch",
+            str(min(8, config.classes)),
+            "--run-name",
+            "demo",
+            "--overwrite",  # a rerun moves the last aside
+            "--wandb-tags",
+            "demo",
+            "--workers",
+            "1",
+        ],
+        env,
+    )
+    run(
+        launch + ["-m", "ranking.evaluate", "--checkpoint", str(run_dir), "--out", str(eval_dir), "--workers", "1"], env
+    )
     run(ranking + ["report", str(run_dir), str(eval_dir)], env)
 
     print(f"\nDone. Metrics: {eval_dir / 'metrics.json'} and {eval_dir / 'table.md'}")

@@ -64,22 +64,27 @@ def check_inputs(cfg: EvalConfig) -> Inputs:
     check_labels(shards, counts)
     out = Path(cfg.out or evalfolder.default_dir(run_dir, step))
     check_writable_folder(out, "--out")
-    gallery_ids = validation.gallery_subset(shards, cfg.gallery_per_class, cfg.seed) \
-        if cfg.gallery_split == "train" else None
+    gallery_ids = (
+        validation.gallery_subset(shards, cfg.gallery_per_class, cfg.seed) if cfg.gallery_split == "train" else None
+    )
     return Inputs(checkpoint_dir, train_cfg, spec, shards, counts, out, gallery_ids)
 
 
 def check_complete(found: EmbeddingSet, expected: int, shards: str, split: str) -> None:
     """The gathered ids must be exactly 0..count-1 (they are sorted and unique): no sample lost or invented."""
     if len(found.ids) != expected or (expected and int(found.ids[-1]) != expected - 1):
-        raise RankingError(f"{shards}: the {split} shards hold {len(found.ids)} distinct ids, manifest.json says "
-                           f"{expected} (ids 0..{expected - 1})")
+        raise RankingError(
+            f"{shards}: the {split} shards hold {len(found.ids)} distinct ids, manifest.json says "
+            f"{expected} (ids 0..{expected - 1})"
+        )
 
 
 def check_subset(found: EmbeddingSet, wanted: frozenset[int], shards: str) -> None:
     if set(found.ids.tolist()) != wanted:
-        raise RankingError(f"{shards}: the train shards hold {len(found.ids)} of the {len(wanted)} gallery ids chosen "
-                           "from their own labels")
+        raise RankingError(
+            f"{shards}: the train shards hold {len(found.ids)} of the {len(wanted)} gallery ids chosen "
+            "from their own labels"
+        )
 
 
 def wandb_names(split: str, k: int) -> dict[str, str]:
@@ -89,29 +94,55 @@ def wandb_names(split: str, k: int) -> dict[str, str]:
     return {**validation.metric_keys(k, prefix), "queries": f"{prefix}queries"}
 
 
-def log_to_wandb(run_dir: Path, train_cfg: TrainConfig, cfg: EvalConfig, step: int, metrics: dict,
-                 out: Path, checkpoint_dir: Path, model_sha256: str) -> str | None:
+def log_to_wandb(
+    run_dir: Path,
+    train_cfg: TrainConfig,
+    cfg: EvalConfig,
+    step: int,
+    metrics: dict,
+    out: Path,
+    checkpoint_dir: Path,
+    model_sha256: str,
+) -> str | None:
     """The metrics as values and a table, and the PR curves as a table with a line plot (so runs overlay), in an
     "eval" run in the training run's group; the embeddings as an artifact with --wandb-artifacts. The run's config
     is what ran: ``cfg`` with its precision resolved, the checkpoint's step and sha256. Returns its URL or folder,
     or None when W&B is disabled."""
+
     def values(wandb: Any) -> dict[str, Any]:
-        logged: dict[str, Any] = {names[key]: value for split, summary in metrics["splits"].items()
-                                  for names in [wandb_names(split, cfg.k)] for key, value in summary.items()
-                                  if key in names}
+        logged: dict[str, Any] = {
+            names[key]: value
+            for split, summary in metrics["splits"].items()
+            for names in [wandb_names(split, cfg.k)]
+            for key, value in summary.items()
+            if key in names
+        }
         header, rows = evalfolder.table_rows(metrics)
         logged[f"{tracking.EVAL_PREFIX}metrics"] = wandb.Table(columns=header, data=rows)
-        curve = wandb.Table(columns=["split", "recall", "precision"],
-                            data=[[split, r, p] for split, points in metrics["pr_curve"].items()
-                                  for r, p in zip(points["recall"], points["precision"])])
-        logged[f"{tracking.EVAL_PREFIX}pr_curve"] = wandb.plot.line(curve, "recall", "precision", stroke="split",
-                                                                    title=f"precision-recall, step {step}")
+        curve = wandb.Table(
+            columns=["split", "recall", "precision"],
+            data=[
+                [split, r, p]
+                for split, points in metrics["pr_curve"].items()
+                for r, p in zip(points["recall"], points["precision"])
+            ],
+        )
+        logged[f"{tracking.EVAL_PREFIX}pr_curve"] = wandb.plot.line(
+            curve, "recall", "precision", stroke="split", title=f"precision-recall, step {step}"
+        )
         return logged
 
-    artifacts = {f"embeddings-{tracking.run_name(train_cfg, run_dir)}-step-{step}":
-                 ("embeddings", out / evalfolder.EMBEDDINGS)} if train_cfg.wandb_artifacts else None
-    ran = {**dataclasses.asdict(cfg), "checkpoint": str(checkpoint_dir), "checkpoint_step": step,
-           "checkpoint_sha256": model_sha256}
+    artifacts = (
+        {f"embeddings-{tracking.run_name(train_cfg, run_dir)}-step-{step}": ("embeddings", out / evalfolder.EMBEDDINGS)}
+        if train_cfg.wandb_artifacts
+        else None
+    )
+    ran = {
+        **dataclasses.asdict(cfg),
+        "checkpoint": str(checkpoint_dir),
+        "checkpoint_step": step,
+        "checkpoint_sha256": model_sha256,
+    }
     return tracking.log_job(run_dir, train_cfg, "eval", step, values, config=ran, artifacts=artifacts)
 
 
@@ -120,16 +151,18 @@ def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet)
     options = dict(k=cfg.k, chunk_size=cfg.chunk_size, pr_points=cfg.pr_points, triplets=cfg.triplets, seed=cfg.seed)
     return {
         cfg.gallery_split: evaluate_retrieval(gallery, gallery, exclude_self=True, **options),
-        cfg.query_split: evaluate_retrieval(query, gallery, exclude_self=cfg.query_split == cfg.gallery_split,
-                                                      **options),
+        cfg.query_split: evaluate_retrieval(
+            query, gallery, exclude_self=cfg.query_split == cfg.gallery_split, **options
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = flags.parse(EvalConfig, argv, "ranking evaluate", "embed gallery and queries, compute retrieval metrics")
     chosen = precision.for_inference(precision.resolve(cfg.mixed_precision))
-    accelerator = Accelerator(mixed_precision=chosen.value,
-                              kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
+    accelerator = Accelerator(
+        mixed_precision=chosen.value, kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)]
+    )
     logs.setup_logging(accelerator.process_index)
     inputs = distributed.decided_by_main(lambda: check_inputs(cfg))
     cfg.shards, counts, out = inputs.shards, inputs.counts, inputs.out
@@ -140,10 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         log.info(f"{inputs.checkpoint} (step {step}), {chosen.describe()}, {accelerator.num_processes} process(es)")
 
-    gallery, query = (embed.embed_split(model.net, accelerator, cfg.shards, split, spec=spec,
-                                        batch_size=cfg.batch_size, workers=cfg.workers, flip=cfg.flip,
-                                        only_ids=only_ids, total=counts[split])
-                      for split, only_ids in ((cfg.gallery_split, inputs.gallery_ids), (cfg.query_split, None)))
+    gallery, query = (
+        embed.embed_split(
+            model.net,
+            accelerator,
+            cfg.shards,
+            split,
+            spec=spec,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            flip=cfg.flip,
+            only_ids=only_ids,
+            total=counts[split],
+        )
+        for split, only_ids in ((cfg.gallery_split, inputs.gallery_ids), (cfg.query_split, None))
+    )
     if inputs.gallery_ids is not None:
         check_subset(gallery, inputs.gallery_ids, cfg.shards)
     else:
@@ -151,25 +195,47 @@ def main(argv: list[str] | None = None) -> int:
     check_complete(query, counts[cfg.query_split], cfg.shards, cfg.query_split)
 
     if accelerator.is_main_process:
-        log.info(f"metrics: {len(query.ids)} {cfg.query_split} and {len(gallery.ids)} {cfg.gallery_split} queries "
-                 f"against {len(gallery.ids)} {cfg.gallery_split} images, on every rank's share")
+        log.info(
+            f"metrics: {len(query.ids)} {cfg.query_split} and {len(gallery.ids)} {cfg.gallery_split} queries "
+            f"against {len(gallery.ids)} {cfg.gallery_split} images, on every rank's share"
+        )
     by_split = evaluate_splits(cfg, gallery, query)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         model_sha256 = checkpoint.state_sha256(inputs.checkpoint)
-        EvalIndex(run_dir=str(run_dir), step=step, shards=str(Path(cfg.shards).resolve()),
-                  gallery_split=cfg.gallery_split, query_split=cfg.query_split, normalized=spec.normalize,
-                  flip=cfg.flip, gallery=gallery, query=query, model_sha256=model_sha256,
-                  embed_dim=spec.embed_dim, model=spec).save(out)
+        EvalIndex(
+            run_dir=str(run_dir),
+            step=step,
+            shards=str(Path(cfg.shards).resolve()),
+            gallery_split=cfg.gallery_split,
+            query_split=cfg.query_split,
+            normalized=spec.normalize,
+            flip=cfg.flip,
+            gallery=gallery,
+            query=query,
+            model_sha256=model_sha256,
+            embed_dim=spec.embed_dim,
+            model=spec,
+        ).save(out)
         metrics = evalfolder.metrics_record(step, cfg.k, by_split, spec)
         evalfolder.write_metrics(out, metrics)
-        print(f"{run_dir} step {step}: {len(gallery.ids)} {cfg.gallery_split} gallery images, {len(query.ids)} "
-              f"{cfg.query_split} queries, {accelerator.num_processes} process(es)\n\n"
-              f"{evalfolder.markdown_table(metrics)}")
+        print(
+            f"{run_dir} step {step}: {len(gallery.ids)} {cfg.gallery_split} gallery images, {len(query.ids)} "
+            f"{cfg.query_split} queries, {accelerator.num_processes} process(es)\n\n"
+            f"{evalfolder.markdown_table(metrics)}"
+        )
         print(f"wrote {out}/{evalfolder.EMBEDDINGS}, {evalfolder.METRICS}, {evalfolder.TABLE}", flush=True)
         if train_cfg.wandb:
-            where = log_to_wandb(run_dir, train_cfg, dataclasses.replace(cfg, mixed_precision=chosen.value), step,
-                                 metrics, out, inputs.checkpoint, model_sha256)
+            where = log_to_wandb(
+                run_dir,
+                train_cfg,
+                dataclasses.replace(cfg, mixed_precision=chosen.value),
+                step,
+                metrics,
+                out,
+                inputs.checkpoint,
+                model_sha256,
+            )
             print(tracking.logged_line(where), flush=True)
     accelerator.end_training()
     return 0

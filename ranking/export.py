@@ -35,8 +35,11 @@ class ExportConfig:
     overwrite: bool = False  # replace an existing --out file
 
 
-EXTENSIONS: dict[str, tuple[str, ...]] = {"onnx": (".onnx",), "torchscript": (".pt", ".pts", ".torchscript"),
-                                          "safetensors": (".safetensors",)}
+EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "onnx": (".onnx",),
+    "torchscript": (".pt", ".pts", ".torchscript"),
+    "safetensors": (".safetensors",),
+}
 
 
 def check_out(out: Path, fmt: str, overwrite: bool) -> None:
@@ -45,14 +48,19 @@ def check_out(out: Path, fmt: str, overwrite: bool) -> None:
     if out.is_dir():
         raise RankingError(f"{out}: --out is a folder; give a file name in it")
     if out.suffix.lower() not in EXTENSIONS[fmt]:
-        raise RankingError(f"{out}: --format {fmt} writes a {' or '.join(EXTENSIONS[fmt])} file; name --out so "
-                           "(a file's extension says what reads it)")
+        raise RankingError(
+            f"{out}: --format {fmt} writes a {' or '.join(EXTENSIONS[fmt])} file; name --out so "
+            "(a file's extension says what reads it)"
+        )
     folder = out.parent.resolve()
-    owned = any(os.path.lexists(folder / marker) for marker in (runfolder.STATE, checkpoint.MANIFEST,
-                                                                 inference.MODEL_JSON))
+    owned = any(
+        os.path.lexists(folder / marker) for marker in (runfolder.STATE, checkpoint.MANIFEST, inference.MODEL_JSON)
+    )
     if owned or (folder.name == runfolder.CHECKPOINTS and (folder.parent / runfolder.CONFIG).exists()):
-        raise RankingError(f"{out}: --out is in {folder}, a checkpoint or index folder whose files other stages "
-                           "read and verify; export beside it (the run folder itself is fine)")
+        raise RankingError(
+            f"{out}: --out is in {folder}, a checkpoint or index folder whose files other stages "
+            "read and verify; export beside it (the run folder itself is fine)"
+        )
     check_output_file(out, "--out", overwrite)
 
 
@@ -66,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing is left half-written
         raise RankingError(f"{out}: cannot write ({e.strerror or e})") from None
     spec = model.spec
-    print(f"wrote {path}: {config.format}, input float32 [N, 3, {spec.image_size}, {spec.image_size}] normalised "
-          f"with mean {list(spec.mean)} std {list(spec.std)}, output [N, {model.dim}]")
+    print(
+        f"wrote {path}: {config.format}, input float32 [N, 3, {spec.image_size}, {spec.image_size}] normalised "
+        f"with mean {list(spec.mean)} std {list(spec.std)}, output [N, {model.dim}]"
+    )
     return 0
 
 

@@ -93,16 +93,18 @@ def index(config: IndexConfig, out: Path) -> int:
             indexfolder.check_same_model(base, other.model, other.path or "")
     else:
         if merged:
-            raise RankingError(f"{merged[0].path}: an index folder; a new index is built from images "
-                               "(append it with --add)")
+            raise RankingError(
+                f"{merged[0].path}: an index folder; a new index is built from images (append it with --add)"
+            )
         assert checkpoint is not None  # validate() asks for it
         model = EmbeddingModel.from_run(checkpoint, flip=config.flip, device="cpu")
 
     from accelerate import Accelerator
 
     chosen = precision.for_inference(precision.resolve(config.mixed_precision))
-    accelerator = Accelerator(mixed_precision=chosen.value,
-                              kwargs_handlers=[distributed.process_group_kwargs(config.collective_timeout_s)])
+    accelerator = Accelerator(
+        mixed_precision=chosen.value, kwargs_handlers=[distributed.process_group_kwargs(config.collective_timeout_s)]
+    )
     model.to(accelerator.device)
     try:
         embedded = indexfolder.embed_sources(model, sources, accelerator, config.batch_size, config.workers)
@@ -113,8 +115,11 @@ def index(config: IndexConfig, out: Path) -> int:
         indexfolder.write_index(out, model, sources, embedded, base=base, merged=merged)
         added = sum(len(s.entries) for s in sources) + sum(len(m) for m in merged)
         total = added + (len(base) if base is not None else 0)
-        print(f"{'added' if base is not None else 'indexed'} {added} images ({model.dim}-d, "
-              f"{accelerator.num_processes} process(es), {chosen.describe()}); {out} holds {total}", flush=True)
+        print(
+            f"{'added' if base is not None else 'indexed'} {added} images ({model.dim}-d, "
+            f"{accelerator.num_processes} process(es), {chosen.describe()}); {out} holds {total}",
+            flush=True,
+        )
     accelerator.end_training()
     return 0
 

@@ -63,25 +63,49 @@ def ranked_queries(index: EvalIndex, count: int = 5, k: int = 10) -> list[Ranked
     ranked = []
     for i, row in enumerate(rows):
         ids, row_distances = gallery.ids[order[i]].tolist(), distances[i, order[i]].tolist()
-        ranked.append(RankedQuery(int(query.ids[row]), int(query.labels[row]),
-                                  nearest=list(zip(ids[:k], row_distances[:k])),
-                                  farthest=list(zip(ids[-k:], row_distances[-k:]))))
+        ranked.append(
+            RankedQuery(
+                int(query.ids[row]),
+                int(query.labels[row]),
+                nearest=list(zip(ids[:k], row_distances[:k])),
+                farthest=list(zip(ids[-k:], row_distances[-k:])),
+            )
+        )
     return ranked
 
 
-def ranked_grid(ranked: RankedQuery, query_info: SampleInfo, query_image: Image.Image,
-                gallery_index: dict[int, SampleInfo], gallery_images: dict[int, Image.Image]) -> Image.Image:
+def ranked_grid(
+    ranked: RankedQuery,
+    query_info: SampleInfo,
+    query_image: Image.Image,
+    gallery_index: dict[int, SampleInfo],
+    gallery_images: dict[int, Image.Image],
+) -> Image.Image:
     """Row 0: the query and its nearest; row 1: its farthest. Green border: same class as the query."""
+
     def tiles(pairs: list[tuple[int, float]]) -> list[Tile]:
-        return [Tile(gallery_images[i], caption(gallery_index[i], d),
-                     SAME_CLASS if gallery_index[i].label == ranked.label else OTHER_CLASS) for i, d in pairs]
+        return [
+            Tile(
+                gallery_images[i],
+                caption(gallery_index[i], d),
+                SAME_CLASS if gallery_index[i].label == ranked.label else OTHER_CLASS,
+            )
+            for i, d in pairs
+        ]
 
     query_tile = Tile(query_image, ["query", short_name(query_info)], QUERY)
     k = len(ranked.nearest)
-    title = (f"{query_info.file}: top row: its {k} nearest gallery images; bottom row: its {k} farthest "
-             "(green: same class, red: other class; d = squared distance)")
-    return draw_grid([[query_tile, *tiles(ranked.nearest)],
-                      [Tile(None, ["farthest", f"{k} of {len(gallery_index)}"]), *tiles(ranked.farthest)]], title)
+    title = (
+        f"{query_info.file}: top row: its {k} nearest gallery images; bottom row: its {k} farthest "
+        "(green: same class, red: other class; d = squared distance)"
+    )
+    return draw_grid(
+        [
+            [query_tile, *tiles(ranked.nearest)],
+            [Tile(None, ["farthest", f"{k} of {len(gallery_index)}"]), *tiles(ranked.farthest)],
+        ],
+        title,
+    )
 
 
 @dataclass
@@ -99,18 +123,45 @@ class RankedResults:
         rows = []
         for r in self.ranked:
             query = self.query_index[r.query_id]
-            for end, pairs, first in (("nearest", r.nearest, 1), ("farthest", r.farthest,
-                                                                  len(self.gallery_index) - len(r.farthest) + 1)):
+            for end, pairs, first in (
+                ("nearest", r.nearest, 1),
+                ("farthest", r.farthest, len(self.gallery_index) - len(r.farthest) + 1),
+            ):
                 for rank, (gallery_id, distance) in enumerate(pairs, first):
                     info = self.gallery_index[gallery_id]
-                    rows.append([r.query_id, query.file, short_name(query), self.query_images[r.query_id], end, rank,
-                                 gallery_id, info.file, short_name(info), self.gallery_images[gallery_id], distance,
-                                 info.label == r.label])
+                    rows.append(
+                        [
+                            r.query_id,
+                            query.file,
+                            short_name(query),
+                            self.query_images[r.query_id],
+                            end,
+                            rank,
+                            gallery_id,
+                            info.file,
+                            short_name(info),
+                            self.gallery_images[gallery_id],
+                            distance,
+                            info.label == r.label,
+                        ]
+                    )
         return rows
 
 
-RANKED_COLUMNS = ["query id", "query file", "query class", "query", "end", "rank", "result id", "result file",
-                  "result class", "result", "squared distance", "same class"]
+RANKED_COLUMNS = [
+    "query id",
+    "query file",
+    "query class",
+    "query",
+    "end",
+    "rank",
+    "result id",
+    "result file",
+    "result class",
+    "result",
+    "squared distance",
+    "same class",
+]
 
 
 def ranked_results(index: EvalIndex, eval_dir: Path, shards_dir: Path, count: int = 5, k: int = 10) -> RankedResults:
@@ -126,33 +177,59 @@ def ranked_results(index: EvalIndex, eval_dir: Path, shards_dir: Path, count: in
 def write_ranked_grids(results: RankedResults, eval_dir: Path) -> list[Path]:
     for old in eval_dir.glob("ranked_*.png"):  # a rerun with fewer queries leaves no stale grids
         old.unlink()
-    return [save_png(ranked_grid(r, results.query_index[r.query_id], results.query_images[r.query_id],
-                                 results.gallery_index, results.gallery_images), eval_dir / f"ranked_{n}.png")
-            for n, r in enumerate(results.ranked)]
+    return [
+        save_png(
+            ranked_grid(
+                r,
+                results.query_index[r.query_id],
+                results.query_images[r.query_id],
+                results.gallery_index,
+                results.gallery_images,
+            ),
+            eval_dir / f"ranked_{n}.png",
+        )
+        for n, r in enumerate(results.ranked)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weights & Biases
 
 
-def log_to_wandb(run_dir: Path, config: TrainConfig, step: int, images: dict[str, Path], metrics: dict | None,
-                 results: RankedResults | None, evaluation: tuple[Path, EvalIndex] | None) -> str | None:
+def log_to_wandb(
+    run_dir: Path,
+    config: TrainConfig,
+    step: int,
+    images: dict[str, Path],
+    metrics: dict | None,
+    results: RankedResults | None,
+    evaluation: tuple[Path, EvalIndex] | None,
+) -> str | None:
     """Log the pictures, the metrics and the ranked results as tables, in a "report" run in the training run's
     group, with the evaluation's checkpoint step and sha256 in its config; returns the run's folder (or URL when
     online), or None when W&B is disabled."""
+
     def values(wandb: Any) -> dict[str, Any]:
         logged: dict[str, Any] = {f"report/{name}": wandb.Image(str(path)) for name, path in images.items()}
         if metrics is not None:
             header, rows = evalfolder.table_rows(metrics)
             logged["report/metrics"] = wandb.Table(columns=header, data=rows)
         if results is not None:
-            rows = [[wandb.Image(cell) if isinstance(cell, Image.Image) else cell for cell in row]
-                    for row in results.rows()]
+            rows = [
+                [wandb.Image(cell) if isinstance(cell, Image.Image) else cell for cell in row] for row in results.rows()
+            ]
             logged["report/ranked_results"] = wandb.Table(columns=RANKED_COLUMNS, data=rows)
         return logged
 
-    evaluated = {} if evaluation is None else {"eval_dir": str(evaluation[0]), "checkpoint_step": evaluation[1].step,
-                                               "checkpoint_sha256": evaluation[1].model_sha256}
+    evaluated = (
+        {}
+        if evaluation is None
+        else {
+            "eval_dir": str(evaluation[0]),
+            "checkpoint_step": evaluation[1].step,
+            "checkpoint_sha256": evaluation[1].model_sha256,
+        }
+    )
     return tracking.log_job(run_dir, config, "report", step, values, config=evaluated)
 
 
@@ -188,8 +265,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # every input is read and checked before the first picture is written
     records = runfolder.read_metrics_log(run_dir)
-    run_config = runfolder.read_config(run_dir) if runfolder.config_path(run_dir).is_file() else \
-        TrainConfig(run_dir=str(run_dir))  # its W&B settings
+    run_config = (
+        runfolder.read_config(run_dir)
+        if runfolder.config_path(run_dir).is_file()
+        else TrainConfig(run_dir=str(run_dir))
+    )  # its W&B settings
     step = records[-1]["step"] if records else 0
     eval_dir = Path(config.eval_dir) if config.eval_dir else evalfolder.find_in_run(run_dir)
     metrics, results = None, None

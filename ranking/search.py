@@ -41,22 +41,29 @@ def load_index_model(index: EvalIndex, eval_dir: Path, device: str | torch.devic
     if not runfolder.config_path(run_dir).is_file():  # moved since the evaluation: EVAL defaults to RUN/eval-<step>
         run_dir = eval_dir.parent
     if not runfolder.config_path(run_dir).is_file():
-        raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: its run folder {index.run_dir!r} "
-                           "(with config.yaml) is not found")
+        raise RankingError(
+            f"{eval_dir / evalfolder.EMBEDDINGS}: its run folder {index.run_dir!r} (with config.yaml) is not found"
+        )
     at_step = runfolder.checkpoint_dir(run_dir, index.step)
     found = runfolder.resolve_checkpoint(at_step if at_step.is_dir() else run_dir)
     if index.model_sha256 and checkpoint.state_sha256(found) != index.model_sha256:
-        raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: embedded by another model than {found} (state.pt "
-                           f"sha256 {index.model_sha256[:12]}..., found {checkpoint.state_sha256(found)[:12]}...); "
-                           "search it from its own run folder or rerun `ranking evaluate`")
+        raise RankingError(
+            f"{eval_dir / evalfolder.EMBEDDINGS}: embedded by another model than {found} (state.pt "
+            f"sha256 {index.model_sha256[:12]}..., found {checkpoint.state_sha256(found)[:12]}...); "
+            "search it from its own run folder or rerun `ranking evaluate`"
+        )
     model = EmbeddingModel.from_run(found, index.flip, device, index.model)
     if model.step != index.step:
-        raise RankingError(f"{run_dir}: the index {eval_dir} was embedded at step {index.step}, but that checkpoint "
-                           f"is gone (found step {model.step}); rerun `ranking evaluate` for this checkpoint")
+        raise RankingError(
+            f"{run_dir}: the index {eval_dir} was embedded at step {index.step}, but that checkpoint "
+            f"is gone (found step {model.step}); rerun `ranking evaluate` for this checkpoint"
+        )
     if model.dim != index.embed_dim:
-        raise RankingError(f"{eval_dir / evalfolder.EMBEDDINGS}: holds {index.embed_dim}-d embeddings, but the model "
-                           f"of {found} embeds in {model.dim} dimensions (the folder was moved into another "
-                           "run?); rerun `ranking evaluate`")
+        raise RankingError(
+            f"{eval_dir / evalfolder.EMBEDDINGS}: holds {index.embed_dim}-d embeddings, but the model "
+            f"of {found} embeds in {model.dim} dimensions (the folder was moved into another "
+            "run?); rerun `ranking evaluate`"
+        )
     return model
 
 
@@ -74,10 +81,16 @@ def open_gallery(path: Path, shards: str | None = None, device: str | torch.devi
     missing = [i for i in gallery.ids.tolist() if i not in infos]
     if missing:
         raise RankingError(f"{shards_dir}: no {split} sample {missing[0]} of {path / evalfolder.EMBEDDINGS}")
-    items = [Item(info.id, info.label, info.wnid, info.words, info.file)
-             for info in (infos[i] for i in gallery.ids.tolist())]
-    return Index(model, gallery.embeddings, items, path=path,
-                 thumbnails=lambda shown: read_images(shards_dir, split, (infos[item.id] for item in shown)))
+    items = [
+        Item(info.id, info.label, info.wnid, info.words, info.file) for info in (infos[i] for i in gallery.ids.tolist())
+    ]
+    return Index(
+        model,
+        gallery.embeddings,
+        items,
+        path=path,
+        thumbnails=lambda shown: read_images(shards_dir, split, (infos[item.id] for item in shown)),
+    )
 
 
 def read_query(path: Path) -> bytes:
@@ -104,8 +117,10 @@ def result_lines(results: list[Result]) -> list[str]:
 def result_json(path: Path, results: list[Result]) -> dict:
     """One query's --json entry; file names as ``shown_name`` writes them without escaping control characters
     (JSON does): bytes that are not UTF-8 as \\xNN, never lone surrogates."""
-    return {"query": shown_name(str(path), one_line=False),
-            "results": [{**r.to_dict(), "file": shown_name(r.item.file, one_line=False)} for r in results]}
+    return {
+        "query": shown_name(str(path), one_line=False),
+        "results": [{**r.to_dict(), "file": shown_name(r.item.file, one_line=False)} for r in results],
+    }
 
 
 def caption(result: Result) -> list[str]:
@@ -152,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if grid is not None:
         thumbnails = gallery.thumbnails(list({r.item.id: r.item for results in found for r in results}.values()))
-        rows = [[Tile(to_pil(image), ["query", path.name], QUERY)]
-                + [Tile(thumbnails[r.item.id], caption(r), NEUTRAL) for r in results]
-                for path, image, results in zip(paths, images, found)]
+        rows = [
+            [Tile(to_pil(image), ["query", path.name], QUERY)]
+            + [Tile(thumbnails[r.item.id], caption(r), NEUTRAL) for r in results]
+            for path, image, results in zip(paths, images, found)
+        ]
         title = f"nearest {len(found[0])} gallery images of each query (d = squared distance)"
         written = save_png(draw_grid(rows, title), grid)
         print(f"wrote {written}", file=sys.stderr if config.json else sys.stdout)

@@ -112,7 +112,7 @@ def plan_shards(archive: Archive | FolderDataset, shard_size: int, seed: int) ->
         if split == "train":
             random.Random(seed).shuffle(samples)
         for index, start in enumerate(range(0, len(samples), shard_size)):
-            chunk = tuple(samples[start:start + shard_size])
+            chunk = tuple(samples[start : start + shard_size])
             convert = frozenset(s.file for s in chunk if s.file in archive.converted)
             content: list[Any] = [FORMAT, classes, [dataclasses.astuple(s) for s in chunk]]
             if convert:  # (absent from Tiny ImageNet's plans, whose fingerprints stay those of earlier versions)
@@ -144,16 +144,27 @@ def to_rgb_jpeg(data: bytes, where: str) -> bytes:
 
 def encode_sample(sample: Sample, jpeg: bytes, classes: list[ClassInfo], converted: bool = False) -> dict:
     info = classes[sample.label] if sample.label >= 0 else None
-    meta = {"id": sample.id, "split": sample.split, "label": sample.label, "wnid": info and info.wnid,
-            "words": info and info.words, "file": sample.file}
+    meta = {
+        "id": sample.id,
+        "split": sample.split,
+        "label": sample.label,
+        "wnid": info and info.wnid,
+        "words": info and info.words,
+        "file": sample.file,
+    }
     if converted:
         meta["converted"] = True
-    return {"__key__": sample_key(sample.split, sample.id), "jpg": jpeg, "cls": str(sample.label).encode(),
-            "json": json.dumps(meta).encode()}
+    return {
+        "__key__": sample_key(sample.split, sample.id),
+        "jpg": jpeg,
+        "cls": str(sample.label).encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def write_shard(plan: ShardPlan, out: Path, source: Source, classes: list[ClassInfo]) -> ShardResult:
     """Write one shard atomically, hashed before it appears under its name. Byte-identical for the same plan."""
+
     def write(f: IO[bytes]) -> None:
         with wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as writer:
             for sample in plan.samples:
@@ -181,8 +192,7 @@ def _write_in_worker(task: tuple[ShardPlan, str]) -> ShardResult:
     return write_shard(plan, Path(out), _worker["source"], _worker["classes"])
 
 
-def pack(archive: Archive | FolderDataset, plans: list[ShardPlan], out: Path,
-         workers: int) -> Iterator[ShardResult]:
+def pack(archive: Archive | FolderDataset, plans: list[ShardPlan], out: Path, workers: int) -> Iterator[ShardResult]:
     """Write the shards, yielding each as it finishes (in any order with several workers)."""
     if workers <= 1 or len(plans) <= 1:
         for plan in plans:
@@ -197,8 +207,9 @@ def pack(archive: Archive | FolderDataset, plans: list[ShardPlan], out: Path,
             for future in as_completed(futures):
                 yield future.result()
         except BrokenProcessPool:
-            raise RankingError(f"{out}: a packing worker died (killed, or out of memory?); run `ranking shards` "
-                               "again") from None
+            raise RankingError(
+                f"{out}: a packing worker died (killed, or out of memory?); run `ranking shards` again"
+            ) from None
         finally:
             for future in futures:
                 future.cancel()  # the queued ones; those running finish, and what they wrote is cleaned up
@@ -268,8 +279,10 @@ def check_destination(out: Path, source: dict, plans: list[ShardPlan]) -> None:
         if any(planned.get(name) == record.get("plan") for name, record in journal.items()):
             return
         raise RankingError(f"{out}: holds shards of an unfinished run of another source or plan; {hint}")
-    raise RankingError(f"{out}: is not empty and not a shard folder (no {MANIFEST} or {JOURNAL}); give --overwrite "
-                       "to write shards into it anyway (other files are left alone), or choose an empty or new folder")
+    raise RankingError(
+        f"{out}: is not empty and not a shard folder (no {MANIFEST} or {JOURNAL}); give --overwrite "
+        "to write shards into it anyway (other files are left alone), or choose an empty or new folder"
+    )
 
 
 def start_journal(out: Path, source: dict, keep: bool) -> None:
@@ -309,8 +322,12 @@ def finished_shards(out: Path, plans: list[ShardPlan]) -> dict[str, ShardResult]
     for plan in plans:
         record = journal.get(plan.name)
         path = out / plan.name
-        if record and record.get("plan") == plan.fingerprint and path.is_file() \
-                and file_sha256(path) == record.get("sha256"):
+        if (
+            record
+            and record.get("plan") == plan.fingerprint
+            and path.is_file()
+            and file_sha256(path) == record.get("sha256")
+        ):
             finished[plan.name] = ShardResult(plan.name, record["count"], record["sha256"])
     return finished
 
@@ -338,17 +355,29 @@ def discard(out: Path, todo: list[ShardPlan], remove_folder: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------- main API
 
 
-def build_manifest(archive: Archive | FolderDataset, plans: list[ShardPlan], results: dict[str, ShardResult],
-                   seed: int, shard_size: int) -> dict:
+def build_manifest(
+    archive: Archive | FolderDataset,
+    plans: list[ShardPlan],
+    results: dict[str, ShardResult],
+    seed: int,
+    shard_size: int,
+) -> dict:
     fingerprint = source_identity(archive)["fingerprint"]
-    splits: dict[str, dict[str, Any]] = {split: {"count": len(archive.samples(split)), "shards": []}
-                                         for split in SPLITS}
+    splits: dict[str, dict[str, Any]] = {
+        split: {"count": len(archive.samples(split)), "shards": []} for split in SPLITS
+    }
     for plan in plans:
         split = plan.name.split("-")[0]
         splits[split]["shards"].append(dataclasses.asdict(results[plan.name]))
-    manifest = {"format": FORMAT, "source": archive.path.name, "source_fingerprint": fingerprint, "seed": seed,
-                "shard_size": shard_size, "classes": [dataclasses.asdict(c) for c in archive.classes],
-                "splits": splits}
+    manifest = {
+        "format": FORMAT,
+        "source": archive.path.name,
+        "source_fingerprint": fingerprint,
+        "seed": seed,
+        "shard_size": shard_size,
+        "classes": [dataclasses.asdict(c) for c in archive.classes],
+        "splits": splits,
+    }
     if archive.layout != "tiny-imagenet":  # (Tiny ImageNet's manifests stay as they were)
         manifest["layout"] = archive.layout
         for split, entry in splits.items():
@@ -356,9 +385,17 @@ def build_manifest(archive: Archive | FolderDataset, plans: list[ShardPlan], res
     return manifest
 
 
-def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000, workers: int = 1,
-                 seed: int = 0, progress: bool = False, overwrite: bool = False,
-                 val_source: str | os.PathLike | None = None, val_fraction: float = 0.0) -> dict:
+def write_shards(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    shard_size: int = 1000,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    overwrite: bool = False,
+    val_source: str | os.PathLike | None = None,
+    val_fraction: float = 0.0,
+) -> dict:
     """Repack the archive into shards under `out`; finished shards of an earlier run are verified and kept.
 
     Bad input raises RankingError before anything is written (layout, annotations) or while packing (an
@@ -394,9 +431,15 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
             if todo:
                 (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the manifest is back
 
-            bar = tqdm(total=sum(len(plan.samples) for plan in plans), unit="img", desc=f"shards {out.name}",
-                       initial=sum(result.count for result in results.values()), file=sys.stderr,
-                       disable=not progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=sum(len(plan.samples) for plan in plans),
+                unit="img",
+                desc=f"shards {out.name}",
+                initial=sum(result.count for result in results.values()),
+                file=sys.stderr,
+                disable=not progress,
+                dynamic_ncols=True,
+            )
             plan_of = {plan.name: plan for plan in todo}
             for result in pack(archive, todo, out, workers or min(8, os.cpu_count() or 1)):
                 append_journal(out, journal_line(plan_of[result.name], result))
@@ -416,12 +459,18 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
 
         manifest = build_manifest(archive, plans, results, seed, shard_size)
         try:
-            write_text_atomically(out / JOURNAL, json.dumps({"source": identity}) + "\n"
-                                  + "".join(journal_line(plan, results[plan.name]) for plan in plans))
+            write_text_atomically(
+                out / JOURNAL,
+                json.dumps({"source": identity})
+                + "\n"
+                + "".join(journal_line(plan, results[plan.name]) for plan in plans),
+            )
             write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         except OSError as e:  # the shards are complete and kept: a rerun with room only writes these two files
-            raise RankingError(f"{out}: cannot write {MANIFEST} ({e.strerror or e}); free some space and run "
-                               "`ranking shards` again (the finished shards are kept)") from None
+            raise RankingError(
+                f"{out}: cannot write {MANIFEST} ({e.strerror or e}); free some space and run "
+                "`ranking shards` again (the finished shards are kept)"
+            ) from None
     return manifest
 
 
@@ -493,16 +542,21 @@ def verify_shards(directory: str | os.PathLike) -> dict:
         count = manifest["splits"][split]["count"]
         if readable and ids != set(range(count)):
             outside = sorted(ids - set(range(count)))
-            problems.append(f"{split} shards hold ids outside 0..{count - 1}, e.g. {outside[0]}" if outside else
-                            f"{split} shards lack ids of 0..{count - 1}, e.g. {min(set(range(count)) - ids)}")
+            problems.append(
+                f"{split} shards hold ids outside 0..{count - 1}, e.g. {outside[0]}"
+                if outside
+                else f"{split} shards lack ids of 0..{count - 1}, e.g. {min(set(range(count)) - ids)}"
+            )
     if problems:
         raise RankingError(f"{directory}: {len(problems)} shard(s) fail verification: {', '.join(problems)}")
     return manifest
 
 
 def summary(manifest: dict) -> str:
-    return ", ".join(f"{split} {entry['count']} samples in {len(entry['shards'])} shard(s)"
-                     for split, entry in manifest["splits"].items())
+    return ", ".join(
+        f"{split} {entry['count']} samples in {len(entry['shards'])} shard(s)"
+        for split, entry in manifest["splits"].items()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,7 +566,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.verify}: OK, {summary(manifest)}")
         return 0
     out = config.out or str(Path("shards") / Path(config.source).name.removesuffix(".zip"))
-    manifest = write_shards(config.source, out, config.shard_size, config.workers, config.seed, config.progress,
-                            config.overwrite, config.val_source or None, config.val_fraction)
+    manifest = write_shards(
+        config.source,
+        out,
+        config.shard_size,
+        config.workers,
+        config.seed,
+        config.progress,
+        config.overwrite,
+        config.val_source or None,
+        config.val_fraction,
+    )
     print(f"{out}: {summary(manifest)}")
     return 0

@@ -89,11 +89,28 @@ def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
         points = [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)]
     elif shape == "cross":
         t = 0.35
-        points = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t),
-                  (-1, -t), (-t, -t)]
+        points = [
+            (-t, -1),
+            (t, -1),
+            (t, -t),
+            (1, -t),
+            (1, t),
+            (t, t),
+            (t, 1),
+            (-t, 1),
+            (-t, t),
+            (-1, t),
+            (-1, -t),
+            (-t, -t),
+        ]
     elif shape == "star":
-        points = [((1 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5),
-                   -(1 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
+        points = [
+            (
+                (1 if i % 2 == 0 else 0.45) * math.sin(i * math.pi / 5),
+                -(1 if i % 2 == 0 else 0.45) * math.cos(i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
     else:
         raise ValueError(shape)
     cos, sin = math.cos(angle), math.sin(angle)
@@ -179,8 +196,9 @@ def _lines(rows: list[str], newline: str = "\n", final_newline: bool = True) -> 
     return (newline.join(rows) + (newline if final_newline else "")).encode()
 
 
-def archive_members(classes: int, train_per_class: int, val_per_class: int, test_count: int,
-                    seed: int) -> list[tuple[str, bytes]]:
+def archive_members(
+    classes: int, train_per_class: int, val_per_class: int, test_count: int, seed: int
+) -> list[tuple[str, bytes]]:
     """(path inside the zip, bytes) of every member, in the order they are written."""
     rng = np.random.default_rng([seed, 0])
     wnids = [class_wnid(c) for c in range(classes)]
@@ -218,8 +236,14 @@ def archive_members(classes: int, train_per_class: int, val_per_class: int, test
     return members
 
 
-def write_synthetic_archive(path: str | os.PathLike, classes: int = 6, train_per_class: int = 40,
-                            val_per_class: int = 10, test_count: int = 10, seed: int = 0) -> Path:
+def write_synthetic_archive(
+    path: str | os.PathLike,
+    classes: int = 6,
+    train_per_class: int = 40,
+    val_per_class: int = 10,
+    test_count: int = 10,
+    seed: int = 0,
+) -> Path:
     """Write the zip atomically; returns the path."""
     SynthConfig(str(path), classes, train_per_class, val_per_class, test_count, seed).validate()
 
@@ -236,8 +260,9 @@ def write_synthetic_archive(path: str | os.PathLike, classes: int = 6, train_per
 def main(argv: list[str] | None = None) -> int:
     config = parse(SynthConfig, argv, "ranking synth", __doc__.splitlines()[0])
     check_output_file(config.out, "--out")
-    path = write_synthetic_archive(config.out, config.classes, config.train_per_class, config.val_per_class,
-                                   config.test_count, config.seed)
+    path = write_synthetic_archive(
+        config.out, config.classes, config.train_per_class, config.val_per_class, config.test_count, config.seed
+    )
     images = config.classes * (config.train_per_class + config.val_per_class) + config.test_count
     print(f"{path}: {config.classes} classes, {images} images")
     return 0

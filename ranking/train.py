@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = resolve_precision(cfg.mixed_precision)
     # config.yaml and W&B record the precision that ran; $WANDB_RUN_ID in --run-dir gives each sweep run its own
     cfg = dataclasses.replace(cfg, mixed_precision=chosen.value, run_dir=expand_run_dir(cfg.run_dir))
-    accelerator = Accelerator(mixed_precision=chosen.value, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with="wandb" if cfg.wandb else None,
-                              kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)])
+    accelerator = Accelerator(
+        mixed_precision=chosen.value,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="wandb" if cfg.wandb else None,
+        kwargs_handlers=[distributed.process_group_kwargs(cfg.collective_timeout_s)],
+    )
     setup_logging(accelerator.process_index)
     try:
         scale = Scale.of(cfg, accelerator.num_processes)  # the same on every rank: a bad --images stops them all
@@ -84,8 +87,9 @@ def expand_run_dir(run_dir: str) -> str:
     if expanded.startswith("~"):
         raise RankingError(f"--run-dir {run_dir}: {expanded.split('/')[0]} is not a user this machine knows")
     if Path(expanded).resolve() == Path(Path(expanded).resolve().anchor):
-        raise RankingError(f"--run-dir {run_dir}: is the root of the file system ({expanded}); name a folder for "
-                           "the run")
+        raise RankingError(
+            f"--run-dir {run_dir}: is the root of the file system ({expanded}); name a folder for the run"
+        )
     return expanded
 
 
@@ -125,8 +129,10 @@ def train(recipe: TrainConfig, accelerator: Accelerator, resume_from: Path | Non
     stop: Stop | None = None
     models.set_train_mode(parts.model, cfg.freeze_bn_stats)
     # the workers end with the loop whichever way it ends: a worker stuck in a hung file system held the node
-    with distributed.StopRequest() as signals, contextlib.closing(
-            BatchWatchdog(batches, cfg.batch_timeout_s, signals)) as fetch:
+    with (
+        distributed.StopRequest() as signals,
+        contextlib.closing(BatchWatchdog(batches, cfg.batch_timeout_s, signals)) as fetch,
+    ):
         policy = StopPolicy(cfg, signals, accelerator.device)
         while stop is None:
             try:

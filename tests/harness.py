@@ -79,19 +79,44 @@ def _process_starters() -> frozenset[str]:
     import torch.multiprocessing
 
     starters: list[object] = [
-        subprocess.Popen, subprocess.run, subprocess.call, subprocess.check_call, subprocess.check_output,
-        subprocess.getoutput, subprocess.getstatusoutput, os.system, os.popen, os.fork, os.forkpty, os.posix_spawn,
-        os.posix_spawnp, os.spawnv, os.spawnve, os.spawnvp, os.spawnvpe, os.spawnl, os.spawnle, os.spawnlp,
-        os.spawnlpe, multiprocessing.Process, multiprocessing.Pool, multiprocessing.pool.Pool,
-        concurrent.futures.ProcessPoolExecutor, torch.multiprocessing.spawn, torch.multiprocessing.start_processes,
-        asyncio.create_subprocess_exec, asyncio.create_subprocess_shell]
+        subprocess.Popen,
+        subprocess.run,
+        subprocess.call,
+        subprocess.check_call,
+        subprocess.check_output,
+        subprocess.getoutput,
+        subprocess.getstatusoutput,
+        os.system,
+        os.popen,
+        os.fork,
+        os.forkpty,
+        os.posix_spawn,
+        os.posix_spawnp,
+        os.spawnv,
+        os.spawnve,
+        os.spawnvp,
+        os.spawnvpe,
+        os.spawnl,
+        os.spawnle,
+        os.spawnlp,
+        os.spawnlpe,
+        multiprocessing.Process,
+        multiprocessing.Pool,
+        multiprocessing.pool.Pool,
+        concurrent.futures.ProcessPoolExecutor,
+        torch.multiprocessing.spawn,
+        torch.multiprocessing.start_processes,
+        asyncio.create_subprocess_exec,
+        asyncio.create_subprocess_shell,
+    ]
     starters += [multiprocessing.get_context(method).Process for method in multiprocessing.get_all_start_methods()]
     return frozenset(map(qualified_name, starters))
 
 
 PROCESS_STARTERS = _process_starters()
-_OUTSIDE_TEST_CODE = tuple(str(p) for p in {REPO / "ranking", REPO / "jobs", Path(sys.prefix), Path(sys.base_prefix),
-                                            Path(os.__file__).parent})
+_OUTSIDE_TEST_CODE = tuple(
+    str(p) for p in {REPO / "ranking", REPO / "jobs", Path(sys.prefix), Path(sys.base_prefix), Path(os.__file__).parent}
+)
 _verdicts: dict[Callable, str | None] = {}  # per function, not per code: closures differ in their cells
 
 
@@ -108,8 +133,10 @@ def _local_imports(tree: ast.AST) -> dict[str, tuple[str, str | None]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                found[alias.asname or alias.name.split(".")[0]] = (alias.name if alias.asname else
-                                                                   alias.name.split(".")[0], None)
+                found[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0],
+                    None,
+                )
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 found[alias.asname or alias.name] = (node.module, alias.name)
@@ -192,8 +219,8 @@ def process_start_of(item: pytest.Item) -> str | None:
         return found
     fixture_info = getattr(item, "_fixtureinfo", None)  # pytest keeps the resolved fixtures (transitive) here
     for name in getattr(item, "fixturenames", ()):
-        for definition in (fixture_info.name2fixturedefs.get(name, ()) if fixture_info else ()):
-            if (found := process_start(definition.func)):
+        for definition in fixture_info.name2fixturedefs.get(name, ()) if fixture_info else ():
+            if found := process_start(definition.func):
                 return f"fixture {name}: {found}"
     return None
 
@@ -215,15 +242,26 @@ class ProcessGuard:
     def install(self) -> None:
         if self._installed:
             return
-        self._wrap(subprocess.Popen, "__init__", lambda popen, args, *_, **__: "subprocess: " + (
-            " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)))
-        self._wrap(multiprocessing.process.BaseProcess, "start",
-                   lambda process: f"multiprocessing: {type(process).__name__} {process.name}")
+        self._wrap(
+            subprocess.Popen,
+            "__init__",
+            lambda popen, args, *_, **__: (
+                "subprocess: " + (" ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args))
+            ),
+        )
+        self._wrap(
+            multiprocessing.process.BaseProcess,
+            "start",
+            lambda process: f"multiprocessing: {type(process).__name__} {process.name}",
+        )
         for name in ("fork", "forkpty", "system", "posix_spawn", "posix_spawnp"):
             self._wrap(os, name, lambda *args, _name=name, **__: " ".join([f"os.{_name}", *map(str, args[:1])]))
         # beneath them all, what multiprocessing starts its helpers with (the resource tracker, the fork server)
-        self._wrap(_posixsubprocess, "fork_exec", lambda args, *_, **__: "fork_exec: " + " ".join(
-            os.fsdecode(a) for a in args or ()))
+        self._wrap(
+            _posixsubprocess,
+            "fork_exec",
+            lambda args, *_, **__: "fork_exec: " + " ".join(os.fsdecode(a) for a in args or ()),
+        )
 
     def uninstall(self) -> None:
         for owner, name, original in reversed(self._installed):
@@ -248,8 +286,10 @@ class ProcessGuard:
 
     @staticmethod
     def complaint(test: str, what: str) -> str:
-        return (f"{test} started a process ({what}) but is not marked {SYSTEM}: add @pytest.mark.{SYSTEM}, or check "
-                f"it without a process")
+        return (
+            f"{test} started a process ({what}) but is not marked {SYSTEM}: add @pytest.mark.{SYSTEM}, or check "
+            f"it without a process"
+        )
 
     @contextlib.contextmanager
     def refusing(self, test: str) -> Iterator[None]:
@@ -277,29 +317,65 @@ def cli_refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return lines[0]
 
 
-def launch(args: list[str], processes: int = 2, timeout: float = 240, script: str | None = None,
-           wait: bool = True, launcher_precision: str | None = "no",
-           launcher_flags: tuple[str, ...] | list[str] = ()) -> subprocess.CompletedProcess | subprocess.Popen:
+def launch(
+    args: list[str],
+    processes: int = 2,
+    timeout: float = 240,
+    script: str | None = None,
+    wait: bool = True,
+    launcher_precision: str | None = "no",
+    launcher_flags: tuple[str, ...] | list[str] = (),
+) -> subprocess.CompletedProcess | subprocess.Popen:
     """`accelerate launch` on gloo CPU ranks, as a user would type it; W&B offline and silent."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher_flags,
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
     if launcher_precision is not None:
         command += ["--mixed_precision", launcher_precision]
     command += [script] if script else ["-m", "ranking.train"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
     if not wait:
         return subprocess.Popen(command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def train_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
-    flags = {"config": SMOKE, "shards": shards, "run-dir": run_dir, "image-size": 32, "embed-dim": 32,
-             "shuffle-buffer": 50, "workers": 0, "mixed-precision": "no", "warmup-steps": 3, "log-every": 1,
-             "no-progress": None, "wandb-tags": "test"} | overrides
+    flags = {
+        "config": SMOKE,
+        "shards": shards,
+        "run-dir": run_dir,
+        "image-size": 32,
+        "embed-dim": 32,
+        "shuffle-buffer": 50,
+        "workers": 0,
+        "mixed-precision": "no",
+        "warmup-steps": 3,
+        "log-every": 1,
+        "no-progress": None,
+        "wandb-tags": "test",
+    } | overrides
     argv = []
     for name, value in flags.items():
         argv += [f"--{name}"] + ([] if value is None else [str(value)])
@@ -334,11 +410,11 @@ def wandb_records(run_folder: Path):
         if left_in_block < 7:
             position += left_in_block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
         if kind == 0:  # zero padding up to the next block
             position += left_in_block
             continue
-        parts.append(data[position + 7:position + 7 + length])
+        parts.append(data[position + 7 : position + 7 + length])
         position += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -368,8 +444,9 @@ def wandb_summary(run_folder: Path) -> dict:
     summary: dict = {}
     for record in wandb_records(run_folder):
         if record.WhichOneof("record_type") == "summary":
-            summary |= {item.key or ".".join(item.nested_key): json.loads(item.value_json)
-                        for item in record.summary.update}
+            summary |= {
+                item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update
+            }
     return summary
 
 
@@ -380,8 +457,9 @@ def wandb_run(run_folder: Path):
 
 def write_smoke_run(run_dir: Path, shards: str, **overrides) -> Path:
     """A run folder with a random-init smoke network at step 5 (what `ranking train` leaves, without training)."""
-    train_config = flags.build(config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards,
-                                                                 "wandb": False, **overrides})
+    train_config = flags.build(
+        config.TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": shards, "wandb": False, **overrides}
+    )
     checkpoint = run_dir / "checkpoints" / "step-0000005"
     checkpoint.mkdir(parents=True)
     flags.save(train_config, run_dir / "config.yaml")
@@ -416,8 +494,11 @@ def odd_images(jpeg: bytes) -> dict[str, bytes]:
     photo = Image.open(io.BytesIO(jpeg)).convert("RGB")
     rgba = photo.convert("RGBA")
     rgba.putalpha(128)
-    return {"odd.png": encoded(rgba, "PNG"), "cmyk.jpg": encoded(photo.convert("CMYK"), "JPEG"),
-            "gray.jpeg": encoded(photo.convert("L"), "JPEG")}
+    return {
+        "odd.png": encoded(rgba, "PNG"),
+        "cmyk.jpg": encoded(photo.convert("CMYK"), "JPEG"),
+        "gray.jpeg": encoded(photo.convert("L"), "JPEG"),
+    }
 
 
 def shard_samples(shards: Path, split: str) -> dict[int, tuple[int, bytes]]:
@@ -435,8 +516,7 @@ def shard_samples(shards: Path, split: str) -> dict[int, tuple[int, bytes]]:
 
 # ------------------------------------------------------------------- the trainer's faults, in real processes
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 
 
 def train_one(flags: list[str], timeout: float = 120, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
@@ -483,8 +563,11 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 def ranks_of(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in descendants(launcher.pid) if "RANK" in p.environ() and "ranking.train" in " ".join(p.cmdline())
-            and p.ppid() == launcher.pid]
+    return [
+        p
+        for p in descendants(launcher.pid)
+        if "RANK" in p.environ() and "ranking.train" in " ".join(p.cmdline()) and p.ppid() == launcher.pid
+    ]
 
 
 def reap(processes: list[psutil.Process]) -> None:
@@ -501,8 +584,9 @@ def lying_class_counts(shards: Path, per_class: int) -> None:
     come, which is how a stalled stream looks to the trainer (the cache is keyed by the manifest's shard list)."""
     manifest = json.loads((shards / "manifest.json").read_text())
     counts = {str(label): per_class for label in range(len(manifest["classes"]))}
-    (shards / ".train-class-counts.json").write_text(json.dumps({"shards": manifest["splits"]["train"]["shards"],
-                                                                  "counts": counts}))
+    (shards / ".train-class-counts.json").write_text(
+        json.dumps({"shards": manifest["splits"]["train"]["shards"], "counts": counts})
+    )
 
 
 def fill(folder: Path) -> None:
@@ -525,10 +609,14 @@ def small_tmpfs(folder: Path, size_kib: int = 512, read_only: bool = False, full
     folder.mkdir(parents=True, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     ms_rdonly = 1  # <sys/mount.h>
-    if libc.mount(b"tmpfs", os.fsencode(folder), b"tmpfs", ms_rdonly if read_only else 0,
-                  f"size={size_kib}k".encode()) != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({os.strerror(ctypes.get_errno())}): the full-disk and read-only "
-                    "cases need root")
+    if (
+        libc.mount(b"tmpfs", os.fsencode(folder), b"tmpfs", ms_rdonly if read_only else 0, f"size={size_kib}k".encode())
+        != 0
+    ):
+        pytest.skip(
+            f"cannot mount a tmpfs here ({os.strerror(ctypes.get_errno())}): the full-disk and read-only "
+            "cases need root"
+        )
     try:
         if full:
             fill(folder)

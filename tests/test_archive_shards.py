@@ -23,8 +23,9 @@ SPLITS = ("train", "val", "test")
 
 def read_split(directory: Path, split: str) -> list[dict]:
     """Raw samples in file order, read by webdataset as a trainer would."""
-    dataset = wds.WebDataset(shard_paths(directory, split), shardshuffle=False, nodesplitter=None,
-                             workersplitter=None, empty_check=False)
+    dataset = wds.WebDataset(
+        shard_paths(directory, split), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    )
     return list(dataset)
 
 
@@ -67,9 +68,10 @@ def check_shards_equal_source(directory: Path, source: Path) -> dict[str, list[d
 
 
 def classes_per_shard(directory: Path, split: str = "train") -> list[int]:
-    return [len({int(s["cls"]) for s in wds.WebDataset(path, shardshuffle=False, nodesplitter=None,
-                                                      workersplitter=None)})
-            for path in shard_paths(directory, split)]
+    return [
+        len({int(s["cls"]) for s in wds.WebDataset(path, shardshuffle=False, nodesplitter=None, workersplitter=None)})
+        for path in shard_paths(directory, split)
+    ]
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -87,7 +89,8 @@ def test_synth_shards_equal_the_source(synth_shards, synth_zip):
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [50, 50, 50, 50, 40]
     assert sorted(p.name for p in synth_shards.iterdir() if not p.name.startswith(".")) == sorted(
         [f"train-{i:06d}.tar" for i in range(5)]
-        + ["val-000000.tar", "val-000001.tar", "test-000000.tar", "manifest.json"])
+        + ["val-000000.tar", "val-000001.tar", "test-000000.tar", "manifest.json"]
+    )
 
 
 def test_train_shards_mix_classes(synth_shards):
@@ -97,8 +100,13 @@ def test_train_shards_mix_classes(synth_shards):
 @pytest.mark.system  # a pool of packing processes
 def test_ids_and_bytes_do_not_depend_on_shard_size_or_workers(synth_zip, synth_shards, tmp_path):
     def content(directory):
-        return {split: sorted((s["__key__"], s["cls"], s["json"], hashlib.sha256(s["jpg"]).hexdigest())
-                              for s in read_split(directory, split)) for split in SPLITS}
+        return {
+            split: sorted(
+                (s["__key__"], s["cls"], s["json"], hashlib.sha256(s["jpg"]).hexdigest())
+                for s in read_split(directory, split)
+            )
+            for split in SPLITS
+        }
 
     other = tmp_path / "other"
     write_shards(synth_zip, other, shard_size=17, workers=2, seed=0)
@@ -133,8 +141,12 @@ def test_rerun_skips_finished_shards_and_rewrites_damaged_ones(synth_zip, tmp_pa
 
     # A new shard size replaces the plan: no stale shard of the old one is left.
     write_shards(synth_zip, out, shard_size=120)
-    assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar",
-                                                         "train-000001.tar", "val-000000.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == [
+        "test-000000.tar",
+        "train-000000.tar",
+        "train-000001.tar",
+        "val-000000.tar",
+    ]
     check_shards_equal_source(out, synth_zip)
 
 
@@ -167,8 +179,12 @@ def test_load_manifest_names_the_problem(tmp_path):
 
 def test_cli_writes_shards(synth_zip, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main([str(synth_zip), "--out", str(out), "--shard-size", "100", "--workers", "1", "--seed", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [str(synth_zip), "--out", str(out), "--shard-size", "100", "--workers", "1", "--seed", "4", "--no-progress"]
+        )
+        == 0
+    )
     assert "train 240 samples in 3 shard(s)" in capsys.readouterr().out
     assert load_manifest(out)["seed"] == 4
     check_shards_equal_source(out, synth_zip)
@@ -196,8 +212,9 @@ def test_real_mini_zip(mini_zip, tmp_path):
     assert [manifest["splits"][s]["count"] for s in SPLITS] == [200, 50, 20]
     assert all(n >= 8 for n in classes_per_shard(out))  # 10 classes
     annotations = val_annotations(mini_zip)
-    labels = {json.loads(s["json"])["file"].split("/")[-1]: manifest["classes"][int(s["cls"])]["wnid"]
-              for s in read["val"]}
+    labels = {
+        json.loads(s["json"])["file"].split("/")[-1]: manifest["classes"][int(s["cls"])]["wnid"] for s in read["val"]
+    }
     assert labels == annotations
     for sample in read["train"]:  # train labels follow the folder
         meta = json.loads(sample["json"])
@@ -241,10 +258,10 @@ def corrupt_stored_member(source: Path, target: Path, member: str) -> Path:
     with zipfile.ZipFile(source) as z:
         info = z.getinfo(member)
     header = info.header_offset
-    name_length = int.from_bytes(data[header + 26:header + 28], "little")
-    extra_length = int.from_bytes(data[header + 28:header + 30], "little")
+    name_length = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28 : header + 30], "little")
     start = header + 30 + name_length + extra_length + info.compress_size // 2
-    data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])
+    data[start : start + 8] = bytes(b ^ 0xFF for b in data[start : start + 8])
     target.write_bytes(bytes(data))
     return target
 
@@ -253,40 +270,60 @@ ROOT = "tiny-imagenet-200/"
 TRAIN_JPEG = ROOT + "train/n90000003/images/n90000003_7.JPEG"
 BAD_INPUTS = {
     "missing path": (lambda src, tmp: tmp / "nowhere.zip", r"nowhere.zip: no such file or folder"),
-    "no wnids.txt": (lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", drop(ROOT + "wnids.txt")),
-                     r"bad.zip: no tiny-imagenet-200/wnids.txt: not the official Tiny ImageNet layout"),
-    "no words.txt": (lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", drop(ROOT + "words.txt")),
-                     r"bad.zip:tiny-imagenet-200/words.txt: missing"),
-    "truncated zip": (lambda src, tmp: (tmp / "bad.zip").write_bytes(src.read_bytes()[:200_000]) and tmp / "bad.zip",
-                      r"bad.zip: not a readable zip archive, truncated or corrupt\?"),
-    "corrupt member": (lambda src, tmp: corrupt_stored_member(src, tmp / "bad.zip", TRAIN_JPEG),
-                       r"bad.zip:tiny-imagenet-200/train/n90000003/images/n90000003_7.JPEG: corrupt zip member "
-                       r"\(Bad CRC-32"),
+    "no wnids.txt": (
+        lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", drop(ROOT + "wnids.txt")),
+        r"bad.zip: no tiny-imagenet-200/wnids.txt: not the official Tiny ImageNet layout",
+    ),
+    "no words.txt": (
+        lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", drop(ROOT + "words.txt")),
+        r"bad.zip:tiny-imagenet-200/words.txt: missing",
+    ),
+    "truncated zip": (
+        lambda src, tmp: (tmp / "bad.zip").write_bytes(src.read_bytes()[:200_000]) and tmp / "bad.zip",
+        r"bad.zip: not a readable zip archive, truncated or corrupt\?",
+    ),
+    "corrupt member": (
+        lambda src, tmp: corrupt_stored_member(src, tmp / "bad.zip", TRAIN_JPEG),
+        r"bad.zip:tiny-imagenet-200/train/n90000003/images/n90000003_7.JPEG: corrupt zip member "
+        r"\(Bad CRC-32",
+    ),
     "val image without annotation": (
-        lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", replace(
-            ROOT + "val/val_annotations.txt", lambda d: b"\n".join(d.splitlines()[1:]))),
-        r"bad.zip:tiny-imagenet-200/val/images/val_0.JPEG: val image without annotation in val/val_annotations.txt"),
+        lambda src, tmp: rewrite_zip(
+            src, tmp / "bad.zip", replace(ROOT + "val/val_annotations.txt", lambda d: b"\n".join(d.splitlines()[1:]))
+        ),
+        r"bad.zip:tiny-imagenet-200/val/images/val_0.JPEG: val image without annotation in val/val_annotations.txt",
+    ),
     "annotation without image": (
         lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", drop(ROOT + "val/images/val_5.JPEG")),
-        r"val_annotations.txt: line 6: annotation for val_5.JPEG, but there is no such image"),
+        r"val_annotations.txt: line 6: annotation for val_5.JPEG, but there is no such image",
+    ),
     "unknown wnid": (
-        lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", replace(
-            ROOT + "val/val_annotations.txt", lambda d: d.replace(b"val_2.JPEG\tn9000000", b"val_2.JPEG\tn7777777"))),
-        r"val_annotations.txt: line 3: val_2.JPEG is annotated with n7777777\d, which is not in wnids.txt"),
+        lambda src, tmp: rewrite_zip(
+            src,
+            tmp / "bad.zip",
+            replace(
+                ROOT + "val/val_annotations.txt", lambda d: d.replace(b"val_2.JPEG\tn9000000", b"val_2.JPEG\tn7777777")
+            ),
+        ),
+        r"val_annotations.txt: line 3: val_2.JPEG is annotated with n7777777\d, which is not in wnids.txt",
+    ),
     "JPEG that does not decode": (
         lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", replace(TRAIN_JPEG, lambda d: d[:300])),
-        r"bad.zip:tiny-imagenet-200/train/n90000003/images/n90000003_7.JPEG: cannot decode \(\w"),
+        r"bad.zip:tiny-imagenet-200/train/n90000003/images/n90000003_7.JPEG: cannot decode \(\w",
+    ),
     "not a JPEG": (
         lambda src, tmp: rewrite_zip(src, tmp / "bad.zip", replace(TRAIN_JPEG, lambda d: b"GIF89a" + d)),
-        r"n90000003_7.JPEG: cannot decode \(not an image file\)$"),
+        r"n90000003_7.JPEG: cannot decode \(not an image file\)$",
+    ),
 }
 
 
 MET_WHILE_PACKING = {"corrupt member", "JPEG that does not decode", "not a JPEG"}  # in the pool's processes
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.system) if case in MET_WHILE_PACKING else case
-                                  for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=pytest.mark.system) if case in MET_WHILE_PACKING else case for case in BAD_INPUTS]
+)
 def test_bad_input_is_one_line_naming_the_file_and_leaves_no_result(case, synth_zip, tmp_path):
     make_source, message = BAD_INPUTS[case]
     source = make_source(synth_zip, tmp_path)
@@ -303,7 +340,8 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"ranking shards: error: {tmp_path / 'missing.zip'}: no such file or folder "
-        "(expected tiny-imagenet-200.zip or its extracted folder)"]
+        "(expected tiny-imagenet-200.zip or its extracted folder)"
+    ]
     assert not (tmp_path / "out").exists()
 
 

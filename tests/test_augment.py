@@ -31,8 +31,13 @@ def random_images(n: int, height: int = 64, width: int = 64, seed: int = 0) -> t
 
 def jpeg(mode: str = "RGB", size: tuple[int, int] = (64, 64)) -> bytes:
     image = Image.new(mode, size)
-    image.putdata([(x * 4) % 256 if mode == "L" else ((x * 4) % 256, (y * 4) % 256, 128)
-                   for y in range(size[1]) for x in range(size[0])])
+    image.putdata(
+        [
+            (x * 4) % 256 if mode == "L" else ((x * 4) % 256, (y * 4) % 256, 128)
+            for y in range(size[1])
+            for x in range(size[0])
+        ]
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
@@ -44,6 +49,7 @@ def normalized(images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- crop parameters
 
+
 def test_crops_are_reproducible_for_a_seed_and_differ_for_another():
     augment, images = TrainAugment(48, MEAN, STD), random_images(8)
     a, b = augment(images, seeded_generator(0, rank=0)), augment(images, seeded_generator(0, rank=0))
@@ -51,8 +57,9 @@ def test_crops_are_reproducible_for_a_seed_and_differ_for_another():
     assert not torch.equal(a, augment(images, seeded_generator(1, rank=0)))
     assert not torch.equal(a, augment(images, seeded_generator(0, rank=1))), "each rank augments its own way"
     assert not torch.equal(a, augment(images, seeded_generator(0, rank=0, worker=1))), "and each worker"
-    assert torch.equal(augment(images, seeded_generator(5, rank=2, worker=3)),
-                       augment(images, seeded_generator(5, rank=2, worker=3)))
+    assert torch.equal(
+        augment(images, seeded_generator(5, rank=2, worker=3)), augment(images, seeded_generator(5, rank=2, worker=3))
+    )
     boxes = augment.sample_boxes(8, 64, 64, torch.Generator().manual_seed(3))
     again = augment.sample_boxes(8, 64, 64, torch.Generator().manual_seed(3))
     assert torch.equal(boxes.boxes, again.boxes) and torch.equal(boxes.flips, again.flips)
@@ -88,6 +95,7 @@ def test_crop_distribution_is_random_resized_crops():
 
 # ----------------------------------------------------------------------------------------------- pixels
 
+
 def test_output_shape_dtype_and_normalisation():
     augment = TrainAugment(40, MEAN, STD)
     images = torch.stack([torch.full((3, 64, 64), value, dtype=torch.uint8) for value in (0, 100, 255)])
@@ -109,8 +117,9 @@ def test_crop_and_resize_is_torchvisions_bilinear_resized_crop():
     assert torch.allclose(augment(images, crops=whole), expected, atol=1e-4)
 
     left, top, width, height = 5, 7, 45, 52
-    crop = CropBoxes(torch.tensor([[left, top, left + width, top + height]] * 2, dtype=torch.float32),
-                     torch.tensor([False, False]))
+    crop = CropBoxes(
+        torch.tensor([[left, top, left + width, top + height]] * 2, dtype=torch.float32), torch.tensor([False, False])
+    )
     expected = normalized(TF.resized_crop(images.float(), top, left, height, width, [160, 160], antialias=True))
     inner = (..., slice(2, -2), slice(2, -2))
     assert torch.allclose(augment(images, crops=crop)[inner], expected[inner], atol=1e-4)
@@ -135,8 +144,9 @@ def test_downsampling_averages_instead_of_aliasing():
     """A one-pixel checkerboard shrunk 64 -> 32 becomes flat grey, not another checkerboard."""
     board = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 255).to(torch.uint8)
     image = board.expand(1, 3, 64, 64)
-    out = TrainAugment(32, (0.0,) * 3, (1.0,) * 3)(image, crops=CropBoxes(torch.tensor([[0.0, 0, 64, 64]]),
-                                                                          torch.tensor([False])))
+    out = TrainAugment(32, (0.0,) * 3, (1.0,) * 3)(
+        image, crops=CropBoxes(torch.tensor([[0.0, 0, 64, 64]]), torch.tensor([False]))
+    )
     assert torch.allclose(out, torch.full_like(out, 0.5), atol=0.02)
 
 
@@ -166,13 +176,20 @@ def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
     from ranking.learning.models import ModelSpec, build_model, input_normalization
     from ranking.retrieval.embed import embed_images
 
-    cfg = TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=16,
-                      image_size=48)
+    cfg = TrainConfig(
+        backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=16, image_size=48
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     mean, std = input_normalization(cfg.backbone)
-    torchvision_eval = v2.Compose([v2.Resize(cfg.image_size, antialias=True), v2.CenterCrop(cfg.image_size),
-                                   v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    torchvision_eval = v2.Compose(
+        [
+            v2.Resize(cfg.image_size, antialias=True),
+            v2.CenterCrop(cfg.image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
     batch = random_images(6, seed=1)
     with torch.inference_mode():
         ours = model(EvalResize(cfg.image_size, mean, std)(batch))
@@ -187,6 +204,7 @@ def test_eval_resize_embeddings_equal_torchvisions_within_bf16_tolerance():
 
 
 # ----------------------------------------------------------------------------------------------- worker side
+
 
 def test_stored_decoder_gives_a_fixed_size_and_pickles():
     decoder = pickle.loads(pickle.dumps(StoredDecoder(64)))

@@ -24,9 +24,18 @@ from ranking.retrieval.inference import EmbeddingModel
 
 
 def tiny_state(step: int, **changes) -> checkpoint.TrainState:
-    return checkpoint.TrainState(step=step, model={"w": torch.full((2,), float(step))}, optimizer={}, scheduler={},
-                                 wandb_run_id="abc123", stream_seeds=(0, step)) if not changes else \
-        dataclasses.replace(tiny_state(step), **changes)
+    return (
+        checkpoint.TrainState(
+            step=step,
+            model={"w": torch.full((2,), float(step))},
+            optimizer={},
+            scheduler={},
+            wandb_run_id="abc123",
+            stream_seeds=(0, step),
+        )
+        if not changes
+        else dataclasses.replace(tiny_state(step), **changes)
+    )
 
 
 def test_save_keeps_newest_and_points_latest(tmp_path):
@@ -65,8 +74,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
     root = tmp_path / "checkpoints"
     with pytest.raises(RankingError) as error:  # one line (issue 22.13), the partial folder removed
         checkpoint.save(tmp_path, tiny_state(20), keep=2)
-    assert str(error.value) == (f"{root / 'step-0000020'}: could not write the checkpoint (disk full); its partial "
-                                f"files are removed, the last checkpoint is {root / 'step-0000010'}")
+    assert str(error.value) == (
+        f"{root / 'step-0000020'}: could not write the checkpoint (disk full); its partial "
+        f"files are removed, the last checkpoint is {root / 'step-0000010'}"
+    )
     assert not (root / "step-0000020").exists()  # never under its final name half-written
     assert not (root / ".tmp-step-0000020").exists()
     assert checkpoint.load_state(runfolder.resume_checkpoint(tmp_path, "latest")).step == 10
@@ -154,7 +165,11 @@ def test_a_published_folder_replaces_the_old_one_and_readers_never_find_it_missi
     the old folder or the new one, never neither, and nothing is left beside FINAL."""
     final = tmp_path / "index"
     files.publish_folder(filled(tmp_path / ".index.tmp", "0"), final)
-    reader = subprocess.Popen([sys.executable, "-c", f"""
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 found, missing, end = set(), 0, time.time() + 60
 while time.time() < end and "199" not in found:
@@ -163,7 +178,11 @@ while time.time() < end and "199" not in found:
     except FileNotFoundError:
         missing += 1
 print(len(found), missing)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     for n in range(1, 200):
         files.publish_folder(filled(tmp_path / ".index.tmp", str(n)), final)
         time.sleep(0.005)

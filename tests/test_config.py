@@ -25,25 +25,52 @@ CONFIGS = REPO / "configs"
 def test_the_best_recipe_is_the_default_and_default_yaml_restates_it():
     assert flags.build(TrainConfig, str(CONFIGS / "default.yaml")) == TrainConfig()
     best = TrainConfig()
-    assert (best.backbone, best.pretrained, best.image_size, best.sampler, best.miner, best.loss, best.normalize,
-            best.optimizer, best.schedule) == ("efficientnet_lite0", True, 160, "batch", "semihard", "hinge", True,
-                                               "adamw", "cosine")
+    assert (
+        best.backbone,
+        best.pretrained,
+        best.image_size,
+        best.sampler,
+        best.miner,
+        best.loss,
+        best.normalize,
+        best.optimizer,
+        best.schedule,
+    ) == ("efficientnet_lite0", True, 160, "batch", "semihard", "hinge", True, "adamw", "cosine")
     assert 0 < best.trunk_lr_scale < 1 and best.freeze_bn_stats and best.frozen_stages > 0
 
 
 def test_named_configs_set_every_key_the_defaults_would_get_wrong_for_them():
     seed = flags.build(TrainConfig, str(CONFIGS / "seed.yaml"))
-    assert (seed.sampler, seed.pos_per_query, seed.neg_per_query, seed.loss, seed.margin, seed.embed_dim,
-            seed.normalize) == ("paper", 1, 1, "triplet_margin", 1.0, 4096, False)
-    assert (seed.optimizer, seed.lr, seed.momentum, seed.nesterov, seed.weight_decay, seed.schedule,
-            seed.warmup_steps, seed.grad_clip) == ("sgd", 1e-3, 0.9, True, 1e-5, "constant", 0, 0.0)
+    assert (
+        seed.sampler,
+        seed.pos_per_query,
+        seed.neg_per_query,
+        seed.loss,
+        seed.margin,
+        seed.embed_dim,
+        seed.normalize,
+    ) == ("paper", 1, 1, "triplet_margin", 1.0, 4096, False)
+    assert (
+        seed.optimizer,
+        seed.lr,
+        seed.momentum,
+        seed.nesterov,
+        seed.weight_decay,
+        seed.schedule,
+        seed.warmup_steps,
+        seed.grad_clip,
+    ) == ("sgd", 1e-3, 0.9, True, 1e-5, "constant", 0, 0.0)
     # the seeds fine-tuned the whole trunk at one rate with BatchNorm statistics following the batches
     assert (seed.trunk_lr_scale, seed.freeze_bn_stats, seed.frozen_stages) == (1.0, False, 0)
     paper = flags.build(TrainConfig, str(CONFIGS / "paper.yaml"))
     assert (paper.backbone, paper.sampler, paper.loss, paper.frozen_stages) == ("multiscale", "paper", "hinge", 0)
     smoke = flags.build(TrainConfig, str(SMOKE))
-    assert (smoke.backbone, smoke.pretrained, smoke.freeze_bn_stats, smoke.frozen_stages) == ("resnet18", False,
-                                                                                            False, 0)
+    assert (smoke.backbone, smoke.pretrained, smoke.freeze_bn_stats, smoke.frozen_stages) == (
+        "resnet18",
+        False,
+        False,
+        0,
+    )
 
 
 def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
@@ -62,16 +89,19 @@ def test_saved_config_reloads_equal(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("text,message", [
-    ("lr: [1, 2]\n", "lr must be float"),
-    ("learning_rate: 0.1\n", "unknown key 'learning_rate' for TrainConfig"),
-    ("normalize: yes please\n", "normalize must be true or false"),
-    ("- lr\n", "expected a mapping of config keys, got list"),
-    ("lr: [\n", "not valid YAML"),
-    ("sampler: random\n", "sampler must be one of batch, paper; got 'random'"),
-    ("frozen_stages: -1\n", "frozen_stages must be at least 0; got -1"),
-    ("samples_per_class: 1\n", "samples_per_class must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lr: [1, 2]\n", "lr must be float"),
+        ("learning_rate: 0.1\n", "unknown key 'learning_rate' for TrainConfig"),
+        ("normalize: yes please\n", "normalize must be true or false"),
+        ("- lr\n", "expected a mapping of config keys, got list"),
+        ("lr: [\n", "not valid YAML"),
+        ("sampler: random\n", "sampler must be one of batch, paper; got 'random'"),
+        ("frozen_stages: -1\n", "frozen_stages must be at least 0; got -1"),
+        ("samples_per_class: 1\n", "samples_per_class must be at least 2"),
+    ],
+)
 def test_bad_config_files_name_the_problem(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -120,7 +150,7 @@ def test_help_documents_every_flag_with_its_comment_default_choices_and_section(
         assert f"\n{section}\n" in text, section
     flat = " ".join(text.split())
     assert "--lr FLOAT the learning rate of the head" in flat and "(default: 0.001)" in flat
-    assert "--sampler {batch,paper} \"batch\": P x K batches with online mining" in flat
+    assert '--sampler {batch,paper} "batch": P x K batches with online mining' in flat
     assert "--pretrained, --no-pretrained ImageNet weights" in flat and "(default: true)" in flat
     assert "--mixed-precision {no,bf16,fp16} unset: Accelerate decides" in flat and "(default: unset)" in flat
     docs, sections = flags.field_docs(TrainConfig)
@@ -131,15 +161,18 @@ def test_help_documents_every_flag_with_its_comment_default_choices_and_section(
     assert sections["embed_dim"] == "model" and sections["wandb_tags"] == "Weights & Biases"
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--step", "40"], "unknown flag --step; did you mean --steps?"),  # no abbreviations
-    (["--stesp", "40"], "unknown flag --stesp; did you mean --steps?"),
-    (["--embed-dimm", "8"], "unknown flag --embed-dimm; did you mean --embed-dim?"),
-    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
-    (["--run-dir", ""], "run_dir must not be empty"),
-    (["--shards", " "], "shards must not be empty"),
-    (["--resume", "latest", "--overwrite"], "give one"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--step", "40"], "unknown flag --step; did you mean --steps?"),  # no abbreviations
+        (["--stesp", "40"], "unknown flag --stesp; did you mean --steps?"),
+        (["--embed-dimm", "8"], "unknown flag --embed-dimm; did you mean --embed-dim?"),
+        (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+        (["--run-dir", ""], "run_dir must not be empty"),
+        (["--shards", " "], "shards must not be empty"),
+        (["--resume", "latest", "--overwrite"], "give one"),
+    ],
+)
 def test_bad_flags_are_one_line_config_errors(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         flags.parse(TrainConfig, argv, "ranking train", "")
@@ -156,11 +189,13 @@ def test_version_and_an_unknown_flag_on_the_command_line():
     """The real command: the one process test of a refusal's line and exit status 2 (the others run in-process)."""
     done = subprocess.run([sys.executable, "-m", "ranking", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"ranking (deep-ranking) {ranking.__version__}"
-    done = subprocess.run([sys.executable, "-m", "ranking", "train", "--step", "40"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "ranking", "train", "--step", "40"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "ranking train: error: unknown flag --step; did you mean --steps? (see ranking train --help)"]
+        "ranking train: error: unknown flag --step; did you mean --steps? (see ranking train --help)"
+    ]
 
 
 # ------------------------------------------------------------------------------ every stage's command line
@@ -217,7 +252,8 @@ def test_every_stage_refuses_abbreviations_and_names_the_nearest_flag(name, caps
     short = flag[:-1]  # what argparse's default allow_abbrev would take for the flag
     assert short not in entries
     assert stage_error(name, [short, "1"], capsys) == (
-        f"ranking {name}: error: unknown flag {short}; did you mean {flag}? (see ranking {name} --help)")
+        f"ranking {name}: error: unknown flag {short}; did you mean {flag}? (see ranking {name} --help)"
+    )
     misspelt = "--" + flag[3] + flag[2] + flag[4:]  # its first two letters swapped
     assert misspelt not in entries
     assert f"unknown flag {misspelt}; did you mean {flag}?" in stage_error(name, [f"{misspelt}=1"], capsys)
@@ -226,9 +262,18 @@ def test_every_stage_refuses_abbreviations_and_names_the_nearest_flag(name, caps
 def stage_configs() -> dict[str, type]:
     from ranking import compare, demo, export, index, report, search, shards, synth
 
-    return {"train": TrainConfig, "evaluate": EvalConfig, "compare": compare.CompareConfig, "demo": demo.DemoConfig,
-            "export": export.ExportConfig, "index": index.IndexConfig, "report": report.ReportConfig,
-            "search": search.SearchConfig, "shards": shards.ShardsConfig, "synth": synth.SynthConfig}
+    return {
+        "train": TrainConfig,
+        "evaluate": EvalConfig,
+        "compare": compare.CompareConfig,
+        "demo": demo.DemoConfig,
+        "export": export.ExportConfig,
+        "index": index.IndexConfig,
+        "report": report.ReportConfig,
+        "search": search.SearchConfig,
+        "shards": shards.ShardsConfig,
+        "synth": synth.SynthConfig,
+    }
 
 
 def test_stage_configs_cover_every_subcommand():

@@ -61,9 +61,15 @@ def with_orientation(upright: Image.Image, orientation: int, fmt: str = "JPEG", 
 
 def upright_to_stored(upright: Image.Image, orientation: int) -> Image.Image:
     """The inverse of the transpose PIL's ``exif_transpose`` applies for ``orientation``."""
-    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-               8: Image.Transpose.ROTATE_270}.get(orientation)
+    inverse = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }.get(orientation)
     return upright.transpose(inverse) if inverse is not None else upright.copy()
 
 
@@ -135,7 +141,7 @@ def test_odd_images_of_the_folder_tests_decode(mini_zip):
 def declaring(data: bytes, width: int, height: int) -> bytes:
     """A JPEG whose frame header (SOF0) declares another size; its scan is still the small one's."""
     at = data.index(b"\xff\xc0")
-    return data[:at + 5] + struct.pack(">HH", height, width) + data[at + 9:]
+    return data[: at + 5] + struct.pack(">HH", height, width) + data[at + 9 :]
 
 
 @pytest.mark.parametrize("width, height", [(9000, 9000), (20000, 20000)], ids=["over ours", "over PIL's too"])
@@ -155,11 +161,17 @@ def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(photo, wi
 @pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "header only", "truncated png"])
 def test_what_does_not_decode_is_one_line_naming_its_source(photo, damage):
     jpeg, png = encoded(photo, "JPEG"), encoded(photo, "PNG")
-    data = {"garbage": b"this is not an image", "empty": b"", "truncated": jpeg[:len(jpeg) // 2],
-            "header only": jpeg[:200], "truncated png": png[:300]}[damage]
+    data = {
+        "garbage": b"this is not an image",
+        "empty": b"",
+        "truncated": jpeg[: len(jpeg) // 2],
+        "header only": jpeg[:200],
+        "truncated png": png[:300],
+    }[damage]
     source = "shards/train-000003.tar: sample train_0000042"
-    readers = [decode_image] + ([] if damage == "truncated png" else
-                                [decode_jpeg, lambda d, s: decode_jpegs([jpeg, d], ["good", s])[1]])
+    readers = [decode_image] + (
+        [] if damage == "truncated png" else [decode_jpeg, lambda d, s: decode_jpegs([jpeg, d], ["good", s])[1]]
+    )
     for read in readers:
         with pytest.raises(RankingError) as raised:
             read(data, source)
@@ -192,8 +204,12 @@ def test_every_reader_applies_the_exif_orientation(photo, orientation):
 def test_batched_decode_is_single_decodes_on_each_device(photo, device):
     """``decode_jpegs`` (nvJPEG on CUDA) gives what ``decode_jpeg`` gives, rotation included; the CPU exactly, nvJPEG
     within its own rounding."""
-    jpegs = [encoded(photo, "JPEG"), encoded(photo.convert("L"), "JPEG"), with_orientation(photo, ROTATED),
-             encoded(photo.resize((40, 30)), "JPEG")]
+    jpegs = [
+        encoded(photo, "JPEG"),
+        encoded(photo.convert("L"), "JPEG"),
+        with_orientation(photo, ROTATED),
+        encoded(photo.resize((40, 30)), "JPEG"),
+    ]
     decoded = decode_jpegs(jpegs, device=device)
     assert [image.device.type for image in decoded] == [device] * len(jpegs)
     for image, data in zip(decoded, jpegs):
@@ -221,8 +237,13 @@ def phone_folder(photo, mini_zip, tmp_path_factory) -> dict:
     rotated.write_bytes(with_orientation(photo, ROTATED, quality=95))
     upright = root / "upright.jpg"
     upright.write_bytes(encoded(photo, "JPEG", quality=JPEG_QUALITY))
-    return {"root": root, "folder": folder, "rotated": rotated, "upright": upright,
-            "run": write_smoke_run(root / "run", "unused")}
+    return {
+        "root": root,
+        "folder": folder,
+        "rotated": rotated,
+        "upright": upright,
+        "run": write_smoke_run(root / "run", "unused"),
+    }
 
 
 def search_first(capsys, query: Path, index_dir: Path) -> dict:
@@ -240,8 +261,12 @@ def test_shards_store_a_rotated_photo_upright_and_search_finds_it(phone_folder, 
     shards = tmp_path / "shards"
     manifest = write_shards(phone_folder["folder"], shards, shard_size=4, seed=0)
     assert sum(entry["converted"] for entry in manifest["splits"].values()) == 1
-    samples = [(json.loads(sample["json"]), sample["jpg"]) for sample in wds.WebDataset(
-        shard_paths(shards, "train"), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)]
+    samples = [
+        (json.loads(sample["json"]), sample["jpg"])
+        for sample in wds.WebDataset(
+            shard_paths(shards, "train"), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
+    ]
     assert sorted(bool(meta.get("converted")) for meta, _ in samples) == [False] * 12 + [True]
     meta, jpeg = next((meta, jpeg) for meta, jpeg in samples if meta["file"].endswith("phone.jpg"))
     assert meta["converted"] is True
@@ -252,8 +277,7 @@ def test_shards_store_a_rotated_photo_upright_and_search_finds_it(phone_folder, 
     assert mean_difference(upright_as_stored, pixels(photo)) < 2
 
     index_dir = tmp_path / "index"
-    assert index.main(["--checkpoint", str(phone_folder["run"]), "--images", str(shards), "--out",
-                       str(index_dir)]) == 0
+    assert index.main(["--checkpoint", str(phone_folder["run"]), "--images", str(shards), "--out", str(index_dir)]) == 0
     first = search_first(capsys, phone_folder["upright"], index_dir)
     assert first["file"].endswith("phone.jpg") and first["distance"] < 1e-3, first
 
@@ -262,8 +286,21 @@ def test_an_index_of_the_folder_finds_the_rotated_photo_from_an_upright_copy(pho
     """`ranking index --images FOLDER` decodes the rotated file upright; ``ranking.load(...).embed`` of its path and
     of the PIL image opened on it give that same embedding."""
     index_dir = tmp_path / "index"
-    assert index.main(["--checkpoint", str(phone_folder["run"]), "--images", str(phone_folder["folder"]),
-                       "--out", str(index_dir), "--mixed-precision", "no"]) == 0  # as embed: full precision
+    assert (
+        index.main(
+            [
+                "--checkpoint",
+                str(phone_folder["run"]),
+                "--images",
+                str(phone_folder["folder"]),
+                "--out",
+                str(index_dir),
+                "--mixed-precision",
+                "no",
+            ]
+        )
+        == 0
+    )  # as embed: full precision
     first = search_first(capsys, phone_folder["upright"], index_dir)
     assert first["file"].endswith("phone.jpg") and first["distance"] < 1e-3, first
 
@@ -274,4 +311,3 @@ def test_an_index_of_the_folder_finds_the_rotated_photo_from_an_upright_copy(pho
     assert float((path - upright).pow(2).sum()) < 1e-3
     assert torch.allclose(path, ranking.Index.load(index_dir).embeddings[first["id"]], atol=1e-6)
     assert to_pil(decode_image(phone_folder["rotated"].read_bytes(), "phone.jpg")).size == (64, 48)
-

@@ -40,8 +40,14 @@ def rank_share(rank: int, world_size: int) -> EmbeddingSet:
 
 
 def gather_worker(rank: int, world_size: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), ACCELERATE_USE_CPU="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        ACCELERATE_USE_CPU="1",
+    )
     from accelerate import Accelerator
 
     from ranking.retrieval.embed import gather_unique
@@ -59,8 +65,7 @@ def test_gather_keeps_every_id_exactly_once_over_3_ranks():
     world_size = 3  # rank 2 holds nothing, the others hold ids 0..22 except those of rank 2 (and the duplicates)
     expected_ids = torch.tensor([i for i in range(23) if i % 3 != 2 or i % 5 == 0])
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(gather_worker, args=(world_size, free_port(), results), nprocs=world_size,
-                       start_method="spawn")
+    mp.start_processes(gather_worker, args=(world_size, free_port(), results), nprocs=world_size, start_method="spawn")
     by_rank = {rank: rest for rank, *rest in (results.get() for _ in range(world_size))}
     assert sorted(by_rank) == list(range(world_size))
     for embeddings, ids, labels in by_rank.values():  # every rank holds the whole, identical result
@@ -81,8 +86,7 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
     from ranking.learning import models
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    train_cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "run_dir": str(run),
-                                                        "wandb": False})
+    train_cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "run_dir": str(run), "wandb": False})
     flags.save(train_cfg, run / "config.yaml")
     torch.manual_seed(0)
     model = models.build_model(train_cfg)
@@ -96,15 +100,50 @@ def tiny_run(synth_shards, tmp_path_factory) -> Path:
 def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     # one process: the stage's flag sets the precision; two: accelerate launch's flag does (the same rule as training)
     precision = ["--mixed-precision", "no"] if processes == 1 else []
-    flags = ["--checkpoint", str(run), "--shards", str(shards), "--out", str(out), "--batch-size", "16",
-             "--workers", "1", *precision, "--k", "5", "--chunk-size", "7", "--pr-points", "6",
-             "--triplets", "300", *extra]
+    flags = [
+        "--checkpoint",
+        str(run),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+        *precision,
+        "--k",
+        "5",
+        "--chunk-size",
+        "7",
+        "--pr-points",
+        "6",
+        "--triplets",
+        "300",
+        *extra,
+    ]
     if processes == 1:
         command = [sys.executable, "-m", "ranking", "evaluate", *flags]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--main_process_port", str(free_port()),
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ranking.evaluate", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "ranking.evaluate",
+            *flags,
+        ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +195,8 @@ def test_evaluate_one_and_two_processes_agree(tiny_run, synth_shards, tmp_path):
     for split in ("train", "val"):
         assert metrics_one["splits"][split] == pytest.approx(metrics_two["splits"][split], abs=1e-6)
         assert metrics_one["pr_curve"][split]["precision"] == pytest.approx(
-            metrics_two["pr_curve"][split]["precision"], abs=1e-6)
+            metrics_two["pr_curve"][split]["precision"], abs=1e-6
+        )
 
 
 def test_a_run_of_another_version_still_evaluates_with_one_warning_line(tiny_run, synth_shards, tmp_path):
@@ -175,17 +215,25 @@ def test_a_run_of_another_version_still_evaluates_with_one_warning_line(tiny_run
     (run / "config.yaml").write_text(yaml.safe_dump({**saved, "old_flag": 3}, sort_keys=False))
     result = run_evaluate(run, synth_shards, tmp_path / "eval", 1)
     warnings = [line for line in result.stderr.splitlines() if "warning" in line and "unverified" not in line]
-    assert warnings == [f"warning: {run / 'config.yaml'}: written by another version of deep-ranking: ignoring "
-                        "old_flag (no such setting in this version); stored_size not in the file (taking today's "
-                        "defaults)"], result.stderr
-    spec = ModelSpec(backbone=saved["backbone"], embed_dim=saved["embed_dim"], dropout=saved["dropout"],
-                     normalize=saved["normalize"], image_size=saved["image_size"]).to_dict()
+    assert warnings == [
+        f"warning: {run / 'config.yaml'}: written by another version of deep-ranking: ignoring "
+        "old_flag (no such setting in this version); stored_size not in the file (taking today's "
+        "defaults)"
+    ], result.stderr
+    spec = ModelSpec(
+        backbone=saved["backbone"],
+        embed_dim=saved["embed_dim"],
+        dropout=saved["dropout"],
+        normalize=saved["normalize"],
+        image_size=saved["image_size"],
+    ).to_dict()
     assert torch.load(tmp_path / "eval" / "embeddings.pt", weights_only=True)["model"] == spec
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["model"] == spec
 
 
-def test_flip_embeds_an_image_and_its_mirror_alike_and_search_follows_the_index(tiny_run, synth_shards, tmp_path,
-                                                                              capsys):
+def test_flip_embeds_an_image_and_its_mirror_alike_and_search_follows_the_index(
+    tiny_run, synth_shards, tmp_path, capsys
+):
     import io
 
     from PIL import Image, ImageOps

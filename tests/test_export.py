@@ -36,8 +36,14 @@ def exported(mini_zip, tmp_path_factory):
         photos = [Image.open(io.BytesIO(z.read(n))).convert("RGB") for n in jpegs]
     photos.append(photos[0].convert("L").resize((90, 50)))  # grayscale, not square, another size
     model = inference.load(run, device="cpu")
-    return {"run": run, "files": files, "model": model, "photos": photos,
-            "inputs": inference.preprocess(model, photos), "expected": model.embed(photos)}
+    return {
+        "run": run,
+        "files": files,
+        "model": model,
+        "photos": photos,
+        "inputs": inference.preprocess(model, photos),
+        "expected": model.embed(photos),
+    }
 
 
 def test_onnx_runs_in_onnxruntime_with_the_models_embeddings(exported):
@@ -54,9 +60,16 @@ def test_onnx_runs_in_onnxruntime_with_the_models_embeddings(exported):
     assert session.get_modelmeta().custom_metadata_map == metadata
     described = json.loads(metadata["model.json"])
     assert described == exported["model"].describe()  # what an index folder's model.json holds
-    assert described["model"] == {"backbone": "resnet18", "embed_dim": 16, "dropout": 0.0, "normalize": True,
-                                  "image_size": 40, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                  "resize": EVAL_RESIZE}
+    assert described["model"] == {
+        "backbone": "resnet18",
+        "embed_dim": 16,
+        "dropout": 0.0,
+        "normalize": True,
+        "image_size": 40,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "resize": EVAL_RESIZE,
+    }
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -88,17 +101,42 @@ def test_a_safetensors_export_of_the_format_before_loads_as_the_same_model(expor
 
     path = exported["files"]["safetensors"]
     model = exported["model"]
-    config = {**dataclasses.asdict(TrainConfig(backbone="resnet18", embed_dim=16, image_size=40, pretrained=False,
-                                               frozen_stages=0, freeze_bn_stats=False)), "removed_setting": 1}
+    config = {
+        **dataclasses.asdict(
+            TrainConfig(
+                backbone="resnet18",
+                embed_dim=16,
+                image_size=40,
+                pretrained=False,
+                frozen_stages=0,
+                freeze_bn_stats=False,
+            )
+        ),
+        "removed_setting": 1,
+    }
     del config["stored_size"]
-    legacy = {"format": "deep-ranking-model/1", "config": config, "embed_dim": 16, "normalize": True, "flip": False,
-              "preprocessing": {"image_size": 40, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                "resize": EVAL_RESIZE, "layout": "NCHW float32 RGB",
-                                "range": "[0, 1] before normalisation"},
-              "source": model.source}
+    legacy = {
+        "format": "deep-ranking-model/1",
+        "config": config,
+        "embed_dim": 16,
+        "normalize": True,
+        "flip": False,
+        "preprocessing": {
+            "image_size": 40,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "resize": EVAL_RESIZE,
+            "layout": "NCHW float32 RGB",
+            "range": "[0, 1] before normalisation",
+        },
+        "source": model.source,
+    }
     old = tmp_path / "old.safetensors"
-    save_file(load_file(str(path)), str(old), metadata={"format": "deep-ranking-model/1", "image_size": "40",
-                                                        "model.json": json.dumps(legacy)})
+    save_file(
+        load_file(str(path)),
+        str(old),
+        metadata={"format": "deep-ranking-model/1", "image_size": "40", "model.json": json.dumps(legacy)},
+    )
     again = inference.load(old, device="cpu")
     assert again.spec == model.spec and again.weights_sha256 == model.weights_sha256
     assert torch.equal(again.embed(exported["photos"]), exported["expected"])

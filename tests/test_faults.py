@@ -57,20 +57,23 @@ def latest_step(run_dir: Path) -> int:
 # ------------------------------------------------------------------------ 6, 12: values torch alone would reject
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"lr": -0.1}, "lr must be greater than 0"),
-    ({"lr": math.nan}, "lr must be a finite number"),
-    ({"margin": -1.0}, "margin must be greater than 0"),
-    ({"margin": math.inf}, "margin must be a finite number"),
-    ({"dropout": 1.5}, "dropout must be less than 1"),
-    ({"dropout": -0.1}, "dropout must be at least 0"),
-    ({"weight_decay": -1e-4}, "weight_decay must be at least 0"),
-    ({"grad_clip": -1.0}, "grad_clip must be at least 0"),
-    ({"momentum": 1.0}, "momentum must be less than 1"),
-    ({"workers": -1}, "workers must be at least 0"),
-    ({"collective_timeout_s": 0.0}, "collective_timeout_s must be greater than 0"),
-    ({"batch_timeout_s": -5.0}, "batch_timeout_s must be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"lr": -0.1}, "lr must be greater than 0"),
+        ({"lr": math.nan}, "lr must be a finite number"),
+        ({"margin": -1.0}, "margin must be greater than 0"),
+        ({"margin": math.inf}, "margin must be a finite number"),
+        ({"dropout": 1.5}, "dropout must be less than 1"),
+        ({"dropout": -0.1}, "dropout must be at least 0"),
+        ({"weight_decay": -1e-4}, "weight_decay must be at least 0"),
+        ({"grad_clip": -1.0}, "grad_clip must be at least 0"),
+        ({"momentum": 1.0}, "momentum must be less than 1"),
+        ({"workers": -1}, "workers must be at least 0"),
+        ({"collective_timeout_s": 0.0}, "collective_timeout_s must be greater than 0"),
+        ({"batch_timeout_s": -5.0}, "batch_timeout_s must be greater than 0"),
+    ],
+)
 def test_out_of_range_training_values_are_refused_by_the_config(override, message):
     with pytest.raises(ConfigError) as error:
         flags.build(TrainConfig, str(SMOKE), override)
@@ -102,15 +105,27 @@ def one_image_per_class(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", ["too-many-per-class", "single-image-batch", "single-image-paper"])
-def test_a_sampler_that_can_never_form_a_batch_is_refused_before_training(case, synth_shards, one_image_per_class,
-                                                                          tmp_path):
+def test_a_sampler_that_can_never_form_a_batch_is_refused_before_training(
+    case, synth_shards, one_image_per_class, tmp_path
+):
     """The trainer's input (loader.train_batches) refuses it before it makes a DataLoader; the CLI's line is below."""
-    shards, extra = {"too-many-per-class": (synth_shards, {"samples_per_class": 41}),
-                     "single-image-batch": (one_image_per_class, {"classes_per_batch": 2, "samples_per_class": 2}),
-                     "single-image-paper": (one_image_per_class, {"sampler": "paper"})}[case]
-    cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(tmp_path / "run"),
-                                                 "workers": 0, "classes_per_batch": 3, "samples_per_class": 4,
-                                                 **extra})
+    shards, extra = {
+        "too-many-per-class": (synth_shards, {"samples_per_class": 41}),
+        "single-image-batch": (one_image_per_class, {"classes_per_batch": 2, "samples_per_class": 2}),
+        "single-image-paper": (one_image_per_class, {"sampler": "paper"}),
+    }[case]
+    cfg = flags.build(
+        TrainConfig,
+        str(SMOKE),
+        {
+            "shards": str(shards),
+            "run_dir": str(tmp_path / "run"),
+            "workers": 0,
+            "classes_per_batch": 3,
+            "samples_per_class": 4,
+            **extra,
+        },
+    )
     with pytest.raises(RankingError) as error:
         train_batches(cfg, stream_seeds(cfg.seed, 0), pin_memory=False)
     assert str(error.value).startswith(f"{shards}: the {cfg.sampler} sampler needs "), error.value
@@ -132,8 +147,9 @@ def test_a_stalled_stream_ends_with_one_line_after_the_batch_timeout(synth_shard
     shards = copy_shards(synth_shards, tmp_path / "shards")
     lying_class_counts(shards, 100)
     started = time.monotonic()
-    result = train_one(fault_flags(shards, tmp_path / "run", steps=3, **{"samples-per-class": 50,
-                                                                         "batch-timeout-s": 3}), timeout=50)
+    result = train_one(
+        fault_flags(shards, tmp_path / "run", steps=3, **{"samples-per-class": 50, "batch-timeout-s": 3}), timeout=50
+    )
     line = error_line(result)
     assert f"error: {shards}: no batch for 3 s (--batch-timeout-s) at step 0" in line, line
     assert time.monotonic() - started < 45
@@ -146,8 +162,9 @@ def test_sigterm_to_the_process_group_ends_a_stalled_run_promptly(synth_shards, 
     short grace, with exit 75; DataLoader workers (which ignore the signal) die with their rank."""
     shards = copy_shards(synth_shards, tmp_path / "shards")
     lying_class_counts(shards, 100)
-    flags = fault_flags(shards, tmp_path / "run", steps=3, workers=1, progress=None,
-                        **{"samples-per-class": 50, "batch-timeout-s": 600})
+    flags = fault_flags(
+        shards, tmp_path / "run", steps=3, workers=1, progress=None, **{"samples-per-class": 50, "batch-timeout-s": 600}
+    )
     flags.remove("--no-progress")
     run = train_one(flags, start_new_session=True)
     children: list[psutil.Process] = []
@@ -161,8 +178,11 @@ def test_sigterm_to_the_process_group_ends_a_stalled_run_promptly(synth_shards, 
         assert run.returncode == 75, stderr
         assert time.monotonic() - sent < 30
         assert "stopped at step 0/3 after waiting" in stderr and "(SIGTERM); no new checkpoint" in stderr, stderr
-        wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), 10,
-                 "the worker died with its rank")
+        wait_for(
+            lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+            10,
+            "the worker died with its rank",
+        )
     finally:
         reap([psutil.Process(run.pid)] if run.poll() is None else [])
         reap([c for c in children if c.is_running()])
@@ -215,8 +235,10 @@ def test_empty_train_shards_end_the_run_with_one_line_also_from_workers(synth_sh
 @pytest.mark.timeout(240)
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_good_checkpoints(synth_shards, tmp_path):
     run_dir = tmp_path / "run"
-    result = launch(fault_flags(synth_shards, run_dir, steps=20, lr=1e30, **{
-        "checkpoint-every": 1, "keep-checkpoints": 5}), timeout=200)
+    result = launch(
+        fault_flags(synth_shards, run_dir, steps=20, lr=1e30, **{"checkpoint-every": 1, "keep-checkpoints": 5}),
+        timeout=200,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "exitcode  : 2" in output, output
     errors = [line for line in output.splitlines() if line.startswith("ranking.train: error:") and "not finite" in line]
@@ -240,8 +262,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_good_checkpoints(synt
 def test_preemption_of_every_process_with_workers_checkpoints_and_exits_75(synth_shards, tmp_path):
     """Slurm signals every process of a job: the DataLoader workers used to die first and crash their ranks."""
     run_dir = tmp_path / "run"
-    flags = fault_flags(synth_shards, run_dir, steps=400, workers=2, **{
-        "checkpoint-every": 1000})
+    flags = fault_flags(synth_shards, run_dir, steps=400, workers=2, **{"checkpoint-every": 1000})
     launcher = launch(flags, wait=False)
     processes: list[psutil.Process] = []
     try:
@@ -317,8 +338,10 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(synth_shards, 
     # rank 0's collective gives up after the timeout (torch's default waits 30 minutes); the launcher then ends
     # the frozen rank (SIGTERM, which a stopped process keeps pending, then SIGKILL)
     assert timeout_s - 2 < ended_in < timeout_s + 90, (ended_in, output)
-    assert (f"error: rank 0: a collective waited more than {timeout_s} s (--collective-timeout-s) for another rank"
-            in output), output
+    assert (
+        f"error: rank 0: a collective waited more than {timeout_s} s (--collective-timeout-s) for another rank"
+        in output
+    ), output
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
 
 
@@ -326,8 +349,14 @@ def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(synth_shards, 
 
 
 def small_state(step: int) -> checkpoint.TrainState:
-    return checkpoint.TrainState(step=step, model={"w": torch.full((1000,), float(step))}, optimizer={}, scheduler={},
-                                 wandb_run_id="abc", stream_seeds=(1, step))
+    return checkpoint.TrainState(
+        step=step,
+        model={"w": torch.full((1000,), float(step))},
+        optimizer={},
+        scheduler={},
+        wandb_run_id="abc",
+        stream_seeds=(1, step),
+    )
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
@@ -390,15 +419,16 @@ def test_a_torn_last_metrics_line_is_skipped_with_a_warning(tmp_path, capsys):
 @pytest.mark.timeout(120)
 def test_the_trainer_resumes_past_a_damaged_checkpoint_and_a_torn_log(synth_shards, tmp_path):
     run_dir = tmp_path / "run"
-    flags = fault_flags(synth_shards, run_dir, steps=4, **{"checkpoint-every": 2,
-                                                           "keep-checkpoints": 3})
+    flags = fault_flags(synth_shards, run_dir, steps=4, **{"checkpoint-every": 2, "keep-checkpoints": 3})
     first = train_one(flags, timeout=100)
     assert first.returncode == 0, first.stderr
     flip_byte(run_dir / "checkpoints" / "step-0000004" / "state.pt")
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.')
-    resumed = train_one(fault_flags(synth_shards, run_dir, steps=6, resume="latest", **{
-        "checkpoint-every": 2, "keep-checkpoints": 3}), timeout=100)
+    resumed = train_one(
+        fault_flags(synth_shards, run_dir, steps=6, resume="latest", **{"checkpoint-every": 2, "keep-checkpoints": 3}),
+        timeout=100,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "warning: skipping checkpoint step-0000004: " in resumed.stderr
     assert f"resumed from {run_dir / 'checkpoints' / 'step-0000002'} at step 2" in resumed.stderr
@@ -409,8 +439,11 @@ def test_the_trainer_resumes_past_a_damaged_checkpoint_and_a_torn_log(synth_shar
 
 
 def write_run(run_dir: Path, shards: Path, embed_dim: int, seed: int) -> Path:
-    cfg = flags.build(TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": str(shards), "wandb": False,
-                                                 "embed_dim": embed_dim})
+    cfg = flags.build(
+        TrainConfig,
+        str(SMOKE),
+        {"run_dir": str(run_dir), "shards": str(shards), "wandb": False, "embed_dim": embed_dim},
+    )
     runfolder.write_config(cfg, run_dir)
     torch.manual_seed(seed)
     state = checkpoint.TrainState(step=5, model=build_model(cfg).state_dict(), optimizer={}, scheduler={})
@@ -418,11 +451,22 @@ def write_run(run_dir: Path, shards: Path, embed_dim: int, seed: int) -> Path:
 
 
 def write_index(eval_dir: Path, run_dir: Path, shards: Path, dim: int, model_sha256: str) -> None:
-    rows = EmbeddingSet(torch.nn.functional.normalize(torch.randn(240, dim), dim=1), torch.arange(240),
-                        torch.arange(240) % 6)
-    EvalIndex(run_dir=str(run_dir), step=5, shards=str(shards), gallery_split="train", query_split="val",
-              normalized=True, flip=False, gallery=rows, query=rows, model_sha256=model_sha256,
-              embed_dim=dim).save(eval_dir)
+    rows = EmbeddingSet(
+        torch.nn.functional.normalize(torch.randn(240, dim), dim=1), torch.arange(240), torch.arange(240) % 6
+    )
+    EvalIndex(
+        run_dir=str(run_dir),
+        step=5,
+        shards=str(shards),
+        gallery_split="train",
+        query_split="val",
+        normalized=True,
+        flip=False,
+        gallery=rows,
+        query=rows,
+        model_sha256=model_sha256,
+        embed_dim=dim,
+    ).save(eval_dir)
 
 
 @pytest.fixture()

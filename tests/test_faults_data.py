@@ -57,9 +57,9 @@ def patch_uncompressed_size(path: Path, member: str, size: int) -> None:
         central = z.start_dir
     struct.pack_into("<I", data, info.header_offset + 22, size)
     at = central
-    while data[at:at + 4] == b"PK\x01\x02":
+    while data[at : at + 4] == b"PK\x01\x02":
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
-        if data[at + 46:at + 46 + name_len].decode() == member:
+        if data[at + 46 : at + 46 + name_len].decode() == member:
             struct.pack_into("<I", data, at + 24, size)
         at += 46 + name_len + extra_len + comment_len
     path.write_bytes(bytes(data))
@@ -95,8 +95,10 @@ def test_zip_bomb_member_is_refused_by_its_header_without_inflating_it(synth_zip
     out = tmp_path / "out"
     raised, peak = peak_python_memory(lambda: write_shards(bomb, out, shard_size=50, workers=1))
     assert isinstance(raised, RankingError), raised
-    assert str(raised) == (f"{bomb}:{TRAIN_JPEG}: {BOMB_BYTES} uncompressed bytes, over the limit of {MAX_FILE_BYTES} "
-                           f"bytes per file (ranking.data.archive.MAX_FILE_BYTES)")
+    assert str(raised) == (
+        f"{bomb}:{TRAIN_JPEG}: {BOMB_BYTES} uncompressed bytes, over the limit of {MAX_FILE_BYTES} "
+        f"bytes per file (ranking.data.archive.MAX_FILE_BYTES)"
+    )
     assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # reading the member whole took 256 MiB
     assert not out.exists()
 
@@ -126,15 +128,17 @@ def test_zip_member_over_the_limit_without_a_size_in_its_header_is_cut_at_the_li
 
 def test_huge_declared_image_is_refused_before_decoding(synth_zip, tmp_path):
     """A few KB of JPEG that declares 12000x12000 pixels would decode to 412 MiB."""
-    side = int(MAX_IMAGE_PIXELS ** 0.5) + 100
+    side = int(MAX_IMAGE_PIXELS**0.5) + 100
     buffer = io.BytesIO()
     Image.new("L", (side, side)).save(buffer, "JPEG", quality=10)
     folder = extract(synth_zip, tmp_path / "src")
     (folder / TRAIN_JPEG.removeprefix(ROOT)).write_bytes(buffer.getvalue())
     with pytest.raises(RankingError) as error:
         write_shards(folder, tmp_path / "out", shard_size=50)
-    assert one_line(error).endswith(f"n90000003_7.JPEG: {side}x{side} pixels, over the limit of {MAX_IMAGE_PIXELS} "
-                                    "(ranking.data.decode.MAX_IMAGE_PIXELS)")
+    assert one_line(error).endswith(
+        f"n90000003_7.JPEG: {side}x{side} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+        "(ranking.data.decode.MAX_IMAGE_PIXELS)"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -155,8 +159,9 @@ def test_symlink_to_a_device_is_refused_not_read_forever(synth_zip, tmp_path):
     link.symlink_to("/dev/zero")
     with pytest.raises(RankingError) as error:
         write_shards(folder, tmp_path / "out", shard_size=50)
-    assert one_line(error) == (f"{link}: a character device (a symlink to /dev/zero), not a regular file; "
-                               "remove it from the source")
+    assert one_line(error) == (
+        f"{link}: a character device (a symlink to /dev/zero), not a regular file; remove it from the source"
+    )
 
 
 def test_dangling_symlink_is_one_line_not_a_traceback(synth_zip, tmp_path):
@@ -189,8 +194,10 @@ def test_oversized_file_in_a_folder_is_refused_by_its_size_before_reading(synth_
         f.truncate(MAX_FILE_BYTES + 1)  # sparse: costs no disk
     raised, peak = peak_python_memory(lambda: write_shards(folder, tmp_path / "out", shard_size=50))
     assert isinstance(raised, RankingError)
-    assert str(raised) == (f"{big}: {MAX_FILE_BYTES + 1} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
-                           "(ranking.data.archive.MAX_FILE_BYTES)")
+    assert str(raised) == (
+        f"{big}: {MAX_FILE_BYTES + 1} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
+        "(ranking.data.archive.MAX_FILE_BYTES)"
+    )
     assert peak < MAX_FILE_BYTES
 
 
@@ -219,8 +226,11 @@ def test_shards_of_another_source_are_refused_and_kept(synth_zip, other_zip, tmp
         cli.main(["shards", str(other_zip), "--out", str(out), "--no-progress"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        (f"ranking shards: error: {out}: holds shards of another source ({synth_zip}); give --overwrite to replace "
-         "them, or choose another --out")]
+        (
+            f"ranking shards: error: {out}: holds shards of another source ({synth_zip}); give --overwrite to replace "
+            "them, or choose another --out"
+        )
+    ]
     assert tree(out) == before  # nothing deleted, nothing written
     verify_shards(out)
 
@@ -265,8 +275,9 @@ def test_folder_written_before_sources_were_recorded_is_still_recognised(synth_z
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["source_fingerprint"]  # as written by the previous version
     (out / "manifest.json").write_text(json.dumps(manifest))
-    (out / ".journal.jsonl").write_text("".join(line + "\n" for line in (out / ".journal.jsonl").read_text()
-                                                .splitlines()[1:]))
+    (out / ".journal.jsonl").write_text(
+        "".join(line + "\n" for line in (out / ".journal.jsonl").read_text().splitlines()[1:])
+    )
     with pytest.raises(RankingError, match=r"holds shards of another source \(synth.zip\)"):
         write_shards(other_zip, out, shard_size=50)
     write_shards(synth_zip, out, shard_size=50)
@@ -279,9 +290,11 @@ def test_non_empty_folder_that_is_not_a_shard_folder_is_refused(synth_zip, tmp_p
     (out / "thesis.tex").write_text("years of work")
     with pytest.raises(RankingError) as error:
         write_shards(synth_zip, out, shard_size=100)
-    assert one_line(error) == (f"{out}: is not empty and not a shard folder (no manifest.json or .journal.jsonl); "
-                               "give --overwrite to write shards into it anyway (other files are left alone), or "
-                               "choose an empty or new folder")
+    assert one_line(error) == (
+        f"{out}: is not empty and not a shard folder (no manifest.json or .journal.jsonl); "
+        "give --overwrite to write shards into it anyway (other files are left alone), or "
+        "choose an empty or new folder"
+    )
     assert tree(out) == {"thesis.tex": b"years of work"}
     write_shards(synth_zip, out, shard_size=100, overwrite=True)
     assert (out / "thesis.tex").read_text() == "years of work"
@@ -327,13 +340,15 @@ def set_counts(split: str, index: int, delta: int):
     def edit(m):
         m["splits"][split]["shards"][index]["count"] += delta
         m["splits"][split]["count"] += delta
+
     return edit
 
 
 def test_verify_opens_the_shards_and_counts_their_samples(shards):
     edit_manifest(shards, set_counts("train", 1, -1))  # counts still add up, sha256 still matches
-    assert verify_error(shards) == (f"{shards}: 1 shard(s) fail verification: train-000001.tar holds 50 samples, "
-                                    "the manifest says 49")
+    assert verify_error(shards) == (
+        f"{shards}: 1 shard(s) fail verification: train-000001.tar holds 50 samples, the manifest says 49"
+    )
 
 
 def test_verify_checks_labels_against_the_classes(shards):
@@ -345,10 +360,12 @@ def test_verify_checks_labels_against_the_classes(shards):
 
 def test_verify_checks_the_ids_of_a_split(shards):
     """A val shard listed twice: counts, hashes and labels all fit, the ids do not."""
+
     def edit(m):
         val = m["splits"]["val"]
         val["shards"][1] = {**val["shards"][0], "name": "val-000001.tar"}
         val["count"] = 2 * val["shards"][0]["count"]
+
     shutil.copy(shards / "val-000000.tar", shards / "val-000001.tar")
     edit_manifest(shards, edit)
     assert "val-000001.tar holds sample val_0000000 twice or also another shard does" in verify_error(shards)
@@ -360,18 +377,28 @@ def test_verify_passes_untouched_shards(shards, capsys):
 
 
 MALFORMED = {
-    "count is a string": (lambda m: m["splits"]["train"]["shards"][0].update(count="50"),
-                          "splits.train.shards[0].count must be a whole number of at least 1, got '50'"),
-    "split count is a bool": (lambda m: m["splits"]["test"].update(count=True),
-                              "splits.test.count must be a whole number, got True"),
-    "sha256 is not a string": (lambda m: m["splits"]["val"]["shards"][1].update(sha256=12),
-                               "splits.val.shards[1].sha256 must be 64 lowercase hex digits, got 12"),
-    "classes entry is not strings": (lambda m: m["classes"].__setitem__(2, {"wnid": 3, "words": None}),
-                                     "classes[2] must be {wnid: non-empty string, words: string}, got "),
+    "count is a string": (
+        lambda m: m["splits"]["train"]["shards"][0].update(count="50"),
+        "splits.train.shards[0].count must be a whole number of at least 1, got '50'",
+    ),
+    "split count is a bool": (
+        lambda m: m["splits"]["test"].update(count=True),
+        "splits.test.count must be a whole number, got True",
+    ),
+    "sha256 is not a string": (
+        lambda m: m["splits"]["val"]["shards"][1].update(sha256=12),
+        "splits.val.shards[1].sha256 must be 64 lowercase hex digits, got 12",
+    ),
+    "classes entry is not strings": (
+        lambda m: m["classes"].__setitem__(2, {"wnid": 3, "words": None}),
+        "classes[2] must be {wnid: non-empty string, words: string}, got ",
+    ),
     "classes entry is a string": (lambda m: m["classes"].__setitem__(0, "n01"), "classes[0] must be"),
     "duplicate class": (lambda m: m["classes"].__setitem__(1, m["classes"][0]), "classes[1]: n9000000"),
-    "shard name escapes the folder": (lambda m: m["splits"]["test"]["shards"][0].update(name="../../etc/passwd"),
-                                      "splits.test.shards[0].name must be 'test-000000.tar', got '../../etc/passwd'"),
+    "shard name escapes the folder": (
+        lambda m: m["splits"]["test"]["shards"][0].update(name="../../etc/passwd"),
+        "splits.test.shards[0].name must be 'test-000000.tar', got '../../etc/passwd'",
+    ),
     "split is a list": (lambda m: m["splits"].update(val=[]), "splits.val must be {count, shards}, got []"),
     "shards is a dict": (lambda m: m["splits"]["val"].update(shards={}), "splits.val.shards must be a list"),
     "seed is a float": (lambda m: m.update(seed=0.5), "'seed' must be a whole number of at least 0, got 0.5"),

@@ -62,8 +62,9 @@ def resume_cfg(shards: Path, run_dir: Path, resume: str) -> TrainConfig:
     return flags.parse(TrainConfig, fault_flags(shards, run_dir, steps=2, resume=resume), "ranking train", "")
 
 
-def slurm_train(shards: Path, run_dir: Path, tmp_path: Path, train: list[str],
-                restart: int = 0) -> subprocess.CompletedProcess:
+def slurm_train(
+    shards: Path, run_dir: Path, tmp_path: Path, train: list[str], restart: int = 0
+) -> subprocess.CompletedProcess:
     """slurm/train.sh as sbatch would run it on one CPU node, with srun, scontrol and sinfo faked."""
     bin_dir = tmp_path / "fake-slurm"
     bin_dir.mkdir(exist_ok=True)
@@ -73,14 +74,29 @@ def slurm_train(shards: Path, run_dir: Path, tmp_path: Path, train: list[str],
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
-           "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "ranking-train", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
-           "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "1", "MAIN_PROCESS_PORT": str(port), "PYTHON": sys.executable,
-           "HF_HOME": str(tmp_path / "hf"), "SHARDS": str(shards), "RUN_DIR": str(run_dir),
-           "EXTRA_ARGS": " ".join(train), "REQUEUED": str(tmp_path / "requeued"), "OMP_NUM_THREADS": "1",
-           "SLURM_RESTART_COUNT": str(restart)}
-    return subprocess.run(["bash", str(REPO / "slurm" / "train.sh")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=240)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NAME": "ranking-train",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "n1",
+        "GPUS_PER_NODE": "0",
+        "PROCS_PER_NODE": "1",
+        "MAIN_PROCESS_PORT": str(port),
+        "PYTHON": sys.executable,
+        "HF_HOME": str(tmp_path / "hf"),
+        "SHARDS": str(shards),
+        "RUN_DIR": str(run_dir),
+        "EXTRA_ARGS": " ".join(train),
+        "REQUEUED": str(tmp_path / "requeued"),
+        "OMP_NUM_THREADS": "1",
+        "SLURM_RESTART_COUNT": str(restart),
+    }
+    return subprocess.run(
+        ["bash", str(REPO / "slurm" / "train.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
 
 
 # ---------------------------------------------------------------------- 3: a restart that cannot start
@@ -92,8 +108,7 @@ def test_a_job_killed_before_its_first_checkpoint_restarts_through_the_slurm_scr
     """kill -9 after the first logged step, before any checkpoint: the folder holds metrics.jsonl and config.yaml but
     no checkpoint. The requeued job used to be refused on every restart; now it starts the run with one warning."""
     run_dir = tmp_path / "run"
-    run = train_one(fault_flags(synth_shards, run_dir, steps=400, **{"checkpoint-every": 1000}),
-                    start_new_session=True)
+    run = train_one(fault_flags(synth_shards, run_dir, steps=400, **{"checkpoint-every": 1000}), start_new_session=True)
     try:
         wait_for(lambda: logged(run_dir), 180, "the first logged step", run)
         os.killpg(run.pid, signal.SIGKILL)
@@ -103,16 +118,24 @@ def test_a_job_killed_before_its_first_checkpoint_restarts_through_the_slurm_scr
             os.killpg(run.pid, signal.SIGKILL)
     assert not list((run_dir / "checkpoints").glob("step-*")) and (run_dir / "metrics.jsonl").exists()
 
-    tiny = [arg for arg in fault_flags(synth_shards, run_dir, steps=2, **{"checkpoint-every": 1000}, **{
-        "no-wandb": None}) if arg not in ("--shards", str(synth_shards), "--run-dir", str(run_dir))]
+    tiny = [
+        arg
+        for arg in fault_flags(synth_shards, run_dir, steps=2, **{"checkpoint-every": 1000}, **{"no-wandb": None})
+        if arg not in ("--shards", str(synth_shards), "--run-dir", str(run_dir))
+    ]
     done = slurm_train(synth_shards, run_dir, tmp_path, tiny)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    assert "--resume latest" in output and "no checkpoint to resume from (the run stopped before its first); " \
-        "--resume latest starts the run from step 0" in output, output
+    assert (
+        "--resume latest" in output
+        and "no checkpoint to resume from (the run stopped before its first); "
+        "--resume latest starts the run from step 0"
+        in output
+    ), output
     assert (run_dir / "checkpoints" / "latest").resolve().name == "step-0000002"
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text()
-             .splitlines()]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2]  # the killed segment's records were cut: the curve starts again at step 1
 
     # a job submitted with --overwrite, requeued: it continues its own run instead of moving it aside
@@ -134,8 +157,10 @@ def test_resume_latest_without_a_checkpoint_starts_the_run_with_one_warning(synt
     with caplog.at_level(logging.WARNING, "ranking.train"), contextlib.ExitStack() as held:
         assert check_inputs(resume_cfg(synth_shards, run_dir, "latest"), held) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"{run_dir / 'checkpoints'}: no checkpoint to resume from (the run stopped before its first); "
-                        "--resume latest starts the run from step 0"]
+    assert warnings == [
+        f"{run_dir / 'checkpoints'}: no checkpoint to resume from (the run stopped before its first); "
+        "--resume latest starts the run from step 0"
+    ]
     with pytest.raises(RankingError, match="neither a checkpoint folder"), contextlib.ExitStack() as held:
         check_inputs(resume_cfg(synth_shards, run_dir, str(run_dir / "checkpoints" / "step-0000005")), held)
 
@@ -170,8 +195,12 @@ def test_a_stopped_dataloader_worker_does_not_hold_the_node(synth_shards, tmp_pa
     watchdog's line, or after SIGTERM during the stall: multiprocessing joined the worker at exit with no timeout."""
     timeout_s = 3 if then == "batch timeout" else 600
     run_dir = tmp_path / "run"
-    run = train_one(fault_flags(synth_shards, run_dir, steps=400, workers=1, **{
-        "checkpoint-every": 1000, "batch-timeout-s": timeout_s}), start_new_session=True)
+    run = train_one(
+        fault_flags(
+            synth_shards, run_dir, steps=400, workers=1, **{"checkpoint-every": 1000, "batch-timeout-s": timeout_s}
+        ),
+        start_new_session=True,
+    )
     workers: list[psutil.Process] = []
     try:
         wait_for(lambda: logged(run_dir), 180, "the first logged step", run)
@@ -190,8 +219,11 @@ def test_a_stopped_dataloader_worker_does_not_hold_the_node(synth_shards, tmp_pa
     else:
         assert run.returncode == 75 and "after waiting" in stderr and "(SIGTERM); no new checkpoint" in stderr, stderr
     assert "Traceback" not in stderr, stderr
-    wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10,
-             "the stopped worker was killed")
+    wait_for(
+        lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers),
+        10,
+        "the stopped worker was killed",
+    )
 
 
 # ---------------------------------------------------------------------- 12: Ctrl-C is a stop request
@@ -202,8 +234,9 @@ def test_a_stopped_dataloader_worker_does_not_hold_the_node(synth_shards, tmp_pa
 def test_ctrl_c_on_a_two_rank_run_with_workers_checkpoints_and_exits_75(synth_shards, tmp_path):
     """SIGINT to every process of the job used to give a traceback from every rank and no checkpoint."""
     run_dir = tmp_path / "run"
-    launcher = launch(fault_flags(synth_shards, run_dir, steps=400, workers=2, **{"checkpoint-every": 1000}),
-                      wait=False)
+    launcher = launch(
+        fault_flags(synth_shards, run_dir, steps=400, workers=2, **{"checkpoint-every": 1000}), wait=False
+    )
     processes: list[psutil.Process] = []
     try:
         wait_for(lambda: logged(run_dir), 180, "the first logged step", launcher)
@@ -228,9 +261,10 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(synth_shards, tmp_pa
     process at once with 130 and one line, instead of the grace period."""
     shards = copy_shards(synth_shards, tmp_path / "shards")
     lying_class_counts(shards, 100)
-    run = train_one(fault_flags(shards, tmp_path / "run", steps=3, **{"samples-per-class": 50,
-                                                                       "batch-timeout-s": 600}),
-                    start_new_session=True)
+    run = train_one(
+        fault_flags(shards, tmp_path / "run", steps=3, **{"samples-per-class": 50, "batch-timeout-s": 600}),
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: (tmp_path / "run" / "config.yaml").exists(), 60, "the run started", run)
         time.sleep(2)  # into the wait for the first batch
@@ -244,23 +278,33 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(synth_shards, tmp_pa
     finally:
         reap([psutil.Process(run.pid)] if run.poll() is None else [])
     assert time.monotonic() - sent < 5 and run.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "rank 0: interrupted again: exiting now, without a checkpoint " \
-        "(the last is kept)", stderr
+    assert (
+        stderr.strip().splitlines()[-1] == "rank 0: interrupted again: exiting now, without a checkpoint "
+        "(the last is kept)"
+    ), stderr
     assert "Traceback" not in stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ---------------------------------------------------------------------- 5: the run goes where --run-dir says
 
 
-@pytest.mark.parametrize("run_dir, value, problem", [
-    ("$EMPTY", "", "--run-dir $EMPTY: empty once its environment variables are expanded"),
-    ("${EMPTY}  ", "", "--run-dir ${EMPTY}  : empty once its environment variables are expanded"),
-    ("$ROOT", "/", "--run-dir $ROOT: is the root of the file system (/); name a folder for the run"),
-    ("$ROOT/..", "/", "--run-dir $ROOT/..: is the root of the file system (//..); name a folder for the run"),
-    ("~nobody-here-xyz/run", "", "--run-dir ~nobody-here-xyz/run: ~nobody-here-xyz is not a user this machine knows"),
-])
-def test_a_run_dir_that_expands_to_nothing_or_the_root_is_refused(synth_shards, tmp_path, monkeypatch, capsys,
-                                                                   run_dir, value, problem):
+@pytest.mark.parametrize(
+    "run_dir, value, problem",
+    [
+        ("$EMPTY", "", "--run-dir $EMPTY: empty once its environment variables are expanded"),
+        ("${EMPTY}  ", "", "--run-dir ${EMPTY}  : empty once its environment variables are expanded"),
+        ("$ROOT", "/", "--run-dir $ROOT: is the root of the file system (/); name a folder for the run"),
+        ("$ROOT/..", "/", "--run-dir $ROOT/..: is the root of the file system (//..); name a folder for the run"),
+        (
+            "~nobody-here-xyz/run",
+            "",
+            "--run-dir ~nobody-here-xyz/run: ~nobody-here-xyz is not a user this machine knows",
+        ),
+    ],
+)
+def test_a_run_dir_that_expands_to_nothing_or_the_root_is_refused(
+    synth_shards, tmp_path, monkeypatch, capsys, run_dir, value, problem
+):
     monkeypatch.chdir(tmp_path)  # where an empty run folder used to write the run
     monkeypatch.setenv("EMPTY", "")
     monkeypatch.setenv("ROOT", value)
@@ -279,13 +323,16 @@ def test_a_tilde_in_the_run_dir_is_the_home_folder(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------- 13: one line, not a traceback
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"seed": -1}, "seed must be at least 0; got -1"),
-    ({"seed": 2**31}, f"seed must be at most {2**31 - 1}; got {2**31}"),
-    ({"image_size": 100000}, "image_size must be at most 1024; got 100000"),
-    ({"stored_size": 5000}, "stored_size must be at most 1024; got 5000"),
-    ({"embed_dim": 100000000}, "embed_dim must be at most 16384; got 100000000"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"seed": -1}, "seed must be at least 0; got -1"),
+        ({"seed": 2**31}, f"seed must be at most {2**31 - 1}; got {2**31}"),
+        ({"image_size": 100000}, "image_size must be at most 1024; got 100000"),
+        ({"stored_size": 5000}, "stored_size must be at most 1024; got 5000"),
+        ({"embed_dim": 100000000}, "embed_dim must be at most 16384; got 100000000"),
+    ],
+)
 def test_sizes_and_seeds_beyond_honest_bounds_are_refused_by_the_config(override, message):
     """image_size 100000 and embed_dim 10^8 used to try to allocate hundreds of GB; seed -1 was numpy's traceback."""
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -296,8 +343,9 @@ def test_sizes_and_seeds_beyond_honest_bounds_are_refused_by_the_config(override
 def test_a_config_file_that_is_not_utf8_is_one_line(synth_shards, tmp_path, capsys):
     config = tmp_path / "latin1.yaml"
     config.write_bytes("run_name: caf\u00e9\n".encode("latin-1"))
-    line = cli_refusal(capsys, "train", "--config", str(config), "--shards", str(synth_shards), "--run-dir",
-                       str(tmp_path / "run"))
+    line = cli_refusal(
+        capsys, "train", "--config", str(config), "--shards", str(synth_shards), "--run-dir", str(tmp_path / "run")
+    )
     assert line == f"ranking train: error: {config}: not UTF-8 text (byte 13 is b'\\xe9'): save it as UTF-8"
 
 
@@ -307,15 +355,26 @@ def test_jobs_train_when_sbatch_fails_is_one_line(tmp_path, monkeypatch, sbatch)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     if sbatch == "fails":
-        (bin_dir / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: Invalid partition name specified" >&2\n'
-                                        "exit 1\n")
+        (bin_dir / "sbatch").write_text(
+            '#!/bin/bash\necho "sbatch: error: Invalid partition name specified" >&2\nexit 1\n'
+        )
         (bin_dir / "sbatch").chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     else:
         monkeypatch.setenv("PATH", str(bin_dir))
     with pytest.raises(RankingError) as error:
-        train_job.main(["--cluster", "slurm", "--folder", str(tmp_path / "submitit"), "--shards", "s",
-                        "--run-dir", str(tmp_path / "run")])
+        train_job.main(
+            [
+                "--cluster",
+                "slurm",
+                "--folder",
+                str(tmp_path / "submitit"),
+                "--shards",
+                "s",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
     reason = "sbatch: error: Invalid partition name specified" if sbatch == "fails" else 'Could not detect "srun"'
     assert str(error.value).startswith(f"--cluster slurm: could not submit the train job: {reason}"), error.value
     assert "\n" not in str(error.value)
@@ -333,8 +392,12 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_no_partial_f
     run_dir = small_disk / "run"
     result = train_one(fault_flags(synth_shards, run_dir, steps=2, **{"checkpoint-every": 1000}), timeout=180)
     line = error_line(result)
-    assert f"error: {run_dir / 'checkpoints' / 'step-0000002'}: could not write the checkpoint (no space left on " \
-        "the device: " in line or "(No space left on device" in line, line
+    assert (
+        f"error: {run_dir / 'checkpoints' / 'step-0000002'}: could not write the checkpoint (no space left on "
+        "the device: "
+        in line
+        or "(No space left on device" in line
+    ), line
     assert line.endswith("its partial files are removed, the last checkpoint is none"), line
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []  # no .tmp-step-0000002 left
 
@@ -351,12 +414,13 @@ def three_of_six_classes(synth_shards: Path, target: Path) -> Path:
     return shards
 
 
-def test_a_manifest_listing_fewer_classes_than_the_shards_hold_is_refused_by_train_and_evaluate(synth_shards,
-                                                                                                  tmp_path):
+def test_a_manifest_listing_fewer_classes_than_the_shards_hold_is_refused_by_train_and_evaluate(synth_shards, tmp_path):
     """It used to train and evaluate with exit 0 (`ranking shards --verify` refused it): labels 3-5 had no class."""
     shards = three_of_six_classes(synth_shards, tmp_path / "shards")
-    refusal = (f"{shards / 'manifest.json'}: lists 3 classes, but 120 train samples have labels outside them "
-               "(3, 4, 5): the manifest and the shards disagree (`ranking shards --verify` checks every sample)")
+    refusal = (
+        f"{shards / 'manifest.json'}: lists 3 classes, but 120 train samples have labels outside them "
+        "(3, 4, 5): the manifest and the shards disagree (`ranking shards --verify` checks every sample)"
+    )
     with pytest.raises(RankingError) as error, contextlib.ExitStack() as held:
         check_inputs(flags.parse(TrainConfig, fault_flags(shards, tmp_path / "run", steps=2), "t", ""), held)
     assert str(error.value) == refusal
@@ -374,8 +438,10 @@ def test_a_pickled_checkpoint_is_refused_in_our_words_not_torchs_advice(tmp_path
     torch.save({"model": {}, "step": 5, "payload": argparse.Namespace(x=1)}, state)  # a global torch does not allow
     with pytest.raises(RankingError) as error:
         checkpoint.load_weights(state.parent)
-    assert str(error.value) == (f"{state}: holds pickled Python objects besides tensors and plain containers, which "
-                                "deep-ranking never writes; refused, since loading them could run code")
+    assert str(error.value) == (
+        f"{state}: holds pickled Python objects besides tensors and plain containers, which "
+        "deep-ranking never writes; refused, since loading them could run code"
+    )
 
 
 # ---------------------------------------------------------------------- 15: submitit's folder is private
@@ -400,5 +466,7 @@ def test_a_submitit_folder_others_may_write_to_is_refused(tmp_path):
     shared.chmod(0o777)
     with pytest.raises(RankingError) as error:
         common.executor(common.LaunchConfig(cluster="local", folder=str(shared)), "train")
-    assert str(error.value) == (f"--folder {shared}: others may write to it (mode 777), and the compute node unpickles "
-                                f"the job from it: chmod 700 {shared}, or give another --folder")
+    assert str(error.value) == (
+        f"--folder {shared}: others may write to it (mode 777), and the compute node unpickles "
+        f"the job from it: chmod 700 {shared}, or give another --folder"
+    )

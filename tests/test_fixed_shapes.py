@@ -19,10 +19,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CONFIGS = {
-    "paper 32x1x1": TrainConfig(sampler="paper", triplets_per_batch=32, pos_per_query=1, neg_per_query=1,
-                                buffer_per_class=8),
-    "paper 8x2x3": TrainConfig(sampler="paper", triplets_per_batch=8, pos_per_query=2, neg_per_query=3,
-                               buffer_per_class=6),
+    "paper 32x1x1": TrainConfig(
+        sampler="paper", triplets_per_batch=32, pos_per_query=1, neg_per_query=1, buffer_per_class=8
+    ),
+    "paper 8x2x3": TrainConfig(
+        sampler="paper", triplets_per_batch=8, pos_per_query=2, neg_per_query=3, buffer_per_class=6
+    ),
     "batch 4x4": TrainConfig(sampler="batch", classes_per_batch=4, samples_per_class=4),
 }
 
@@ -39,7 +41,7 @@ def test_batch_shapes_are_constant_over_50_steps(synth_shards, name):
     batches = build_batches(records, cfg, num_classes, seed=0, decode=StoredDecoder(64).image)
     seen = {shapes(batch) for batch in itertools.islice(iter(batches), 50)}
     assert len(seen) == 1, seen
-    (images, labels, ids, triplets), = seen
+    ((images, labels, ids, triplets),) = seen
     if cfg.sampler == "paper":
         rows = cfg.triplets_per_batch * (1 + cfg.pos_per_query + cfg.pos_per_query * cfg.neg_per_query)
         assert triplets == ((cfg.triplets_per_batch * cfg.pos_per_query * cfg.neg_per_query, 3), torch.long)
@@ -72,8 +74,9 @@ def test_uint8_batches_then_device_augment_match_the_per_image_shapes(synth_shar
     cfg = CONFIGS["batch 4x4"]
     size = 48
     new = build_batches(train_records(str(synth_shards), 50, seed=0), cfg, 6, 0, StoredDecoder(64).image)
-    old = build_batches(train_records(str(synth_shards), 50, seed=0), cfg, 6, 0,
-                        Decoder(train_transform(size, MEAN, STD)).image)
+    old = build_batches(
+        train_records(str(synth_shards), 50, seed=0), cfg, 6, 0, Decoder(train_transform(size, MEAN, STD)).image
+    )
     augment, generator = TrainAugment(size, MEAN, STD), torch.Generator().manual_seed(0)
     for new_batch, old_batch in itertools.islice(zip(new, old), 3):
         assert torch.equal(new_batch.ids, old_batch.ids), "the same samples: only the pixels' path differs"

@@ -44,8 +44,11 @@ def tree(mini_zip, tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 
 
 def read_split(directory: Path, split: str) -> list[dict]:
-    return list(wds.WebDataset(shard_paths(directory, split), shardshuffle=False, nodesplitter=None,
-                               workersplitter=None, empty_check=False))
+    return list(
+        wds.WebDataset(
+            shard_paths(directory, split), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+        )
+    )
 
 
 def is_rgb_jpeg(data: bytes) -> bool:
@@ -127,8 +130,23 @@ def test_separate_val_folder(tree, mini_zip, tmp_path):
             (val_root / wnid).mkdir(parents=True)
             (val_root / wnid / "v.JPEG").write_bytes(z.read(name))
     out = tmp_path / "shards"
-    assert main([str(root), "--out", str(out), "--val-source", str(val_root), "--shard-size", "40",
-                 "--workers", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                str(root),
+                "--out",
+                str(out),
+                "--val-source",
+                str(val_root),
+                "--shard-size",
+                "40",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(out)
     assert [manifest["splits"][s]["count"] for s in SPLITS] == [63, 3, 0]
     val = [json.loads(s["json"]) for s in read_split(out, "val")]

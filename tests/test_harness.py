@@ -84,15 +84,18 @@ def refuses_in_process(capsys) -> None:
     cli_refusal(capsys, "train", "--stesp", "4")  # the stage runs in this process: nothing to see
 
 
-@pytest.mark.parametrize("function,chain", [
-    (starts_directly, "subprocess.run"),
-    (starts_through_a_helper, "helper_that_starts -> subprocess.run"),
-    (starts_through_a_local_import, "sp.check_output"),
-    (starts_a_pool, "Pool"),
-    (starts_ranks, "mp.start_processes"),
-    (starts_a_process_object, "multiprocessing.Process"),
-    (starts_through_a_closure(), "run"),
-])
+@pytest.mark.parametrize(
+    "function,chain",
+    [
+        (starts_directly, "subprocess.run"),
+        (starts_through_a_helper, "helper_that_starts -> subprocess.run"),
+        (starts_through_a_local_import, "sp.check_output"),
+        (starts_a_pool, "Pool"),
+        (starts_ranks, "mp.start_processes"),
+        (starts_a_process_object, "multiprocessing.Process"),
+        (starts_through_a_closure(), "run"),
+    ],
+)
 def test_the_static_check_follows_calls_through_helpers_imports_and_closures(function, chain):
     assert process_start(function) == chain
 
@@ -109,7 +112,8 @@ def test_code_that_starts_nothing_is_not_system(function):
 def test_the_check_reads_the_tests_fixtures_too(pytester):
     """Collected items of a planted module: a test is system through a fixture that starts a process, also through
     another fixture that requests that one."""
-    pytester.makepyfile(test_planted=textwrap.dedent("""
+    pytester.makepyfile(
+        test_planted=textwrap.dedent("""
         import subprocess
 
         import pytest
@@ -131,10 +135,14 @@ def test_the_check_reads_the_tests_fixtures_too(pytester):
 
         def test_through_fixtures(client):
             assert client
-    """))
+    """)
+    )
     found = {item.name: process_start_of(item) for item in pytester.getitems(pytester.path / "test_planted.py")}
-    assert found == {"test_plain": None, "test_direct": "subprocess.run",
-                     "test_through_fixtures": "fixture server: subprocess.Popen"}
+    assert found == {
+        "test_plain": None,
+        "test_direct": "subprocess.run",
+        "test_through_fixtures": "fixture server: subprocess.Popen",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,11 +161,15 @@ def guard():
 STARTS = [  # each way to start a process, and how the guard names it
     (lambda: subprocess.run(["true"]), "subprocess: true"),
     (lambda: subprocess.check_output("echo hi", shell=True), "subprocess: echo hi"),
-    (lambda: multiprocessing.get_context("fork").Process(target=print, name="planted").start(),
-     "multiprocessing: ForkProcess planted"),
+    (
+        lambda: multiprocessing.get_context("fork").Process(target=print, name="planted").start(),
+        "multiprocessing: ForkProcess planted",
+    ),
     (lambda: mp.get_context("spawn").Process(target=print).start(), "multiprocessing: SpawnProcess"),
-    (lambda: multiprocessing.util.spawnv_passfds(sys.executable, [sys.executable, "-c", "pass"], ()),
-     f"fork_exec: {sys.executable} -c pass"),  # how the resource tracker starts
+    (
+        lambda: multiprocessing.util.spawnv_passfds(sys.executable, [sys.executable, "-c", "pass"], ()),
+        f"fork_exec: {sys.executable} -c pass",
+    ),  # how the resource tracker starts
     (lambda: os.system("true"), "os.system true"),
     (lambda: os.fork(), "os.fork"),
 ]
@@ -184,8 +196,13 @@ def test_a_refusal_swallowed_on_its_way_up_still_fails_the_test(guard):
 
 def test_uninstall_puts_the_originals_back():
     def current() -> tuple:
-        return (subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start, os.fork, os.system,
-                _posixsubprocess.fork_exec)
+        return (
+            subprocess.Popen.__init__,
+            multiprocessing.process.BaseProcess.start,
+            os.fork,
+            os.system,
+            _posixsubprocess.fork_exec,
+        )
 
     before = current()
     guard = ProcessGuard()
@@ -214,7 +231,7 @@ def test_shared_data_is_a_skip_without_ci_and_a_failure_under_ci(monkeypatch, tm
     assert shared_file("data/x.zip") == missing
 
 
-PLANTED = '''
+PLANTED = """
 import subprocess
 
 
@@ -228,7 +245,7 @@ def test_starts_a_process_it_shows():
 
 def test_hides_a_process():
     getattr(subprocess, "r" + "un")(["true"])  # no static check can see this
-'''
+"""
 
 
 def planted_session(folder: Path, *flags: str, **env: str) -> dict[str, str]:
@@ -239,16 +256,36 @@ def planted_session(folder: Path, *flags: str, **env: str) -> dict[str, str]:
     (folder / "test_planted.py").write_text(PLANTED)
     report = folder / "report.xml"
     clean = {k: v for k, v in os.environ.items() if k not in ("CI", "RANKING_SHARED", "PYTEST_ADDOPTS")}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-c", str(REPO / "setup.cfg"), "--rootdir", str(folder),
-                           "-p", "conftest", "-p", "no:cacheprovider", f"--junitxml={report}", *flags,
-                           str(folder / "test_planted.py")], cwd=folder, capture_output=True, text=True, timeout=300,
-                          env={**clean, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), **env})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(REPO / "setup.cfg"),
+            "--rootdir",
+            str(folder),
+            "-p",
+            "conftest",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            *flags,
+            str(folder / "test_planted.py"),
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**clean, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), **env},
+    )
     assert report.is_file(), done.stdout + done.stderr
     outcomes = {}
     for case in ET.parse(report).iter("testcase"):
         name = case.get("name", "").removeprefix("test_")
-        results = [f"{child.tag}: {child.get('message', '')}" for child in case if child.tag in (
-            "skipped", "failure", "error")]
+        results = [
+            f"{child.tag}: {child.get('message', '')}" for child in case if child.tag in ("skipped", "failure", "error")
+        ]
         outcomes[name] = results[0] if results else "passed"
     return outcomes
 
@@ -260,9 +297,14 @@ def test_a_session_without_shared_skips_its_tests_in_one_line_and_fails_them_und
     fast = planted_session(tmp_path, "-m", "not system", RANKING_SHARED=str(missing))
     assert fast.keys() == {"uses_the_real_data", "hides_a_process"}  # the static check marked the third system
     assert fast["uses_the_real_data"].startswith(f"skipped: {message}")
-    assert fast["hides_a_process"].startswith("failure: Failed: ") and \
-        "started a process (subprocess: true) but is not marked system" in fast["hides_a_process"]
+    assert (
+        fast["hides_a_process"].startswith("failure: Failed: ")
+        and "started a process (subprocess: true) but is not marked system" in fast["hides_a_process"]
+    )
     full = planted_session(tmp_path, RANKING_SHARED=str(missing), CI="true")
-    assert full["uses_the_real_data"].startswith("error: ") and message in full["uses_the_real_data"] and \
-        "CI must have it" in full["uses_the_real_data"]
+    assert (
+        full["uses_the_real_data"].startswith("error: ")
+        and message in full["uses_the_real_data"]
+        and "CI must have it" in full["uses_the_real_data"]
+    )
     assert full["starts_a_process_it_shows"] == "passed" and full["hides_a_process"].startswith("failure: ")

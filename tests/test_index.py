@@ -55,14 +55,22 @@ def data(mini_zip, tmp_path_factory) -> dict:
     write_shards(tree, root / "shards-tree", shard_size=16, seed=0)
     write_shards(flat, root / "shards-flat", shard_size=8, seed=0)
     run = root / "run"
-    flags = train_flags(root / "shards-tree", run, steps=3, **{"classes-per-batch": 4, "samples-per-class": 2,
-                                                                "checkpoint-every": 3, "warmup-steps": 1})
+    flags = train_flags(
+        root / "shards-tree",
+        run,
+        steps=3,
+        **{"classes-per-batch": 4, "samples-per-class": 2, "checkpoint-every": 3, "warmup-steps": 1},
+    )
     assert train.main(flags + ["--no-wandb"]) == 0
     indexes = root / "indexes"
-    assert index.main(["--checkpoint", str(run), "--images", str(root / "shards-tree"),
-                       "--out", str(indexes / "tree")]) == 0
-    assert index.main(["--checkpoint", str(run), "--images", str(root / "shards-flat"),
-                       "--out", str(indexes / "flat")]) == 0
+    assert (
+        index.main(["--checkpoint", str(run), "--images", str(root / "shards-tree"), "--out", str(indexes / "tree")])
+        == 0
+    )
+    assert (
+        index.main(["--checkpoint", str(run), "--images", str(root / "shards-flat"), "--out", str(indexes / "flat")])
+        == 0
+    )
     return {"root": root, "tree": tree, "flat": flat, "run": run, "indexes": indexes}
 
 
@@ -134,8 +142,20 @@ def test_a_folder_of_images_indexes_like_its_shards(data, tmp_path, capsys):
 
 def test_add_equals_indexing_everything_at_once(data, tmp_path, capsys):
     both = tmp_path / "both"
-    assert index.main(["--checkpoint", str(data["run"]), "--images", str(data["root"] / "shards-flat"),
-                       str(data["tree"]), "--out", str(both)]) == 0
+    assert (
+        index.main(
+            [
+                "--checkpoint",
+                str(data["run"]),
+                "--images",
+                str(data["root"] / "shards-flat"),
+                str(data["tree"]),
+                "--out",
+                str(both),
+            ]
+        )
+        == 0
+    )
     grown = tmp_path / "grown"
     shutil.copytree(data["indexes"] / "flat", grown)
     before = Index.load(grown).embeddings.clone()
@@ -146,23 +166,25 @@ def test_add_equals_indexing_everything_at_once(data, tmp_path, capsys):
     finally:
         shards.with_name("moved-away").rename(shards)
     a, b = Index.load(grown), Index.load(both)
-    assert torch.equal(a.embeddings[:len(before)], before)
+    assert torch.equal(a.embeddings[: len(before)], before)
     assert torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
     assert (grown / "items.jsonl").read_text() == (both / "items.jsonl").read_text()
     assert (grown / "thumbs.tar").read_bytes() == (both / "thumbs.tar").read_bytes()
     meta_a, meta_b = (json.loads((f / "index.json").read_text()) for f in (grown, both))
     assert meta_a == meta_b and meta_a["count"] == 15 + 43 and len(meta_a["sources"]) == 2
     queries = sorted(data["tree"].glob("*/*.JPEG"))[::7]
-    assert search_json(capsys, *queries, "--index", grown, "--top", "5") == \
-        search_json(capsys, *queries, "--index", both, "--top", "5")
+    assert search_json(capsys, *queries, "--index", grown, "--top", "5") == search_json(
+        capsys, *queries, "--index", both, "--top", "5"
+    )
 
 
 def test_moved_index_works_with_the_run_deleted(data, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(data["run"], run, symlinks=True)
     built = tmp_path / "a" / "index"
-    assert index.main(["--checkpoint", str(run), "--images", str(data["root"] / "shards-tree"),
-                       "--out", str(built)]) == 0
+    assert (
+        index.main(["--checkpoint", str(run), "--images", str(data["root"] / "shards-tree"), "--out", str(built)]) == 0
+    )
     queries = sorted(data["tree"].glob("*/*.JPEG"))[:3]
     expected = search_json(capsys, *queries, "--index", built, "--top", "4")
     from_run = ranking.load(run).embed(queries)
@@ -209,11 +231,16 @@ def test_an_index_written_before_the_model_identity_searches_as_it_did(data, tmp
     train_config = yaml.safe_load((data["run"] / "config.yaml").read_text())
     del train_config["schema"], train_config["model"], train_config["stored_size"]
     spec = current["model"]
-    legacy = {"format": "deep-ranking-model/1", "config": {**train_config, "pretrained": False, "gone": 1},
-              "embed_dim": spec["embed_dim"], "normalize": spec["normalize"], "flip": False,
-              "preprocessing": {key: spec[key] for key in ("image_size", "mean", "std", "resize")}
-              | {"layout": "NCHW float32 RGB", "range": "[0, 1] before normalisation"},
-              "source": current["source"]}
+    legacy = {
+        "format": "deep-ranking-model/1",
+        "config": {**train_config, "pretrained": False, "gone": 1},
+        "embed_dim": spec["embed_dim"],
+        "normalize": spec["normalize"],
+        "flip": False,
+        "preprocessing": {key: spec[key] for key in ("image_size", "mean", "std", "resize")}
+        | {"layout": "NCHW float32 RGB", "range": "[0, 1] before normalisation"},
+        "source": current["source"],
+    }
     (old / "model.json").write_text(json.dumps(legacy, indent=2))
     queries = sorted(data["tree"].glob("*/*.JPEG"))[:3]
     expected = search_json(capsys, *queries, "--index", data["indexes"] / "tree", "--top", "4")
@@ -293,12 +320,14 @@ def test_mixed_embedding_dims_on_add_are_one_line(data, tmp_path, capsys):
     before = folder_bytes(grown)
     err = cli_refusal(capsys, *["index", "--add", str(other), "--index", str(grown)])
     assert f"{other}: makes 8-d embeddings, but the index {grown} holds 32-d ones" in err
-    err = cli_refusal(capsys, *["index", "--add", str(data["flat"]), "--index", str(grown),
-                                  "--checkpoint", str(other_run)])
+    err = cli_refusal(
+        capsys, *["index", "--add", str(data["flat"]), "--index", str(grown), "--checkpoint", str(other_run)]
+    )
     assert "mixed embedding dimensions" in err
     same_dim = write_smoke_run(tmp_path / "same-dim", str(data["root"] / "shards-tree"), embed_dim=32, image_size=32)
-    err = cli_refusal(capsys, *["index", "--add", str(data["flat"]), "--index", str(grown),
-                                  "--checkpoint", str(same_dim)])
+    err = cli_refusal(
+        capsys, *["index", "--add", str(data["flat"]), "--index", str(grown), "--checkpoint", str(same_dim)]
+    )
     assert "a different model" in err
     assert folder_bytes(grown) == before
 
@@ -311,14 +340,25 @@ def test_damaged_index_and_wrong_flags_are_one_line(data, tmp_path, capsys):
     query = sorted(data["flat"].iterdir())[0]
     err = cli_refusal(capsys, *["search", str(query), "--index", str(broken)])
     assert "embeddings.safetensors: expected float32 embeddings [16, 32]" in err
-    err = cli_refusal(capsys, *["index", "--checkpoint", str(data["run"]), "--images", str(data["flat"]),
-                                  "--out", str(data["indexes"] / "flat")])
+    err = cli_refusal(
+        capsys,
+        *[
+            "index",
+            "--checkpoint",
+            str(data["run"]),
+            "--images",
+            str(data["flat"]),
+            "--out",
+            str(data["indexes"] / "flat"),
+        ],
+    )
     assert "exists; choose a new folder, or append with --add" in err
     err = cli_refusal(capsys, *["index", "--add", str(data["flat"])])
     assert "--add needs --index INDEX" in err
     if not torch.cuda.is_available():
-        err = cli_refusal(capsys, *["search", str(query), "--index", str(data["indexes"] / "flat"),
-                                      "--device", "cuda:0"])
+        err = cli_refusal(
+            capsys, *["search", str(query), "--index", str(data["indexes"] / "flat"), "--device", "cuda:0"]
+        )
         assert "no CUDA device here" in err
     assert indexfolder.is_index(data["indexes"] / "flat")
 
@@ -331,16 +371,49 @@ def test_two_ranks_write_the_index_one_process_writes(data, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), "-m", "ranking.index", "--checkpoint", str(data["run"]), "--images",
-               str(data["root"] / "shards-flat"), str(data["tree"]), "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "ranking.index",
+        "--checkpoint",
+        str(data["run"]),
+        "--images",
+        str(data["root"] / "shards-flat"),
+        str(data["tree"]),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout
     one = tmp_path / "one"
-    assert index.main(["--checkpoint", str(data["run"]), "--images", str(data["root"] / "shards-flat"),
-                       str(data["tree"]), "--out", str(one)]) == 0
+    assert (
+        index.main(
+            [
+                "--checkpoint",
+                str(data["run"]),
+                "--images",
+                str(data["root"] / "shards-flat"),
+                str(data["tree"]),
+                "--out",
+                str(one),
+            ]
+        )
+        == 0
+    )
     assert (out / "items.jsonl").read_text() == (one / "items.jsonl").read_text()
     assert torch.allclose(Index.load(out).embeddings, Index.load(one).embeddings, atol=1e-6)

@@ -68,8 +68,9 @@ def test_a_second_writer_of_an_index_is_refused_at_once(data, tmp_path, capsys):
         line = cli_refusal(capsys, "index", "--add", str(data["more"]), "--index", str(grown))
         assert f"{grown}: in use by ranking index (pid {os.getpid()}" in line
         out = tmp_path / "new"
-        line = cli_refusal(capsys, "index", "--checkpoint", str(data["run"]), "--images", str(data["more"]),
-                           "--out", str(grown))
+        line = cli_refusal(
+            capsys, "index", "--checkpoint", str(data["run"]), "--images", str(data["more"]), "--out", str(grown)
+        )
         assert "exists; choose a new folder" in line
     assert rows(grown) == rows(data["index"])
     assert not out.exists()
@@ -77,8 +78,13 @@ def test_a_second_writer_of_an_index_is_refused_at_once(data, tmp_path, capsys):
 
 def index_command(*argv: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "no"}
-    return subprocess.Popen([sys.executable, "-m", "ranking", "index", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ranking", "index", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_concurrent_adds_never_lose_rows_and_two_builds_never_both_pass(data, tmp_path):
@@ -95,8 +101,10 @@ def test_two_concurrent_adds_never_lose_rows_and_two_builds_never_both_pass(data
     assert len((grown / "items.jsonl").read_text().splitlines()) == rows(grown)
 
     out = tmp_path / "built"
-    builds = [index_command("--checkpoint", str(data["run"]), "--images", str(folder), "--out", str(out))
-              for folder in (data["photos"], data["more"])]
+    builds = [
+        index_command("--checkpoint", str(data["run"]), "--images", str(folder), "--out", str(out))
+        for folder in (data["photos"], data["more"])
+    ]
     outcomes = [(process.wait(timeout=240), *process.communicate()) for process in builds]
     assert sorted(code for code, _, _ in outcomes) == [0, 2], outcomes
     refused = next(err for code, _, err in outcomes if code == 2)
@@ -108,8 +116,9 @@ def test_two_concurrent_adds_never_lose_rows_and_two_builds_never_both_pass(data
 # finding 6: the index's own files read like untrusted images
 
 
-@pytest.mark.parametrize("name", ["items.jsonl", "model.json", "index.json", "embeddings.safetensors",
-                                  "model.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["items.jsonl", "model.json", "index.json", "embeddings.safetensors", "model.safetensors"]
+)
 def test_a_fifo_in_an_index_is_refused_by_name_not_waited_on(name, data, tmp_path, capsys):
     damaged = copy_index(data, tmp_path)
     (damaged / name).unlink()
@@ -137,8 +146,9 @@ def test_a_fifo_checkpoint_manifest_is_refused_by_name(data, tmp_path, capsys):
     manifest = run / "checkpoints" / "step-0000005" / "checkpoint.json"
     manifest.unlink()
     os.mkfifo(manifest)
-    line = cli_refusal(capsys, "index", "--checkpoint", str(run), "--images", str(data["more"]),
-                       "--out", str(tmp_path / "out"))
+    line = cli_refusal(
+        capsys, "index", "--checkpoint", str(run), "--images", str(data["more"]), "--out", str(tmp_path / "out")
+    )
     assert f"{manifest}: a FIFO, not a regular file" in line
 
 
@@ -191,8 +201,17 @@ def test_a_huge_thumbnail_offset_is_one_line(data, tmp_path, capsys):
     for item in items:
         item["thumb"] = [2**60, 2**40]
     (damaged / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    line = cli_refusal(capsys, "search", str(query(data)), "--index", str(damaged), "--device", "cpu",
-                       "--grid", str(tmp_path / "grid.png"))
+    line = cli_refusal(
+        capsys,
+        "search",
+        str(query(data)),
+        "--index",
+        str(damaged),
+        "--device",
+        "cpu",
+        "--grid",
+        str(tmp_path / "grid.png"),
+    )
     assert "thumbnail at [1152921504606846976, 1099511627776] lies outside the file's" in line
 
 
@@ -271,8 +290,12 @@ def test_a_large_photo_indexed_and_searched_finds_itself(data, tmp_path, capsys,
     out = tmp_path / "index"
     assert index.main(["--checkpoint", str(data["run"]), "--images", str(photos), "--out", str(out)]) == 0
     capsys.readouterr()
-    assert search.main([*map(str, sorted(photos.iterdir())), "--index", str(out), "--device", "cpu", "--top", "1",
-                        "--json"]) == 0
+    assert (
+        search.main(
+            [*map(str, sorted(photos.iterdir())), "--index", str(out), "--device", "cpu", "--top", "1", "--json"]
+        )
+        == 0
+    )
     found = json.loads(capsys.readouterr().out)
     assert [entry["results"][0]["file"] for entry in found] == ["big0.jpg", "big1.jpg", "big2.jpg"]
     assert all(entry["results"][0]["distance"] < 1e-4 for entry in found)
@@ -306,12 +329,26 @@ def test_a_frozen_rank_of_a_sharded_index_ends_it_after_the_collective_timeout(d
     script = tmp_path / "frozen_rank.py"
     script.write_text(FROZEN_RANK)
     started = time.monotonic()
-    result = launch(["--checkpoint", str(data["run"]), "--images", str(data["photos"]), "--out",
-                     str(tmp_path / "index"), "--collective-timeout-s", "5"], script=str(script), timeout=110)
+    result = launch(
+        [
+            "--checkpoint",
+            str(data["run"]),
+            "--images",
+            str(data["photos"]),
+            "--out",
+            str(tmp_path / "index"),
+            "--collective-timeout-s",
+            "5",
+        ],
+        script=str(script),
+        timeout=110,
+    )
     assert result.returncode != 0
     assert time.monotonic() - started < 100  # not the frozen rank's 120 s, nor torch's 30 minutes
-    assert ("a collective waited more than 5 s (--collective-timeout-s) for another rank, which is frozen or gone; "
-            "run `ranking index` again") in result.stderr, result.stderr[-3000:]
+    assert (
+        "a collective waited more than 5 s (--collective-timeout-s) for another rank, which is frozen or gone; "
+        "run `ranking index` again"
+    ) in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "index").exists()
 
 
@@ -339,8 +376,10 @@ def test_a_class_folder_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     odd_named_photos(source / "good", [b"a.png", b"b.png"])
     odd_named_photos(Path(os.fsdecode(os.fsencode(source) + b"/caf\xe9")), [b"a.png", b"b.png"])
     line = cli_refusal(capsys, "shards", str(source), "--out", str(tmp_path / "shards"), "--no-progress")
-    assert line.endswith(f"{source}/caf\\xe9: a class folder name that is not printable UTF-8 text (shown with "
-                         "\\xNN for its other bytes); rename it"), line
+    assert line.endswith(
+        f"{source}/caf\\xe9: a class folder name that is not printable UTF-8 text (shown with "
+        "\\xNN for its other bytes); rename it"
+    ), line
     assert not (tmp_path / "shards").exists()
 
 

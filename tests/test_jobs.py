@@ -19,15 +19,39 @@ from jobs import common
 from jobs import train as train_job
 from ranking.core.errors import RankingError
 
-TINY_RUN = ["--config", str(SMOKE), "--image-size", "32", "--embed-dim", "16", "--classes-per-batch", "3",
-            "--samples-per-class", "2", "--workers", "0", "--shuffle-buffer", "50", "--mixed-precision", "no",
-            "--warmup-steps", "1", "--log-every", "1", "--checkpoint-every", "100", "--no-progress", "--no-wandb"]
+TINY_RUN = [
+    "--config",
+    str(SMOKE),
+    "--image-size",
+    "32",
+    "--embed-dim",
+    "16",
+    "--classes-per-batch",
+    "3",
+    "--samples-per-class",
+    "2",
+    "--workers",
+    "0",
+    "--shuffle-buffer",
+    "50",
+    "--mixed-precision",
+    "no",
+    "--warmup-steps",
+    "1",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "100",
+    "--no-progress",
+    "--no-wandb",
+]
 STEPS = 10
 
 
 def test_checkpoint_resubmits_the_trainer_with_resume_latest() -> None:
-    task = common.TrainTask("ranking.train", ["--run-dir", "r", "--resume", "runs/x/checkpoints/step-0000001",
-                                              "--steps", "5"], use_cpu=True)
+    task = common.TrainTask(
+        "ranking.train", ["--run-dir", "r", "--resume", "runs/x/checkpoints/step-0000001", "--steps", "5"], use_cpu=True
+    )
     resubmission = task.checkpoint()
     again = resubmission.function
     assert isinstance(again, common.TrainTask) and again is not task
@@ -52,23 +76,32 @@ def test_train_launcher_always_resumes_latest_unless_told_otherwise(tmp_path, mo
         assert submitted[-1].argv == ["--shards", "s", "--run-dir", str(run_dir), "--steps", "3", *own]
 
 
-@pytest.mark.parametrize("flags, problem", [
-    (["--cluster", "kubernetes"], "--cluster must be one of slurm, local, debug"),
-    (["--cluster", "local", "--nodes", "2"], "runs on this machine only"),
-    (["--nodes", "0"], "--nodes must be at least 1"),
-    (["--gpus-per-node", "-1"], "cannot be negative"),
-])
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--cluster", "kubernetes"], "--cluster must be one of slurm, local, debug"),
+        (["--cluster", "local", "--nodes", "2"], "runs on this machine only"),
+        (["--nodes", "0"], "--nodes must be at least 1"),
+        (["--gpus-per-node", "-1"], "cannot be negative"),
+    ],
+)
 def test_bad_launcher_flags_are_one_line_errors(flags, problem) -> None:
     with pytest.raises(RankingError, match=problem):
         train_job.main([*flags, "--shards", "s", "--run-dir", "r"])
 
 
 def test_bad_flag_on_the_command_line_is_one_line_and_exit_2() -> None:
-    done = subprocess.run([sys.executable, "-m", "jobs.train", "--cluster", "kubernetes", "--shards", "s",
-                           "--run-dir", "r"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--cluster", "kubernetes", "--shards", "s", "--run-dir", "r"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["jobs.train: error: --cluster must be one of slurm, local, debug; "
-                                                "got 'kubernetes'"]
+    assert done.stderr.strip().splitlines() == [
+        "jobs.train: error: --cluster must be one of slurm, local, debug; got 'kubernetes'"
+    ]
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
@@ -79,8 +112,11 @@ def metrics_steps(run_dir: Path) -> list[int]:
 
 
 def submitit_tasks(launcher: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True)
-            if "submitit.core._submit" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "submitit.core._submit" in " ".join(p.cmdline())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +124,30 @@ def interrupted_local_run(synth_shards, tmp_path_factory) -> dict:
     """`python -m jobs.train --cluster local` with 2 CPU tasks that get the time-limit signal after their first step."""
     tmp = tmp_path_factory.mktemp("submitit")
     run_dir, folder = tmp / "run", tmp / "submitit"
-    cmd = [sys.executable, "-m", "jobs.train", "--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2",
-           "--timeout-min", "10", "--folder", str(folder), "--wait", "--shards", str(synth_shards),
-           "--run-dir", str(run_dir), "--", *TINY_RUN, "--steps", str(STEPS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--cluster",
+        "local",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--timeout-min",
+        "10",
+        "--folder",
+        str(folder),
+        "--wait",
+        "--shards",
+        str(synth_shards),
+        "--run-dir",
+        str(run_dir),
+        "--",
+        *TINY_RUN,
+        "--steps",
+        str(STEPS),
+    ]
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -104,8 +161,13 @@ def interrupted_local_run(synth_shards, tmp_path_factory) -> dict:
         if launcher.poll() is None:
             launcher.kill()
     logs = "\n".join(p.read_text() for p in sorted(folder.glob("*_log.out")))
-    return {"run_dir": run_dir, "tasks": len(tasks), "returncode": launcher.returncode,
-            "output": output + logs[-3000:], "logs": logs}
+    return {
+        "run_dir": run_dir,
+        "tasks": len(tasks),
+        "returncode": launcher.returncode,
+        "output": output + logs[-3000:],
+        "logs": logs,
+    }
 
 
 @pytest.mark.slow
@@ -123,7 +185,6 @@ def test_local_job_checkpoints_on_the_time_limit_signal_requeues_and_finishes(in
     assert (run_dir / "checkpoints" / "latest").resolve().name == f"step-{STEPS:07d}"
 
 
-
 def test_a_job_for_a_real_account_writes_every_slurm_parameter(tmp_path) -> None:
     """python -m jobs.train on Slurm with account, QoS, memory, constraint, exclusive and free sbatch parameters:
     the batch script submitit hands to (a stand-in) sbatch asks for all of them."""
@@ -131,25 +192,65 @@ def test_a_job_for_a_real_account_writes_every_slurm_parameter(tmp_path) -> None
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\ncp "${{@: -1}}" {record}\necho "Submitted batch job 4242"\n')
     (bin_dir / "sbatch").chmod(0o755)
-    done = subprocess.run([sys.executable, "-m", "jobs.train", "--account", "proj42", "--qos", "high", "--mem", "200G",
-                           "--constraint", "a100|h100", "--exclusive", "--sbatch", "reservation=r1", "mail-type=END",
-                           "requeue", "--folder", str(tmp_path / "submitit"), "--shards", "s", "--run-dir", "r"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.train",
+            "--account",
+            "proj42",
+            "--qos",
+            "high",
+            "--mem",
+            "200G",
+            "--constraint",
+            "a100|h100",
+            "--exclusive",
+            "--sbatch",
+            "reservation=r1",
+            "mail-type=END",
+            "requeue",
+            "--folder",
+            str(tmp_path / "submitit"),
+            "--shards",
+            "s",
+            "--run-dir",
+            "r",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
     assert done.returncode == 0, done.stderr
     assert "submitted train job 4242" in done.stdout
     lines = set(record.read_text().splitlines())
     # submitit shell-quotes a value with | in it; sbatch reads #SBATCH values with quotes removed
-    for wanted in ("#SBATCH --account=proj42", "#SBATCH --qos=high", "#SBATCH --mem=200G",
-                   "#SBATCH --constraint='a100|h100'", "#SBATCH --exclusive", "#SBATCH --reservation=r1",
-                   "#SBATCH --mail-type=END", "#SBATCH --requeue", "#SBATCH --nodes=1", "#SBATCH --gpus-per-node=8"):
+    for wanted in (
+        "#SBATCH --account=proj42",
+        "#SBATCH --qos=high",
+        "#SBATCH --mem=200G",
+        "#SBATCH --constraint='a100|h100'",
+        "#SBATCH --exclusive",
+        "#SBATCH --reservation=r1",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --requeue",
+        "#SBATCH --nodes=1",
+        "#SBATCH --gpus-per-node=8",
+    ):
         assert wanted in lines, (wanted, sorted(line for line in lines if line.startswith("#SBATCH")))
 
 
-@pytest.mark.parametrize("item, problem", [("reservation=", "give sbatch parameters as KEY=VALUE"),
-                                           ("Bad Key=1", "give sbatch parameters as KEY=VALUE"),
-                                           ("nodes=2", "set it with --nodes instead"),
-                                           ("time=60", "set it with --timeout-min instead")])
+@pytest.mark.parametrize(
+    "item, problem",
+    [
+        ("reservation=", "give sbatch parameters as KEY=VALUE"),
+        ("Bad Key=1", "give sbatch parameters as KEY=VALUE"),
+        ("nodes=2", "set it with --nodes instead"),
+        ("time=60", "set it with --timeout-min instead"),
+    ],
+)
 def test_a_bad_sbatch_parameter_is_one_line(item, problem) -> None:
     with pytest.raises(RankingError, match=problem):
         train_job.main(["--sbatch", item, "--shards", "s", "--run-dir", "r"])

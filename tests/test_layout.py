@@ -91,9 +91,11 @@ def missing_modules(path: Path) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("path", sorted(p for folder in ("ranking", "jobs", "tests", "bench")
-                                        for p in (PACKAGE.parent / folder).rglob("*.py")),
-                         ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for folder in ("ranking", "jobs", "tests", "bench") for p in (PACKAGE.parent / folder).rglob("*.py")),
+    ids=lambda p: str(p.relative_to(PACKAGE.parent)),
+)
 def test_every_import_of_ranking_names_a_module_that_exists(path: Path):
     assert not missing_modules(path), f"{path}: imports {missing_modules(path)}"
 
@@ -109,12 +111,15 @@ def test_each_module_imports_only_its_layer_and_lower(path: Path):
     assert not violations(path), f"{path.relative_to(PACKAGE)}: {'; '.join(violations(path))}"
 
 
-@pytest.mark.parametrize("planted,expected", [
-    ("from ranking.retrieval import embed\n", "in the higher layer 'retrieval'"),
-    ("def f():\n    import ranking.training.loop\n", "in the higher layer 'training'"),
-    ("from ranking import train\n", "is a stage"),
-    ("from ranking import cli\n", "above every library layer"),
-])
+@pytest.mark.parametrize(
+    "planted,expected",
+    [
+        ("from ranking.retrieval import embed\n", "in the higher layer 'retrieval'"),
+        ("def f():\n    import ranking.training.loop\n", "in the higher layer 'training'"),
+        ("from ranking import train\n", "is a stage"),
+        ("from ranking import cli\n", "above every library layer"),
+    ],
+)
 def test_the_rule_refuses_a_planted_upward_import(tmp_path, planted, expected):
     """The same check on a copy of the package with one upward import planted in a learning module."""
     root = tmp_path / "ranking"
@@ -127,8 +132,9 @@ def test_the_rule_refuses_a_planted_upward_import(tmp_path, planted, expected):
 def test_a_stage_may_use_libraries_but_not_another_stage(tmp_path):
     root = tmp_path / "ranking"
     root.mkdir()
-    (root / "search.py").write_text("from ranking import cli\nfrom ranking.retrieval import indexfolder\n"
-                                    "def f():\n    from ranking import report\n")
+    (root / "search.py").write_text(
+        "from ranking import cli\nfrom ranking.retrieval import indexfolder\ndef f():\n    from ranking import report\n"
+    )
     assert violations(root / "search.py", root) == ["ranking.report is a stage"]
 
 
@@ -138,15 +144,19 @@ def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("registry,choice_type", [
-    (models.TRUNKS, config.Backbone),
-    (losses.LOSSES, config.LossName),
-    (miners.MINERS, config.MinerName),
-    (optim.OPTIMIZERS, config.OptimizerName),
-    (optim.SCHEDULES, config.ScheduleName),
-    (sampling.SAMPLERS, config.SamplerName),
-    (metrics.PER_QUERY, config.ValMetric),
-    (inference.EXPORT_FORMATS, config.ExportFormat),
-], ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics", "export formats"])
+@pytest.mark.parametrize(
+    "registry,choice_type",
+    [
+        (models.TRUNKS, config.Backbone),
+        (losses.LOSSES, config.LossName),
+        (miners.MINERS, config.MinerName),
+        (optim.OPTIMIZERS, config.OptimizerName),
+        (optim.SCHEDULES, config.ScheduleName),
+        (sampling.SAMPLERS, config.SamplerName),
+        (metrics.PER_QUERY, config.ValMetric),
+        (inference.EXPORT_FORMATS, config.ExportFormat),
+    ],
+    ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics", "export formats"],
+)
 def test_each_registry_matches_its_literal(registry, choice_type):
     assert set(registry) == set(typing.get_args(choice_type))

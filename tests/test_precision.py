@@ -58,10 +58,14 @@ def test_the_default_is_unset_in_the_config_and_a_file_can_set_it(tmp_path):
 
 def precision_flags(shards: Path, run_dir: Path) -> list[str]:
     """A 2-step run without the trainer's own --mixed-precision flag."""
-    flags = train_flags(shards, run_dir, steps=2, **{"classes-per-batch": 3, "samples-per-class": 2,
-                                                     "checkpoint-every": 100, "no-wandb": None})
+    flags = train_flags(
+        shards,
+        run_dir,
+        steps=2,
+        **{"classes-per-batch": 3, "samples-per-class": 2, "checkpoint-every": 100, "no-wandb": None},
+    )
     at = flags.index("--mixed-precision")
-    return flags[:at] + flags[at + 2:]
+    return flags[:at] + flags[at + 2 :]
 
 
 def logged_precision(run_dir: Path) -> str:
@@ -86,11 +90,16 @@ def test_accelerate_launch_flag_reaches_the_trainer_and_plain_log_lines_replace_
 
 def test_an_accelerate_config_file_reaches_the_trainer(synth_shards, tmp_path):
     accelerate_config = tmp_path / "accelerate.yaml"  # as `accelerate config` writes it
-    accelerate_config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
-                                 "mixed_precision: bf16\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n")
+    accelerate_config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
+        "mixed_precision: bf16\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n"
+    )
     run_dir = tmp_path / "run"
-    done = launch(precision_flags(synth_shards, run_dir), launcher_precision=None,
-                  launcher_flags=["--config_file", str(accelerate_config)])
+    done = launch(
+        precision_flags(synth_shards, run_dir),
+        launcher_precision=None,
+        launcher_flags=["--config_file", str(accelerate_config)],
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert logged_precision(run_dir) == "bf16"  # without the file accelerate launch would have set "no"
     assert f"mixed precision bf16 {FROM_ACCELERATE}" in done.stderr
@@ -99,8 +108,13 @@ def test_an_accelerate_config_file_reaches_the_trainer(synth_shards, tmp_path):
 def test_the_environment_reaches_a_single_process_trainer(synth_shards, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", precision.ENV: "no", "WANDB_MODE": "offline"}
-    done = subprocess.run([sys.executable, "-m", "ranking", "train", *precision_flags(synth_shards, run_dir)],
-                          env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "ranking", "train", *precision_flags(synth_shards, run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     assert logged_precision(run_dir) == "no" and f"mixed precision no {FROM_ACCELERATE}" in done.stderr
 
@@ -116,8 +130,12 @@ def test_the_index_follows_the_same_rule(synth_shards, tmp_path, clean_env, caps
 
     def indexed(*argv: str) -> str:
         out = tmp_path / f"index-{len(list(tmp_path.iterdir()))}"
-        assert index.main(["--checkpoint", str(run), "--images", str(synth_shards), "--split", "val", "--out",
-                           str(out), *argv]) == 0
+        assert (
+            index.main(
+                ["--checkpoint", str(run), "--images", str(synth_shards), "--split", "val", "--out", str(out), *argv]
+            )
+            == 0
+        )
         AcceleratorState._reset_state(reset_partial_state=True)  # each index is a process of its own
         return capsys.readouterr().out.strip().splitlines()[-1]
 
@@ -125,5 +143,4 @@ def test_the_index_follows_the_same_rule(synth_shards, tmp_path, clean_env, caps
     assert f"mixed precision {device.value} ({device.source})" in indexed()
     assert "mixed precision no (--mixed-precision)" in indexed("--mixed-precision", "no")
     clean_env.setenv(precision.ENV, "fp16")
-    assert (f"mixed precision bf16 {FROM_ACCELERATE[:-1]}; fp16 needs a GPU, bf16 on the CPU instead)"
-            in indexed())
+    assert f"mixed precision bf16 {FROM_ACCELERATE[:-1]}; fp16 needs a GPU, bf16 on the CPU instead)" in indexed()

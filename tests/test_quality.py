@@ -48,8 +48,9 @@ def test_trunk_lr_scale_zero_freezes_the_trunk():
 
 
 def test_frozen_stages_get_no_gradients_and_keep_their_statistics():
-    cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=8, trunk_lr_scale=0.1, frozen_stages=2,
-                      freeze_bn_stats=False)
+    cfg = TrainConfig(
+        backbone="resnet18", pretrained=False, embed_dim=8, trunk_lr_scale=0.1, frozen_stages=2, freeze_bn_stats=False
+    )
     model = build_model(cfg)
     head, trunk = build_optimizer(cfg, model).param_groups
     names = [name for name, _ in model.trunk.named_parameters()]
@@ -68,10 +69,13 @@ def test_frozen_stages_get_no_gradients_and_keep_their_statistics():
     assert not torch.equal(after["layer3.0.bn1.running_mean"], before["layer3.0.bn1.running_mean"])
 
 
-@pytest.mark.parametrize("backbone,stages,first_trainable", [
-    ("efficientnet_lite0", 7, "blocks.3.0.conv_pw.weight"),
-    ("multiscale", 4, "convnet.layer4.0.conv1.weight"),
-])
+@pytest.mark.parametrize(
+    "backbone,stages,first_trainable",
+    [
+        ("efficientnet_lite0", 7, "blocks.3.0.conv_pw.weight"),
+        ("multiscale", 4, "convnet.layer4.0.conv1.weight"),
+    ],
+)
 def test_frozen_stages_count_each_backbones_own_stages(backbone, stages, first_trainable):
     cfg = TrainConfig(backbone=backbone, pretrained=False, embed_dim=8, frozen_stages=3)
     model = build_model(cfg)
@@ -149,7 +153,8 @@ def test_an_images_budget_gives_each_recipe_the_same_images():
     gpu_run, default_run = Scale.of(gpu, 1), Scale.of(default, 1)  # what one GPU trains with
     assert bench.images_per_step(gpu) * gpu_run.steps == bench.images_per_step(default) * default_run.steps
     assert gpu_run.warmup_steps * bench.images_per_step(gpu) == pytest.approx(
-        default_run.warmup_steps * bench.images_per_step(default), rel=0.1)  # warm-up in images
+        default_run.warmup_steps * bench.images_per_step(default), rel=0.1
+    )  # warm-up in images
     assert gpu_run.lr == 2 * default_run.lr  # sqrt of the 4x batch
     seeds = flags.build(TrainConfig, str(bench.CONFIGS["seed"]))
     assert bench.images_per_step(seeds) == 32 * 3  # a query, a positive and a negative row per triplet

@@ -23,32 +23,76 @@ def free_port() -> int:
 
 
 def accelerate(machines: int, machine_rank: int, processes: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", str(machines),
-            "--machine_rank", str(machine_rank), "--num_processes", str(processes), "--main_process_ip", "127.0.0.1",
-            "--main_process_port", str(port), "--rdzv_backend", "static", "--dynamo_backend", "no",
-            "--mixed_precision", "no", "-m", "ranking.train"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        str(machines),
+        "--machine_rank",
+        str(machine_rank),
+        "--num_processes",
+        str(processes),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--rdzv_backend",
+        "static",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        "-m",
+        "ranking.train",
+    ]
 
 
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 @pytest.mark.system
 def test_two_machine_ranks_train_and_validate_as_one_launch_of_two(synth_shards, tmp_path) -> None:
     def flags(run_dir):
-        return train_flags(synth_shards, run_dir, steps=STEPS, **{"classes-per-batch": 3, "samples-per-class": 2,
-                                                                  "eval-every": 2, "eval-gallery-per-class": 6,
-                                                                  "checkpoint-every": 100, "no-wandb": None})
+        return train_flags(
+            synth_shards,
+            run_dir,
+            steps=STEPS,
+            **{
+                "classes-per-batch": 3,
+                "samples-per-class": 2,
+                "eval-every": 2,
+                "eval-gallery-per-class": 6,
+                "checkpoint-every": 100,
+                "no-wandb": None,
+            },
+        )
 
     one = tmp_path / "one-launch"
-    single = subprocess.run(accelerate(1, 0, 2, free_port()) + flags(one), env=ENV, capture_output=True, text=True,
-                            timeout=300)
+    single = subprocess.run(
+        accelerate(1, 0, 2, free_port()) + flags(one), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     two = tmp_path / "two-machines"
     port = free_port()
-    machines = [subprocess.Popen(accelerate(2, rank, 2, port) + flags(two), env=ENV, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            accelerate(2, rank, 2, port) + flags(two),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [machine.communicate(timeout=300)[0] for machine in machines]
     finally:

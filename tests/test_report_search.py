@@ -47,13 +47,32 @@ def split_set(samples: dict[int, tuple[int, bytes]], embeddings_of) -> dict:
 
 def write_eval_dir(eval_dir: Path, run_dir: Path, shards: Path, gallery: dict, query: dict) -> Path:
     eval_dir.mkdir(parents=True)
-    torch.save({"run_dir": str(run_dir), "step": STEP, "shards": str(shards), "gallery_split": "train",
-                "query_split": "val", "normalized": True, "gallery": gallery, "query": query},
-               eval_dir / "embeddings.pt")
+    torch.save(
+        {
+            "run_dir": str(run_dir),
+            "step": STEP,
+            "shards": str(shards),
+            "gallery_split": "train",
+            "query_split": "val",
+            "normalized": True,
+            "gallery": gallery,
+            "query": query,
+        },
+        eval_dir / "embeddings.pt",
+    )
     rng = np.random.default_rng(0)
-    splits = {s: {"precision_at_k": float(rng.random()), "knn1_accuracy": float(rng.random()),
-                  "hit_at_k": float(rng.random()), "map": float(rng.random()), "map_at_r": float(rng.random()),
-                  "triplet_accuracy": float(rng.random()), "queries": n} for s, n in (("val", 60), ("train", 240))}
+    splits = {
+        s: {
+            "precision_at_k": float(rng.random()),
+            "knn1_accuracy": float(rng.random()),
+            "hit_at_k": float(rng.random()),
+            "map": float(rng.random()),
+            "map_at_r": float(rng.random()),
+            "triplet_accuracy": float(rng.random()),
+            "queries": n,
+        }
+        for s, n in (("val", 60), ("train", 240))
+    }
     recall = np.linspace(0, 1, 50).tolist()
     lowest = {"val": 0.2, "train": 0.5}
     pr_curve = {s: {"recall": recall, "precision": np.linspace(1, lowest[s], 50).tolist()} for s in splits}
@@ -69,8 +88,18 @@ def write_run_dir(run_dir: Path, train_config: config.TrainConfig, state: dict) 
     os.symlink(checkpoint.name, run_dir / "checkpoints" / "latest")
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, STEP + 1):
-            f.write(json.dumps({"step": step, "loss": 0.2 / step, "active_fraction": 1 - step / 20, "lr": 1e-3,
-                                "triplets_per_s": 100.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": 0.2 / step,
+                        "active_fraction": 1 - step / 20,
+                        "lr": 1e-3,
+                        "triplets_per_s": 100.0,
+                    }
+                )
+                + "\n"
+            )
     return run_dir
 
 
@@ -90,8 +119,14 @@ def write_report(root: Path, shards: Path, *flags: str) -> dict:
 
     with redirect_stdout(output):
         assert report.main([str(run_dir), *flags]) == 0  # finds run/eval on its own
-    return {"run": run_dir, "eval": eval_dir, "gallery": gallery, "query": query, "stdout": output.getvalue(),
-            "eval_data": evalfolder.EvalIndex.load(eval_dir)}
+    return {
+        "run": run_dir,
+        "eval": eval_dir,
+        "gallery": gallery,
+        "query": query,
+        "stdout": output.getvalue(),
+        "eval_data": evalfolder.EvalIndex.load(eval_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +212,9 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
     from harness import wandb_history_and_config, wandb_records
 
     reported = write_report(tmp_path, synth_shards)
-    assert not list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}")), \
+    assert not list((reported["run"] / "wandb").glob(f"offline-run-*-{RUN_ID}")), (
         "the training run is not reopened from another process (offline segments sync lossily)"
+    )
     runs = list((reported["run"] / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run = next(r.run for r in wandb_records(runs[0]) if r.WhichOneof("record_type") == "run")
@@ -208,8 +244,13 @@ def test_report_logs_images_and_tables_in_a_report_run_beside_the_training_run(s
 @pytest.mark.system  # a process of its own: W&B reads WANDB_MODE once per process
 def test_with_wandb_disabled_the_report_claims_no_wandb_log(synth_shards, tmp_path):
     run_dir = write_report(tmp_path, synth_shards, "--no-wandb")["run"]
-    reported = subprocess.run([sys.executable, "-m", "ranking", "report", str(run_dir)], capture_output=True,
-                              text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    reported = subprocess.run(
+        [sys.executable, "-m", "ranking", "report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        timeout=300,
+    )
     assert reported.returncode == 0, reported.stderr
     assert "W&B is disabled: nothing logged to W&B" in reported.stdout
     assert "logged to W&B:" not in reported.stdout and not list(run_dir.glob("wandb/*run-*"))
@@ -242,8 +283,9 @@ def index(synth_shards, tmp_path_factory):
     from ranking.learning.models import build_model, input_normalization
 
     root = tmp_path_factory.mktemp("search")
-    train_config = flags.build(config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"),
-                                                                 "shards": str(synth_shards), "wandb": False})
+    train_config = flags.build(
+        config.TrainConfig, str(SMOKE), {"run_dir": str(root / "run"), "shards": str(synth_shards), "wandb": False}
+    )
     torch.manual_seed(0)
     model = build_model(train_config).eval()
     mean, std = input_normalization(train_config.backbone)
@@ -289,8 +331,7 @@ def test_grayscale_and_odd_sized_images_work_and_draw_a_grid(index, tmp_path, ca
     big = tmp_path / "big.jpg"
     colour.resize((300, 500)).save(big)
     grid = tmp_path / "grid.png"
-    lines = search_output(capsys, str(gray), str(big), "--index", str(index["eval"]), "--top", "3",
-                          "--grid", str(grid))
+    lines = search_output(capsys, str(gray), str(big), "--index", str(index["eval"]), "--top", "3", "--grid", str(grid))
     assert [line for line in lines if line.endswith((".png", ".jpg"))][:2] == [str(gray), str(big)]
     assert sum(1 for line in lines if line[:4].strip().isdigit()) == 6
     image = open_png(grid)
@@ -309,9 +350,14 @@ def test_a_text_file_is_one_line_error_and_exit_2(index, tmp_path, capsys):
         search.main([str(tmp_path / "missing.png"), "--index", str(index["eval"])])
 
 
-@pytest.mark.parametrize("flags,message", [(["--top", "-5"], "--top must be at least 1; got -5"),
-                                           (["--top", "51"], "--top must be at most 50; got 51"),
-                                           (["--queries", "0"], "--queries must be at least 1; got 0")])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--top", "-5"], "--top must be at least 1; got -5"),
+        (["--top", "51"], "--top must be at most 50; got 51"),
+        (["--queries", "0"], "--queries must be at least 1; got 0"),
+    ],
+)
 def test_report_bounds_the_grids(flags, message, tmp_path):
     with pytest.raises(RankingError, match=message):
         report.main([str(tmp_path), *flags])

@@ -49,11 +49,25 @@ def reference_metrics(query: EmbeddingSet, gallery: EmbeddingSet, k: int, exclud
             interpolated = [curve_p[curve_r >= level - 1e-9].max() for level in levels]
         else:
             ap, interpolated = 0.0, [0.0] * PR_POINTS
-        rows.append([relevant[:k].mean(), relevant[0], relevant[:k].any(), ap,
-                     (precision[:r] * relevant[:r]).sum() / max(r, 1), *interpolated])
+        rows.append(
+            [
+                relevant[:k].mean(),
+                relevant[0],
+                relevant[:k].any(),
+                ap,
+                (precision[:r] * relevant[:r]).sum() / max(r, 1),
+                *interpolated,
+            ]
+        )
     means = np.mean(np.array(rows, dtype=np.float64), 0)
-    return {"precision_at_k": means[0], "knn1_accuracy": means[1], "hit_at_k": means[2], "map": means[3],
-            "map_at_r": means[4], "pr_precision": means[5:]}
+    return {
+        "precision_at_k": means[0],
+        "knn1_accuracy": means[1],
+        "hit_at_k": means[2],
+        "map": means[3],
+        "map_at_r": means[4],
+        "pr_precision": means[5:],
+    }
 
 
 def assert_matches_reference(metrics, reference: dict) -> None:
@@ -74,8 +88,7 @@ def test_nearest_neighbors_match_sklearn_in_uneven_chunks():
 @pytest.mark.parametrize("chunk_size", [7, 1024])
 def test_val_against_train_matches_brute_force(chunk_size):
     query, gallery = random_set(37, 8, 5, seed=3, first_id=0), random_set(101, 8, 5, seed=4)
-    metrics = evaluate_retrieval(query, gallery, k=K, chunk_size=chunk_size, pr_points=PR_POINTS,
-                                 triplets=TRIPLETS)
+    metrics = evaluate_retrieval(query, gallery, k=K, chunk_size=chunk_size, pr_points=PR_POINTS, triplets=TRIPLETS)
     assert metrics.queries == 37
     assert 0 < metrics.map < 1 and 0 < metrics.precision_at_k < 1
     assert_matches_reference(metrics, reference_metrics(query, gallery, K, exclude_self=False))
@@ -83,8 +96,9 @@ def test_val_against_train_matches_brute_force(chunk_size):
 
 def test_train_against_train_excludes_the_query_itself():
     gallery = random_set(53, 8, 4, seed=5)
-    metrics = evaluate_retrieval(gallery, gallery, k=K, chunk_size=10, pr_points=PR_POINTS, triplets=TRIPLETS,
-                                 exclude_self=True)
+    metrics = evaluate_retrieval(
+        gallery, gallery, k=K, chunk_size=10, pr_points=PR_POINTS, triplets=TRIPLETS, exclude_self=True
+    )
     assert_matches_reference(metrics, reference_metrics(gallery, gallery, K, exclude_self=True))
     # Without the exclusion every query finds itself first.
     assert evaluate_retrieval(gallery, gallery, k=K, pr_points=PR_POINTS, triplets=0).knn1_accuracy == 1.0
@@ -95,8 +109,9 @@ def test_perfect_embedding_scores_one():
     labels = torch.arange(40) % 4
     embeddings = torch.nn.functional.one_hot(labels, 4).float() + 0.01 * torch.randn(40, 4)
     gallery = EmbeddingSet(embeddings, torch.arange(40), labels)
-    metrics = evaluate_retrieval(gallery, gallery, k=5, chunk_size=6, pr_points=PR_POINTS, triplets=200,
-                                 exclude_self=True)
+    metrics = evaluate_retrieval(
+        gallery, gallery, k=5, chunk_size=6, pr_points=PR_POINTS, triplets=200, exclude_self=True
+    )
     for name in ("precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r", "triplet_accuracy"):
         assert getattr(metrics, name) == pytest.approx(1.0), name
     assert metrics.pr_precision == pytest.approx([1.0] * PR_POINTS)
@@ -150,8 +165,9 @@ def free_port() -> int:
 def evaluate_both(chunk_size: int = 5):
     query, gallery = random_set(37, 8, 5, seed=3), random_set(101, 8, 5, seed=4)
     val = evaluate_retrieval(query, gallery, k=K, chunk_size=chunk_size, pr_points=PR_POINTS, triplets=TRIPLETS)
-    train = evaluate_retrieval(gallery, gallery, k=K, chunk_size=chunk_size, pr_points=PR_POINTS,
-                               triplets=TRIPLETS, exclude_self=True)
+    train = evaluate_retrieval(
+        gallery, gallery, k=K, chunk_size=chunk_size, pr_points=PR_POINTS, triplets=TRIPLETS, exclude_self=True
+    )
     return val, train
 
 
@@ -167,8 +183,9 @@ def distributed_worker(rank: int, world_size: int, port: int, results) -> None:
 
 def run_distributed(world_size: int) -> dict:
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(distributed_worker, args=(world_size, free_port(), results), nprocs=world_size,
-                       start_method="spawn")
+    mp.start_processes(
+        distributed_worker, args=(world_size, free_port(), results), nprocs=world_size, start_method="spawn"
+    )
     return dict(results.get() for _ in range(world_size))
 
 

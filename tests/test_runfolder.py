@@ -26,13 +26,24 @@ from ranking.train import check_inputs
 
 
 def tiny_flags(shards: Path, run_dir: Path, **overrides) -> list[str]:
-    return train_flags(shards, run_dir, **({"steps": 2, "classes-per-batch": 3, "samples-per-class": 2,
-                                            "checkpoint-every": 100, "no-wandb": None} | overrides))
+    return train_flags(
+        shards,
+        run_dir,
+        **(
+            {"steps": 2, "classes-per-batch": 3, "samples-per-class": 2, "checkpoint-every": 100, "no-wandb": None}
+            | overrides
+        ),
+    )
 
 
 def train(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ranking", "train", *flags], capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "ranking", "train", *flags],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes | str]:
@@ -72,10 +83,13 @@ def test_a_second_start_in_a_run_folder_is_refused_and_changes_nothing(finished_
 def test_a_resume_that_would_change_the_model_is_refused_and_leaves_config_yaml(finished_run, synth_shards):
     """Issue 15.1: config.yaml was written before the checkpoint was loaded, so a failed resume broke the run."""
     before = snapshot(finished_run)
-    line = one_error_line(train(*tiny_flags(synth_shards, finished_run, **{"embed-dim": 16, "image-size": 48}),
-                                "--resume", "latest"))
-    assert "config.yaml: a resumed run keeps its model and input; --embed-dim 16 (was 32), --image-size 48 (was 32)" \
+    line = one_error_line(
+        train(*tiny_flags(synth_shards, finished_run, **{"embed-dim": 16, "image-size": 48}), "--resume", "latest")
+    )
+    assert (
+        "config.yaml: a resumed run keeps its model and input; --embed-dim 16 (was 32), --image-size 48 (was 32)"
         in line
+    )
     assert snapshot(finished_run) == before  # config.yaml (embed_dim 32) still rebuilds the checkpoint's model
     from ranking.retrieval.inference import load
 
@@ -121,10 +135,10 @@ def test_the_lock_goes_with_its_holder(tmp_path):
 
 
 @pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
-def test_a_file_system_without_flock_is_one_line_naming_it_and_the_way_on(code, synth_shards, tmp_path,
-                                                                           monkeypatch):
+def test_a_file_system_without_flock_is_one_line_naming_it_and_the_way_on(code, synth_shards, tmp_path, monkeypatch):
     """Lustre mounted noflock, NFS without lockd: flock raises; the stage stops with one line naming the file system
     and RANKING_NO_LOCK, and with RANKING_NO_LOCK=1 it writes without the lock."""
+
     def no_flock(fd, operation):
         raise OSError(code, os.strerror(code))
 
@@ -179,7 +193,7 @@ def test_bad_input_under_accelerate_launch_is_printed_once_and_is_the_launchers_
     assert done.returncode != 0
     assert output.count(f"ranking.train: error: {message}") == 2, output  # the line, then the root cause's copy
     assert output.count("exitcode  : 2") == 2  # every rank exits with the bad-input code
-    root_cause = output[output.index("Root Cause"):]
+    root_cause = output[output.index("Root Cause") :]
     assert f"traceback : ranking.train: error: {message}" in root_cause
     assert not run_dir.exists()
 
@@ -227,8 +241,10 @@ def test_upgrade_maps_renamed_keys_and_lists_unknown_and_missing_ones():
     assert saved.unknown == ["old_flag"] and saved.missing == ["stored_size"]
     assert saved.schema == 2 and saved.model == {"backbone": "resnet18"}
     line = saved.warning(Path("run/config.yaml"))
-    assert line == ("warning: run/config.yaml: written by another version of deep-ranking: ignoring old_flag (no such "
-                    "setting in this version); stored_size not in the file (taking today's defaults)")
+    assert line == (
+        "warning: run/config.yaml: written by another version of deep-ranking: ignoring old_flag (no such "
+        "setting in this version); stored_size not in the file (taking today's defaults)"
+    )
     assert runfolder.upgrade(current).warning(Path("x")) is None  # schema 1, every key: nothing to say
     assert runfolder.upgrade(current).schema == 1 and runfolder.upgrade(current).model is None
     assert "schema 3 is newer than this version's 2" in runfolder.upgrade({**old, "schema": 3}).warning(Path("x"))

@@ -43,8 +43,9 @@ def check_batch_consistent(batch: Batch, unique: bool = True) -> None:
 @pytest.mark.parametrize("pos_per_query, neg_per_query", [(1, 1), (1, 3), (2, 2)])
 def test_paper_sampler_triplets(pos_per_query, neg_per_query):
     queries, num_classes = 8, 10
-    sampler = PaperTripletSampler(FakeStream(num_classes), num_classes, queries, pos_per_query, neg_per_query,
-                                  buffer_per_class=6, seed=0)
+    sampler = PaperTripletSampler(
+        FakeStream(num_classes), num_classes, queries, pos_per_query, neg_per_query, buffer_per_class=6, seed=0
+    )
     for batch in itertools.islice(iter(sampler), 5):
         check_batch_consistent(batch, unique=False)
         assert len(batch.ids) == queries * (1 + pos_per_query + pos_per_query * neg_per_query)

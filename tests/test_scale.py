@@ -21,8 +21,12 @@ CONFIGS_DIR = REPO / "configs"
 
 
 def recipe(*argv: str, config: str = "default") -> TrainConfig:
-    return flags.parse(TrainConfig, ["--config", str(CONFIGS_DIR / f"{config}.yaml"), "--shards", "s",
-                                     "--run-dir", "r", *argv], "ranking train", "")
+    return flags.parse(
+        TrainConfig,
+        ["--config", str(CONFIGS_DIR / f"{config}.yaml"), "--shards", "s", "--run-dir", "r", *argv],
+        "ranking train",
+        "",
+    )
 
 
 def test_an_image_budget_gives_steps_by_the_global_batch() -> None:
@@ -66,8 +70,13 @@ def launch_block(run_dir) -> dict:
 def test_images_train_by_the_world_size_and_every_record_agrees(synth_shards, tmp_path, capsys) -> None:
     """36 images of 6 a step: 6 steps at one process, 3 at 2 gloo ranks; config.yaml, the first log line, the W&B
     config and `ranking compare` agree on the global batch and the scaled lr."""
-    small = {"classes-per-batch": 3, "samples-per-class": 2, "images": 36, "reference-batch": 6,
-             "checkpoint-every": 100}
+    small = {
+        "classes-per-batch": 3,
+        "samples-per-class": 2,
+        "images": 36,
+        "reference-batch": 6,
+        "checkpoint-every": 100,
+    }
     one = tmp_path / "one"
     assert train_main(train_flags(synth_shards, one, **small, **{"no-wandb": None})) == 0
     two = tmp_path / "two"
@@ -77,11 +86,27 @@ def test_images_train_by_the_world_size_and_every_record_agrees(synth_shards, tm
     assert [r["step"] for r in metrics(one)] == list(range(1, 7))
     assert [r["step"] for r in metrics(two)] == list(range(1, 4))
     lr = flags.build(TrainConfig, str(CONFIGS_DIR / "smoke.yaml")).lr
-    assert launch_block(one) == {"world_size": 1, "processes_per_node": 1, "global_batch": 6, "reference_batch": 6,
-                                 "lr": lr, "steps": 6, "warmup_steps": 3, "precision": "no"}
+    assert launch_block(one) == {
+        "world_size": 1,
+        "processes_per_node": 1,
+        "global_batch": 6,
+        "reference_batch": 6,
+        "lr": lr,
+        "steps": 6,
+        "warmup_steps": 3,
+        "precision": "no",
+    }
     block = launch_block(two)
-    assert block == {"world_size": 2, "processes_per_node": 2, "global_batch": 12, "reference_batch": 6,
-                     "lr": pytest.approx(lr * math.sqrt(2)), "steps": 3, "warmup_steps": 3, "precision": "no"}
+    assert block == {
+        "world_size": 2,
+        "processes_per_node": 2,
+        "global_batch": 12,
+        "reference_batch": 6,
+        "lr": pytest.approx(lr * math.sqrt(2)),
+        "steps": 3,
+        "warmup_steps": 3,
+        "precision": "no",
+    }
     saved = yaml.safe_load((two / "config.yaml").read_text())
     assert saved["lr"] == lr and saved["images"] == 36  # the recipe as given: it reads back the same at any size
 
@@ -96,10 +121,15 @@ def test_images_train_by_the_world_size_and_every_record_agrees(synth_shards, tm
     capsys.readouterr()
     assert compare_main([str(one), str(two), "--out", str(tmp_path / "compare.png")]) == 0
     table = capsys.readouterr().out
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
-            if line.startswith("| ")]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")
+    ]
     shown = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
-    assert {key: shown["one"][key] for key in ("world_size", "processes_per_node", "global_batch", "lr_scaled")} \
-        == {"world_size": "1", "processes_per_node": "1", "global_batch": "6", "lr_scaled": str(lr)}, table
+    assert {key: shown["one"][key] for key in ("world_size", "processes_per_node", "global_batch", "lr_scaled")} == {
+        "world_size": "1",
+        "processes_per_node": "1",
+        "global_batch": "6",
+        "lr_scaled": str(lr),
+    }, table
     assert (shown["two"]["world_size"], shown["two"]["global_batch"]) == ("2", "12")
     assert float(shown["two"]["lr_scaled"]) == pytest.approx(lr * math.sqrt(2))

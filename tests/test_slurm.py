@@ -20,13 +20,16 @@ from harness import REPO, SMOKE, shared_file
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 SLURM_TEST_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))
-TINY_RUN = (f"--config {SMOKE} --image-size 32 --embed-dim 16 --classes-per-batch 3 --samples-per-class 2 "
-            "--workers 0 --shuffle-buffer 50 --mixed-precision no --warmup-steps 1 --log-every 1 "
-            "--checkpoint-every 100 --no-progress")
+TINY_RUN = (
+    f"--config {SMOKE} --image-size 32 --embed-dim 16 --classes-per-batch 3 --samples-per-class 2 "
+    "--workers 0 --shuffle-buffer 50 --mixed-precision no --warmup-steps 1 --log-every 1 "
+    "--checkpoint-every 100 --no-progress"
+)
 FIRST_STEPS, FINAL_STEPS = 4, 16
 
 
 # ------------------------------------------------------------------------------------------------ static checks
+
 
 def shellcheck() -> str:
     found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
@@ -39,8 +42,7 @@ def shellcheck() -> str:
 def test_script_passes_bash_n_and_shellcheck(script: Path) -> None:
     syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
-    lint = subprocess.run([shellcheck(), "-x", str(script.relative_to(REPO))], cwd=REPO, capture_output=True,
-                          text=True)
+    lint = subprocess.run([shellcheck(), "-x", str(script.relative_to(REPO))], cwd=REPO, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
@@ -50,28 +52,44 @@ def test_every_stage_has_a_script() -> None:
 
 def common_sh(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     """Source slurm/common.sh in a fresh bash and run `script` there, with only `env` (and PATH) set."""
-    return subprocess.run(["bash", "-c", f'source "{REPO}/slurm/common.sh"; {script}'], cwd=cwd, text=True,
-                          capture_output=True, env={"PATH": os.environ["PATH"], **env}, timeout=30)
+    return subprocess.run(
+        ["bash", "-c", f'source "{REPO}/slurm/common.sh"; {script}'],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        env={"PATH": os.environ["PATH"], **env},
+        timeout=30,
+    )
 
 
 @pytest.mark.parametrize("knob", ["GPUS_PER_NODE", "PROCS_PER_NODE", "MAIN_PROCESS_PORT"])
 def test_arithmetic_injection_in_a_knob_does_not_run(knob: str, tmp_path: Path) -> None:
     """bash arithmetic evaluates `HOME[$(cmd)]` as an array subscript and runs cmd; the knob is refused first."""
-    env = {"SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "0",
-           knob: "HOME[$(touch injected)]"}
-    done = common_sh('plan_processes; echo "port ${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"', env,
-                     tmp_path)
+    env = {"SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "0", knob: "HOME[$(touch injected)]"}
+    done = common_sh(
+        'plan_processes; echo "port ${MAIN_PROCESS_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"', env, tmp_path
+    )
     assert not (tmp_path / "injected").exists()
     assert done.returncode == 2 and done.stdout == ""
     low, high = (0 if knob == "GPUS_PER_NODE" else 1), (65535 if knob == "MAIN_PROCESS_PORT" else 1024)
     assert done.stderr.splitlines() == [
-        f"slurm: error: {knob}=HOME\\[\\$\\(touch\\ injected\\)\\]: must be a whole number from {low} to {high}"]
+        f"slurm: error: {knob}=HOME\\[\\$\\(touch\\ injected\\)\\]: must be a whole number from {low} to {high}"
+    ]
 
 
-@pytest.mark.parametrize("knob,value", [("PROCS_PER_NODE", "2x"), ("GPUS_PER_NODE", "8gpus"),
-                                        ("PROCS_PER_NODE", "0"), ("GPUS_PER_NODE", "08"), ("GPUS_PER_NODE", "-1"),
-                                        ("MAIN_PROCESS_PORT", "70000"), ("GPUS_PER_NODE", " 2"),
-                                        ("SLURM_NNODES", "2 nodes")])
+@pytest.mark.parametrize(
+    "knob,value",
+    [
+        ("PROCS_PER_NODE", "2x"),
+        ("GPUS_PER_NODE", "8gpus"),
+        ("PROCS_PER_NODE", "0"),
+        ("GPUS_PER_NODE", "08"),
+        ("GPUS_PER_NODE", "-1"),
+        ("MAIN_PROCESS_PORT", "70000"),
+        ("GPUS_PER_NODE", " 2"),
+        ("SLURM_NNODES", "2 nodes"),
+    ],
+)
 def test_bad_numeric_knob_exits_2_with_one_line(knob: str, value: str, tmp_path: Path) -> None:
     env = {"SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "PROCS_PER_NODE": "1", knob: value}
     done = common_sh('plan_processes; echo "$NUM_PROCESSES"', env, tmp_path)
@@ -81,18 +99,29 @@ def test_bad_numeric_knob_exits_2_with_one_line(knob: str, value: str, tmp_path:
 
 
 def test_good_knobs_plan_the_processes(tmp_path: Path) -> None:
-    cpu = common_sh('plan_processes; echo "$NUM_PROCESSES $PROCS_PER_NODE ${ACCELERATE_USE_CPU:-}"',
-                    {"SLURM_NNODES": "3", "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2"}, tmp_path)
+    cpu = common_sh(
+        'plan_processes; echo "$NUM_PROCESSES $PROCS_PER_NODE ${ACCELERATE_USE_CPU:-}"',
+        {"SLURM_NNODES": "3", "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2"},
+        tmp_path,
+    )
     assert (cpu.returncode, cpu.stdout, cpu.stderr) == (0, "6 2 1\n", "")
-    gpu = common_sh('plan_processes; echo "$NUM_PROCESSES $PROCS_PER_NODE ${ACCELERATE_USE_CPU:-}"',
-                    {"SLURM_NNODES": "2", "GPUS_PER_NODE": "8", "MAIN_PROCESS_PORT": "29500"}, tmp_path)
+    gpu = common_sh(
+        'plan_processes; echo "$NUM_PROCESSES $PROCS_PER_NODE ${ACCELERATE_USE_CPU:-}"',
+        {"SLURM_NNODES": "2", "GPUS_PER_NODE": "8", "MAIN_PROCESS_PORT": "29500"},
+        tmp_path,
+    )
     assert (gpu.returncode, gpu.stdout, gpu.stderr) == (0, "16 8 \n", "")
 
 
 def test_train_script_refuses_a_bad_knob_before_launching(tmp_path: Path) -> None:
-    done = subprocess.run(["bash", str(REPO / "slurm" / "train.sh")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=30, env={"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO),
-                                           "PYTHON": "true", "GPUS_PER_NODE": "8gpus"})
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / "train.sh")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": "true", "GPUS_PER_NODE": "8gpus"},
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["slurm: error: GPUS_PER_NODE=8gpus: must be a whole number from 0 to 1024"]
 
@@ -104,18 +133,47 @@ def test_extra_args_are_split_on_whitespace_and_never_expanded(tmp_path: Path) -
     recorder = tmp_path / "python"  # stands in for Python: records the arguments shards.sh passes
     recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {args}\n')
     recorder.chmod(0o755)
-    env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": str(recorder), "SOURCE": "src.zip",
-           "OUT": "out", "EXTRA_ARGS": '--seed  3\t"two words" $(touch injected) *\n--workers 1'}
-    done = subprocess.run(["bash", str(REPO / "slurm" / "shards.sh"), "--shard-size", "a b"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30, env=env)
+    env = {
+        "PATH": os.environ["PATH"],
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "PYTHON": str(recorder),
+        "SOURCE": "src.zip",
+        "OUT": "out",
+        "EXTRA_ARGS": '--seed  3\t"two words" $(touch injected) *\n--workers 1',
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / "shards.sh"), "--shard-size", "a b"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
-    assert args.read_text().splitlines() == ["-m", "ranking", "shards", "src.zip", "--out", "out", "--seed", "3",
-                                             '"two', 'words"', "$(touch", "injected)", "*", "--workers", "1",
-                                             "--shard-size", "a b"]
+    assert args.read_text().splitlines() == [
+        "-m",
+        "ranking",
+        "shards",
+        "src.zip",
+        "--out",
+        "out",
+        "--seed",
+        "3",
+        '"two',
+        'words"',
+        "$(touch",
+        "injected)",
+        "*",
+        "--workers",
+        "1",
+        "--shard-size",
+        "a b",
+    ]
     assert not (tmp_path / "injected").exists()
 
 
 # ------------------------------------------------------------------------------------------------ a real Slurm
+
 
 @pytest.fixture(scope="session")
 def slurm() -> dict[str, str]:
@@ -156,24 +214,46 @@ def node_idle(env: dict[str, str]) -> bool:
 def job_cleaned_up(env: dict[str, str], job_id: str) -> bool:
     """The node is idle and no slurmstepd of the job is left: Slurm reports the node idle while a step's slurmstepd
     still cleans up, and a job started then is killed ("Job credential revoked")."""
-    steps = [p for p in psutil.process_iter(["cmdline"])
-             if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job_id}.")]  # its process title
+    steps = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job_id}.")
+    ]  # its process title
     return node_idle(env) and not steps
 
 
 def sbatch(env: dict[str, str], logs: Path, *args: str) -> str:
-    out = subprocess.run(["sbatch", "--parsable", f"--output={logs}/%x-%j.out", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--output={logs}/%x-%j.out", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().split(";")[0]
 
 
 def submit_train(env: dict[str, str], shards: Path, run_dir: Path, logs: Path, steps: int, wandb: bool) -> str:
     """sbatch slurm/train.sh with 2 CPU processes on one node, everything set from the environment."""
     train_flags = f"{TINY_RUN} --steps {steps} {'--wandb' if wandb else '--no-wandb'}"
-    job_env = {**env, "SHARDS": str(shards), "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
-               "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "EXTRA_ARGS": train_flags}
-    return sbatch(job_env, logs, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}", "--time=10",
-                  "slurm/train.sh")
+    job_env = {
+        **env,
+        "SHARDS": str(shards),
+        "RUN_DIR": str(run_dir),
+        "PYTHON": sys.executable,
+        "GPUS_PER_NODE": "0",
+        "PROCS_PER_NODE": "2",
+        "EXTRA_ARGS": train_flags,
+    }
+    return sbatch(
+        job_env,
+        logs,
+        "--gpus-per-node=0",
+        f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
+        "--time=10",
+        "slurm/train.sh",
+    )
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
@@ -255,16 +335,38 @@ def test_usr1_checkpoints_requeues_and_finishes_in_the_same_wandb_run(first_job)
 def test_shards_then_evaluate_jobs_on_two_cpu_processes(first_job, synth_zip, tmp_path) -> None:
     env, run_dir, logs = first_job["env"], first_job["run_dir"], first_job["logs"]
     shards, out = tmp_path / "shards", tmp_path / "eval"
-    shards_job = sbatch({**env, "SOURCE": str(synth_zip), "OUT": str(shards), "PYTHON": sys.executable}, logs,
-                        "--cpus-per-task=1", "slurm/shards.sh", "--shard-size", "100", "--workers", "1")
-    eval_env = {**env, "RUN_DIR": str(run_dir), "SHARDS": str(shards), "OUT": str(out), "PYTHON": sys.executable,
-                "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2",
-                "EXTRA_ARGS": "--workers 0 --mixed-precision no --batch-size 64 --triplets 100"}
-    eval_job = sbatch(eval_env, logs, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
-                      f"--dependency=afterok:{shards_job}", "slurm/evaluate.sh")
+    shards_job = sbatch(
+        {**env, "SOURCE": str(synth_zip), "OUT": str(shards), "PYTHON": sys.executable},
+        logs,
+        "--cpus-per-task=1",
+        "slurm/shards.sh",
+        "--shard-size",
+        "100",
+        "--workers",
+        "1",
+    )
+    eval_env = {
+        **env,
+        "RUN_DIR": str(run_dir),
+        "SHARDS": str(shards),
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "GPUS_PER_NODE": "0",
+        "PROCS_PER_NODE": "2",
+        "EXTRA_ARGS": "--workers 0 --mixed-precision no --batch-size 64 --triplets 100",
+    }
+    eval_job = sbatch(
+        eval_env,
+        logs,
+        "--gpus-per-node=0",
+        f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
+        f"--dependency=afterok:{shards_job}",
+        "slurm/evaluate.sh",
+    )
     shards_log, eval_log = logs / f"ranking-shards-{shards_job}.out", logs / f"ranking-eval-{eval_job}.out"
-    wait_until(lambda: not in_queue(env, shards_job) and not in_queue(env, eval_job), 240, "shards and eval jobs",
-               eval_log)
+    wait_until(
+        lambda: not in_queue(env, shards_job) and not in_queue(env, eval_job), 240, "shards and eval jobs", eval_log
+    )
 
     assert job_info(env, shards_job)["JobState"] == "COMPLETED", shards_log.read_text()
     assert json.loads((shards / "manifest.json").read_text())["splits"]["train"]["count"] == 240
@@ -287,8 +389,7 @@ def test_a_bad_mixed_precision_knob_exits_2_with_one_line(value: str, tmp_path: 
 
 STAND_INS = {
     # srun: record the options, then run the task's command once, as node 0
-    "srun": 'printf "%s\\n" "$*" >> "$RECORD"\nwhile [[ "$1" == --* ]]; do shift; done\n'
-            'SLURM_NODEID=0 exec "$@"\n',
+    "srun": 'printf "%s\\n" "$*" >> "$RECORD"\nwhile [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n',
     "scontrol": 'case "$1" in show) echo node1 ;; *) echo "scontrol $*" >> "$RECORD" ;; esac\n',
     "sinfo": "echo 127.0.0.1\n",
 }
@@ -302,12 +403,23 @@ def stand_in_slurm(tmp_path: Path, exit_code: int) -> dict[str, str]:
     for name, body in STAND_INS.items():
         (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
         (bin_dir / name).chmod(0o755)
-    (tmp_path / "stage.py").write_text(f"import sys\nprint('ranking train: stopped at step 3/10', flush=True)\n"
-                                       f"sys.exit({exit_code})\n")
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record.txt"),
-            "PYTHON": sys.executable, "PYTHONPATH": f"{tmp_path}:{REPO}", "OMP_NUM_THREADS": "1",
-            "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ranking-train", "SLURM_JOB_NODELIST": "n1",
-            "GPUS_PER_NODE": "0", "PROCS_PER_NODE": "2", "HOME": str(tmp_path)}
+    (tmp_path / "stage.py").write_text(
+        f"import sys\nprint('ranking train: stopped at step 3/10', flush=True)\nsys.exit({exit_code})\n"
+    )
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORD": str(tmp_path / "record.txt"),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": f"{tmp_path}:{REPO}",
+        "OMP_NUM_THREADS": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ranking-train",
+        "SLURM_JOB_NODELIST": "n1",
+        "GPUS_PER_NODE": "0",
+        "PROCS_PER_NODE": "2",
+        "HOME": str(tmp_path),
+    }
 
 
 def test_a_planned_stop_reads_as_one_line_per_node_and_requeues(tmp_path: Path) -> None:
@@ -336,15 +448,24 @@ def test_a_crash_keeps_torchruns_whole_report(tmp_path: Path) -> None:
     assert "finished with status 1" in output and "scontrol" not in (tmp_path / "record.txt").read_text()
 
 
-@pytest.mark.parametrize("env", [{"SLURM_NNODES": "2", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"},
-                                 {"SLURM_NNODES": "1", "SLURM_NTASKS": "4"}], ids=["per-node", "ntasks"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SLURM_NNODES": "2", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"},
+        {"SLURM_NNODES": "1", "SLURM_NTASKS": "4"},
+    ],
+    ids=["per-node", "ntasks"],
+)
 def test_a_job_with_more_tasks_per_node_is_refused_in_one_line(env: dict[str, str], tmp_path: Path) -> None:
     done = common_sh("validate_knobs; echo launched", env, tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and "submit with --ntasks-per-node=1" in lines[0], lines
-    one_per_node = common_sh("validate_knobs; echo launched",
-                             {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1"}, tmp_path)
+    one_per_node = common_sh(
+        "validate_knobs; echo launched",
+        {"SLURM_NNODES": "2", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1"},
+        tmp_path,
+    )
     assert one_per_node.stdout == "launched\n", one_per_node.stderr
 
 
@@ -354,8 +475,10 @@ def test_the_rendezvous_port_is_fixed_per_job_below_the_ephemeral_range(tmp_path
     ports = [int(p) for p in common_sh(script, {}, tmp_path).stdout.split()]
     assert ports == [15000 + j % 15000 for j in job_ids]
     assert all(1024 < p < 32768 for p in ports)
-    assert common_sh("main_process_port", {"SLURM_JOB_ID": "7", "MAIN_PROCESS_PORT": "29500"}, tmp_path).stdout \
+    assert (
+        common_sh("main_process_port", {"SLURM_JOB_ID": "7", "MAIN_PROCESS_PORT": "29500"}, tmp_path).stdout
         == "29500\n"
+    )
 
 
 def test_empty_arrays_are_guarded_for_bash_before_4_4() -> None:
@@ -366,7 +489,7 @@ def test_empty_arrays_are_guarded_for_bash_before_4_4() -> None:
         text = "\n".join(line for line in script.read_text().splitlines() if not line.lstrip().startswith("#"))
         for match in re.finditer(r'(.)"\$\{(\w+)\[[@*]\]\}"', text):
             assert match.group(1) == "+" or match.group(2) in never_empty, f"{script.name}: {match.group(0)}"
-        for match in re.finditer(r'\$\{(\w+)\[\*\]\}', text):
+        for match in re.finditer(r"\$\{(\w+)\[\*\]\}", text):
             assert match.group(1) in never_empty, f"{script.name}: {match.group(0)} (write ${{A[*]-}})"
 
 
@@ -374,8 +497,19 @@ def test_scripts_run_with_no_extra_args_under_set_u(tmp_path: Path) -> None:
     recorder = tmp_path / "python"
     recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / "args.txt"}\n')
     recorder.chmod(0o755)
-    done = subprocess.run(["bash", str(REPO / "slurm" / "shards.sh")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=30, env={"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO),
-                                           "PYTHON": str(recorder), "SOURCE": "s.zip", "OUT": "o"})
+    done = subprocess.run(
+        ["bash", str(REPO / "slurm" / "shards.sh")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={
+            "PATH": os.environ["PATH"],
+            "SLURM_SUBMIT_DIR": str(REPO),
+            "PYTHON": str(recorder),
+            "SOURCE": "s.zip",
+            "OUT": "o",
+        },
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "args.txt").read_text().split() == ["-m", "ranking", "shards", "s.zip", "--out", "o"]

@@ -38,17 +38,32 @@ def write_split(out: Path, split: str, ids: list[int], per_shard: int, corrupt: 
     for index, start in enumerate(range(0, len(ids), per_shard)):
         name = f"{split}-{index:06d}.tar"
         with wds.TarWriter(str(out / name)) as sink:
-            for sample_id in ids[start:start + per_shard]:
+            for sample_id in ids[start : start + per_shard]:
                 label = sample_id % CLASSES
-                sink.write({
-                    "__key__": f"{split}_{sample_id:07d}",
-                    "jpg": b"not a jpeg" if sample_id == corrupt else jpeg(sample_id),
-                    "cls": str(label).encode(),
-                    "json": json.dumps({"id": sample_id, "split": split, "label": label, "wnid": f"n{label:08d}",
-                                        "words": f"class {label}", "file": f"{split}/{sample_id}.JPEG"}).encode(),
-                })
-        shards.append({"name": name, "count": len(ids[start:start + per_shard]),
-                       "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
+                sink.write(
+                    {
+                        "__key__": f"{split}_{sample_id:07d}",
+                        "jpg": b"not a jpeg" if sample_id == corrupt else jpeg(sample_id),
+                        "cls": str(label).encode(),
+                        "json": json.dumps(
+                            {
+                                "id": sample_id,
+                                "split": split,
+                                "label": label,
+                                "wnid": f"n{label:08d}",
+                                "words": f"class {label}",
+                                "file": f"{split}/{sample_id}.JPEG",
+                            }
+                        ).encode(),
+                    }
+                )
+        shards.append(
+            {
+                "name": name,
+                "count": len(ids[start : start + per_shard]),
+                "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
+            }
+        )
     return {"count": len(ids), "shards": shards}
 
 
@@ -56,11 +71,19 @@ def write_tiny_shards(out: Path, corrupt: int | None = None) -> Path:
     """A few shards in the DESIGN.md format, written with webdataset's TarWriter (train in shuffled order)."""
     out.mkdir(parents=True)
     train_ids = [(i * 7) % 24 for i in range(24)]
-    splits = {"train": write_split(out, "train", train_ids, 8, corrupt),
-              "val": write_split(out, "val", list(range(10)), 4),
-              "test": write_split(out, "test", list(range(2)), 4)}
-    manifest = {"format": "deep-ranking-shards/1", "source": "tiny.zip", "seed": 0, "shard_size": 8,
-                "classes": [{"wnid": f"n{c:08d}", "words": f"class {c}"} for c in range(CLASSES)], "splits": splits}
+    splits = {
+        "train": write_split(out, "train", train_ids, 8, corrupt),
+        "val": write_split(out, "val", list(range(10)), 4),
+        "test": write_split(out, "test", list(range(2)), 4),
+    }
+    manifest = {
+        "format": "deep-ranking-shards/1",
+        "source": "tiny.zip",
+        "seed": 0,
+        "shard_size": 8,
+        "classes": [{"wnid": f"n{c:08d}", "words": f"class {c}"} for c in range(CLASSES)],
+        "splits": splits,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -137,15 +160,22 @@ def test_eval_transform_is_deterministic_and_train_transform_is_not():
 @pytest.mark.parametrize("decode_in_batches", [True, False], ids=["records decoded per batch", "decoded samples"])
 @pytest.mark.parametrize("sampler", ["paper", "batch"])
 def test_batches_from_the_shard_stream_in_workers(tiny_shards, sampler, decode_in_batches):
-    config = TrainConfig(sampler=sampler, classes_per_batch=3, samples_per_class=2, triplets_per_batch=4,
-                         neg_per_query=2, buffer_per_class=3)
+    config = TrainConfig(
+        sampler=sampler,
+        classes_per_batch=3,
+        samples_per_class=2,
+        triplets_per_batch=4,
+        neg_per_query=2,
+        buffer_per_class=3,
+    )
     if decode_in_batches:  # the trainer's path: buffers hold JPEG bytes, a batch decodes what it uses, to uint8
         records = train_records(str(tiny_shards), shuffle_buffer=10, seed=0)
         assert isinstance(next(iter(records)).image, bytes)
         batches = build_batches(records, config, CLASSES, seed=0, decode=StoredDecoder(16).image)
     else:  # the per-image reference transform
-        batches = build_batches(train_samples(str(tiny_shards), 16, MEAN, STD, shuffle_buffer=10, seed=0), config,
-                                CLASSES, seed=0)
+        batches = build_batches(
+            train_samples(str(tiny_shards), 16, MEAN, STD, shuffle_buffer=10, seed=0), config, CLASSES, seed=0
+        )
     for batch in take(batches, 4, workers=2):
         assert batch.images.shape[1:] == (3, 16, 16)
         assert batch.images.dtype == (torch.uint8 if decode_in_batches else torch.float32)
@@ -173,10 +203,12 @@ def test_corrupt_jpeg_names_the_shard_and_sample(tmp_path):
 def test_corrupt_jpeg_in_the_trainers_workers_names_the_shard_and_sample(tmp_path, sampler):
     """The trainer's path: DataLoader workers decode the records a batch uses to uint8 (augment.StoredDecoder)."""
     shards = write_tiny_shards(tmp_path / "shards", corrupt=5)
-    config = TrainConfig(sampler=sampler, classes_per_batch=2, samples_per_class=2, triplets_per_batch=2,
-                         buffer_per_class=3)
-    batches = build_batches(train_records(str(shards), shuffle_buffer=1, seed=0), config, CLASSES, seed=0,
-                            decode=StoredDecoder(16).image)
+    config = TrainConfig(
+        sampler=sampler, classes_per_batch=2, samples_per_class=2, triplets_per_batch=2, buffer_per_class=3
+    )
+    batches = build_batches(
+        train_records(str(shards), shuffle_buffer=1, seed=0), config, CLASSES, seed=0, decode=StoredDecoder(16).image
+    )
     with pytest.raises(RankingError, match=r"train-00000\d\.tar: sample train_0000005: cannot decode"):
         take(batches, 500, workers=2)
 

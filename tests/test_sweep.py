@@ -15,10 +15,30 @@ from ranking.train import expand_run_dir
 
 
 def test_agent_style_flags_parse():
-    cfg = flags.parse(TrainConfig, ["--trunk_lr_scale=0.3", "--pretrained=True", "--frozen_stages=2",
-                                     "--miner=hard", "--wandb=false", "--margin", "0.3", "--lr=2e-3"], "t", "")
-    assert (cfg.trunk_lr_scale, cfg.pretrained, cfg.frozen_stages, cfg.miner, cfg.wandb, cfg.margin, cfg.lr) == \
-        (0.3, True, 2, "hard", False, 0.3, 2e-3)
+    cfg = flags.parse(
+        TrainConfig,
+        [
+            "--trunk_lr_scale=0.3",
+            "--pretrained=True",
+            "--frozen_stages=2",
+            "--miner=hard",
+            "--wandb=false",
+            "--margin",
+            "0.3",
+            "--lr=2e-3",
+        ],
+        "t",
+        "",
+    )
+    assert (cfg.trunk_lr_scale, cfg.pretrained, cfg.frozen_stages, cfg.miner, cfg.wandb, cfg.margin, cfg.lr) == (
+        0.3,
+        True,
+        2,
+        "hard",
+        False,
+        0.3,
+        2e-3,
+    )
     assert flags.parse(TrainConfig, ["--normalize=FALSE", "--channels-last=1"], "t", "").normalize is False
     with pytest.raises(ConfigError, match="--pretrained takes true or false, got 'maybe'"):
         flags.parse(TrainConfig, ["--pretrained=maybe"], "t", "")

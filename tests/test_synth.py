@@ -24,8 +24,7 @@ def jpegs(path) -> dict[str, bytes]:
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     a = write_synthetic_archive(tmp_path / "a.zip", classes=3, train_per_class=4, val_per_class=2, test_count=2)
     b = write_synthetic_archive(tmp_path / "b.zip", classes=3, train_per_class=4, val_per_class=2, test_count=2)
-    c = write_synthetic_archive(tmp_path / "c.zip", classes=3, train_per_class=4, val_per_class=2, test_count=2,
-                                seed=1)
+    c = write_synthetic_archive(tmp_path / "c.zip", classes=3, train_per_class=4, val_per_class=2, test_count=2, seed=1)
     assert a.read_bytes() == b.read_bytes()
     assert jpegs(a).keys() == jpegs(c).keys()
     assert all(jpegs(a)[n] != jpegs(c)[n] for n in jpegs(a))
@@ -51,9 +50,17 @@ def test_official_layout_with_the_quirks_of_real_copies(synth_zip):
 def test_images_vary_within_a_class_and_the_classes_are_learnable(synth_zip):
     """Every image is distinct, yet a nearest-centroid classifier on tiny colour thumbnails beats chance easily."""
     with Archive(synth_zip) as archive:
+
         def features(split):
-            rows = [(np.asarray(Image.open(io.BytesIO(archive.read(s.file))).convert("RGB").resize((8, 8)),
-                                dtype=np.float32).ravel(), s.label) for s in archive.samples(split)]
+            rows = [
+                (
+                    np.asarray(
+                        Image.open(io.BytesIO(archive.read(s.file))).convert("RGB").resize((8, 8)), dtype=np.float32
+                    ).ravel(),
+                    s.label,
+                )
+                for s in archive.samples(split)
+            ]
             return np.stack([r[0] for r in rows]), np.array([r[1] for r in rows])
 
         train_x, train_y = features("train")
@@ -73,8 +80,25 @@ def test_neighbouring_classes_differ_in_every_attribute():
 
 def test_cli_writes_the_zip_and_rejects_bad_counts(tmp_path, capsys):
     out = tmp_path / "demo.zip"
-    assert main(["--out", str(out), "--classes", "2", "--train-per-class", "3", "--val-per-class", "1",
-                 "--test-count", "0", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--classes",
+                "2",
+                "--train-per-class",
+                "3",
+                "--val-per-class",
+                "1",
+                "--test-count",
+                "0",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     with Archive(out) as archive:
         assert [len(archive.samples(s)) for s in ("train", "val", "test")] == [6, 2, 0]
     with pytest.raises(ConfigError, match="classes must be between 2"):
@@ -83,8 +107,11 @@ def test_cli_writes_the_zip_and_rejects_bad_counts(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ranking", "synth", "--out", str(tmp_path / "x.zip"),
-                             "--train-per-class", "0"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ranking", "synth", "--out", str(tmp_path / "x.zip"), "--train-per-class", "0"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["ranking synth: error: train_per_class must be at least 1; got 0"]
     assert not list(tmp_path.iterdir())

@@ -23,8 +23,15 @@ def resolve(home: Path, env: dict[str, str] | None = None, requested: str = "") 
     """(mode printed by resolve_mode, its stderr) with HOME and the working folder in ``home``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     code = f"from ranking.reporting import tracking; print(tracking.resolve_mode({requested!r}))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True, timeout=120,
-                            env={**clean, "HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})}, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, "HOME": str(home), "PYTHONPATH": str(REPO), **(env or {})},
+        check=True,
+    )
     return result.stdout.strip(), result.stderr
 
 
@@ -40,15 +47,24 @@ def test_nothing_configured_goes_offline_and_says_so(home):
     assert said.count("\n") == 1 and "no mode configured and no credentials" in said and "wandb sync" in said
 
 
-@pytest.mark.parametrize("env", [{"WANDB_MODE": "online"}, {"WANDB_MODE": "disabled"},
-                                 {"WANDB_API_KEY": "a" * 40}], ids=["WANDB_MODE online", "disabled", "API key"])
+@pytest.mark.parametrize(
+    "env",
+    [{"WANDB_MODE": "online"}, {"WANDB_MODE": "disabled"}, {"WANDB_API_KEY": "a" * 40}],
+    ids=["WANDB_MODE online", "disabled", "API key"],
+)
 def test_the_environment_lets_wandb_decide(home, env):
     assert resolve(home, env) == ("None", "")
 
 
 def test_wandb_offline_in_the_folder_lets_wandb_decide(home):
-    subprocess.run([str(WANDB), "offline"], cwd=home, env={**os.environ, "HOME": str(home)}, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [str(WANDB), "offline"],
+        cwd=home,
+        env={**os.environ, "HOME": str(home)},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     mode, said = resolve(home)
     assert mode == "None" and "no mode configured" not in said  # (wandb itself names the settings file it read)
 
@@ -56,8 +72,15 @@ def test_wandb_offline_in_the_folder_lets_wandb_decide(home):
 def test_wandb_login_credentials_let_wandb_decide(home):
     """`wandb login` writes the key into ~/.netrc for the W&B host; wandb online then needs no fallback."""
     code = "from wandb.sdk import wandb_setup; print(wandb_setup.singleton().settings.base_url)"
-    base_url = subprocess.run([sys.executable, "-c", code], cwd=home, capture_output=True, text=True, check=True,
-                              env={**os.environ, "HOME": str(home)}, timeout=120).stdout.strip()
+    base_url = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=home,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HOME": str(home)},
+        timeout=120,
+    ).stdout.strip()
     netrc = home / ".netrc"
     netrc.write_text(f"machine {urlsplit(base_url).hostname}\n  login user\n  password {'b' * 40}\n")
     netrc.chmod(0o600)
@@ -83,9 +106,19 @@ def trainer_sink(run_dir: Path, shards: Path, **overrides):
     from ranking.learning import models
     from ranking.training.metrics import MetricsSink, start_records
 
-    cfg = flags.build(TrainConfig, str(SMOKE), {"run_dir": str(run_dir), "shards": str(shards), "image_size": 32,
-                                                "embed_dim": 16, "wandb_mode": "offline", "progress": False,
-                                                **overrides})
+    cfg = flags.build(
+        TrainConfig,
+        str(SMOKE),
+        {
+            "run_dir": str(run_dir),
+            "shards": str(shards),
+            "image_size": 32,
+            "embed_dim": 16,
+            "wandb_mode": "offline",
+            "progress": False,
+            **overrides,
+        },
+    )
     run_dir.mkdir(parents=True)
     accelerator = Accelerator(cpu=True, log_with="wandb")
     torch.manual_seed(0)
@@ -97,13 +130,23 @@ def trainer_sink(run_dir: Path, shards: Path, **overrides):
 def validation_at(step: int, precision: float):
     from ranking.retrieval.validation import Validation
 
-    return Validation(step, {"precision_at_k": precision, "knn1_accuracy": precision / 2, "hit_at_k": 1.0,
-                             "map": precision / 3, "map_at_r": precision / 4}, seconds=0.5)
+    return Validation(
+        step,
+        {
+            "precision_at_k": precision,
+            "knn1_accuracy": precision / 2,
+            "hit_at_k": 1.0,
+            "map": precision / 3,
+            "map_at_r": precision / 4,
+        },
+        seconds=0.5,
+    )
 
 
 @pytest.mark.system  # wandb.init starts W&B's service process
-def test_the_training_run_logs_sections_on_trainer_step_keeps_the_best_and_one_model_artifact(synth_shards, tmp_path,
-                                                                                             monkeypatch):
+def test_the_training_run_logs_sections_on_trainer_step_keeps_the_best_and_one_model_artifact(
+    synth_shards, tmp_path, monkeypatch
+):
     from safetensors.torch import load_file
 
     from ranking.learning.losses import StepLoss
@@ -125,7 +168,7 @@ def test_the_training_run_logs_sections_on_trainer_step_keeps_the_best_and_one_m
     sink.close()
     sink.finish(last=(6, net))
 
-    run_folder, = (run_dir / "wandb").glob("offline-run-*")
+    (run_folder,) = (run_dir / "wandb").glob("offline-run-*")
     run = wandb_run(run_folder)
     assert (run.run_group, run.job_type) == ("run", "train")  # grouped by its name without --wandb-group
     history, _ = wandb_history_and_config(run_folder)
@@ -157,8 +200,9 @@ def test_a_resumed_runs_best_summary_counts_the_validations_before_the_requeue()
     from ranking.reporting.tracking import BestSummary, best_keys
 
     assert "val/precision@30" in best_keys() and "val/seconds" not in best_keys()
-    best = BestSummary(best_keys(), earlier=[{"step": 2, "val/precision@30": 0.6, "val/knn1": 0.2},
-                                             {"step": 3, "train/loss": 0.1}])
+    best = BestSummary(
+        best_keys(), earlier=[{"step": 2, "val/precision@30": 0.6, "val/knn1": 0.2}, {"step": 3, "train/loss": 0.1}]
+    )
     assert best.improved({"step": 4, "val/precision@30": 0.5, "val/knn1": 0.3}) == {"val/knn1": 0.3}
     assert best.improved({"step": 6, "val/precision@30": 0.7}) == {"val/precision@30": 0.7}
     assert best.best == {"val/precision@30": 0.7, "val/knn1": 0.3}

@@ -32,6 +32,7 @@ GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6  # fp32; the two sides differ only in summatio
 
 # --------------------------------------------------------------------------------------------------- fast units
 
+
 def test_warmup_then_cosine_schedule():
     cfg = TrainConfig(steps=110, warmup_steps=10)
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
@@ -47,8 +48,17 @@ def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible
     same seeds and rank give the same model input, as a resumed run that restarts from its step's seeds does."""
     from ranking.data.loader import DeviceAugment, stream_seeds, train_batches
 
-    cfg = flags.build(TrainConfig, str(SMOKE), {"shards": str(synth_shards), "workers": 2, "shuffle_buffer": 50,
-                                                 "classes_per_batch": 3, "samples_per_class": 4})
+    cfg = flags.build(
+        TrainConfig,
+        str(SMOKE),
+        {
+            "shards": str(synth_shards),
+            "workers": 2,
+            "shuffle_buffer": 50,
+            "classes_per_batch": 3,
+            "samples_per_class": 4,
+        },
+    )
 
     def model_inputs(step: int, rank: int) -> list[Batch]:
         monkeypatch.setenv("RANK", str(rank))  # the rank the stream's workers seed from
@@ -118,9 +128,23 @@ def stopped_run(synth_shards, tmp_path_factory) -> StoppedRun:
     """One run on 2 ranks (batch sampler, all valid triplets mined over both ranks' batches, a DataLoader worker
     per rank), stopped by SIGUSR1 sent to rank 1 only right after step 1, then resumed with --resume latest."""
     run_dir = tmp_path_factory.mktemp("runs") / "two-ranks"
-    flags = train_flags(synth_shards, run_dir, steps=STEPS, sampler="batch", miner="all", lr=3e-3, workers=1, **{
-        "classes-per-batch": 3, "samples-per-class": 4, "checkpoint-every": 15, "keep-checkpoints": 2,
-        "run-name": "two-ranks", "wandb-group": "tests"})
+    flags = train_flags(
+        synth_shards,
+        run_dir,
+        steps=STEPS,
+        sampler="batch",
+        miner="all",
+        lr=3e-3,
+        workers=1,
+        **{
+            "classes-per-batch": 3,
+            "samples-per-class": 4,
+            "checkpoint-every": 15,
+            "keep-checkpoints": 2,
+            "run-name": "two-ranks",
+            "wandb-group": "tests",
+        },
+    )
     stopped = stop_rank_once_it_logged(launch(flags, wait=False), run_dir, rank=1)
     stopped_checkpoint = (run_dir / "checkpoints" / "latest").resolve()
     stop_step = torch.load(stopped_checkpoint / "state.pt", weights_only=True)["step"]
@@ -147,7 +171,7 @@ def test_resume_continues_the_run_to_the_configured_step(stopped_run):
     # what 2 ranks train with: the recipe's lr scaled by sqrt(2) (lr_scaling sqrt against one process's batch)
     recipe = flags.build(TrainConfig, str(run_dir / "config.yaml"))
     cfg = Scale.of(recipe, 2).applied(recipe)
-    assert cfg.lr == pytest.approx(recipe.lr * 2 ** 0.5)
+    assert cfg.lr == pytest.approx(recipe.lr * 2**0.5)
     for r in records:  # the schedule continues where it stopped instead of warming up again
         assert r["train/lr"] == pytest.approx(cfg.lr * lr_factor(r["step"] - 1, cfg)), r
 
@@ -178,10 +202,14 @@ def test_wandb_offline_run_is_reused_and_holds_the_loss_and_the_config(stopped_r
     assert [row["_step"] for row in first] == list(range(1, stop_step + 1))
     assert [row["_step"] for row in second] == list(range(stop_step + 1, STEPS + 1))
     for row, record in zip(first + second, metrics(run_dir)):  # the names of metrics.jsonl, on trainer/step
-        assert row["train/loss"] == pytest.approx(record["train/loss"]) and row["train/lr"] == pytest.approx(
-            record["train/lr"]) and row["trainer/step"] == record["step"]
-    assert not any(key for row in first + second for key in row if "/" not in key and not key.startswith("_")), \
+        assert (
+            row["train/loss"] == pytest.approx(record["train/loss"])
+            and row["train/lr"] == pytest.approx(record["train/lr"])
+            and row["trainer/step"] == record["step"]
+        )
+    assert not any(key for row in first + second for key in row if "/" not in key and not key.startswith("_")), (
         "every logged name is in a section (train/, val/, trainer/)"
+    )
     for run_config in (first_config, second_config):
         assert run_config["miner"] == "all" and run_config["steps"] == STEPS and run_config["wandb_tags"] == ["test"]
     assert second_config["resume"] == "latest"
@@ -228,8 +256,10 @@ def ddp_gradients_worker(out: str) -> None:
     rows = slice(rank * GLOBAL_IMAGES // world, (rank + 1) * GLOBAL_IMAGES // world)
     ddp_model = accelerator.prepare(model)
     results = {}
-    for path, batch in (("mined", Batch(images[rows], labels[rows], labels[rows], None)),
-                        ("triplets", Batch(images[rows], labels[rows], labels[rows], triplets[rank]))):
+    for path, batch in (
+        ("mined", Batch(images[rows], labels[rows], labels[rows], None)),
+        ("triplets", Batch(images[rows], labels[rows], labels[rows], triplets[rank])),
+    ):
         ddp_model.zero_grad()
         accelerator.backward(loss_fn(ddp_model(batch.images), batch.labels, batch.triplets).objective)
         results[path] = gradients(accelerator.unwrap_model(ddp_model))
@@ -253,8 +283,10 @@ def test_ddp_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
     model, loss_fn, images, labels, triplets = fixed_problem(world=2)
     half = GLOBAL_IMAGES // 2
     concatenated_triplets = torch.cat([triplets[0], triplets[1] + half])
-    for path, batch in (("mined", Batch(images, labels, labels, None)),
-                        ("triplets", Batch(images, labels, labels, concatenated_triplets))):
+    for path, batch in (
+        ("mined", Batch(images, labels, labels, None)),
+        ("triplets", Batch(images, labels, labels, concatenated_triplets)),
+    ):
         model.zero_grad()
         loss_fn(model(batch.images), batch.labels, batch.triplets).objective.backward()  # one process: no gather
         reference = gradients(model)

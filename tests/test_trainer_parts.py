@@ -43,8 +43,9 @@ class FakeClock:
 
 
 def policy_of(signals: distributed.StopRequest, clock: FakeClock, **overrides) -> StopPolicy:
-    cfg = TrainConfig(**{"steps": 10, "time_limit_minutes": 1.0, "run_dir": "runs/x", "shards": "shards/x",
-                         **overrides})
+    cfg = TrainConfig(
+        **{"steps": 10, "time_limit_minutes": 1.0, "run_dir": "runs/x", "shards": "shards/x", **overrides}
+    )
     return StopPolicy(cfg, signals, CPU, clock=clock)
 
 
@@ -61,8 +62,9 @@ def test_the_time_limit_counts_training_time_only():
     assert policy.reason(4, NOT_DIVERGED) is None  # 89 s on the clock, 59 s of training
     clock.now += 2
     assert policy.reason(5, NOT_DIVERGED) is Stop.TIME_LIMIT and Stop.TIME_LIMIT.exit_code == 0
-    assert policy.explain(Stop.TIME_LIMIT, 5, Path("c")) == ("ranking train: time limit of 1 min reached at step "
-                                                             "5/10; checkpoint saved")
+    assert policy.explain(Stop.TIME_LIMIT, 5, Path("c")) == (
+        "ranking train: time limit of 1 min reached at step 5/10; checkpoint saved"
+    )
     unlimited = policy_of(distributed.StopRequest(), clock, time_limit_minutes=0.0)
     clock.now += 10**6
     assert unlimited.reason(5, NOT_DIVERGED) is None
@@ -78,7 +80,8 @@ def test_a_stop_signal_stops_after_the_step_and_asks_to_be_requeued():
         assert policy.reason(3, NOT_DIVERGED) is Stop.SIGNAL and Stop.SIGNAL.exit_code == 75
         assert policy.explain(Stop.SIGNAL, 3, Path("run/checkpoints/step-0000003")) == (
             "ranking train: stopped at step 3/10 (SIGUSR1); checkpoint run/checkpoints/step-0000003; exit 75 to be "
-            "requeued")
+            "requeued"
+        )
     quiet = policy_of(distributed.StopRequest(), clock)  # this rank got no signal: another rank asked
     assert "(another rank's stop request)" in quiet.explain(Stop.SIGNAL, 3, Path("c"))
 
@@ -103,20 +106,25 @@ def test_a_diverged_run_names_its_last_good_checkpoint_on_every_rank(tmp_path):
     (tmp_path / "checkpoints" / "latest").symlink_to("step-0000004")
     assert str(policy.diverged(5)) == (
         f"{tmp_path}: the loss or gradient norm is not finite at step 5 (diverged: lower --lr, check --margin and the "
-        f"data); no checkpoint written, the last is {tmp_path / 'checkpoints' / 'step-0000004'}")
+        f"data); no checkpoint written, the last is {tmp_path / 'checkpoints' / 'step-0000004'}"
+    )
 
 
 def test_a_stalled_wait_is_one_line_or_a_requeue_after_a_signal(capsys):
     policy = policy_of(distributed.StopRequest(), FakeClock(), batch_timeout_s=30.0, sampler="batch")
     with pytest.raises(RankingError) as error:
         policy.stalled(4, BatchStall(30.2))
-    assert str(error.value) == ("shards/x: no batch for 30 s (--batch-timeout-s) at step 4: the train stream stalled "
-                                "(a hung file system?) or the batch sampler cannot form a batch from these shards")
+    assert str(error.value) == (
+        "shards/x: no batch for 30 s (--batch-timeout-s) at step 4: the train stream stalled "
+        "(a hung file system?) or the batch sampler cannot form a batch from these shards"
+    )
     with distributed.StopRequest() as signals:
         os.kill(os.getpid(), signal.SIGTERM)
         assert policy_of(signals, FakeClock()).stalled(4, BatchStall(12.4)) == 75
-    assert capsys.readouterr().err == ("ranking train: stopped at step 4/10 after waiting 12 s for a batch (SIGTERM); "
-                                       "no new checkpoint, the last is none; exit 75 to be requeued\n")
+    assert capsys.readouterr().err == (
+        "ranking train: stopped at step 4/10 after waiting 12 s for a batch (SIGTERM); "
+        "no new checkpoint, the last is none; exit 75 to be requeued\n"
+    )
 
 
 # -------------------------------------------------------------------------------------------- batch watchdog
@@ -209,10 +217,21 @@ def test_a_workers_ranking_error_comes_back_as_its_one_line():
 
 
 def smoke_config(shards: Path, run_dir: Path, **overrides) -> TrainConfig:
-    return flags.build(TrainConfig, str(SMOKE), {"shards": str(shards), "run_dir": str(run_dir), "workers": 0,
-                                                 "shuffle_buffer": 50, "classes_per_batch": 3,
-                                                 "samples_per_class": 4, "wandb": False, "warmup_steps": 3,
-                                                 **overrides})
+    return flags.build(
+        TrainConfig,
+        str(SMOKE),
+        {
+            "shards": str(shards),
+            "run_dir": str(run_dir),
+            "workers": 0,
+            "shuffle_buffer": 50,
+            "classes_per_batch": 3,
+            "samples_per_class": 4,
+            "wandb": False,
+            "warmup_steps": 3,
+            **overrides,
+        },
+    )
 
 
 def test_one_step_accumulates_updates_once_and_flags_a_loss_that_is_not_finite(synth_shards, tmp_path):

@@ -41,9 +41,21 @@ def test_gallery_subset_is_per_class_fixed_by_seed(synth_shards, tmp_path):
 @pytest.mark.slow
 def test_validation_during_training_equals_a_standalone_evaluation(synth_shards, tmp_path):
     run_dir = tmp_path / "run"
-    flags = train_flags(synth_shards, run_dir, steps=6, lr=3e-3, **{
-        "classes-per-batch": 3, "samples-per-class": 4, "eval-every": 2, "eval-gallery-per-class": PER_CLASS,
-        "checkpoint-every": 100, "keep-checkpoints": 1, "wandb-artifacts": None})
+    flags = train_flags(
+        synth_shards,
+        run_dir,
+        steps=6,
+        lr=3e-3,
+        **{
+            "classes-per-batch": 3,
+            "samples-per-class": 4,
+            "eval-every": 2,
+            "eval-gallery-per-class": PER_CLASS,
+            "checkpoint-every": 100,
+            "keep-checkpoints": 1,
+            "wandb-artifacts": None,
+        },
+    )
     result = launch(flags)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -59,10 +71,30 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     assert runfolder.step_dir_name(6) in kept and best_dir.resolve().name in kept  # keep 1, but best is kept too
 
     out = tmp_path / "eval"
-    evaluated = subprocess.run([sys.executable, "-m", "ranking", "evaluate", "--checkpoint", str(best_dir), "--out",
-                                str(out), "--gallery-per-class", str(PER_CLASS), "--workers", "0",
-                                "--mixed-precision", "no", "--triplets", "0"], capture_output=True, text=True,
-                               env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ranking",
+            "evaluate",
+            "--checkpoint",
+            str(best_dir),
+            "--out",
+            str(out),
+            "--gallery-per-class",
+            str(PER_CLASS),
+            "--workers",
+            "0",
+            "--mixed-precision",
+            "no",
+            "--triplets",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        timeout=300,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     standalone = read_metrics(out)["splits"]["val"]
     assert standalone["precision_at_k"] == pytest.approx(best["val/precision@30"], abs=1e-6)
@@ -96,8 +128,9 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     eval_history = wait_for_history(eval_run)
     assert eval_history[0]["trainer/step"] == best["step"]
     assert eval_history[0]["val/precision@30"] == pytest.approx(standalone["precision_at_k"])
-    assert eval_history[0]["eval/train/precision@30"] == pytest.approx(read_metrics(out)["splits"]["train"][
-        "precision_at_k"])
+    assert eval_history[0]["eval/train/precision@30"] == pytest.approx(
+        read_metrics(out)["splits"]["train"]["precision_at_k"]
+    )
     assert any(k.startswith("eval/pr_curve") for k in eval_history[0])
     # --wandb-artifacts: W&B's staged copies (the embeddings, the tables) are in the run folder, not the home folder
     staged = list((run_dir / "wandb" / "artifacts" / "staging").iterdir())
@@ -105,10 +138,15 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     eval_config = wandb_history_and_config(eval_run)[1]
     assert eval_config["mixed_precision"] == "no" and eval_config["checkpoint_step"] == best["step"]
     assert eval_config["checkpoint_sha256"] == checkpoint.state_sha256(best_dir.resolve())
-    reported = subprocess.run([sys.executable, "-m", "ranking", "report", str(run_dir), str(out)], capture_output=True,
-                              text=True, env={**os.environ, "WANDB_MODE": "offline"}, timeout=300)
+    reported = subprocess.run(
+        [sys.executable, "-m", "ranking", "report", str(run_dir), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        timeout=300,
+    )
     assert reported.returncode == 0, reported.stderr
-    report_run, = set((run_dir / "wandb").glob("offline-run-*")) - {training_run, eval_run}
+    (report_run,) = set((run_dir / "wandb").glob("offline-run-*")) - {training_run, eval_run}
     groups = {run.job_type: run.run_group for run in map(wandb_run, (training_run, eval_run, report_run))}
     assert groups == {"train": "run", "eval": "run", "report": "run"}  # without --wandb-group: the run's name
     assert not os.path.exists(run_dir / "checkpoints" / ".best.tmp")

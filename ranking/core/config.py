@@ -147,9 +147,20 @@ class TrainConfig:
             flags.not_empty(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in run_dir and --overwrite moves it aside: give one")
-        for name in ("image_size", "classes_per_batch", "samples_per_class", "triplets_per_batch", "pos_per_query",
-                     "neg_per_query", "buffer_per_class", "embed_dim", "steps", "grad_accum", "log_every",
-                     "checkpoint_every"):
+        for name in (
+            "image_size",
+            "classes_per_batch",
+            "samples_per_class",
+            "triplets_per_batch",
+            "pos_per_query",
+            "neg_per_query",
+            "buffer_per_class",
+            "embed_dim",
+            "steps",
+            "grad_accum",
+            "log_every",
+            "checkpoint_every",
+        ):
             flags.at_least(name, getattr(self, name), 1)
         flags.at_least("stored_size", self.stored_size, 1)
         for name in ("image_size", "stored_size"):
@@ -157,9 +168,23 @@ class TrainConfig:
         flags.at_most("embed_dim", self.embed_dim, MAX_EMBED_DIM)
         flags.at_least("seed", self.seed, 0)
         flags.at_most("seed", self.seed, MAX_SEED)
-        for name in ("trunk_lr_scale", "frozen_stages", "time_limit_minutes", "workers", "shuffle_buffer",
-                     "weight_decay", "grad_clip", "momentum", "warmup_steps", "keep_checkpoints", "eval_every",
-                     "eval_gallery_per_class", "images", "warmup_images", "reference_batch"):
+        for name in (
+            "trunk_lr_scale",
+            "frozen_stages",
+            "time_limit_minutes",
+            "workers",
+            "shuffle_buffer",
+            "weight_decay",
+            "grad_clip",
+            "momentum",
+            "warmup_steps",
+            "keep_checkpoints",
+            "eval_every",
+            "eval_gallery_per_class",
+            "images",
+            "warmup_images",
+            "reference_batch",
+        ):
             flags.at_least(name, getattr(self, name), 0)
         flags.finite_floats(self)
         for name in ("lr", "margin", "smooth_ap_tau", "batch_timeout_s", "collective_timeout_s"):
@@ -167,11 +192,19 @@ class TrainConfig:
         flags.below("dropout", self.dropout, 1)
         flags.at_least("dropout", self.dropout, 0)
         flags.below("momentum", self.momentum, 1)
-        pretrained_only = [flag for flag, used in (("--no-freeze-bn-stats", self.freeze_bn_stats),
-                                                   ("--frozen-stages 0", self.frozen_stages > 0)) if used]
+        pretrained_only = [
+            flag
+            for flag, used in (
+                ("--no-freeze-bn-stats", self.freeze_bn_stats),
+                ("--frozen-stages 0", self.frozen_stages > 0),
+            )
+            if used
+        ]
         if not self.pretrained and pretrained_only:
-            raise ConfigError(f"pretrained is false, but freeze_bn_stats and frozen_stages, given explicitly, keep "
-                              f"pretrained statistics and layers: drop them or add {' '.join(pretrained_only)}")
+            raise ConfigError(
+                f"pretrained is false, but freeze_bn_stats and frozen_stages, given explicitly, keep "
+                f"pretrained statistics and layers: drop them or add {' '.join(pretrained_only)}"
+            )
         if self.sampler == "batch" and self.classes_per_batch < 2:
             raise ConfigError("classes_per_batch must be at least 2: negatives come from other classes")
         if self.sampler == "batch" and self.samples_per_class < 2:
@@ -208,10 +241,19 @@ class EvalConfig:
     def validate(self) -> None:
         for name in ("gallery_split", "query_split"):
             if getattr(self, name) == UNLABELLED_SPLIT:
-                raise ConfigError(f"--{name.replace('_', '-')} {UNLABELLED_SPLIT}: the test split is unlabelled "
-                                  "(label -1), so no metric can be computed on it; use train or val")
-        for name, least in (("k", 1), ("batch_size", 1), ("chunk_size", 1), ("pr_points", 2), ("triplets", 0),
-                            ("workers", 0), ("gallery_per_class", 0)):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {UNLABELLED_SPLIT}: the test split is unlabelled "
+                    "(label -1), so no metric can be computed on it; use train or val"
+                )
+        for name, least in (
+            ("k", 1),
+            ("batch_size", 1),
+            ("chunk_size", 1),
+            ("pr_points", 2),
+            ("triplets", 0),
+            ("workers", 0),
+            ("gallery_per_class", 0),
+        ):
             flags.at_least(name, getattr(self, name), least)
         flags.finite_floats(self)
         flags.above("collective_timeout_s", self.collective_timeout_s, 0)

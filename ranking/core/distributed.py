@@ -149,8 +149,10 @@ def timed_out(error: RuntimeError, timeout_s: float, advice: str = "resume from 
     text = str(error)
     if not (isinstance(error, dist.DistBackendError) or "timed out" in text.lower() or "timeout" in text.lower()):
         return error
-    return RankingError(f"rank {rank()}: a collective waited more than {timeout_s:g} s (--collective-timeout-s) for "
-                        f"another rank, which is frozen or gone; {advice}")
+    return RankingError(
+        f"rank {rank()}: a collective waited more than {timeout_s:g} s (--collective-timeout-s) for "
+        f"another rank, which is frozen or gone; {advice}"
+    )
 
 
 def ignore_stop_signals(worker_id: int = 0, rank_pid: int | None = None) -> None:
@@ -165,8 +167,9 @@ def ignore_stop_signals(worker_id: int = 0, rank_pid: int | None = None) -> None
     forkserver start method); by default it is the parent.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    threading.Thread(target=_obey_parent_only, args=(rank_pid or os.getppid(),), name="stop-signals",
-                     daemon=True).start()
+    threading.Thread(
+        target=_obey_parent_only, args=(rank_pid or os.getppid(),), name="stop-signals", daemon=True
+    ).start()
     _set_parent_death_signal(signal.SIGKILL)
 
 
@@ -246,8 +249,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.requested and time.monotonic() - self._since > SAME_INTERRUPT_S:
-            os.write(2, f"rank {launched_rank()}: interrupted again: exiting now, without a checkpoint "
-                        f"(the last is kept)\n".encode())
+            os.write(
+                2,
+                f"rank {launched_rank()}: interrupted again: exiting now, without a checkpoint "
+                f"(the last is kept)\n".encode(),
+            )
             os._exit(EXIT_INTERRUPTED)  # not KeyboardInterrupt: a rank inside a collective would not see it
         if not self.requested:
             self._since = time.monotonic()

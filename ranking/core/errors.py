@@ -27,4 +27,3 @@ class ConfigError(RankingError):
     """A config file or flag that cannot be used; the message names the file and the problem."""
 
     on_every_rank = True  # every rank reads the same flags and files
-

@@ -31,8 +31,11 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], object],
-                     before_publish: Callable[[Path], object] | None = None) -> Path:
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable[[IO[bytes]], object],
+    before_publish: Callable[[Path], object] | None = None,
+) -> Path:
     """Write through ``write(file)`` under a temporary name in the same folder, fsync, then rename to ``path``.
 
     ``before_publish(temporary_path)`` runs on the complete, synced file before the rename (a sha256 of what is about
@@ -156,8 +159,13 @@ MAX_JSON_BYTES = 256 * 2**20  # a project's JSON file (manifest, checkpoint.json
 
 def file_kind(mode: int) -> str:
     """What a path is, in words, when it is not a regular file (``os.stat``'s ``st_mode``)."""
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
         if test(mode):
             return kind
     return "not a regular file"
@@ -293,13 +301,13 @@ def lock_file(path: Path, guarded: str | os.PathLike, what: str, remove: bool = 
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RankingError(f"{guarded}: in use by {holder}; wait for it to end or choose another "
-                               "folder") from None
+            raise RankingError(f"{guarded}: in use by {holder}; wait for it to end or choose another folder") from None
         except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: the file system does not lock
             os.close(fd)
             raise RankingError(
                 f"{path}: cannot lock ({e.strerror or e}) on {file_system(path.parent)}; set {NO_LOCK}=1 to write "
-                "without the lock, at the risk that two jobs writing this folder overwrite each other") from None
+                "without the lock, at the risk that two jobs writing this folder overwrite each other"
+            ) from None
         try:
             current = os.stat(path)
         except FileNotFoundError:
@@ -331,7 +339,7 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
     except OSError:
         return []
     for name in names:
-        pid = name[len(prefix):]
+        pid = name[len(prefix) :]
         if not pid.isdigit() or pid_alive(int(pid)):
             continue
         stale = final.parent / name
@@ -392,6 +400,5 @@ def shown_name(name: str, one_line: bool = True) -> str:
     ``ranking search`` prints file names so, in its table and in --json."""
     text = os.fsencode(name).decode("utf-8", "backslashreplace")
     if one_line and any(ord(c) < 32 or ord(c) == 127 for c in text):
-        text = "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c
-                       for c in text)
+        text = "".join(c.encode("unicode_escape").decode("ascii") if ord(c) < 32 or ord(c) == 127 else c for c in text)
     return text

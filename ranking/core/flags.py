@@ -170,8 +170,9 @@ def usage(cls: type, prog: str, config_file: bool) -> str:
         if is_positional(f):
             name = metavar(f) + (f" [{metavar(f)} ...]" if typing.get_origin(_optional(hints[f.name])) is list else "")
             parts.append(name if is_required(f) else f"[{name}]")
-    parts += [f"{flag_name(f)} {f.name.upper()}" for f in dataclasses.fields(cls)
-              if is_required(f) and not is_positional(f)]
+    parts += [
+        f"{flag_name(f)} {f.name.upper()}" for f in dataclasses.fields(cls) if is_required(f) and not is_positional(f)
+    ]
     optional = any(not is_positional(f) and not is_required(f) for f in dataclasses.fields(cls))
     return " ".join([*parts, *(["[--FLAG VALUE ...]"] if optional else [])])
 
@@ -202,8 +203,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         group = groups[section]
         flag = flag_name(f)
         if _is_bool(tp):
-            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                               help=help_text)
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         elif plural:
             group.add_argument(flag, dest=f.name, default=None, nargs="*", metavar="TEXT", help=help_text)
         elif choices(tp) is not None:
@@ -224,7 +224,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         args = self.sweep_style(sys.argv[1:] if args is None else list(args))
-        for arg in args[:args.index("--") if "--" in args else len(args)]:
+        for arg in args[: args.index("--") if "--" in args else len(args)]:
             # before argparse looks for missing positionals, so that a misspelt flag is named first
             if arg.startswith("--") and arg.split("=", 1)[0] not in self._option_string_actions:
                 self.error(self.unknown_message([arg]))
@@ -236,8 +236,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def sweep_style(self, args: list[str]) -> list[str]:
         """Flags as a W&B sweep agent writes them: ``--trunk_lr_scale=0.1`` is ``--trunk-lr-scale 0.1`` and
         ``--pretrained=True`` / ``=false`` is ``--pretrained`` / ``--no-pretrained``."""
-        switches = {option for option, action in self._option_string_actions.items()
-                    if isinstance(action, argparse.BooleanOptionalAction)}
+        switches = {
+            option
+            for option, action in self._option_string_actions.items()
+            if isinstance(action, argparse.BooleanOptionalAction)
+        }
         normalized = []
         for arg in args:
             if not arg.startswith("--") or arg == "--":
@@ -258,8 +261,9 @@ class ArgumentParser(argparse.ArgumentParser):
         flag = next((arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")), None)
         if flag is None:
             return f"unexpected argument {unknown[0]!r}"
-        nearest = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")],
-                                            n=1, cutoff=0.6)
+        nearest = difflib.get_close_matches(
+            flag, [o for o in self._option_string_actions if o.startswith("--")], n=1, cutoff=0.6
+        )
         return f"unknown flag {flag}" + (f"; did you mean {nearest[0]}?" if nearest else "")
 
     def error(self, message: str) -> typing.NoReturn:
@@ -306,8 +310,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): save it "
-                          "as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}): save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -361,8 +366,9 @@ def alternatives(cls: type, given: dict) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for one, other in getattr(cls, "alternatives", ()):
         if given.get(one) is not None and given.get(other) is not None:
-            raise ConfigError(f"{flag_name(fields[one])} and {flag_name(fields[other])} say the same thing two ways: "
-                              "give one")
+            raise ConfigError(
+                f"{flag_name(fields[one])} and {flag_name(fields[other])} say the same thing two ways: give one"
+            )
         if given.get(one) is not None:
             given[other] = default_of(fields[other])
         elif given.get(other) is not None:
@@ -378,8 +384,12 @@ def parse(cls: type[C], argv: list[str] | None, prog: str, description: str, con
     """
     parser = ArgumentParser(prog=prog, description=description, usage=usage(cls, prog, config_file))
     if config_file:
-        parser.add_argument("--config", default=None, metavar="FILE.yaml",
-                            help="YAML file of config keys (the flags' names with _ or -); flags override it")
+        parser.add_argument(
+            "--config",
+            default=None,
+            metavar="FILE.yaml",
+            help="YAML file of config keys (the flags' names with _ or -); flags override it",
+        )
     add_dataclass_flags(parser, cls)
     given = vars(parser.parse_args(argv))
     yaml_path = given.pop("config", None)

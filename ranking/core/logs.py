@@ -69,8 +69,10 @@ class Progress:
             return
         done = step - self.start_step
         left = (time.perf_counter() - self.started) / done * (self.total - step) if done > 0 else 0.0
-        self.logger.info(f"step {step}/{self.total}  loss {loss:.4f}  active {active_fraction:.2f}  lr {lr:.2e}  "
-                         f"images/s {images_per_s:.0f}  ETA {eta(left)}")
+        self.logger.info(
+            f"step {step}/{self.total}  loss {loss:.4f}  active {active_fraction:.2f}  lr {lr:.2e}  "
+            f"images/s {images_per_s:.0f}  ETA {eta(left)}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

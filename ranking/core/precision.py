@@ -58,8 +58,9 @@ def resolve(flag: PrecisionName | None) -> Precision:
         return Precision(flag, "--mixed-precision")
     from_accelerate = os.environ.get(ENV, "").lower()
     if from_accelerate and not (from_accelerate == "no" and os.environ.get(LAUNCH_DEFAULTED) == "1"):
-        return Precision(cast(PrecisionName, from_accelerate),
-                         f"Accelerate: accelerate launch's flag or config file, or {ENV}")
+        return Precision(
+            cast(PrecisionName, from_accelerate), f"Accelerate: accelerate launch's flag or config file, or {ENV}"
+        )
     return device_default()
 
 

@@ -55,8 +55,10 @@ MAX_FILE_BYTES = 16 * 2**20
 
 
 def _too_large(where: str, size: int | str) -> RankingError:
-    return RankingError(f"{where}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
-                        f"(ranking.data.archive.MAX_FILE_BYTES)")
+    return RankingError(
+        f"{where}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file "
+        f"(ranking.data.archive.MAX_FILE_BYTES)"
+    )
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,10 @@ class ZipSource(Source):
         names = [info.filename for info in self.zip.infolist()]
         self.prefix = _find_root(path, names)
         self.sizes = {
-            info.filename[len(self.prefix):]: info.file_size
+            info.filename[len(self.prefix) :]: info.file_size
             for info in self.zip.infolist()
-            if not info.is_dir() and info.filename.startswith(self.prefix)
+            if not info.is_dir()
+            and info.filename.startswith(self.prefix)
             and not _is_stray(PurePosixPath(info.filename).parts)
         }
 
@@ -171,8 +174,9 @@ def _regular_file_size(path: Path) -> int:
     try:
         info = path.stat()
     except OSError as e:
-        raise RankingError(f"{path}: cannot read ({e.strerror}{', a dangling symlink' if path.is_symlink() else ''})"
-                           ) from None
+        raise RankingError(
+            f"{path}: cannot read ({e.strerror}{', a dangling symlink' if path.is_symlink() else ''})"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
         via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
         raise RankingError(f"{path}: {file_kind(info.st_mode)}{via}, not a regular file; remove it from the source")
@@ -190,14 +194,18 @@ def read_regular_file(path: Path) -> bytes:
 
 def _find_root(source: Path, names: list[str]) -> str:
     """The folder prefix holding wnids.txt: '' or 'something/' (the official zip has 'tiny-imagenet-200/')."""
-    roots = sorted(name[: -len("wnids.txt")] for name in names
-                   if PurePosixPath(name).name == "wnids.txt" and name.count("/") <= 1
-                   and not _is_stray(PurePosixPath(name).parts))
+    roots = sorted(
+        name[: -len("wnids.txt")]
+        for name in names
+        if PurePosixPath(name).name == "wnids.txt" and name.count("/") <= 1 and not _is_stray(PurePosixPath(name).parts)
+    )
     if not roots:
         raise RankingError(f"{source}: no {ROOT_NAME}/wnids.txt: not the official Tiny ImageNet layout")
     if len(roots) > 1:
-        raise RankingError(f"{source}: several wnids.txt ({', '.join(r + 'wnids.txt' for r in roots)}); "
-                           "expected one Tiny ImageNet folder")
+        raise RankingError(
+            f"{source}: several wnids.txt ({', '.join(r + 'wnids.txt' for r in roots)}); "
+            "expected one Tiny ImageNet folder"
+        )
     return roots[0]
 
 
@@ -218,8 +226,11 @@ def _text_rows(source: Source, file: str) -> list[tuple[int, list[str]]]:
         text = source.read(file).decode("utf-8")
     except UnicodeDecodeError as e:
         raise RankingError(f"{source.describe(file)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [(n, [field.strip() for field in line.split("\t")])
-            for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [
+        (n, [field.strip() for field in line.split("\t")])
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip()
+    ]
 
 
 def _is_image(file: str) -> bool:
@@ -287,8 +298,9 @@ class Archive(SampleSource):
             raise RankingError(f"{self.describe('wnids.txt')}: lists no classes")
         missing = [w for w in wnids if w not in words]
         if missing:
-            raise RankingError(f"{self.describe('words.txt')}: no words for {len(missing)} class(es) of wnids.txt, "
-                               f"e.g. {missing[0]}")
+            raise RankingError(
+                f"{self.describe('words.txt')}: no words for {len(missing)} class(es) of wnids.txt, e.g. {missing[0]}"
+            )
         return [ClassInfo(wnid, words[wnid]) for wnid in sorted(wnids)]
 
     def _list(self, split: str) -> list[Sample]:
@@ -339,8 +351,10 @@ class Archive(SampleSource):
             labels[file] = self.label_of[wnid]
         unannotated = sorted(images - set(labels))
         if unannotated:
-            raise RankingError(f"{self.describe(unannotated[0])}: val image without annotation in "
-                               f"{VAL_ANNOTATIONS} ({len(unannotated)} such image(s))")
+            raise RankingError(
+                f"{self.describe(unannotated[0])}: val image without annotation in "
+                f"{VAL_ANNOTATIONS} ({len(unannotated)} such image(s))"
+            )
         return labels
 
 
@@ -354,7 +368,7 @@ class FolderTreeSource(Source):
     def _locate(self, file: str) -> Path:
         for prefix, root in self.roots:
             if file.startswith(prefix):
-                return root / file[len(prefix):]
+                return root / file[len(prefix) :]
         raise RankingError(f"{file}: under none of {', '.join(str(root) for _, root in self.roots)}")
 
     def read(self, file: str) -> bytes:
@@ -395,8 +409,13 @@ class FolderDataset(SampleSource):
 
     source: FolderTreeSource
 
-    def __init__(self, path: str | os.PathLike, val_source: str | os.PathLike | None = None,
-                 val_fraction: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        val_source: str | os.PathLike | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+    ):
         self.path = Path(path)
         if not 0.0 <= val_fraction < 1.0:
             raise RankingError(f"val_fraction must be at least 0 and below 1; got {val_fraction}")
@@ -404,19 +423,24 @@ class FolderDataset(SampleSource):
             raise RankingError("give either a val folder or a val fraction, not both")
         images = list_images(self.path)
         if not images:
-            raise RankingError(f"{self.path}: no images (expected tiny-imagenet-200, class folders of images, "
-                               f"or a folder of images; image suffixes: {' '.join(FOLDER_IMAGE_SUFFIXES)})")
+            raise RankingError(
+                f"{self.path}: no images (expected tiny-imagenet-200, class folders of images, "
+                f"or a folder of images; image suffixes: {' '.join(FOLDER_IMAGE_SUFFIXES)})"
+            )
         top = sorted(f for f in images if "/" not in f)
         nested = sorted(f for f in images if "/" in f)
         if top and nested:
-            raise RankingError(f"{self.path}: holds both images ({top[0]}) and class folders "
-                               f"({nested[0].split('/')[0]}/); expected one layout")
+            raise RankingError(
+                f"{self.path}: holds both images ({top[0]}) and class folders "
+                f"({nested[0].split('/')[0]}/); expected one layout"
+            )
         self._samples: dict[str, list[Sample]] = {split: [] for split in SPLITS}
         self.sizes: dict[str, int] = {}
         if top:
             if val_source or val_fraction:
-                raise RankingError(f"{self.path}: a folder of unlabelled images has no val split; "
-                                   "val images need class folders")
+                raise RankingError(
+                    f"{self.path}: a folder of unlabelled images has no val split; val images need class folders"
+                )
             self.layout = "flat"
             self.classes: list[ClassInfo] = []
             self.source = FolderTreeSource([("", self.path)])
@@ -427,8 +451,10 @@ class FolderDataset(SampleSource):
             names = sorted({f.split("/")[0] for f in nested})
             for name in names:
                 if shown_name(name) != name:  # stored as text in every shard and manifest: UTF-8, one line
-                    raise RankingError(f"{self.path / shown_name(name)}: a class folder name that is not printable "
-                                       "UTF-8 text (shown with \\xNN for its other bytes); rename it")
+                    raise RankingError(
+                        f"{self.path / shown_name(name)}: a class folder name that is not printable "
+                        "UTF-8 text (shown with \\xNN for its other bytes); rename it"
+                    )
             self.classes = [ClassInfo(name, name) for name in names]
             self.label_of = {c.wnid: index for index, c in enumerate(self.classes)}
             train = {f: self.label_of[f.split("/")[0]] for f in nested}
@@ -462,8 +488,9 @@ class FolderDataset(SampleSource):
             if "/" not in file:
                 raise RankingError(f"{root / file}: val images belong in class folders, as in {self.path}")
             if file.split("/")[0] not in self.label_of:
-                raise RankingError(f"{root / file.split('/')[0]}: class {file.split('/')[0]!r} has no folder "
-                                   f"in {self.path}")
+                raise RankingError(
+                    f"{root / file.split('/')[0]}: class {file.split('/')[0]!r} has no folder in {self.path}"
+                )
         return images
 
     def _split_off(self, train: dict[str, int], fraction: float, seed: int) -> dict[str, int]:
@@ -488,16 +515,19 @@ def is_tiny_imagenet(path: Path) -> bool:
     return path.is_file() or any((p / mark).is_file() for p in (path, path / ROOT_NAME) for mark in marks)
 
 
-def open_archive(path: str | os.PathLike, val_source: str | os.PathLike | None = None, val_fraction: float = 0.0,
-                 seed: int = 0) -> Archive | FolderDataset:
+def open_archive(
+    path: str | os.PathLike, val_source: str | os.PathLike | None = None, val_fraction: float = 0.0, seed: int = 0
+) -> Archive | FolderDataset:
     """The dataset at `path` in whichever layout it has: a zip or a folder with wnids.txt is Tiny ImageNet, any other
     folder class folders (imagefolder) or a folder of images (flat)."""
     path = Path(path)
     if path.is_dir() and not is_tiny_imagenet(path):
         return FolderDataset(path, val_source, val_fraction, seed)
     if val_source or val_fraction:
-        raise RankingError(f"{path}: is Tiny ImageNet, which has its own val split; a val folder or val fraction "
-                           "only applies to class folders")
+        raise RankingError(
+            f"{path}: is Tiny ImageNet, which has its own val split; a val folder or val fraction "
+            "only applies to class folders"
+        )
     return Archive(path)
 
 

@@ -41,6 +41,7 @@ STORED_SIZE = 64  # every Tiny ImageNet image is 64 x 64
 
 # ------------------------------------------------------------------------------------------------- worker side
 
+
 def fit_stored_size(image: Tensor, stored_size: int = STORED_SIZE) -> Tensor:
     """uint8 ``[3, h, w]`` -> ``[3, s, s]``: images of another size (none in Tiny ImageNet) are resized to the stored
     size, aspect ratio not kept, so that every batch stacks into one tensor of a fixed shape."""
@@ -55,8 +56,11 @@ def collate_samples(samples: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor 
     both), and the labels and ids as long tensors."""
     images = [sample[0] for sample in samples]
     same = all(image.shape == images[0].shape for image in images)
-    return (torch.stack(images) if same else images, torch.tensor([sample[1] for sample in samples]),
-            torch.tensor([sample[2] for sample in samples]))
+    return (
+        torch.stack(images) if same else images,
+        torch.tensor([sample[1] for sample in samples]),
+        torch.tensor([sample[2] for sample in samples]),
+    )
 
 
 class StoredDecoder:
@@ -78,6 +82,7 @@ class StoredDecoder:
 
 
 # ------------------------------------------------------------------------------------------------- device side
+
 
 def seeded_generator(seed: int, rank: int = 0, worker: int = 0) -> torch.Generator:
     """A CPU generator of its own for each (seed, rank, worker), by the same recipe as ``stream.worker_seed``.
@@ -109,8 +114,10 @@ class _PerDevice:
 
 
 def _mean_std(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+    return (
+        torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+        torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+    )
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
@@ -138,8 +145,14 @@ class TrainAugment:
     normalisation constants are made once per device, so a call never makes the CPU wait for the GPU.
     """
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"bad scale {scale} or ratio {ratio}")
         self.image_size = image_size
@@ -152,15 +165,17 @@ class TrainAugment:
 
         self._scale_shift = _PerDevice(scale_shift)
 
-    def sample_boxes(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
-                     attempts: int = 10) -> CropBoxes:
+    def sample_boxes(
+        self, n: int, height: int, width: int, generator: torch.Generator | None = None, attempts: int = 10
+    ) -> CropBoxes:
         """``v2.RandomResizedCrop``'s parameters for n images at once: up to ``attempts`` draws of an area fraction
         in ``scale`` and a log-uniform aspect ratio in ``ratio``, rounded to whole pixels; the first draw that fits
         the image is placed uniformly at integer offsets; if none fits, the centre crop closest to ``ratio``."""
         area = height * width
         fractions = torch.empty(n, attempts).uniform_(self.scale[0], self.scale[1], generator=generator)
-        log_ratios = torch.empty(n, attempts).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]),
-                                                       generator=generator)
+        log_ratios = torch.empty(n, attempts).uniform_(
+            math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator
+        )
         aspect = log_ratios.exp()
         target = area * fractions
         w = torch.round(torch.sqrt(target * aspect))  # round half to even, like Python's round in torchvision
@@ -174,10 +189,16 @@ class TrainAugment:
         w = torch.where(found, w, torch.full_like(w, fallback_w))
         h = torch.where(found, h, torch.full_like(h, fallback_h))
         offsets = torch.rand(n, 2, generator=generator)  # uniform integer offsets in [0, size - crop]
-        top = torch.where(found, torch.minimum(torch.floor(offsets[:, 0] * (height - h + 1)), height - h),
-                          torch.full_like(h, (height - fallback_h) // 2))
-        left = torch.where(found, torch.minimum(torch.floor(offsets[:, 1] * (width - w + 1)), width - w),
-                           torch.full_like(w, (width - fallback_w) // 2))
+        top = torch.where(
+            found,
+            torch.minimum(torch.floor(offsets[:, 0] * (height - h + 1)), height - h),
+            torch.full_like(h, (height - fallback_h) // 2),
+        )
+        left = torch.where(
+            found,
+            torch.minimum(torch.floor(offsets[:, 1] * (width - w + 1)), width - w),
+            torch.full_like(w, (width - fallback_w) // 2),
+        )
         flips = torch.rand(n, generator=generator) < 0.5
         return CropBoxes(torch.stack([left, top, left + w, top + h], dim=1), flips)
 
@@ -189,8 +210,9 @@ class TrainAugment:
             return round(height * max(self.ratio)), height
         return width, height
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None,
-                 crops: CropBoxes | None = None) -> Tensor:
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None, crops: CropBoxes | None = None
+    ) -> Tensor:
         """Augment a uint8 (or float in [0, 255]) batch where it lies; ``crops`` overrides the random draw."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images [N, 3, H, W]; got {list(images.shape)}")
@@ -206,14 +228,21 @@ class TrainAugment:
         mirrored = crops.flips.cpu()
         x1, x2 = torch.where(mirrored, width - x2, x1), torch.where(mirrored, width - x1, x2)
         # (image index, box, flip) in one small copy to the device
-        rois = _to_device(torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x2, y2, mirrored.float()],
-                                      dim=1), device)
+        rois = _to_device(
+            torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x2, y2, mirrored.float()], dim=1), device
+        )
         flips, rois = rois[:, 5] > 0.5, rois[:, :5].contiguous()
         pixels = torch.where(flips.view(n, 1, 1, 1), pixels.flip(-1), pixels)
         # one sample per output pixel when every crop is upsampled (the same as sampling_ratio=0, and faster)
         sampling_ratio = 1 if max(height, width) <= self.image_size else 0
-        return roi_align(pixels, rois, output_size=(self.image_size, self.image_size), spatial_scale=1.0,
-                         sampling_ratio=sampling_ratio, aligned=True)
+        return roi_align(
+            pixels,
+            rois,
+            output_size=(self.image_size, self.image_size),
+            spatial_scale=1.0,
+            sampling_ratio=sampling_ratio,
+            aligned=True,
+        )
 
 
 class EvalResize:

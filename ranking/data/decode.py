@@ -110,8 +110,9 @@ def decode_jpeg(data: bytes, where: str = "?") -> Tensor:
         raise _cannot_decode(where, e) from None
 
 
-def decode_jpegs(jpegs: Sequence[bytes], sources: Sequence[str] | None = None,
-                 device: str | torch.device = "cpu") -> list[Tensor]:
+def decode_jpegs(
+    jpegs: Sequence[bytes], sources: Sequence[str] | None = None, device: str | torch.device = "cpu"
+) -> list[Tensor]:
     """Many JPEGs -> uint8 ``[3, H, W]`` tensors on ``device``: on CUDA in one nvJPEG call, on the CPU one by one.
 
     If a CUDA batch fails, the images are decoded one by one on the CPU, so that the error names the broken one.
@@ -122,8 +123,11 @@ def decode_jpegs(jpegs: Sequence[bytes], sources: Sequence[str] | None = None,
     if torch.device(device).type == "cpu":
         return [decode_jpeg(jpeg, source) for jpeg, source in zip(jpegs, sources)]
     try:
-        return list(_torchcodec_decode_jpeg([_as_tensor(jpeg, source) for jpeg, source in zip(jpegs, sources)],
-                                            mode="RGB", device=device))
+        return list(
+            _torchcodec_decode_jpeg(
+                [_as_tensor(jpeg, source) for jpeg, source in zip(jpegs, sources)], mode="RGB", device=device
+            )
+        )
     except (RuntimeError, ValueError, RankingError):
         images = [decode_jpeg(jpeg, source) for jpeg, source in zip(jpegs, sources)]  # raises, naming the culprit
         return [image.to(device) for image in images]  # decodable one by one: a device failure, not a bad image
@@ -168,8 +172,9 @@ def _header(image: Image.Image, where: str) -> Header:
 
 
 def _too_large(where: str, pixels: str) -> RankingError:
-    return RankingError(f"{where}: {pixels} pixels, over the limit of {MAX_IMAGE_PIXELS} "
-                        "(ranking.data.decode.MAX_IMAGE_PIXELS)")
+    return RankingError(
+        f"{where}: {pixels} pixels, over the limit of {MAX_IMAGE_PIXELS} (ranking.data.decode.MAX_IMAGE_PIXELS)"
+    )
 
 
 def _as_tensor(data: bytes, where: str) -> Tensor:

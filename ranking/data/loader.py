@@ -54,9 +54,14 @@ def train_batches(cfg: TrainConfig, seeds: tuple[int, int], pin_memory: bool) ->
     records = stream.train_records(cfg.shards, cfg.shuffle_buffer, samples_seed)
     decode = augment.StoredDecoder(cfg.stored_size).image
     batches = sampling.build_batches(records, cfg, num_classes, batches_seed, decode)
-    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if cfg.workers > 0 else None,
-                        worker_init_fn=functools.partial(distributed.ignore_stop_signals, rank_pid=os.getpid()))
+    loader = DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=cfg.workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+        worker_init_fn=functools.partial(distributed.ignore_stop_signals, rank_pid=os.getpid()),
+    )
     return iter(loader)
 
 
@@ -85,8 +90,13 @@ class BatchWatchdog:
     batch is formed there (``workers: 0``) or awaited from DataLoader workers.
     """
 
-    def __init__(self, batches: Iterator[Batch], timeout_s: float, signals: distributed.StopRequest,
-                 grace_s: float = STOP_GRACE_S) -> None:
+    def __init__(
+        self,
+        batches: Iterator[Batch],
+        timeout_s: float,
+        signals: distributed.StopRequest,
+        grace_s: float = STOP_GRACE_S,
+    ) -> None:
         self.batches, self.timeout_s, self.signals, self.grace_s = batches, timeout_s, signals, grace_s
         self.armed = threading.current_thread() is threading.main_thread()  # SIGALRM reaches the main thread only
         self.started: float | None = None
@@ -100,8 +110,9 @@ class BatchWatchdog:
             return self._next()
         previous = signal.signal(signal.SIGALRM, self._expired)
         self.started = time.monotonic()
-        signal.setitimer(signal.ITIMER_REAL, min(self.timeout_s, self.grace_s) if self.signals.requested
-                         else self.timeout_s)
+        signal.setitimer(
+            signal.ITIMER_REAL, min(self.timeout_s, self.grace_s) if self.signals.requested else self.timeout_s
+        )
         try:
             return self._next()
         finally:

@@ -31,19 +31,37 @@ class Batch(NamedTuple):
     triplets: Tensor | None  # [T, 3] long (query, positive, negative) row indices, or None: mine them
 
 
-def paper_sampler(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
-                  decode: Callable[[Any], Tensor] | None) -> IterableDataset:
-    return PaperTripletSampler(samples, num_classes, config.triplets_per_batch, config.pos_per_query,
-                               config.neg_per_query, config.buffer_per_class, seed, decode)
+def paper_sampler(
+    samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int, decode: Callable[[Any], Tensor] | None
+) -> IterableDataset:
+    return PaperTripletSampler(
+        samples,
+        num_classes,
+        config.triplets_per_batch,
+        config.pos_per_query,
+        config.neg_per_query,
+        config.buffer_per_class,
+        seed,
+        decode,
+    )
 
 
-def pk_sampler(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
-               decode: Callable[[Any], Tensor] | None) -> IterableDataset:
+def pk_sampler(
+    samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int, decode: Callable[[Any], Tensor] | None
+) -> IterableDataset:
     if config.classes_per_batch > num_classes:
-        raise RankingError(f"{config.shards}: classes_per_batch {config.classes_per_batch} exceeds the "
-                           f"{num_classes} classes in the shards")
-    return PKBatcher(samples, config.classes_per_batch, config.samples_per_class, seed,
-                     max_per_class=max(config.samples_per_class, config.buffer_per_class), decode=decode)
+        raise RankingError(
+            f"{config.shards}: classes_per_batch {config.classes_per_batch} exceeds the "
+            f"{num_classes} classes in the shards"
+        )
+    return PKBatcher(
+        samples,
+        config.classes_per_batch,
+        config.samples_per_class,
+        seed,
+        max_per_class=max(config.samples_per_class, config.buffer_per_class),
+        decode=decode,
+    )
 
 
 SAMPLERS: dict[SamplerName, Callable[..., IterableDataset]] = {"batch": pk_sampler, "paper": paper_sampler}
@@ -57,8 +75,13 @@ def images_per_batch(config: TrainConfig) -> int:
     return config.triplets_per_batch * (1 + config.pos_per_query + config.pos_per_query * config.neg_per_query)
 
 
-def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: int, seed: int,
-                  decode: Callable[[Any], Tensor] | None = None) -> IterableDataset:
+def build_batches(
+    samples: Iterable[Sample],
+    config: TrainConfig,
+    num_classes: int,
+    seed: int,
+    decode: Callable[[Any], Tensor] | None = None,
+) -> IterableDataset:
     """``decode(sample) -> image tensor`` runs when a batch is formed (the trainer's ``augment.StoredDecoder().image``:
     uint8 at the stored size, for the records of ``stream.train_records``); without it the samples already hold image
     tensors."""
@@ -68,30 +91,46 @@ def build_batches(samples: Iterable[Sample], config: TrainConfig, num_classes: i
 def check_feasible(config: TrainConfig, counts: dict[int, int]) -> None:
     """Refuse, before training, a sampler that can never form a batch from these per-class image counts (label ->
     images): it would wait on the infinite stream forever, with no step and no message."""
+
     def fail(need: str, have: str) -> NoReturn:
-        raise RankingError(f"{config.shards}: the {config.sampler} sampler needs {need}, but the train shards have "
-                           f"{have} ({sum(counts.values())} images in {len(counts)} classes)")
+        raise RankingError(
+            f"{config.shards}: the {config.sampler} sampler needs {need}, but the train shards have "
+            f"{have} ({sum(counts.values())} images in {len(counts)} classes)"
+        )
 
     if config.sampler == "batch":
         enough = sum(count >= config.samples_per_class for count in counts.values())
         if enough < config.classes_per_batch:
-            fail(f"{config.classes_per_batch} classes (--classes-per-batch) of at least {config.samples_per_class} "
-                 "images (--samples-per-class)", f"{enough} such classes")
+            fail(
+                f"{config.classes_per_batch} classes (--classes-per-batch) of at least {config.samples_per_class} "
+                "images (--samples-per-class)",
+                f"{enough} such classes",
+            )
     else:  # the warm-up of PaperTripletSampler: a class with a query and its positives, and another for negatives
         ready = sum(count >= config.pos_per_query + 1 for count in counts.values())
         if ready < 1 or len(counts) < 2:
-            fail(f"a class of at least {config.pos_per_query + 1} images (a query and --pos-per-query positives) "
-                 "and another class for the negatives", f"{ready} classes of {config.pos_per_query + 1} images")
+            fail(
+                f"a class of at least {config.pos_per_query + 1} images (a query and --pos-per-query positives) "
+                "and another class for the negatives",
+                f"{ready} classes of {config.pos_per_query + 1} images",
+            )
 
 
-def to_batch(samples: list[Sample], triplets: Tensor | list[tuple[int, int, int]] | None,
-             decode: Callable[[Any], Tensor] | None = None) -> Batch:
+def to_batch(
+    samples: list[Sample],
+    triplets: Tensor | list[tuple[int, int, int]] | None,
+    decode: Callable[[Any], Tensor] | None = None,
+) -> Batch:
     images = [sample[0] for sample in samples]
     if decode is not None:  # decoded per use: a buffered image is augmented anew each time a batch uses it
         images = [decode(sample) for sample in samples]
     labels, ids = [sample[1] for sample in samples], [sample[2] for sample in samples]
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(ids),
-                 None if triplets is None else torch.as_tensor(triplets, dtype=torch.long).view(-1, 3))
+    return Batch(
+        torch.stack(images),
+        torch.tensor(labels),
+        torch.tensor(ids),
+        None if triplets is None else torch.as_tensor(triplets, dtype=torch.long).view(-1, 3),
+    )
 
 
 class ClassReservoirs:
@@ -139,14 +178,24 @@ class PaperTripletSampler(IterableDataset):
     Every batch has ``rows_per_batch`` rows and the same ``triplet_rows()`` (see ``_sample_batch``).
     """
 
-    def __init__(self, samples: Iterable[Sample], num_classes: int, triplets_per_batch: int, pos_per_query: int,
-                 neg_per_query: int, buffer_per_class: int, seed: int,
-                 decode: Callable[[Any], Tensor] | None = None):
+    def __init__(
+        self,
+        samples: Iterable[Sample],
+        num_classes: int,
+        triplets_per_batch: int,
+        pos_per_query: int,
+        neg_per_query: int,
+        buffer_per_class: int,
+        seed: int,
+        decode: Callable[[Any], Tensor] | None = None,
+    ):
         if num_classes < 2:
             raise RankingError(f"the paper sampler needs two classes or more; the shards have {num_classes}")
         if buffer_per_class < pos_per_query + 1:
-            raise RankingError(f"buffer_per_class {buffer_per_class} cannot hold a query and its "
-                               f"{pos_per_query} positives; use at least {pos_per_query + 1}")
+            raise RankingError(
+                f"buffer_per_class {buffer_per_class} cannot hold a query and its "
+                f"{pos_per_query} positives; use at least {pos_per_query + 1}"
+            )
         self.samples = samples
         self.num_classes = num_classes
         self.queries = triplets_per_batch
@@ -226,8 +275,15 @@ class PKBatcher(IterableDataset):
     Samples wait in per-class FIFO queues (at most ``max_per_class`` each, oldest dropped) until P classes hold K.
     """
 
-    def __init__(self, samples: Iterable[Sample], classes_per_batch: int, samples_per_class: int, seed: int,
-                 max_per_class: int = 64, decode: Callable[[Any], Tensor] | None = None):
+    def __init__(
+        self,
+        samples: Iterable[Sample],
+        classes_per_batch: int,
+        samples_per_class: int,
+        seed: int,
+        max_per_class: int = 64,
+        decode: Callable[[Any], Tensor] | None = None,
+    ):
         self.samples = samples
         self.classes_per_batch = classes_per_batch
         self.samples_per_class = samples_per_class

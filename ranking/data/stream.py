@@ -35,23 +35,27 @@ Sample = tuple[torch.Tensor, int, int]
 
 def train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Random crop of 50-100% of the image, resized to ``size`` (upsampling 64 px images when size > 64), and flip."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(size, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
 
 
 def worker_seed(seed: int) -> int:
@@ -80,16 +84,18 @@ def train_records(shards_dir: str, shuffle_buffer: int, seed: int) -> wds.DataPi
     )
 
 
-def train_samples(shards_dir: str, image_size: int, mean: Sequence[float], std: Sequence[float],
-                  shuffle_buffer: int, seed: int) -> wds.DataPipeline:
+def train_samples(
+    shards_dir: str, image_size: int, mean: Sequence[float], std: Sequence[float], shuffle_buffer: int, seed: int
+) -> wds.DataPipeline:
     """Infinite stream of augmented train samples ``(image, label, id)``; ``train_records`` decoded by the per-image
     reference transform (the trainer decodes the records to uint8 instead and augments on its device)."""
     decode = Decoder(train_transform(image_size, mean, std))
     return train_records(shards_dir, shuffle_buffer, seed).compose(wds.map(decode.sample))
 
 
-def eval_samples(shards_dir: str, split: str, rank: int, world_size: int,
-                 only_ids: frozenset[int] | None = None) -> wds.DataPipeline:
+def eval_samples(
+    shards_dir: str, split: str, rank: int, world_size: int, only_ids: frozenset[int] | None = None
+) -> wds.DataPipeline:
     """Each sample of ``split`` (or of its ids in ``only_ids``) once over all ranks, as ``(uint8 [3, h, w] at its
     stored size, label, id)``: rank r keeps ids with ``id % world_size == r``; ``augment.EvalResize`` makes the
     model's input on the device.
@@ -119,8 +125,10 @@ def counted_samples(sources: Iterator[dict], expected: dict[str, int]) -> Iterat
             yield sample
         url = source["url"]
         if count != expected.get(url):
-            raise RankingError(f"{url}: {count} samples, but {MANIFEST} lists {expected.get(url)} "
-                               "(truncated or replaced since `ranking shards`; check with `ranking shards --verify`)")
+            raise RankingError(
+                f"{url}: {count} samples, but {MANIFEST} lists {expected.get(url)} "
+                "(truncated or replaced since `ranking shards`; check with `ranking shards --verify`)"
+            )
 
 
 def _nonempty_shards(shards_dir: str, split: str) -> list[str]:

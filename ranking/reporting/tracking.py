@@ -52,8 +52,11 @@ def resolve_mode(requested: str = "") -> str | None:
         return None
     if _wandb_configured():
         return None
-    print("W&B: no mode configured and no credentials (wandb login, WANDB_API_KEY, WANDB_MODE, --wandb-mode): "
-          "logging offline; `wandb sync RUN/wandb/offline-run-*` uploads it later", file=sys.stderr)
+    print(
+        "W&B: no mode configured and no credentials (wandb login, WANDB_API_KEY, WANDB_MODE, --wandb-mode): "
+        "logging offline; `wandb sync RUN/wandb/offline-run-*` uploads it later",
+        file=sys.stderr,
+    )
     return "offline"
 
 
@@ -85,10 +88,16 @@ def code_version() -> str:
     """The git commit of the code that runs (with "+dirty" when it has uncommitted changes), or "" outside git."""
     repo = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
     return commit + ("+dirty" if dirty else "")
@@ -139,8 +148,11 @@ class BestSummary:
 
     def improved(self, values: dict[str, Any]) -> dict[str, float]:
         """The keys of ``values`` that beat their best so far, with their values (now the best)."""
-        better = {key: float(values[key]) for key in self.keys
-                  if isinstance(values.get(key), (int, float)) and values[key] > self.best.get(key, -math.inf)}
+        better = {
+            key: float(values[key])
+            for key in self.keys
+            if isinstance(values.get(key), (int, float)) and values[key] > self.best.get(key, -math.inf)
+        }
         self.best |= better
         return better
 
@@ -154,13 +166,22 @@ def best_keys() -> list[str]:
     return list(validation.metric_keys(validation.K).values())
 
 
-def init_trainer(accelerator: Any, cfg: TrainConfig, config: dict, run_dir: Path, run_id: str,
-                 mode: str | None) -> None:
+def init_trainer(
+    accelerator: Any, cfg: TrainConfig, config: dict, run_dir: Path, run_id: str, mode: str | None
+) -> None:
     """Start (or resume, by id) the training run's W&B run through Accelerate's tracker (main process only), its
     names on ``trainer/step``."""
-    init: dict[str, Any] = {"name": run_name(cfg, run_dir), "group": group(cfg, run_dir), "tags": cfg.wandb_tags,
-                            "id": run_id, "resume": "allow", "dir": str(run_dir), "job_type": "train",
-                            "entity": cfg.wandb_entity or None, "notes": cfg.wandb_notes or None}
+    init: dict[str, Any] = {
+        "name": run_name(cfg, run_dir),
+        "group": group(cfg, run_dir),
+        "tags": cfg.wandb_tags,
+        "id": run_id,
+        "resume": "allow",
+        "dir": str(run_dir),
+        "job_type": "train",
+        "entity": cfg.wandb_entity or None,
+        "notes": cfg.wandb_notes or None,
+    }
     if mode is not None:
         init["mode"] = mode
     if accelerator.is_main_process:
@@ -170,8 +191,9 @@ def init_trainer(accelerator: Any, cfg: TrainConfig, config: dict, run_dir: Path
         define_metrics(accelerator.get_tracker("wandb", unwrap=True), best_keys())
 
 
-def log_model(run: Any, run_dir: Path, net: Any, step: int, spec: dict, metrics: dict[str, Any],
-              aliases: list[str]) -> Path:
+def log_model(
+    run: Any, run_dir: Path, net: Any, step: int, spec: dict, metrics: dict[str, Any], aliases: list[str]
+) -> Path:
     """The weights of ``net`` at ``step`` as a version of the run's one model artifact, ``model-<run id>``:
     ``model.safetensors`` (the state_dict, nothing of the optimizer), ``model.json`` (the ``ModelSpec``, the step,
     the checkpoint's metrics). ``aliases`` (``latest``, ``best``) move to this version. The files are written to
@@ -198,8 +220,15 @@ def logged_line(where: str | None) -> str:
     return f"logged to W&B: {where}" if where else "W&B is disabled: nothing logged to W&B"
 
 
-def log_job(run_dir: Path, cfg: TrainConfig, job_type: str, step: int, values: Callable[[Any], dict[str, Any]],
-            config: dict | None = None, artifacts: dict[str, tuple[str, Path]] | None = None) -> str | None:
+def log_job(
+    run_dir: Path,
+    cfg: TrainConfig,
+    job_type: str,
+    step: int,
+    values: Callable[[Any], dict[str, Any]],
+    config: dict | None = None,
+    artifacts: dict[str, tuple[str, Path]] | None = None,
+) -> str | None:
     """Log ``values(wandb)`` at training step ``step`` in a new run of ``job_type`` in the training run's group.
 
     ``artifacts``: name -> (type, file), logged with the run; W&B copies each into its staging folder, in the run
@@ -209,12 +238,24 @@ def log_job(run_dir: Path, cfg: TrainConfig, job_type: str, step: int, values: C
     import wandb
 
     name = run_name(cfg, run_dir)
-    init_config = {"train_run_id": run_id_of(run_dir), TRAINER_STEP: step, "train": dataclasses.asdict(cfg),
-                   **(config or {})}
+    init_config = {
+        "train_run_id": run_id_of(run_dir),
+        TRAINER_STEP: step,
+        "train": dataclasses.asdict(cfg),
+        **(config or {}),
+    }
     stage_files_in(run_dir)
-    run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, group=group(cfg, run_dir),
-                     name=f"{name} {job_type} step {step}", job_type=job_type, tags=cfg.wandb_tags,
-                     dir=str(run_dir), config=init_config, mode=resolve_mode(cfg.wandb_mode))  # type: ignore[arg-type]
+    run = wandb.init(
+        project=cfg.wandb_project,
+        entity=cfg.wandb_entity or None,
+        group=group(cfg, run_dir),
+        name=f"{name} {job_type} step {step}",
+        job_type=job_type,
+        tags=cfg.wandb_tags,
+        dir=str(run_dir),
+        config=init_config,
+        mode=resolve_mode(cfg.wandb_mode),
+    )  # type: ignore[arg-type]
     try:
         logged = {TRAINER_STEP: step, **values(wandb)}
         define_metrics(run, [])

@@ -35,9 +35,16 @@ log = logging.getLogger("ranking.retrieval.embed")
 
 
 @torch.inference_mode()
-def embed_local(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int,
-                flip: bool = False, name: str = "", expected: int | None = None,
-                resize: EvalResize | None = None) -> EmbeddingSet:
+def embed_local(
+    model: nn.Module,
+    accelerator: Accelerator,
+    loader: DataLoader,
+    dim: int,
+    flip: bool = False,
+    name: str = "",
+    expected: int | None = None,
+    resize: EvalResize | None = None,
+) -> EmbeddingSet:
     """This rank's rows, in stream order, as float32 on ``accelerator.device`` (a rank may have none); a log line
     every LOG_EVERY_S seconds and at the end, naming the split (``name``) and this rank's count so far. With
     ``resize``, the loader's images are uint8 (``augment.collate_samples``), resized and normalised on the device;
@@ -83,9 +90,19 @@ def gather_unique(accelerator: Accelerator, local: EmbeddingSet) -> EmbeddingSet
     return EmbeddingSet(gathered["embeddings"][keep], gathered["ids"][keep], gathered["labels"][keep])
 
 
-def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: str, *, spec: ModelSpec,
-                batch_size: int, workers: int, flip: bool = False, only_ids: frozenset[int] | None = None,
-                total: int | None = None) -> EmbeddingSet:
+def embed_split(
+    model: nn.Module,
+    accelerator: Accelerator,
+    shards: str,
+    split: str,
+    *,
+    spec: ModelSpec,
+    batch_size: int,
+    workers: int,
+    flip: bool = False,
+    only_ids: frozenset[int] | None = None,
+    total: int | None = None,
+) -> EmbeddingSet:
     """Embed ``split`` of the shards (or its samples in ``only_ids``) over all ranks with ``model``, fed as its
     ``spec`` says; every rank returns the whole split, sorted by id. ``total``, the split's sample count, lets each
     rank log its progress out of its share.
@@ -94,20 +111,42 @@ def embed_split(model: nn.Module, accelerator: Accelerator, shards: str, split: 
     (by id) and over DataLoader workers (by shard).
     """
     samples = stream.eval_samples(shards, split, accelerator.process_index, accelerator.num_processes, only_ids)
-    loader = DataLoader(samples, batch_size=batch_size, num_workers=workers, collate_fn=collate_samples,
-                        pin_memory=accelerator.device.type == "cuda")
+    loader = DataLoader(
+        samples,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_samples,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     if only_ids is not None:
         mine: int | None = sum(1 for i in only_ids if i % world == rank)
     else:
         mine = None if total is None else len(range(rank, total, world))  # ids with id % world == rank
-    return embed_loader(model, accelerator, loader, spec.embed_dim, spec.normalize, flip, split, mine,
-                        resize=EvalResize(spec.image_size, spec.mean, spec.std))
+    return embed_loader(
+        model,
+        accelerator,
+        loader,
+        spec.embed_dim,
+        spec.normalize,
+        flip,
+        split,
+        mine,
+        resize=EvalResize(spec.image_size, spec.mean, spec.std),
+    )
 
 
-def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader, dim: int, normalize: bool,
-                 flip: bool = False, name: str = "", expected: int | None = None,
-                 resize: EvalResize | None = None) -> EmbeddingSet:
+def embed_loader(
+    model: nn.Module,
+    accelerator: Accelerator,
+    loader: DataLoader,
+    dim: int,
+    normalize: bool,
+    flip: bool = False,
+    name: str = "",
+    expected: int | None = None,
+    resize: EvalResize | None = None,
+) -> EmbeddingSet:
     """Embed this rank's batches ``(images, labels, ids)`` of ``loader``, then gather every rank's rows: every rank
     returns them all, one per id, sorted by id (``name`` and ``expected`` go into this rank's progress lines;
     ``resize`` as for ``embed_local``)."""
@@ -119,8 +158,14 @@ def embed_loader(model: nn.Module, accelerator: Accelerator, loader: DataLoader,
 
 
 @torch.inference_mode()
-def embed_images(model: nn.Module, spec: ModelSpec, images: Sequence[torch.Tensor], flip: bool = False,
-                 batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
+def embed_images(
+    model: nn.Module,
+    spec: ModelSpec,
+    images: Sequence[torch.Tensor],
+    flip: bool = False,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """[N, D] float32 embeddings on the CPU of uint8 RGB images ``[3, H, W]`` in memory (any sizes, as
     ``ranking.data.decode`` makes them), fed as ``spec`` says through the evaluation's ``EvalResize`` on the device,
     in full precision; ``flip`` as the gallery was embedded. ``device`` defaults to the GPU if there is one (the
@@ -130,7 +175,7 @@ def embed_images(model: nn.Module, spec: ModelSpec, images: Sequence[torch.Tenso
     model = model.to(device).eval()
     embeddings = [torch.zeros(0, spec.embed_dim)]
     for start in range(0, len(images), batch_size):
-        pixels = list(images[start:start + batch_size])
+        pixels = list(images[start : start + batch_size])
         embeddings.append(models.embed_with_mirror(model, resize(to_device(pixels, device)), flip).float().cpu())
     embeddings_cpu = torch.cat(embeddings)
     return F.normalize(embeddings_cpu, dim=1) if spec.normalize else embeddings_cpu

@@ -72,11 +72,20 @@ class EvalIndex:
         def rows(s: EmbeddingSet) -> dict[str, torch.Tensor]:
             return {"embeddings": s.embeddings.cpu(), "ids": s.ids.cpu(), "labels": s.labels.cpu()}
 
-        return {"run_dir": self.run_dir, "step": self.step, "shards": self.shards,
-                "gallery_split": self.gallery_split, "query_split": self.query_split, "normalized": self.normalized,
-                "flip": self.flip, "gallery": rows(self.gallery), "query": rows(self.query),
-                "model_sha256": self.model_sha256, "embed_dim": self.embed_dim or int(self.gallery.embeddings.shape[1]),
-                **({"model": self.model.to_dict()} if self.model is not None else {})}
+        return {
+            "run_dir": self.run_dir,
+            "step": self.step,
+            "shards": self.shards,
+            "gallery_split": self.gallery_split,
+            "query_split": self.query_split,
+            "normalized": self.normalized,
+            "flip": self.flip,
+            "gallery": rows(self.gallery),
+            "query": rows(self.query),
+            "model_sha256": self.model_sha256,
+            "embed_dim": self.embed_dim or int(self.gallery.embeddings.shape[1]),
+            **({"model": self.model.to_dict()} if self.model is not None else {}),
+        }
 
     def save(self, eval_dir: str | os.PathLike) -> Path:
         stored = self.to_dict()
@@ -97,35 +106,58 @@ class EvalIndex:
 
         def rows(part: str) -> EmbeddingSet:
             embeddings, ids, labels = (data[part][key] for key in ("embeddings", "ids", "labels"))
-            if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.is_floating_point()
-                    and all(isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) == len(embeddings)
-                            and not t.is_floating_point() for t in (ids, labels))):
-                raise RankingError(f"{path}: its {part} rows are not float embeddings [N, D] with N integer ids and "
-                                   "labels (damaged or edited); rerun `ranking evaluate`")
+            if not (
+                isinstance(embeddings, torch.Tensor)
+                and embeddings.dim() == 2
+                and embeddings.is_floating_point()
+                and all(
+                    isinstance(t, torch.Tensor)
+                    and t.dim() == 1
+                    and len(t) == len(embeddings)
+                    and not t.is_floating_point()
+                    for t in (ids, labels)
+                )
+            ):
+                raise RankingError(
+                    f"{path}: its {part} rows are not float embeddings [N, D] with N integer ids and "
+                    "labels (damaged or edited); rerun `ranking evaluate`"
+                )
             finite = torch.isfinite(embeddings).all(dim=1)
             if not bool(finite.all()):
-                raise RankingError(f"{path}: {int((~finite).sum())} {part} embedding row(s) are not finite (NaN or "
-                                   "inf), the first of sample id "
-                                   f"{int(ids[(~finite).nonzero()[0, 0]])}; rerun `ranking evaluate`")
+                raise RankingError(
+                    f"{path}: {int((~finite).sum())} {part} embedding row(s) are not finite (NaN or "
+                    "inf), the first of sample id "
+                    f"{int(ids[(~finite).nonzero()[0, 0]])}; rerun `ranking evaluate`"
+                )
             return EmbeddingSet(embeddings, ids, labels)
 
         from ranking.learning.models import ModelSpec
 
         model = ModelSpec.from_dict(data["model"], f"{path}: model") if data.get("model") is not None else None
 
-        return cls(run_dir=str(data.get("run_dir") or ""), step=int(data.get("step", 0)),
-                   shards=str(data.get("shards") or ""), gallery_split=data.get("gallery_split", "train"),
-                   query_split=data.get("query_split", "val"), normalized=bool(data.get("normalized")),
-                   flip=bool(data.get("flip")), gallery=rows("gallery"), query=rows("query"),
-                   model_sha256=str(data.get("model_sha256") or ""),
-                   embed_dim=int(data.get("embed_dim") or data["gallery"]["embeddings"].shape[-1]), model=model)
+        return cls(
+            run_dir=str(data.get("run_dir") or ""),
+            step=int(data.get("step", 0)),
+            shards=str(data.get("shards") or ""),
+            gallery_split=data.get("gallery_split", "train"),
+            query_split=data.get("query_split", "val"),
+            normalized=bool(data.get("normalized")),
+            flip=bool(data.get("flip")),
+            gallery=rows("gallery"),
+            query=rows("query"),
+            model_sha256=str(data.get("model_sha256") or ""),
+            embed_dim=int(data.get("embed_dim") or data["gallery"]["embeddings"].shape[-1]),
+            model=model,
+        )
 
     def shards_dir(self, eval_dir: str | os.PathLike, override: str | None = None) -> Path:
         """The shards this evaluation read (a relative path starts where `ranking evaluate` ran), or ``override``."""
         shards = Path(override or self.shards)
         if not (shards / MANIFEST).is_file():
-            raise RankingError(f"{Path(eval_dir) / EMBEDDINGS}: its shards folder {str(shards)!r} has no {MANIFEST} "
-                               "(pass --shards DIR)")
+            raise RankingError(
+                f"{Path(eval_dir) / EMBEDDINGS}: its shards folder {str(shards)!r} has no {MANIFEST} "
+                "(pass --shards DIR)"
+            )
         return shards
 
 
@@ -134,10 +166,13 @@ class EvalIndex:
 
 def metrics_record(step: int, k: int, by_split: dict[str, RetrievalMetrics], model: ModelSpec | None = None) -> dict:
     """metrics.json's content; ``model``, the identity that embedded the rows, as embeddings.pt holds it."""
-    return {"k": k, "step": step, "splits": {name: m.summary() for name, m in by_split.items()},
-            "pr_curve": {name: {"recall": m.recall_levels, "precision": m.pr_precision}
-                         for name, m in by_split.items()},
-            **({"model": model.to_dict()} if model is not None else {})}
+    return {
+        "k": k,
+        "step": step,
+        "splits": {name: m.summary() for name, m in by_split.items()},
+        "pr_curve": {name: {"recall": m.recall_levels, "precision": m.pr_precision} for name, m in by_split.items()},
+        **({"model": model.to_dict()} if model is not None else {}),
+    }
 
 
 def write_metrics(eval_dir: str | os.PathLike, metrics: dict) -> None:
@@ -158,8 +193,10 @@ def table_rows(metrics: dict) -> tuple[list[str], list[list[Any]]]:
     """Header and one row per split (train first, like the seeds' table), with the fractions of metrics.json."""
     columns = titles(metrics.get("k", 30))
     splits = sorted(metrics["splits"], key=lambda s: (s != "train", s))
-    return (["split", *columns.values()],
-            [[s] + [float(metrics["splits"][s].get(name, math.nan)) for name in columns] for s in splits])
+    return (
+        ["split", *columns.values()],
+        [[s] + [float(metrics["splits"][s].get(name, math.nan)) for name in columns] for s in splits],
+    )
 
 
 def markdown_table(metrics: dict) -> str:

@@ -81,15 +81,28 @@ class Item:
     thumb: tuple[int, int] | None = None  # (offset, size) of its JPEG in thumbs.tar
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "label": self.label, "class": self.wnid, "words": self.words, "file": self.file,
-                "source": self.source, "thumb": list(self.thumb) if self.thumb else None}
+        return {
+            "id": self.id,
+            "label": self.label,
+            "class": self.wnid,
+            "words": self.words,
+            "file": self.file,
+            "source": self.source,
+            "thumb": list(self.thumb) if self.thumb else None,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> Item:
         thumb = data.get("thumb")
-        return cls(id=int(data["id"]), label=int(data["label"]), wnid=data.get("class"), words=data.get("words"),
-                   file=str(data["file"]), source=int(data.get("source", 0)),
-                   thumb=(int(thumb[0]), int(thumb[1])) if thumb else None)
+        return cls(
+            id=int(data["id"]),
+            label=int(data["label"]),
+            wnid=data.get("class"),
+            words=data.get("words"),
+            file=str(data["file"]),
+            source=int(data.get("source", 0)),
+            thumb=(int(thumb[0]), int(thumb[1])) if thumb else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -99,8 +112,15 @@ class Result:
     item: Item
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "distance": self.distance, "id": self.item.id, "label": self.item.label,
-                "class": self.item.wnid, "words": self.item.words, "file": self.item.file}
+        return {
+            "rank": self.rank,
+            "distance": self.distance,
+            "id": self.item.id,
+            "label": self.item.label,
+            "class": self.item.wnid,
+            "words": self.item.words,
+            "file": self.item.file,
+        }
 
 
 class LazyItems(Sequence[Item]):
@@ -137,17 +157,27 @@ ThumbnailReader = Callable[[Sequence[Item]], dict[int, Image.Image]]
 class Index:
     """A searchable gallery: the model, float32 embeddings [N, D] (one tensor, on the model's device) and N items."""
 
-    def __init__(self, model: EmbeddingModel, embeddings: torch.Tensor, items: Sequence[Item], *,
-                 classes: Sequence[str] = (), sources: Sequence[dict] = (), path: Path | None = None,
-                 thumbnails: ThumbnailReader | None = None):
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        embeddings: torch.Tensor,
+        items: Sequence[Item],
+        *,
+        classes: Sequence[str] = (),
+        sources: Sequence[dict] = (),
+        path: Path | None = None,
+        thumbnails: ThumbnailReader | None = None,
+    ):
         if embeddings.dim() != 2 or embeddings.shape[0] != len(items):
             raise ValueError(f"{tuple(embeddings.shape)} embeddings for {len(items)} items")
         finite = torch.isfinite(embeddings).all(dim=1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0, 0])
-            raise RankingError(f"{path if path is not None else 'the gallery'}: embedding row {row} (and "
-                               f"{int((~finite).sum()) - 1} more) is not finite (NaN or inf): a damaged gallery, "
-                               "whose distances would be meaningless; rebuild it")
+            raise RankingError(
+                f"{path if path is not None else 'the gallery'}: embedding row {row} (and "
+                f"{int((~finite).sum()) - 1} more) is not finite (NaN or inf): a damaged gallery, "
+                "whose distances would be meaningless; rebuild it"
+            )
         self.model = model
         self.embeddings = embeddings.float().contiguous().to(model.device)
         self.items = items
@@ -178,9 +208,13 @@ class Index:
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise RankingError(f"queries of shape {list(queries.shape)}; this index holds {self.dim}-d embeddings")
         distances, rows = nearest_neighbors(queries.to(self.embeddings.device).float(), self.embeddings, k)
-        return [[Result(rank, distance, self.items[row])
-                 for rank, (distance, row) in enumerate(zip(ds.tolist(), rs.tolist()), 1)]
-                for ds, rs in zip(distances.cpu(), rows.cpu())]
+        return [
+            [
+                Result(rank, distance, self.items[row])
+                for rank, (distance, row) in enumerate(zip(ds.tolist(), rs.tolist()), 1)
+            ]
+            for ds, rs in zip(distances.cpu(), rows.cpu())
+        ]
 
     def thumbnails(self, items: Sequence[Item]) -> dict[int, Image.Image]:
         """id -> RGB image of each item, to draw results (an index's thumbnails, an evaluation's shard images)."""
@@ -200,8 +234,11 @@ class Index:
         meta = read_index_json(path)
         count, dim = meta["count"], meta["dim"]
         try:  # read like any untrusted file: regular, and no larger than index.json's count and dim allow
-            stored = load(read_regular(path / EMBEDDINGS, count * dim * 4 + MAX_SAFETENSORS_HEADER,
-                                       f"{count} x {dim} float32 and a header"))
+            stored = load(
+                read_regular(
+                    path / EMBEDDINGS, count * dim * 4 + MAX_SAFETENSORS_HEADER, f"{count} x {dim} float32 and a header"
+                )
+            )
         except FileNotFoundError:
             raise RankingError(f"{path / EMBEDDINGS}: missing") from None
         except (SafetensorError, OSError, ValueError) as e:
@@ -209,21 +246,33 @@ class Index:
         embeddings = stored.get("embeddings")
         if embeddings is None or embeddings.dtype != torch.float32 or list(embeddings.shape) != [count, dim]:
             found = "none" if embeddings is None else f"{str(embeddings.dtype)[6:]} {list(embeddings.shape)}"
-            raise RankingError(f"{path / EMBEDDINGS}: expected float32 embeddings [{count}, {dim}] as "
-                               f"{INDEX_JSON} says; found {found}")
+            raise RankingError(
+                f"{path / EMBEDDINGS}: expected float32 embeddings [{count}, {dim}] as {INDEX_JSON} says; found {found}"
+            )
         try:
-            lines = read_regular(path / ITEMS, max(count, 1) * MAX_ITEM_BYTES,
-                                 f"{count} items of ranking.retrieval.indexfolder.MAX_ITEM_BYTES").splitlines()
+            lines = read_regular(
+                path / ITEMS,
+                max(count, 1) * MAX_ITEM_BYTES,
+                f"{count} items of ranking.retrieval.indexfolder.MAX_ITEM_BYTES",
+            ).splitlines()
         except FileNotFoundError:
             raise RankingError(f"{path / ITEMS}: missing") from None
         if len(lines) != count:
             raise RankingError(f"{path / ITEMS}: {len(lines)} items, but {INDEX_JSON} says {count}")
         model = EmbeddingModel.from_folder(path, device)
         if model.dim != dim:
-            raise RankingError(f"{path / MODEL_JSON}: the model makes {model.dim}-d embeddings, but the index "
-                               f"holds {dim}-d ones")
-        return cls(model, embeddings, LazyItems(path / ITEMS, lines), classes=meta["classes"],
-                   sources=meta["sources"], path=path, thumbnails=lambda items: read_thumbnails(path / THUMBS, items))
+            raise RankingError(
+                f"{path / MODEL_JSON}: the model makes {model.dim}-d embeddings, but the index holds {dim}-d ones"
+            )
+        return cls(
+            model,
+            embeddings,
+            LazyItems(path / ITEMS, lines),
+            classes=meta["classes"],
+            sources=meta["sources"],
+            path=path,
+            thumbnails=lambda items: read_thumbnails(path / THUMBS, items),
+        )
 
 
 def is_index(path: str | os.PathLike) -> bool:
@@ -241,8 +290,9 @@ def read_index_json(path: Path) -> dict:
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise RankingError(f"{where}: {key!r} must be a {kind.__name__}")
     if meta["count"] < 0 or not 1 <= meta["dim"] <= MAX_EMBED_DIM:
-        raise RankingError(f"{where}: count {meta['count']} and dim {meta['dim']} are not an index's "
-                           f"(dim at most {MAX_EMBED_DIM})")
+        raise RankingError(
+            f"{where}: count {meta['count']} and dim {meta['dim']} are not an index's (dim at most {MAX_EMBED_DIM})"
+        )
     return meta
 
 
@@ -257,8 +307,10 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
                     raise RankingError(f"{tar_path}: item {item.id} has no thumbnail")
                 offset, length = item.thumb
                 if not (0 <= offset and 0 < length <= MAX_ITEM_BYTES * 16 and offset + length <= size):
-                    raise RankingError(f"{tar_path}: item {item.id}'s thumbnail at [{offset}, {length}] lies outside "
-                                       f"the file's {size} bytes (a damaged items.jsonl)")
+                    raise RankingError(
+                        f"{tar_path}: item {item.id}'s thumbnail at [{offset}, {length}] lies outside "
+                        f"the file's {size} bytes (a damaged items.jsonl)"
+                    )
                 f.seek(offset)
                 images[item.id] = to_pil(decode_image(f.read(length), f"{tar_path}: thumbnail {item.id}"))
     except FileNotFoundError:
@@ -305,15 +357,25 @@ class ShardsSource(ImageSource):
             raise RankingError(f"{path}: no {self.split} images to index (choose another --split)")
         infos = split_index(path, self.split)
         if sorted(infos) != list(range(counts[self.split])):
-            raise RankingError(f"{path}: the {self.split} shards hold {len(infos)} distinct ids, manifest.json says "
-                               f"{counts[self.split]}")
+            raise RankingError(
+                f"{path}: the {self.split} shards hold {len(infos)} distinct ids, manifest.json says "
+                f"{counts[self.split]}"
+            )
         self.entries = [(infos[i].label, infos[i].wnid, infos[i].words, infos[i].file) for i in sorted(infos)]
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from ranking.retrieval.embed import embed_split
 
-        return embed_split(model.net, accelerator, str(self.path), str(self.split), spec=model.spec,
-                           batch_size=batch_size, workers=workers, flip=model.flip)
+        return embed_split(
+            model.net,
+            accelerator,
+            str(self.path),
+            str(self.split),
+            spec=model.spec,
+            batch_size=batch_size,
+            workers=workers,
+            flip=model.flip,
+        )
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         from ranking.folders.shardformat import key_id, shard_paths
@@ -356,8 +418,15 @@ class FolderSource(ImageSource):
         if not samples:
             raise RankingError(f"{path}: no images to index")
         classes = self.dataset.classes
-        self.entries = [(s.label, classes[s.label].wnid if s.label >= 0 else None,
-                         classes[s.label].words if s.label >= 0 else None, s.file) for s in samples]
+        self.entries = [
+            (
+                s.label,
+                classes[s.label].wnid if s.label >= 0 else None,
+                classes[s.label].words if s.label >= 0 else None,
+                s.file,
+            )
+            for s in samples
+        ]
 
     def image(self, position: int, shorter_side: int | None = None) -> torch.Tensor:
         """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded: a large
@@ -373,10 +442,21 @@ class FolderSource(ImageSource):
 
         spec = model.spec
         samples = _FolderSamples(self, accelerator.process_index, accelerator.num_processes, spec.image_size)
-        loader = DataLoader(samples, batch_size=batch_size, num_workers=0,  # an open zip does not go to workers
-                            collate_fn=collate_samples)
-        return embed_loader(model.net, accelerator, loader, model.dim, model.normalize, model.flip,
-                            resize=EvalResize(spec.image_size, spec.mean, spec.std))
+        loader = DataLoader(
+            samples,
+            batch_size=batch_size,
+            num_workers=0,  # an open zip does not go to workers
+            collate_fn=collate_samples,
+        )
+        return embed_loader(
+            model.net,
+            accelerator,
+            loader,
+            model.dim,
+            model.normalize,
+            model.flip,
+            resize=EvalResize(spec.image_size, spec.mean, spec.std),
+        )
 
     def images(self) -> Iterator[tuple[int, Image.Image]]:
         for position in range(len(self.entries)):
@@ -400,15 +480,19 @@ def open_images(path: str | os.PathLike, split: str | None = None) -> ImageSourc
 # ---------------------------------------------------------------------------------------------------------- writing
 
 
-def embed_sources(model: EmbeddingModel, sources: Sequence[ImageSource], accelerator: Accelerator,
-                  batch_size: int = 64, workers: int = 0) -> list[torch.Tensor]:
+def embed_sources(
+    model: EmbeddingModel,
+    sources: Sequence[ImageSource],
+    accelerator: Accelerator,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> list[torch.Tensor]:
     """Every source's embeddings [n, D] on the CPU, rows in id order, on every rank (a collective)."""
     found = []
     for source in sources:
         embedded = source.embed(model, accelerator, batch_size, workers)
         if embedded.ids.tolist() != list(range(len(source.entries))):
-            raise RankingError(f"{source.path}: embedded {len(embedded.ids)} distinct images of "
-                               f"{len(source.entries)}")
+            raise RankingError(f"{source.path}: embedded {len(embedded.ids)} distinct images of {len(source.entries)}")
         found.append(embedded.embeddings.float().cpu())
     return found
 
@@ -424,13 +508,17 @@ def thumbnail_jpeg(image: Image.Image, size: int = THUMB_SIZE) -> bytes:
 def check_same_model(index: Index, model: EmbeddingModel, where: str | os.PathLike) -> None:
     """Rows of one index must come from one model: the same dimension and the same weights."""
     if model.dim != index.dim:
-        raise RankingError(f"{where}: makes {model.dim}-d embeddings, but the index {index.path} holds "
-                           f"{index.dim}-d ones; mixed embedding dimensions cannot be searched together "
-                           "(build a new index)")
+        raise RankingError(
+            f"{where}: makes {model.dim}-d embeddings, but the index {index.path} holds "
+            f"{index.dim}-d ones; mixed embedding dimensions cannot be searched together "
+            "(build a new index)"
+        )
     if model.weights_sha256 != index.model.weights_sha256:
-        raise RankingError(f"{where}: a different model (weights sha256 {model.weights_sha256[:12]}) than the "
-                           f"index {index.path} was built with ({index.model.weights_sha256[:12]}); its embeddings "
-                           "would not be comparable (build a new index)")
+        raise RankingError(
+            f"{where}: a different model (weights sha256 {model.weights_sha256[:12]}) than the "
+            f"index {index.path} was built with ({index.model.weights_sha256[:12]}); its embeddings "
+            "would not be comparable (build a new index)"
+        )
 
 
 @contextlib.contextmanager
@@ -454,8 +542,14 @@ def writing(out: Path, new: bool) -> Iterator[None]:
         yield
 
 
-def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource], embedded: Sequence[torch.Tensor],
-                base: Index | None = None, merged: Sequence[Index] = ()) -> Path:
+def write_index(
+    out: Path,
+    model: EmbeddingModel,
+    sources: Sequence[ImageSource],
+    embedded: Sequence[torch.Tensor],
+    base: Index | None = None,
+    merged: Sequence[Index] = (),
+) -> Path:
     """Write ``base`` (if any) + the ``merged`` indexes' rows + the sources' rows as the index folder ``out``.
 
     Built under a temporary name beside ``out`` (``base``'s files copied, not re-embedded), then published in its
@@ -473,8 +567,15 @@ def write_index(out: Path, model: EmbeddingModel, sources: Sequence[ImageSource]
     return out
 
 
-def _write_index(tmp: Path, out: Path, model: EmbeddingModel, sources: Sequence[ImageSource],
-                 embedded: Sequence[torch.Tensor], base: Index | None, merged: Sequence[Index]) -> None:
+def _write_index(
+    tmp: Path,
+    out: Path,
+    model: EmbeddingModel,
+    sources: Sequence[ImageSource],
+    embedded: Sequence[torch.Tensor],
+    base: Index | None,
+    merged: Sequence[Index],
+) -> None:
     from safetensors.torch import save
 
     tmp.mkdir(parents=True)
@@ -499,6 +600,7 @@ def _write_index(tmp: Path, out: Path, model: EmbeddingModel, sources: Sequence[
         return classes.index(name)
 
     with tarfile.open(tmp / THUMBS, "a" if (tmp / THUMBS).exists() else "w") as tar:
+
         def add_thumbnail(row: int, image: Image.Image) -> tuple[int, int]:
             data = thumbnail_jpeg(image)
             info = tarfile.TarInfo(f"{row:07d}.jpg")
@@ -514,8 +616,15 @@ def _write_index(tmp: Path, out: Path, model: EmbeddingModel, sources: Sequence[
             thumbs = other.thumbnails(list(other.items))
             for item in other.items:
                 row = first + item.id
-                entry = Item(row, label_of(item.wnid), item.wnid, item.words, item.file,
-                             source_offset + item.source, add_thumbnail(row, thumbs[item.id]))
+                entry = Item(
+                    row,
+                    label_of(item.wnid),
+                    item.wnid,
+                    item.words,
+                    item.file,
+                    source_offset + item.source,
+                    add_thumbnail(row, thumbs[item.id]),
+                )
                 lines.append(json.dumps(entry.to_dict()).encode())
             parts.append(other.embeddings.cpu())
         for source, embeddings in zip(sources, embedded):
@@ -525,16 +634,27 @@ def _write_index(tmp: Path, out: Path, model: EmbeddingModel, sources: Sequence[
             for position, image in source.images():
                 thumbs_at[position] = add_thumbnail(first + position, image)
             for position, (_, wnid, words, file) in enumerate(source.entries):
-                entry = Item(first + position, label_of(wnid), wnid, words, file, len(described) - 1,
-                             thumbs_at.get(position))
+                entry = Item(
+                    first + position, label_of(wnid), wnid, words, file, len(described) - 1, thumbs_at.get(position)
+                )
                 lines.append(json.dumps(entry.to_dict()).encode())
             parts.append(embeddings)
     all_embeddings = torch.cat(parts) if parts else torch.zeros(0, model.dim)
-    write_atomically(tmp / EMBEDDINGS, lambda f: f.write(save({"embeddings": all_embeddings.contiguous()},
-                                                              metadata={"format": FORMAT})))
+    write_atomically(
+        tmp / EMBEDDINGS,
+        lambda f: f.write(save({"embeddings": all_embeddings.contiguous()}, metadata={"format": FORMAT})),
+    )
     write_atomically(tmp / ITEMS, lambda f: f.write(b"".join(line + b"\n" for line in lines)))
-    meta = {"format": FORMAT, "count": len(lines), "dim": model.dim, "normalized": model.normalize,
-            "flip": model.flip, "thumb_size": THUMB_SIZE, "classes": classes, "sources": described,
-            "model": model.source}
+    meta = {
+        "format": FORMAT,
+        "count": len(lines),
+        "dim": model.dim,
+        "normalized": model.normalize,
+        "flip": model.flip,
+        "thumb_size": THUMB_SIZE,
+        "classes": classes,
+        "sources": described,
+        "model": model.source,
+    }
     write_text_atomically(tmp / INDEX_JSON, json.dumps(meta, indent=2) + "\n")
     publish_folder(tmp, out)

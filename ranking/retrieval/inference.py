@@ -76,10 +76,15 @@ def to_images(images: ImageLike | Iterable[ImageLike], shorter_side: int | None 
         elif isinstance(image, (str, os.PathLike)):
             found.append(load_image(image, shorter_side))
         elif isinstance(image, torch.Tensor):
-            if image.dtype != torch.uint8 or image.dim() not in (2, 3) or (image.dim() == 3 and image.shape[0]
-                                                                             not in (1, 3)):
-                raise RankingError(f"image {n}: a tensor must be uint8 [3, H, W], [1, H, W] or [H, W]; got "
-                                   f"{str(image.dtype).removeprefix('torch.')} {list(image.shape)}")
+            if (
+                image.dtype != torch.uint8
+                or image.dim() not in (2, 3)
+                or (image.dim() == 3 and image.shape[0] not in (1, 3))
+            ):
+                raise RankingError(
+                    f"image {n}: a tensor must be uint8 [3, H, W], [1, H, W] or [H, W]; got "
+                    f"{str(image.dtype).removeprefix('torch.')} {list(image.shape)}"
+                )
             gray = image.dim() == 2 or image.shape[0] == 1
             found.append(image.reshape(1, *image.shape[-2:]).expand(3, -1, -1).contiguous() if gray else image)
         else:
@@ -125,8 +130,14 @@ class EmbeddingModel:
     verified against its sha256 manifest), an index folder (``from_folder``) or an exported .safetensors
     (``from_safetensors``); each rebuilds the network from its ModelSpec alone."""
 
-    def __init__(self, net: torch.nn.Module, spec: ModelSpec, source: dict[str, Any],
-                 flip: bool = False, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        spec: ModelSpec,
+        source: dict[str, Any],
+        flip: bool = False,
+        device: str | torch.device | None = None,
+    ):
         self.spec = spec
         self.net = net.eval()
         self.flip = flip
@@ -137,8 +148,13 @@ class EmbeddingModel:
     # -------------------------------------------------------------------------------------------------- loading
 
     @classmethod
-    def from_run(cls, path: str | os.PathLike, flip: bool = False, device: str | torch.device | None = None,
-                 spec: ModelSpec | None = None) -> EmbeddingModel:
+    def from_run(
+        cls,
+        path: str | os.PathLike,
+        flip: bool = False,
+        device: str | torch.device | None = None,
+        spec: ModelSpec | None = None,
+    ) -> EmbeddingModel:
         """The network of a run folder's latest checkpoint or of a checkpoint folder; its identity is ``spec`` (an
         evaluation folder's, say) or else the run's config.yaml's (``ModelSpec.of_run``)."""
         checkpoint_dir = runfolder.resolve_checkpoint(path)
@@ -146,8 +162,12 @@ class EmbeddingModel:
         spec = spec or ModelSpec.of_run(run_dir)
         weights, step = checkpoint.load_weights(checkpoint_dir)  # verified against checkpoint.json first
         net = trained_net(spec, weights, checkpoint_dir / runfolder.STATE)
-        source = {"run_dir": str(run_dir), "checkpoint": str(checkpoint_dir), "step": step,
-                  "weights_sha256": weights_sha256(net.state_dict())}
+        source = {
+            "run_dir": str(run_dir),
+            "checkpoint": str(checkpoint_dir),
+            "step": step,
+            "weights_sha256": weights_sha256(net.state_dict()),
+        }
         return cls(net, spec, source, flip, device)
 
     @classmethod
@@ -175,8 +195,9 @@ class EmbeddingModel:
         return cls._rebuild(described, path, path, device)
 
     @classmethod
-    def _rebuild(cls, described: Any, described_in: Path, weights: Path,
-                 device: str | torch.device | None) -> EmbeddingModel:
+    def _rebuild(
+        cls, described: Any, described_in: Path, weights: Path, device: str | torch.device | None
+    ) -> EmbeddingModel:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -192,9 +213,11 @@ class EmbeddingModel:
         recorded = source.get("weights_sha256")
         found = weights_sha256(net.state_dict()) if recorded else ""
         if recorded and found != recorded:
-            raise RankingError(f"{weights}: not the weights {described_in.name} records (weights_sha256 "
-                               f"{str(recorded)[:12]}..., found {found[:12]}...): replaced "
-                               "or damaged; an index's embeddings only match the model that made them")
+            raise RankingError(
+                f"{weights}: not the weights {described_in.name} records (weights_sha256 "
+                f"{str(recorded)[:12]}..., found {found[:12]}...): replaced "
+                "or damaged; an index's embeddings only match the model that made them"
+            )
         return cls(net, spec, source, flip, device)
 
     # -------------------------------------------------------------------------------------------------- using
@@ -224,8 +247,14 @@ class EmbeddingModel:
         """[N, D] float32 embeddings on the CPU of PIL images, image paths or uint8 tensors, in full precision."""
         from ranking.retrieval.embed import embed_images
 
-        return embed_images(self.net, self.spec, to_images(images, self.spec.image_size), flip=self.flip,
-                            batch_size=batch_size, device=self.device)
+        return embed_images(
+            self.net,
+            self.spec,
+            to_images(images, self.spec.image_size),
+            flip=self.flip,
+            batch_size=batch_size,
+            device=self.device,
+        )
 
     def describe(self) -> dict[str, Any]:
         """MODEL_JSON's content: the model's identity (``ModelSpec.to_dict``), flip, and where it came from."""
@@ -241,7 +270,6 @@ class EmbeddingModel:
         write_atomically(folder / MODEL_WEIGHTS, lambda f: f.write(payload))
         write_text_atomically(folder / MODEL_JSON, json.dumps(self.describe(), indent=2) + "\n")
 
-
     # -------------------------------------------------------------------------------------------------- export
 
     def export(self, path: str | os.PathLike, fmt: ExportFormat) -> Path:
@@ -250,13 +278,19 @@ class EmbeddingModel:
         if fmt not in EXPORT_FORMATS:
             raise RankingError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
         if self.flip:
-            raise RankingError("a model that averages mirrored embeddings (flip) is exported as its plain network; "
-                               "load it without flip")
+            raise RankingError(
+                "a model that averages mirrored embeddings (flip) is exported as its plain network; "
+                "load it without flip"
+            )
         net = self.net.to("cpu").eval()
         size = self.spec.image_size
         example = torch.zeros(2, 3, size, size)
-        metadata = {"format": MODEL_FORMAT, MODEL_JSON: json.dumps(self.describe()), "input": "images",
-                    "output": "embeddings"}
+        metadata = {
+            "format": MODEL_FORMAT,
+            MODEL_JSON: json.dumps(self.describe()),
+            "input": "images",
+            "output": "embeddings",
+        }
         try:
             with warnings.catch_warnings():
                 # torch.jit and the TorchScript-based ONNX exporter are deprecated in favour of torch.export, but their
@@ -295,10 +329,16 @@ def read_description(described: Any, where: Path) -> tuple[ModelSpec, bool, dict
         config, preprocessing = described.get("config"), described.get("preprocessing")
         if not isinstance(config, dict) or not isinstance(preprocessing, dict):
             raise RankingError(f"{where}: no 'config' or 'preprocessing' entry")
-        mapped = {"backbone": config.get("backbone"), "embed_dim": config.get("embed_dim"),
-                  "dropout": config.get("dropout", 0.0), "normalize": config.get("normalize"),
-                  "image_size": preprocessing.get("image_size"), "mean": preprocessing.get("mean"),
-                  "std": preprocessing.get("std"), "resize": preprocessing.get("resize")}
+        mapped = {
+            "backbone": config.get("backbone"),
+            "embed_dim": config.get("embed_dim"),
+            "dropout": config.get("dropout", 0.0),
+            "normalize": config.get("normalize"),
+            "image_size": preprocessing.get("image_size"),
+            "mean": preprocessing.get("mean"),
+            "std": preprocessing.get("std"),
+            "resize": preprocessing.get("resize"),
+        }
         spec = ModelSpec.from_dict(mapped, f"{where}: config")
     return spec, bool(described.get("flip", False)), dict(described["source"])
 
@@ -309,8 +349,10 @@ def trained_net(spec: ModelSpec, state: dict[str, torch.Tensor], weights: Path) 
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise RankingError(f"{weights}: weights do not fit the model {spec.backbone} with embed_dim "
-                           f"{spec.embed_dim} ({str(e).splitlines()[0]})") from None
+        raise RankingError(
+            f"{weights}: weights do not fit the model {spec.backbone} with embed_dim "
+            f"{spec.embed_dim} ({str(e).splitlines()[0]})"
+        ) from None
     return net.eval()
 
 
@@ -318,13 +360,21 @@ def _onnx_bytes(net: torch.nn.Module, example: torch.Tensor, metadata: dict[str,
     try:
         import onnx
     except ImportError:
-        raise RankingError("--format onnx needs the Python package 'onnx': pip install 'deep-ranking[export]'"
-                           ) from None
+        raise RankingError(
+            "--format onnx needs the Python package 'onnx': pip install 'deep-ranking[export]'"
+        ) from None
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         exported = Path(tmp) / "model.onnx"
-        torch.onnx.export(net, (example,), exported, dynamo=False, input_names=["images"],
-                          output_names=["embeddings"], opset_version=17,
-                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (example,),
+            exported,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["embeddings"],
+            opset_version=17,
+            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+        )
         proto = onnx.load(str(exported))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

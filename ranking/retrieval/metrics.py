@@ -83,15 +83,16 @@ class RetrievalMetrics:
         return values
 
 
-assert [f.name for f in fields(RetrievalMetrics)][:len(METRICS)] == [m.name for m in METRICS]
+assert [f.name for f in fields(RetrievalMetrics)][: len(METRICS)] == [m.name for m in METRICS]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # top-k
 
 
-def nearest_neighbors(queries: torch.Tensor, gallery: torch.Tensor, k: int,
-                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbors(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest gallery rows of every query: (squared distances [Q, k], gallery indices [Q, k]), nearest first.
 
     ``topk`` does not promise an order among equal distances; the evaluation uses a stable full sort instead.
@@ -114,8 +115,9 @@ def nearest_neighbors(queries: torch.Tensor, gallery: torch.Tensor, k: int,
 # per-query metrics of one chunk
 
 
-def ranked_relevance(query_chunk: EmbeddingSet, gallery: EmbeddingSet, gallery_sq_norms: torch.Tensor,
-                     exclude_self: bool) -> torch.Tensor:
+def ranked_relevance(
+    query_chunk: EmbeddingSet, gallery: EmbeddingSet, gallery_sq_norms: torch.Tensor, exclude_self: bool
+) -> torch.Tensor:
     """[C, L] bool: whether each gallery item, in ranked order, shares the query's label.
 
     L is the gallery size, minus one when the query itself is excluded (it is pushed to the end, then cut off).
@@ -159,16 +161,23 @@ def per_query_metrics(relevant: torch.Tensor, k: int, recall_levels: torch.Tenso
     within_r = ranks[None, :] <= n_relevant[:, None]
     ap_at_r = relevant_precision.mul_(within_r).sum(1, dtype=torch.float64) / safe_r
 
-    return {"precision_at_k": precision_at_k.double(), "knn1_accuracy": knn1, "hit_at_k": hit_at_k,
-            "map": average_precision, "map_at_r": ap_at_r, "pr_precision": interpolated}
+    return {
+        "precision_at_k": precision_at_k.double(),
+        "knn1_accuracy": knn1,
+        "hit_at_k": hit_at_k,
+        "map": average_precision,
+        "map_at_r": ap_at_r,
+        "pr_precision": interpolated,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # triplets
 
 
-def sample_triplets(query_labels: torch.Tensor, gallery_labels: torch.Tensor, count: int, seed: int,
-                    exclude_self: bool) -> torch.Tensor:
+def sample_triplets(
+    query_labels: torch.Tensor, gallery_labels: torch.Tensor, count: int, seed: int, exclude_self: bool
+) -> torch.Tensor:
     """[T, 3] (query index, positive gallery index, negative gallery index), the same on every rank for a seed.
 
     Queries are drawn uniformly among those with at least one positive and one negative in the gallery; the
@@ -220,9 +229,17 @@ def correct_triplets(queries: torch.Tensor, gallery: torch.Tensor, triplets: tor
 # the whole evaluation of one split
 
 
-def evaluate_retrieval(query: EmbeddingSet, gallery: EmbeddingSet, *, k: int = 30, chunk_size: int = 1024,
-                       pr_points: int = 50, triplets: int = 10000, seed: int = 0,
-                       exclude_self: bool = False) -> RetrievalMetrics:
+def evaluate_retrieval(
+    query: EmbeddingSet,
+    gallery: EmbeddingSet,
+    *,
+    k: int = 30,
+    chunk_size: int = 1024,
+    pr_points: int = 50,
+    triplets: int = 10000,
+    seed: int = 0,
+    exclude_self: bool = False,
+) -> RetrievalMetrics:
     """Retrieval metrics of ``query`` against ``gallery``; a collective call when torch.distributed is initialised.
 
     Every rank must pass the same full sets (rows sorted by id); each computes its block of the queries and its
@@ -259,6 +276,8 @@ def evaluate_retrieval(query: EmbeddingSet, gallery: EmbeddingSet, *, k: int = 3
     correct, sampled_count = float(summed["correct_triplets"]), float(summed["sampled_triplets"])
     return RetrievalMetrics(
         **{name: means[name][0] for name in PER_QUERY},
-        triplet_accuracy=correct / sampled_count if sampled_count else float("nan"), queries=n_queries,
-        recall_levels=recall_levels.tolist(), pr_precision=means["pr_precision"],
+        triplet_accuracy=correct / sampled_count if sampled_count else float("nan"),
+        queries=n_queries,
+        recall_levels=recall_levels.tolist(),
+        pr_precision=means["pr_precision"],
     )

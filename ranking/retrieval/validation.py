@@ -81,9 +81,18 @@ class Validator:
         distributed.broadcast_buffers(net)  # every rank embeds with the model the checkpoint saves (rank 0's)
         with torch.no_grad():
             gallery, query = (
-                embed.embed_split(net, self.accelerator, self.cfg.shards, split, spec=self.spec, batch_size=256,
-                                  workers=self.cfg.workers, only_ids=only_ids)
-                for split, only_ids in (("train", self.gallery_ids), ("val", None)))
+                embed.embed_split(
+                    net,
+                    self.accelerator,
+                    self.cfg.shards,
+                    split,
+                    spec=self.spec,
+                    batch_size=256,
+                    workers=self.cfg.workers,
+                    only_ids=only_ids,
+                )
+                for split, only_ids in (("train", self.gallery_ids), ("val", None))
+            )
         metrics = evaluate_retrieval(query, gallery, k=K, triplets=0)
         values = {metric.name: getattr(metrics, metric.name) for metric in METRICS if metric.per_query}
         return Validation(step, values, time.perf_counter() - started)

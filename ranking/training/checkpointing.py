@@ -38,8 +38,9 @@ class Checkpointer:
     """Resumes a run and saves its steps; holds what a checkpoint carries besides the parts: the W&B run id and the
     seeds of the stream this segment reads (those of the step it started or resumed at)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, parts: TrainParts,
-                 validator: Validator | None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Accelerator, parts: TrainParts, validator: Validator | None
+    ) -> None:
         self.cfg, self.accelerator, self.parts, self.validator = cfg, accelerator, parts, validator
         self.run_dir = Path(cfg.run_dir)
         self.run_id = tracking.new_run_id() if cfg.wandb else ""
@@ -64,11 +65,16 @@ class Checkpointer:
     def save(self, step: int, best: bool) -> Path:
         """The checkpoint of ``step`` (``best``: also ``checkpoints/best``); a collective."""
         parts, scaler = self.parts, self.accelerator.scaler
-        state = TrainState(step=step, model=parts.net.state_dict(), optimizer=parts.optimizer.state_dict(),
-                           scheduler=parts.scheduler.state_dict(),
-                           scaler=scaler.state_dict() if scaler is not None else {},
-                           wandb_run_id=self.run_id, stream_seeds=stream_seeds(self.cfg.seed, step),
-                           best_validation=self.validator.best if self.validator is not None else None)
+        state = TrainState(
+            step=step,
+            model=parts.net.state_dict(),
+            optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else {},
+            wandb_run_id=self.run_id,
+            stream_seeds=stream_seeds(self.cfg.seed, step),
+            best_validation=self.validator.best if self.validator is not None else None,
+        )
         self.last = checkpoint.save(self.run_dir, state, self.cfg.keep_checkpoints, best=best)
         return self.last
 
@@ -79,8 +85,9 @@ def restore(resume_from: Path, accelerator: Accelerator, parts: TrainParts) -> T
     try:
         parts.net.load_state_dict(state.model)
     except RuntimeError as e:
-        raise RankingError(f"{resume_from}: weights do not fit the configured model "
-                           f"({str(e).splitlines()[0]})") from None
+        raise RankingError(
+            f"{resume_from}: weights do not fit the configured model ({str(e).splitlines()[0]})"
+        ) from None
     parts.optimizer.load_state_dict(state.optimizer)
     parts.scheduler.load_state_dict(state.scheduler)
     if accelerator.scaler is not None and state.scaler:

@@ -68,9 +68,14 @@ class Meter:
         data-wait seconds (this rank's); a collective; starts anew."""
         loss, active_fraction = (accelerator.reduce(self.sums, reduction="mean") / self.steps).tolist()
         seconds = time.perf_counter() - self.started
-        read = {"loss": loss, "active_fraction": active_fraction, "triplets_per_s": self.triplets / seconds,
-                "images_per_s": self.images / seconds, "step_s": seconds / self.steps,
-                "data_wait_s": self.waiting / self.steps}
+        read = {
+            "loss": loss,
+            "active_fraction": active_fraction,
+            "triplets_per_s": self.triplets / seconds,
+            "images_per_s": self.images / seconds,
+            "step_s": seconds / self.steps,
+            "data_wait_s": self.waiting / self.steps,
+        }
         self.sums.zero_()
         self.steps, self.triplets, self.images, self.waiting = 0.0, 0, 0, 0.0
         self.started = time.perf_counter()
@@ -82,27 +87,33 @@ def logged_config(cfg: TrainConfig, accelerator: Accelerator, scale: Scale | Non
     config.yaml: world size, global batch, the scaled lr, ...) and what neither says (the code's commit, the shards'
     manifest digest), so runs can be compared and filtered by them."""
     scale = scale or Scale.of(cfg, accelerator.num_processes)
-    return {**dataclasses.asdict(cfg), LAUNCH_KEY: scale.to_dict(), "world_size": scale.world_size,
-            "processes_per_node": scale.processes_per_node,
-            "images_per_step_per_rank": sampling.images_per_batch(cfg) * cfg.grad_accum,
-            "global_batch": scale.global_batch,
-            "git_commit": tracking.code_version(), "shards_manifest_sha256": manifest_digest(cfg.shards)}
+    return {
+        **dataclasses.asdict(cfg),
+        LAUNCH_KEY: scale.to_dict(),
+        "world_size": scale.world_size,
+        "processes_per_node": scale.processes_per_node,
+        "images_per_step_per_rank": sampling.images_per_batch(cfg) * cfg.grad_accum,
+        "global_batch": scale.global_batch,
+        "git_commit": tracking.code_version(),
+        "shards_manifest_sha256": manifest_digest(cfg.shards),
+    }
 
 
-def start_records(cfg: TrainConfig, accelerator: Accelerator, step: int, run_id: str,
-                  scale: Scale | None = None) -> None:
+def start_records(
+    cfg: TrainConfig, accelerator: Accelerator, step: int, run_id: str, scale: Scale | None = None
+) -> None:
     """Before the first step: metrics.jsonl cut back to the step the run starts at (a resumed curve continues without
     duplicates) and the W&B run started, or resumed by ``run_id``."""
     if accelerator.is_main_process:
         runfolder.restart_metrics_log(cfg.run_dir, step)
     if cfg.wandb:
         mode = tracking.resolve_mode(cfg.wandb_mode) if accelerator.is_main_process else None
-        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator, scale), Path(cfg.run_dir), run_id,
-                              mode)
+        tracking.init_trainer(accelerator, cfg, logged_config(cfg, accelerator, scale), Path(cfg.run_dir), run_id, mode)
 
 
-def log_to_trackers(accelerator: Accelerator, values: dict, step: int,
-                    then: Callable[[], object] | None = None) -> None:
+def log_to_trackers(
+    accelerator: Accelerator, values: dict, step: int, then: Callable[[], object] | None = None
+) -> None:
     """``values`` to the trackers at ``step``, then ``then()`` (more W&B calls: a summary, an artifact).
 
     W&B's service process gets a job's stop signal too (Slurm signals every process): its death must not crash
@@ -115,8 +126,10 @@ def log_to_trackers(accelerator: Accelerator, values: dict, step: int,
     except Exception as e:  # noqa: BLE001 - whatever the tracker raised, training goes on
         accelerator.trackers.clear()
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        accelerator.print(f"ranking train: warning: W&B logging stopped at step {step} ({reason}); metrics.jsonl "
-                          "goes on", file=sys.stderr)
+        accelerator.print(
+            f"ranking train: warning: W&B logging stopped at step {step} ({reason}); metrics.jsonl goes on",
+            file=sys.stderr,
+        )
 
 
 class MetricsSink:
@@ -145,8 +158,13 @@ class MetricsSink:
         """The interval's loss, rates and the learning rate the step ran with (``lrs``: each parameter group's, kept
         when the groups learn at different rates); a collective (the meter's reduction)."""
         measured = self.meter.read(self.accelerator)
-        record = {"step": step, **{tracking.TRAIN_PREFIX + key: value
-                                   for key, value in {**measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}.items()}}
+        record = {
+            "step": step,
+            **{
+                tracking.TRAIN_PREFIX + key: value
+                for key, value in {**measured, "lr": lr, **(lrs if len(lrs) > 1 else {})}.items()
+            },
+        }
         self._write(record)
         self.progress.log(step, measured["loss"], measured["active_fraction"], lr, measured["images_per_s"])
         self._log(record)
@@ -166,8 +184,12 @@ class MetricsSink:
 
     def _log(self, record: dict, then: Callable[[], object] | None = None) -> None:
         step = record["step"]
-        log_to_trackers(self.accelerator, {tracking.TRAINER_STEP: step,
-                                           **{k: v for k, v in record.items() if k != "step"}}, step, then)
+        log_to_trackers(
+            self.accelerator,
+            {tracking.TRAINER_STEP: step, **{k: v for k, v in record.items() if k != "step"}},
+            step,
+            then,
+        )
 
     def _wandb_run(self) -> Any:
         """The W&B run, on the main process while W&B logs (None once a dead service stopped it)."""
@@ -184,8 +206,12 @@ class MetricsSink:
         metrics = {k: v for k, v in self.at_step.items() if k != "step"} if self.at_step["step"] == step else {}
         aliases = [runfolder.LATEST, runfolder.BEST] if best else [runfolder.LATEST]
         spec = models.ModelSpec.of(self.cfg).to_dict()
-        log_to_trackers(self.accelerator, {}, step,
-                        then=lambda: tracking.log_model(run, self.run_dir, net, step, spec, metrics, aliases))
+        log_to_trackers(
+            self.accelerator,
+            {},
+            step,
+            then=lambda: tracking.log_model(run, self.run_dir, net, step, spec, metrics, aliases),
+        )
         self.model_logged_at = step
 
     def close(self) -> None:
@@ -200,8 +226,9 @@ class MetricsSink:
         if accelerator.is_main_process and (self.run_dir / runfolder.METRICS).exists():
             from ranking.reporting import plots  # matplotlib: only where a plot is drawn
 
-            plots.plot_loss(runfolder.read_metrics_log(self.run_dir), self.run_dir / runfolder.LOSS_PLOT,
-                            self.run_dir.name)
+            plots.plot_loss(
+                runfolder.read_metrics_log(self.run_dir), self.run_dir / runfolder.LOSS_PLOT, self.run_dir.name
+            )
         if last is not None and last[0] != self.model_logged_at:
             self.log_model(*last, best=False)
         for tracker in accelerator.trackers:

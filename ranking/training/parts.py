@@ -54,9 +54,13 @@ def compiled(model: nn.Module, device: torch.device) -> nn.Module:
 
     compilers = ("g++", "c++", "clang++") if device.type == "cpu" else ("cc", "gcc", "clang")
     if not torch._dynamo.is_dynamo_supported():
-        raise RankingError(f"--compile: torch.compile is not supported with Python {sys.version.split()[0]} and "
-                           f"torch {torch.__version__}; run without --compile")
+        raise RankingError(
+            f"--compile: torch.compile is not supported with Python {sys.version.split()[0]} and "
+            f"torch {torch.__version__}; run without --compile"
+        )
     if not any(shutil.which(name) for name in compilers):
-        raise RankingError(f"--compile: no C compiler found ({', '.join(compilers)}) for TorchInductor's "
-                           f"{device.type} kernels; install one or run without --compile")
+        raise RankingError(
+            f"--compile: no C compiler found ({', '.join(compilers)}) for TorchInductor's "
+            f"{device.type} kernels; install one or run without --compile"
+        )
     return cast(nn.Module, torch.compile(model))

@@ -37,8 +37,13 @@ class StopPolicy:
     ``clock`` (seconds, monotonic) measures the time limit; validation time is excluded from it.
     """
 
-    def __init__(self, cfg: TrainConfig, signals: distributed.StopRequest, device: torch.device,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        signals: distributed.StopRequest,
+        device: torch.device,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg, self.steps, self.minutes = cfg, cfg.steps, cfg.time_limit_minutes
         self.signals, self.device, self.clock = signals, device, clock
         self.deadline = clock() + 60 * cfg.time_limit_minutes
@@ -50,8 +55,9 @@ class StopPolicy:
     def reason(self, step: int, diverged: torch.Tensor) -> Stop | None:
         """``diverged``: this rank's flag (a 0-d bool tensor on the device) that a loss or gradient norm of the step
         was not finite. The three flags travel in one all-reduce, the collective this loop always made."""
-        local = torch.tensor([self.signals.requested, self.minutes > 0 and self.clock() > self.deadline],
-                             device=self.device)
+        local = torch.tensor(
+            [self.signals.requested, self.minutes > 0 and self.clock() > self.deadline], device=self.device
+        )
         signalled, out_of_time, not_finite = distributed.any_rank_of(torch.cat([local, diverged.view(1)]))
         if not_finite:
             return Stop.DIVERGED
@@ -63,20 +69,26 @@ class StopPolicy:
         """The line a run that stopped early prints (rank 0), naming the checkpoint it saved; "" when done."""
         if stop is Stop.SIGNAL:
             why = self.signals.signal.name if self.signals.signal else "another rank's stop request"
-            return (f"ranking train: stopped at step {step}/{self.steps} ({why}); checkpoint {saved}; "
-                    f"exit {stop.exit_code} to be requeued")
+            return (
+                f"ranking train: stopped at step {step}/{self.steps} ({why}); checkpoint {saved}; "
+                f"exit {stop.exit_code} to be requeued"
+            )
         if stop is Stop.TIME_LIMIT:
-            return (f"ranking train: time limit of {self.minutes:g} min reached at step {step}/{self.steps}; "
-                    "checkpoint saved")
+            return (
+                f"ranking train: time limit of {self.minutes:g} min reached at step {step}/{self.steps}; "
+                "checkpoint saved"
+            )
         return ""
 
     def diverged(self, step: int) -> RankingError:
         """The error a diverged run ends with, on every rank (every rank saw the same flag): nothing of the step was
         logged or saved, so the good checkpoints are all still there."""
         run_dir = Path(self.cfg.run_dir)
-        return RankingError(f"{run_dir}: the loss or gradient norm is not finite at step {step} (diverged: "
-                            "lower --lr, check --margin and the data); no checkpoint written, the last is "
-                            f"{latest_checkpoint(run_dir)}").everywhere()
+        return RankingError(
+            f"{run_dir}: the loss or gradient norm is not finite at step {step} (diverged: "
+            "lower --lr, check --margin and the data); no checkpoint written, the last is "
+            f"{latest_checkpoint(run_dir)}"
+        ).everywhere()
 
     def stalled(self, step: int, stall: BatchStall) -> int:
         """No batch came: after a stop signal, exit 75 at once (no collective: the other ranks may be mid-step, and a
@@ -85,9 +97,14 @@ class StopPolicy:
         where = f"at step {step}/{cfg.steps} after waiting {stall.waited_s:.0f} s for a batch"
         if self.signals.requested:
             assert self.signals.signal is not None
-            print(f"ranking train: stopped {where} ({self.signals.signal.name}); no new checkpoint, the last is "
-                  f"{latest_checkpoint(Path(cfg.run_dir))}; exit {EXIT_REQUEUE} to be requeued", file=sys.stderr)
+            print(
+                f"ranking train: stopped {where} ({self.signals.signal.name}); no new checkpoint, the last is "
+                f"{latest_checkpoint(Path(cfg.run_dir))}; exit {EXIT_REQUEUE} to be requeued",
+                file=sys.stderr,
+            )
             return EXIT_REQUEUE
-        raise RankingError(f"{cfg.shards}: no batch for {cfg.batch_timeout_s:g} s (--batch-timeout-s) at step "
-                           f"{step}: the train stream stalled (a hung file system?) or the {cfg.sampler} sampler "
-                           "cannot form a batch from these shards")
+        raise RankingError(
+            f"{cfg.shards}: no batch for {cfg.batch_timeout_s:g} s (--batch-timeout-s) at step "
+            f"{step}: the train stream stalled (a hung file system?) or the {cfg.sampler} sampler "
+            "cannot form a batch from these shards"
+        )

@@ -47,8 +47,10 @@ class Scale:
         if cfg.images:
             steps = cfg.images // batch
             if steps < 1:
-                raise ConfigError(f"--images {cfg.images} is less than one step of the global batch {batch} "
-                                  f"({per_process} images x {world_size} processes)")
+                raise ConfigError(
+                    f"--images {cfg.images} is less than one step of the global batch {batch} "
+                    f"({per_process} images x {world_size} processes)"
+                )
         warmup = math.ceil(cfg.warmup_images / batch) if cfg.warmup_images else cfg.warmup_steps
         local = processes_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         return cls(world_size, local, batch, reference, cfg.lr * factor, steps, warmup, str(cfg.mixed_precision))
@@ -63,8 +65,11 @@ class Scale:
     def describe(self, cfg: TrainConfig) -> str:
         """One line: the job's size and what the recipe became at it."""
         budget = f" ({cfg.images:,} images)" if cfg.images else ""
-        scaling = ("" if self.lr == cfg.lr else
-                   f" ({cfg.lr:g} x {cfg.lr_scaling}({self.global_batch}/{self.reference_batch}))")
-        return (f"world size {self.world_size} ({self.processes_per_node} per node), global batch "
-                f"{self.global_batch}, {self.steps:,} steps{budget}, lr {self.lr:.6g}{scaling}, warm-up "
-                f"{self.warmup_steps} steps, precision {self.precision}")
+        scaling = (
+            "" if self.lr == cfg.lr else f" ({cfg.lr:g} x {cfg.lr_scaling}({self.global_batch}/{self.reference_batch}))"
+        )
+        return (
+            f"world size {self.world_size} ({self.processes_per_node} per node), global batch "
+            f"{self.global_batch}, {self.steps:,} steps{budget}, lr {self.lr:.6g}{scaling}, warm-up "
+            f"{self.warmup_steps} steps, precision {self.precision}"
+        )

@@ -22,8 +22,14 @@ class StepOutcome:
     diverged: torch.Tensor  # this rank's 0-d bool on the device: a loss or gradient norm of the step was not finite
 
 
-def train_step(cfg: TrainConfig, accelerator: Accelerator, parts: TrainParts, batches: Iterator[Batch],
-               on_device: Callable[[Batch], Batch], meter: Meter) -> StepOutcome:
+def train_step(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    parts: TrainParts,
+    batches: Iterator[Batch],
+    on_device: Callable[[Batch], Batch],
+    meter: Meter,
+) -> StepOutcome:
     """``grad_accum`` micro-steps (the next batch, made the model's input on the device, embedded in one forward pass,
     its objective back-propagated; the gradients sync and are clipped on the last), the optimizer step, then the
     schedule's step unless fp16's scaler skipped the update. The divergence flag stays on the device: the stop
@@ -47,8 +53,12 @@ def train_step(cfg: TrainConfig, accelerator: Accelerator, parts: TrainParts, ba
                     diverged |= ~torch.isfinite(torch.as_tensor(norm, device=accelerator.device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        meter.add(out, triplets_in(batch) * accelerator.num_processes,
-                  len(batch.ids) * accelerator.num_processes, weight=1 / cfg.grad_accum)
+        meter.add(
+            out,
+            triplets_in(batch) * accelerator.num_processes,
+            len(batch.ids) * accelerator.num_processes,
+            weight=1 / cfg.grad_accum,
+        )
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
         parts.scheduler.step()
     return StepOutcome(lr, lrs, diverged)
