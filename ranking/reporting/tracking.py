@@ -254,8 +254,8 @@ def log_job(
         tags=cfg.wandb_tags,
         dir=str(run_dir),
         config=init_config,
-        mode=resolve_mode(cfg.wandb_mode),
-    )  # type: ignore[arg-type]
+        mode=resolve_mode(cfg.wandb_mode),  # type: ignore[arg-type]
+    )
     try:
         logged = {TRAINER_STEP: step, **values(wandb)}
         define_metrics(run, [])
