@@ -3,7 +3,7 @@ decoded reduced to the model's image size (``decode.decode_image(..., shorter_si
 stay small. Runs both commands under ``/usr/bin/time -v`` and prints their maximum resident set size, for this
 checkout and, with --compare, for another one (the code before the change, say).
 
-    python bench/bench_huge_images.py [--count 12] [--size 8000] [--compare /work/main]
+    python bench/bench_huge_images.py [--count 12] [--size 8000] [--compare ../other-checkout]
 
 It writes a smoke run (random ResNet-18 weights, 32 px), COUNT smooth JPEGs of SIZE x SIZE (a photo's size on disk,
 under the 16 MiB file limit) and an index of them, in a temporary folder.
