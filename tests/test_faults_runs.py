@@ -44,6 +44,7 @@ from ranking import evaluate
 from ranking.core import flags
 from ranking.core.config import EvalConfig, TrainConfig
 from ranking.core.errors import ConfigError, RankingError
+from ranking.core.files import file_sha256
 from ranking.folders import checkpoint
 from ranking.train import check_inputs, expand_run_dir
 
@@ -436,6 +437,10 @@ def test_a_pickled_checkpoint_is_refused_in_our_words_not_torchs_advice(tmp_path
     run_dir = write_smoke_run(tmp_path / "run", "shards")
     state = run_dir / "checkpoints" / "step-0000005" / "state.pt"
     torch.save({"model": {}, "step": 5, "payload": argparse.Namespace(x=1)}, state)  # a global torch does not allow
+    manifest = state.parent / "checkpoint.json"  # its sha256 recorded, as whoever planted it would record it
+    listed = json.loads(manifest.read_text())
+    listed["files"]["state.pt"] = file_sha256(state)
+    manifest.write_text(json.dumps(listed))
     with pytest.raises(RankingError) as error:
         checkpoint.load_weights(state.parent)
     assert str(error.value) == (
