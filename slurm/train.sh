@@ -49,7 +49,7 @@ if [[ "${SLURM_RESTART_COUNT:-0}" != 0 ]]; then
   done
   user_args=(${kept[@]+"${kept[@]}"})
 fi
-if [[ " ${user_args[*]} " != *" --overwrite "* ]]; then
+if [[ " ${user_args[*]-} " != *" --overwrite "* ]]; then
   args+=(--resume latest)
 fi
 log "restart ${SLURM_RESTART_COUNT:-0}, run folder $RUN_DIR"
