@@ -288,7 +288,8 @@ def test_train_job_completes_with_two_cpu_processes(first_job) -> None:
     assert metrics_steps(run_dir) == list(range(1, FIRST_STEPS + 1))
     assert (run_dir / "checkpoints" / "latest").resolve().name == f"step-{FIRST_STEPS:07d}"
     assert "--num_processes 2" in log and "--multi_gpu" in log
-    assert "--resume" not in log  # a fresh run folder starts from scratch
+    # train.sh always passes --resume latest; in a fresh run folder that starts the run from step 0
+    assert "--resume latest" in log and "--resume latest starts the run from step 0" in log
 
 
 @pytest.mark.slurm
