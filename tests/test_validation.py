@@ -12,7 +12,16 @@ import time
 
 import pytest
 
-from harness import launch, metrics, train_flags, wandb_history_and_config, wandb_records, wandb_run, wandb_summary
+from harness import (
+    launch,
+    metrics,
+    train_flags,
+    wait_for,
+    wandb_history_and_config,
+    wandb_records,
+    wandb_run,
+    wandb_summary,
+)
 from ranking.folders import checkpoint, runfolder
 from ranking.folders.shardformat import manifest_digest
 from ranking.retrieval.evalfolder import read_metrics
@@ -133,8 +142,13 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     )
     assert any(k.startswith("eval/pr_curve") for k in eval_history[0])
     # --wandb-artifacts: W&B's staged copies (the embeddings, the tables) are in the run folder, not the home folder
-    staged = list((run_dir / "wandb" / "artifacts" / "staging").iterdir())
-    assert (out / "embeddings.pt").stat().st_size in [p.stat().st_size for p in staged]
+    staging = run_dir / "wandb" / "artifacts" / "staging"
+    size = (out / "embeddings.pt").stat().st_size
+
+    def staged() -> bool:  # W&B's service stages the copy after the evaluation's process has exited
+        return staging.is_dir() and size in [p.stat().st_size for p in staging.iterdir()]
+
+    wait_for(staged, 60, "W&B's staged copy of the embeddings in the run folder")
     eval_config = wandb_history_and_config(eval_run)[1]
     assert eval_config["mixed_precision"] == "no" and eval_config["checkpoint_step"] == best["step"]
     assert eval_config["checkpoint_sha256"] == checkpoint.state_sha256(best_dir.resolve())
