@@ -154,6 +154,7 @@ def test_the_training_run_logs_sections_on_trainer_step_keeps_the_best_and_one_m
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nothing may be staged in the home folder
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
     run_dir = tmp_path / "run"
     sink, net = trainer_sink(run_dir, synth_shards, wandb_artifacts=True)
     best = -1.0
@@ -194,6 +195,9 @@ def test_the_training_run_logs_sections_on_trainer_step_keeps_the_best_and_one_m
     # W&B's service keeps its debug logs in ~/.cache/wandb/logs; nothing of an artifact may land in the home folder
     staged = [p for p in (tmp_path / "home").rglob("*") if "artifacts" in p.parts or p.suffix == ".safetensors"]
     assert not staged, staged
+    # the run folder is W&B's staging place only while it stages: a child process of this one (an evaluation, the
+    # next test's) must not take this run's folder for the user's WANDB_DATA_DIR
+    assert "WANDB_DATA_DIR" not in os.environ
 
 
 def test_a_resumed_runs_best_summary_counts_the_validations_before_the_requeue():

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -32,10 +31,8 @@ PER_CLASS = 10
 
 def wait_for_history(run_folder, seconds: float = 60) -> list[dict]:
     """The history of an offline run that this process logged: wandb's service writes its file asynchronously."""
-    deadline = time.monotonic() + seconds
-    while not (history := wandb_history_and_config(run_folder)[0]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return history
+    wait_for(lambda: wandb_history_and_config(run_folder)[0], seconds, f"the history of {run_folder.name}")
+    return wandb_history_and_config(run_folder)[0]
 
 
 def test_gallery_subset_is_per_class_fixed_by_seed(synth_shards, tmp_path):
@@ -143,12 +140,9 @@ def test_validation_during_training_equals_a_standalone_evaluation(synth_shards,
     assert any(k.startswith("eval/pr_curve") for k in eval_history[0])
     # --wandb-artifacts: W&B's staged copies (the embeddings, the tables) are in the run folder, not the home folder
     staging = run_dir / "wandb" / "artifacts" / "staging"
-    size = (out / "embeddings.pt").stat().st_size
-
-    def staged() -> bool:  # W&B's service stages the copy after the evaluation's process has exited
-        return staging.is_dir() and size in [p.stat().st_size for p in staging.iterdir()]
-
-    wait_for(staged, 60, "W&B's staged copy of the embeddings in the run folder")
+    # (W&B copies in the evaluation's own process, at add_file; this test's process logged W&B runs before, and
+    # must not have passed a WANDB_DATA_DIR of its own on to the evaluation)
+    assert (out / "embeddings.pt").stat().st_size in [p.stat().st_size for p in staging.iterdir()]
     eval_config = wandb_history_and_config(eval_run)[1]
     assert eval_config["mixed_precision"] == "no" and eval_config["checkpoint_step"] == best["step"]
     assert eval_config["checkpoint_sha256"] == checkpoint.state_sha256(best_dir.resolve())

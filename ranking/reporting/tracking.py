@@ -22,13 +22,14 @@ the home folder. ``wandb`` is imported only where something is logged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from ranking.retrieval import validation
 ID_FILE = "wandb_run_id"  # RUN/wandb_run_id, if present, names the run's W&B id (else the latest checkpoint does)
 TRAINER_STEP = "trainer/step"  # the x-axis of every logged name, in every run of a training
 TRAIN_PREFIX = "train/"  # the training loop's readings (metrics.jsonl and W&B alike)
-_USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")  # the user's choice, as this process found it
+DATA_DIR = "WANDB_DATA_DIR"  # where W&B stages artifact copies (``staging_in``)
 EVAL_PREFIX = "eval/"  # what only `ranking evaluate` measures (the gallery split against itself, tables, PR curves)
 
 
@@ -120,11 +121,21 @@ def group(cfg: TrainConfig, run_dir: Path) -> str:
     return cfg.wandb_group or run_name(cfg, run_dir)
 
 
-def stage_files_in(run_dir: Path) -> None:
+@contextlib.contextmanager
+def staging_in(run_dir: Path) -> Iterator[None]:
     """W&B stages artifact copies and manifests under ``WANDB_DATA_DIR`` (default: the home folder, where cluster
-    quotas are small): in the run folder unless the user chose a place. Set before each run's ``wandb.init``
-    (W&B reads it whenever it stages), so one process that logs for several run folders stages each in its own."""
-    os.environ["WANDB_DATA_DIR"] = _USER_DATA_DIR or str(Path(run_dir).resolve() / "wandb")
+    quotas are small), reading it whenever it stages (``add_file``, ``log_artifact``): inside this block, in the run
+    folder unless the user chose a place. The environment is restored after it, so a process that logs for several
+    run folders stages each in its own, and no child process takes this run's folder for the user's choice."""
+    users_choice = os.environ.get(DATA_DIR)
+    os.environ[DATA_DIR] = users_choice or str(Path(run_dir).resolve() / "wandb")
+    try:
+        yield
+    finally:
+        if users_choice is None:
+            os.environ.pop(DATA_DIR, None)
+        else:
+            os.environ[DATA_DIR] = users_choice
 
 
 def define_metrics(run: Any, best_keys: list[str]) -> None:
@@ -184,8 +195,6 @@ def init_trainer(
     }
     if mode is not None:
         init["mode"] = mode
-    if accelerator.is_main_process:
-        stage_files_in(run_dir)
     accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs={"wandb": init})
     if accelerator.is_main_process:
         define_metrics(accelerator.get_tracker("wandb", unwrap=True), best_keys())
@@ -209,9 +218,10 @@ def log_model(
     identity = {"step": step, "model": spec, "metrics": metrics}
     write_atomically(folder / "model.json", lambda f: f.write(json.dumps(identity, indent=1).encode()))
     artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=identity)
-    for file in (folder / "model.safetensors", folder / "model.json"):
-        artifact.add_file(str(file), policy="immutable", skip_cache=True)
-    run.log_artifact(artifact, aliases=aliases)
+    with staging_in(run_dir):
+        for file in (folder / "model.safetensors", folder / "model.json"):
+            artifact.add_file(str(file), policy="immutable", skip_cache=True)
+        run.log_artifact(artifact, aliases=aliases)
     return folder
 
 
@@ -232,7 +242,7 @@ def log_job(
     """Log ``values(wandb)`` at training step ``step`` in a new run of ``job_type`` in the training run's group.
 
     ``artifacts``: name -> (type, file), logged with the run; W&B copies each into its staging folder, in the run
-    folder (``stage_files_in``), since a later stage may rewrite the file before an offline run is synced. Returns
+    folder (``staging_in``), since a later stage may rewrite the file before an offline run is synced. Returns
     the run's URL, or its folder, or None when W&B is disabled (nothing was logged anywhere).
     """
     import wandb
@@ -244,7 +254,6 @@ def log_job(
         "train": dataclasses.asdict(cfg),
         **(config or {}),
     }
-    stage_files_in(run_dir)
     run = wandb.init(
         project=cfg.wandb_project,
         entity=cfg.wandb_entity or None,
@@ -262,8 +271,9 @@ def log_job(
         run.log(logged)
         for artifact_name, (kind, path) in (artifacts or {}).items():
             artifact = wandb.Artifact(artifact_name, type=kind)
-            artifact.add_file(str(path), skip_cache=True)
-            run.log_artifact(artifact)
+            with staging_in(run_dir):
+                artifact.add_file(str(path), skip_cache=True)
+                run.log_artifact(artifact)
         return None if run.disabled else (run.url or run.dir)
     finally:
         run.finish()
