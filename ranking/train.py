@@ -10,11 +10,11 @@ network and optimizer, one step, the stop policy, the metrics sink, the checkpoi
 ``ranking/data/loader.py`` (the DataLoader, the wait for a batch, the device-side augmentation).
 
 Run folder: config.yaml, metrics.jsonl, loss.png, checkpoints/ (``--resume latest`` continues the run), wandb/.
-SIGUSR1, SIGTERM or SIGINT (or the launcher's death): finish the step, checkpoint, exit 75 (EX_TEMPFAIL) so that a
-launcher requeues the job; a second SIGINT exits at once (130, no checkpoint). A loss that is not finite ends the
-run with exit 2 and no checkpoint; so does a stream that gives no batch for ``--batch-timeout-s`` (a stop signal
-during such a wait exits 75 after a short grace, without one). The DataLoader workers end with the loop, within
-seconds even when one is stuck (``loader.stop_workers``).
+SIGUSR1, SIGTERM or SIGINT (or the launcher's death), or a file RUN/stop-request: finish the step, checkpoint,
+exit 75 (EX_TEMPFAIL) so that a launcher requeues the job; a second SIGINT exits at once (130, no checkpoint). A
+loss that is not finite ends the run with exit 2 and no checkpoint; so does a stream that gives no batch for
+``--batch-timeout-s`` (a stop signal during such a wait exits 75 after a short grace, without one). The DataLoader
+workers end with the loop, within seconds even when one is stuck (``loader.stop_workers``).
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ def check_inputs(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         raise RankingError(f"{cfg.shards}: the train split is empty (a folder of unlabelled images cannot train)")
     check_labels(cfg.shards, ["train", "val"] if cfg.eval_every else ["train"])
     resume_from, aside = runfolder.open_run(cfg, held)
+    stale = Path(cfg.run_dir) / runfolder.STOP_REQUEST
+    if stale.exists():  # left by the job that stopped: this one was started to go on
+        stale.unlink()
+        log.info(f"removed the stop request {stale} of the run's previous job")
     if aside is not None:
         log.info(f"--overwrite: moved the previous run of {cfg.run_dir} to {aside}")
     if resume_from is not None:  # verified against its sha256 manifest; `latest` falls back to the newest intact one

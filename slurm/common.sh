@@ -203,21 +203,23 @@ launch_on_node() {
 }
 
 # quiet_requeue: copies its input, except torchrun's report of failed processes (the "failed (exitcode: N)" line,
-# accelerate's traceback and the ChildFailedError box) when every process in it exited 75: that is a stop to be
-# requeued, said in one line per node, with exit status 75. Any other failure is copied whole.
+# accelerate's traceback and the ChildFailedError box) when processes in it exited 75 and the others were only
+# ended by torchrun itself (-15: it sends SIGTERM to the rest once one has exited, and a trainer exits 75 only after
+# the checkpoint every rank took part in): that is a stop to be requeued, said in one line per node, with exit
+# status 75. Any other failure is copied whole.
 quiet_requeue() {
   awk -v node="${SLURM_NODEID:-0}" -v job="${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-local}" '
     function flush() { for (i = 1; i <= n; i++) print held[i]; n = 0; fflush() }
     !inside && /torch\/distributed\/elastic\/.*\] failed \(exitcode: / { inside = 1; root = 0; planned = 0; other = 0 }
     inside {
       held[++n] = $0
-      if ($0 ~ /^ *exitcode *: /) { if ($3 == "75") planned++; else other++ }
+      if ($0 ~ /^ *exitcode *: /) { if ($3 == "75") planned++; else if ($3 != "-15") other++ }
       if ($0 ~ /^Root Cause/) root = 1
       if (root && $0 ~ /^=====/) {
         inside = 0
         if (planned > 0 && other == 0) {
           n = 0; stopped = 1
-          printf "[%s] node %s: every process stopped after checkpointing (exit status 75), ready to requeue\n", job, node
+          printf "[%s] node %s: the trainers stopped after checkpointing (exit status 75), ready to requeue\n", job, node
           fflush()
         } else flush()
       }
@@ -245,10 +247,17 @@ run_step() {
 
 # Slurm sends USR1 to this shell only (--signal=B:USR1@...); hand it to the step, whose trainer checkpoints and
 # exits 75. Requeueing now would kill the trainer mid-checkpoint, so the requeue waits for the step to end.
+# It also writes STOP_REQUEST_FILE (slurm/train.sh: RUN_DIR/stop-request), which the trainers look for every
+# step: on a Slurm that signals process groups (proctrack/pgid) the USR1 never reaches torchrun's workers, which run
+# in sessions of their own; the file does, on any Slurm.
 forward_usr1() {
   INTERRUPTED=1
   STOP_REQUESTED=1
   log "USR1: asking the step to checkpoint and stop"
+  if [[ -n "${STOP_REQUEST_FILE:-}" && -d "$(dirname "$STOP_REQUEST_FILE")" ]]; then
+    echo "USR1 to job ${SLURM_JOB_ID:-local} at $(date +%FT%T)" >"$STOP_REQUEST_FILE" ||
+      log "could not write the stop request $STOP_REQUEST_FILE"
+  fi
   if [[ -n "${STEP_PID:-}" ]]; then
     kill -USR1 "$STEP_PID" 2>/dev/null || true
   fi

@@ -9,7 +9,9 @@
 # and those of slurm/common.sh (VENV, PYTHON, GPUS_PER_NODE, PROCS_PER_NODE, MAIN_PROCESS_PORT).
 #
 # USR1 goes to this batch shell (B:) 120 s before the time limit: the shell forwards it to the step (srun forwards
-# it to every process there), the trainer checkpoints and exits, and only then does the shell requeue the job.
+# it to every process there) and writes RUN_DIR/stop-request, which the trainers look for every step (that reaches
+# them also where Slurm's signals do not), the trainer checkpoints and exits 75, and only then does the shell
+# requeue the job.
 # Without B: only the step would hear it, and the shell could not tell the trainer's stop from a crash
 # (accelerate launch reports the trainer's exit status 75 as 1).
 #SBATCH --job-name=ranking-train
@@ -31,6 +33,8 @@ validate_knobs
 SHARDS=${SHARDS:-shards/tiny-imagenet-200}
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 split_extra_args
+# shellcheck disable=SC2034  # read by forward_usr1 in slurm/common.sh
+STOP_REQUEST_FILE=$RUN_DIR/stop-request
 
 args=(--shards "$SHARDS" --run-dir "$RUN_DIR")
 if [[ -n "${CONFIG:-}" ]]; then

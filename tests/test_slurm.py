@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -431,7 +432,7 @@ def test_a_planned_stop_reads_as_one_line_per_node_and_requeues(tmp_path: Path) 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert "ChildFailedError" not in output and "Traceback" not in output and "exitcode" not in output, output
-    assert output.count("every process stopped after checkpointing (exit status 75), ready to requeue") == 1, output
+    assert output.count("the trainers stopped after checkpointing (exit status 75), ready to requeue") == 1, output
     assert output.count("ranking train: stopped at step 3/10") == 2  # the trainer's own lines still come through
     assert "stopped after checkpointing (status 75): requeueing job 4242" in output
     record = (tmp_path / "record.txt").read_text().splitlines()
@@ -514,3 +515,57 @@ def test_scripts_run_with_no_extra_args_under_set_u(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "args.txt").read_text().split() == ["-m", "ranking", "shards", "s.zip", "--out", "o"]
+
+
+def test_a_stop_reaches_the_trainers_through_the_run_folder_where_signals_do_not(synth_shards, tmp_path) -> None:
+    """slurm/train.sh on a Slurm whose USR1 reaches only the batch shell's process (proctrack/pgid: torchrun's
+    workers run in sessions of their own): the shell writes RUN/stop-request, the trainers see it, checkpoint and
+    exit 75 on every process, the node says so in one line and the job requeues (stand-in scontrol)."""
+    env = stand_in_slurm(tmp_path, 0)
+    run_dir = tmp_path / "run"
+    env.update(
+        {
+            "SLURM_SUBMIT_DIR": str(REPO),
+            "SHARDS": str(synth_shards),
+            "RUN_DIR": str(run_dir),
+            "EXTRA_ARGS": f"{TINY_RUN} --steps 400 --no-wandb",
+            "PYTHONPATH": str(REPO),
+        }
+    )
+    batch = subprocess.Popen(
+        ["bash", str(REPO / "slurm" / "train.sh")],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: len(metrics_steps(run_dir)) >= 2 or batch.poll() is not None, 180, "training to start")
+        assert batch.poll() is None
+        os.kill(batch.pid, signal.SIGUSR1)  # to the batch shell only; its kill -USR1 reaches the stand-in srun only
+        output, _ = batch.communicate(timeout=180)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+    assert batch.returncode == 0, output[-3000:]
+    stopped_at = int((run_dir / "checkpoints" / "latest").resolve().name.removeprefix("step-"))
+    assert 2 <= stopped_at < 400, output[-3000:]
+    assert f"stopped at step {stopped_at}/400 (stop request {run_dir / 'stop-request'})" in output
+    assert output.count("ready to requeue") == 1 and "ChildFailedError" not in output, output[-3000:]
+    assert "requeueing job 4242" in output
+    assert (tmp_path / "record.txt").read_text().splitlines()[-1] == "scontrol requeue 4242"
+    assert metrics_steps(run_dir) == list(range(1, stopped_at + 1))
+
+    # the requeued job removes the request before it trains on (else it would stop again at once)
+    resumed = subprocess.run(
+        ["bash", str(REPO / "slurm" / "train.sh")],
+        cwd=tmp_path,
+        text=True,
+        timeout=300,
+        capture_output=True,
+        env={**env, "EXTRA_ARGS": f"{TINY_RUN} --steps {stopped_at + 2} --no-wandb"},
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run_dir / "stop-request").exists()
+    assert metrics_steps(run_dir) == list(range(1, stopped_at + 3))

@@ -86,6 +86,21 @@ def test_a_stop_signal_stops_after_the_step_and_asks_to_be_requeued():
     assert "(another rank's stop request)" in quiet.explain(Stop.SIGNAL, 3, Path("c"))
 
 
+def test_a_stop_request_file_stops_like_a_signal_and_is_looked_for_once_a_second(tmp_path):
+    """RUN/stop-request (slurm/common.sh writes it on USR1): where Slurm's signal never reaches the trainers."""
+    clock = FakeClock()
+    policy = policy_of(distributed.StopRequest(), clock, run_dir=str(tmp_path))
+    assert policy.reason(2, NOT_DIVERGED) is None
+    (tmp_path / "stop-request").write_text("USR1 to job 7\n")
+    assert policy.reason(3, NOT_DIVERGED) is None  # looked for a moment ago: not again within the second
+    clock.now += 1
+    assert policy.reason(4, NOT_DIVERGED) is Stop.SIGNAL and Stop.SIGNAL.exit_code == 75
+    assert policy.explain(Stop.SIGNAL, 4, Path("c")) == (
+        f"ranking train: stopped at step 4/10 (stop request {tmp_path / 'stop-request'}); checkpoint c; exit 75 to "
+        "be requeued"
+    )
+
+
 def test_the_last_step_is_done_whatever_else_and_divergence_beats_everything():
     clock = FakeClock()
     with distributed.StopRequest() as signals:

@@ -54,6 +54,9 @@ def config_path(run_dir: str | os.PathLike) -> Path:
 # the model reads its identity as it was, whatever the TrainConfig of the reading version looks like.
 SCHEMA = 2
 SCHEMA_KEY = "schema"
+# RUN/stop-request: a file that asks the trainer to checkpoint and exit 75 (slurm/common.sh writes it on USR1, so a
+# stop reaches the trainers on a Slurm whose signals do not); the trainer removes a stale one when it starts
+STOP_REQUEST = "stop-request"
 LAUNCH_KEY = "launch"  # the job's scale (ranking.training.scale.Scale), written by the trainer
 MODEL_KEY = "model"  # TrainConfig.saved_alongside names both: `ranking train --config RUN/config.yaml` skips them
 # a TrainConfig field's former name -> its name now: a run's config.yaml is read under the new name, without a warning

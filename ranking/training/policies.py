@@ -1,6 +1,7 @@
 """Why the training loop stops, the same answer on every rank, and what a stopped run says and exits with: done (0),
-time limit (0, checkpointed), a stop signal (75, checkpointed, to be requeued), a loss or gradient norm that is not
-finite (2, no checkpoint), no batch within ``--batch-timeout-s`` (2, or 75 when a stop signal cut the wait)."""
+time limit (0, checkpointed), a stop signal or the file RUN/stop-request (75, checkpointed, to be requeued), a loss
+or gradient norm that is not finite (2, no checkpoint), no batch within ``--batch-timeout-s`` (2, or 75 when a stop
+signal cut the wait)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ranking.core import distributed
 from ranking.core.config import TrainConfig
 from ranking.core.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, RankingError
 from ranking.data.loader import BatchStall
+from ranking.folders.runfolder import STOP_REQUEST
 from ranking.training.checkpointing import latest_checkpoint
 
 
@@ -47,6 +49,9 @@ class StopPolicy:
         self.cfg, self.steps, self.minutes = cfg, cfg.steps, cfg.time_limit_minutes
         self.signals, self.device, self.clock = signals, device, clock
         self.deadline = clock() + 60 * cfg.time_limit_minutes
+        self.request_file = Path(cfg.run_dir) / STOP_REQUEST
+        self.file_requested = False
+        self.next_look = clock()  # the request file is looked for at most once a second (a stat on a shared FS)
 
     def exclude(self, seconds: float) -> None:
         """The time limit counts training time: validation does not use it up."""
@@ -56,7 +61,11 @@ class StopPolicy:
         """``diverged``: this rank's flag (a 0-d bool tensor on the device) that a loss or gradient norm of the step
         was not finite. The three flags travel in one all-reduce, the collective this loop always made."""
         local = torch.tensor(
-            [self.signals.requested, self.minutes > 0 and self.clock() > self.deadline], device=self.device
+            [
+                self.signals.requested or self.stop_requested_by_file(),
+                self.minutes > 0 and self.clock() > self.deadline,
+            ],
+            device=self.device,
         )
         signalled, out_of_time, not_finite = distributed.any_rank_of(torch.cat([local, diverged.view(1)]))
         if not_finite:
@@ -65,10 +74,23 @@ class StopPolicy:
             return Stop.DONE
         return Stop.SIGNAL if signalled else Stop.TIME_LIMIT if out_of_time else None
 
+    def stop_requested_by_file(self) -> bool:
+        """Whether RUN/stop-request exists (looked for at most once a second); once seen, it stays requested."""
+        if not self.file_requested and self.clock() >= self.next_look:
+            self.next_look = self.clock() + 1.0
+            self.file_requested = self.request_file.exists()
+        return self.file_requested
+
     def explain(self, stop: Stop, step: int, saved: Path) -> str:
         """The line a run that stopped early prints (rank 0), naming the checkpoint it saved; "" when done."""
         if stop is Stop.SIGNAL:
-            why = self.signals.signal.name if self.signals.signal else "another rank's stop request"
+            why = (
+                self.signals.signal.name
+                if self.signals.signal
+                else f"stop request {self.request_file}"
+                if self.file_requested
+                else "another rank's stop request"
+            )
             return (
                 f"ranking train: stopped at step {step}/{self.steps} ({why}); checkpoint {saved}; "
                 f"exit {stop.exit_code} to be requeued"
