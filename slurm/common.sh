@@ -5,7 +5,8 @@
 # Knobs (environment): VENV (a virtualenv to activate), PYTHON (default python3), GPUS_PER_NODE (default: the GPUs
 # Slurm gave this node, else the GPUs nvidia-smi sees), PROCS_PER_NODE (processes per node on nodes without GPUs;
 # default 1), MAIN_PROCESS_PORT (the rendezvous port on the first node; default 15000 + job id % 15000, fixed per job
-# and below Linux's ephemeral range 32768-60999, so that no outgoing connection already holds it), EXTRA_ARGS
+# and below Linux's ephemeral range 32768-60999, so that no outgoing connection already holds it), MAIN_PROCESS_IP
+# (the first node's address that the others connect to; default: its NodeAddr in Slurm), EXTRA_ARGS
 # (appended to the stage's arguments), MIXED_PRECISION (no, fp16 or bf16: passed to accelerate launch; unset: an
 # `accelerate config` file decides, and without one the stage picks bf16 where the GPU has it (compute capability
 # 8.0+), else fp16; ranking/core/precision.py).
@@ -158,8 +159,10 @@ accelerate_launch() {
   local module=$1
   shift
   plan_processes
+  MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-$(main_process_ip)}
+  export MAIN_PROCESS_IP # read again on every node (launch_on_node)
   local launch=(--num_machines "$SLURM_NNODES" --num_processes "$NUM_PROCESSES"
-    --main_process_ip "$(main_process_ip)" --main_process_port "$(main_process_port)"
+    --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$(main_process_port)"
     --rdzv_backend static --dynamo_backend no)
   if ((NUM_PROCESSES > 1)); then
     launch+=(--multi_gpu)
@@ -175,7 +178,10 @@ accelerate_launch() {
   log "accelerate launch ${launch[*]} -m $module $* (${SLURM_NNODES} nodes x ${PROCS_PER_NODE} processes)"
   # One task per node, stated: srun would otherwise inherit SLURM_NTASKS of the batch job. srun does not pass the
   # batch job's CPUs per task on to the step in every Slurm version.
-  local step=(srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)
+  # --wait: once one node's task has ended, the others get 60 s to end too, then srun ends them. Not
+  # --kill-on-bad-exit, which ends them at once: a planned stop exits 75 on every node within a second or two, and
+  # the node that is a moment later would be cut off mid-exit and reported as a crash.
+  local step=(srun --wait=60 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1)
   if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
     step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   fi
@@ -191,6 +197,7 @@ accelerate_launch() {
 # Exit status: 75 when every process of this node stopped with 75 (a planned stop), else the launcher's.
 launch_on_node() {
   trap "" USR1
+  use_the_interface_to_the_main_node
   local codes
   set +e
   "$PYTHON" -m accelerate.commands.launch --machine_rank "${SLURM_NODEID:-0}" "$@" 2>&1 | quiet_requeue
@@ -200,6 +207,27 @@ launch_on_node() {
     exit 75
   fi
   exit "${codes[0]}"
+}
+
+# use_the_interface_to_the_main_node: gloo (the CPU back end) binds each rank to the address its host name resolves
+# to, which is a loopback address wherever /etc/hosts maps the host name there (Debian's 127.0.1.1): the other
+# nodes' ranks are then told to connect to 127.0.0.1 and the job fails in connectFullMesh. On a multi-node job, and
+# unless the user set GLOO_SOCKET_IFNAME, gloo gets the interface this node reaches the main node through: the one
+# holding MAIN_PROCESS_IP on the main node, the route's on the others. (NCCL picks a non-loopback interface itself.)
+use_the_interface_to_the_main_node() {
+  local dev=""
+  if [[ -n "${GLOO_SOCKET_IFNAME:-}" || "${SLURM_NNODES:-1}" == 1 || -z "${MAIN_PROCESS_IP:-}" ]]; then
+    return 0
+  fi
+  if command -v ip >/dev/null; then
+    dev=$(ip -o addr show to "$MAIN_PROCESS_IP" 2>/dev/null | awk '{print $2; exit}')
+    if [[ -z "$dev" ]]; then
+      dev=$(ip -o route get "$MAIN_PROCESS_IP" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+    fi
+  fi
+  if [[ -n "$dev" && "$dev" != lo ]]; then
+    export GLOO_SOCKET_IFNAME=$dev
+  fi
 }
 
 # quiet_requeue: copies its input, except torchrun's report of failed processes (the "failed (exitcode: N)" line,

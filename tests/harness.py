@@ -623,3 +623,66 @@ def small_tmpfs(folder: Path, size_kib: int = 512, read_only: bool = False, full
         yield folder
     finally:
         libc.umount2(os.fsencode(folder), 2)  # MNT_DETACH: also when a test left a file open
+
+
+# ------------------------------------------------------------------------------------------------ Slurm jobs
+# (tests/test_slurm.py on ../shared/slurm's single node, tests/test_slurm_two_nodes.py on tests/cluster/two_nodes.sh)
+
+
+def job_info(env: dict[str, str], job_id: str) -> dict[str, str]:
+    """JobState, Restarts, Reason... of `scontrol show job` (no accounting daemon here, so no sacct)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+        time.sleep(0.2)
+
+
+def slurm_in_queue(env: dict[str, str], job_id: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout.strip())
+
+
+def sbatch(env: dict[str, str], logs: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--output={logs}/%x-%j.out", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wandb_ids(run_dir: Path) -> list[str]:
+    """The run id of every W&B offline run directory the trainer started (one per launch)."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def nodes_idle(env: dict[str, str]) -> bool:
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+    return bool(states) and set(states) == {"idle"}
+
+
+def job_cleaned_up(env: dict[str, str], job_id: str) -> bool:
+    """The nodes are idle and no slurmstepd of the job is left: Slurm reports the node idle while a step's slurmstepd
+    still cleans up, and a job started then is killed ("Job credential revoked")."""
+    steps = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job_id}.")
+    ]  # its process title
+    return nodes_idle(env) and not steps

@@ -13,13 +13,23 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from harness import REPO, SMOKE, shared_file
+from harness import (
+    REPO,
+    SMOKE,
+    job_cleaned_up,
+    job_info,
+    metrics_steps,
+    sbatch,
+    shared_file,
+    slurm_in_queue,
+    wait_until,
+    wandb_ids,
+)
 
-SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + [REPO / "tests" / "cluster" / "two_nodes.sh"]
 SLURM_TEST_DIR = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/slurm-test"))
 TINY_RUN = (
     f"--config {SMOKE} --image-size 32 --embed-dim 16 --classes-per-batch 3 --samples-per-class 2 "
@@ -188,53 +198,6 @@ def slurm() -> dict[str, str]:
         subprocess.run(["bash", str(stop)], capture_output=True, timeout=120)
 
 
-def job_info(env: dict[str, str], job_id: str) -> dict[str, str]:
-    """JobState, Restarts, Reason... of `scontrol show job` (no accounting daemon here, so no sacct)."""
-    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def wait_until(predicate, timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-3000:] if log and log.exists() else ""
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
-        time.sleep(0.2)
-
-
-def in_queue(env: dict[str, str], job_id: str) -> bool:
-    return bool(subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout.strip())
-
-
-def node_idle(env: dict[str, str]) -> bool:
-    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
-    return states == ["idle"]
-
-
-def job_cleaned_up(env: dict[str, str], job_id: str) -> bool:
-    """The node is idle and no slurmstepd of the job is left: Slurm reports the node idle while a step's slurmstepd
-    still cleans up, and a job started then is killed ("Job credential revoked")."""
-    steps = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job_id}.")
-    ]  # its process title
-    return node_idle(env) and not steps
-
-
-def sbatch(env: dict[str, str], logs: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["sbatch", "--parsable", f"--output={logs}/%x-%j.out", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().split(";")[0]
-
-
 def submit_train(env: dict[str, str], shards: Path, run_dir: Path, logs: Path, steps: int, wandb: bool) -> str:
     """sbatch slurm/train.sh with 2 CPU processes on one node, everything set from the environment."""
     train_flags = f"{TINY_RUN} --steps {steps} {'--wandb' if wandb else '--no-wandb'}"
@@ -257,25 +220,13 @@ def submit_train(env: dict[str, str], shards: Path, run_dir: Path, logs: Path, s
     )
 
 
-def metrics_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def wandb_ids(run_dir: Path) -> list[str]:
-    """The run id of every W&B offline run directory the trainer started (one per launch)."""
-    return [p.name.rsplit("-", 1)[1] for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
-
-
 @pytest.fixture(scope="module")
 def first_job(slurm, synth_shards, tmp_path_factory) -> dict:
     """A short run without W&B (its start-up costs seconds), submitted and waited for."""
     run_dir, logs = tmp_path_factory.mktemp("slurm-run") / "run", tmp_path_factory.mktemp("slurm-logs")
     job_id = submit_train(slurm, synth_shards, run_dir, logs, FIRST_STEPS, wandb=False)
     log = logs / f"ranking-train-{job_id}.out"
-    wait_until(lambda: not in_queue(slurm, job_id), 240, f"job {job_id} to finish", log)
+    wait_until(lambda: not slurm_in_queue(slurm, job_id), 240, f"job {job_id} to finish", log)
     return {"env": slurm, "shards": synth_shards, "job_id": job_id, "run_dir": run_dir, "logs": logs, "log": log}
 
 
@@ -313,7 +264,7 @@ def test_usr1_checkpoints_requeues_and_finishes_in_the_same_wandb_run(first_job)
     wait_until(lambda: job_cleaned_up(env, job_id), 60, "the node to finish cleaning up the stopped job", log)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
-    wait_until(lambda: not in_queue(env, job_id), 240, f"requeued job {job_id} to finish", log)
+    wait_until(lambda: not slurm_in_queue(env, job_id), 240, f"requeued job {job_id} to finish", log)
 
     text = log.read_text()
     info = job_info(env, job_id)
@@ -366,9 +317,8 @@ def test_shards_then_evaluate_jobs_on_two_cpu_processes(first_job, synth_zip, tm
         "slurm/evaluate.sh",
     )
     shards_log, eval_log = logs / f"ranking-shards-{shards_job}.out", logs / f"ranking-eval-{eval_job}.out"
-    wait_until(
-        lambda: not in_queue(env, shards_job) and not in_queue(env, eval_job), 240, "shards and eval jobs", eval_log
-    )
+    done = lambda: not slurm_in_queue(env, shards_job) and not slurm_in_queue(env, eval_job)  # noqa: E731
+    wait_until(done, 240, "shards and eval jobs", eval_log)
 
     assert job_info(env, shards_job)["JobState"] == "COMPLETED", shards_log.read_text()
     assert json.loads((shards / "manifest.json").read_text())["splits"]["train"]["count"] == 240
@@ -436,7 +386,7 @@ def test_a_planned_stop_reads_as_one_line_per_node_and_requeues(tmp_path: Path) 
     assert output.count("ranking train: stopped at step 3/10") == 2  # the trainer's own lines still come through
     assert "stopped after checkpointing (status 75): requeueing job 4242" in output
     record = (tmp_path / "record.txt").read_text().splitlines()
-    assert record[0].startswith("--kill-on-bad-exit=1 --nodes=1 --ntasks=1 --ntasks-per-node=1 bash -c")
+    assert record[0].startswith("--wait=60 --nodes=1 --ntasks=1 --ntasks-per-node=1 bash -c")
     assert "--main_process_port 19242" in record[0]  # 15000 + 4242 % 15000
     assert record[1] == "scontrol requeue 4242"
 

@@ -88,7 +88,7 @@ class StopPolicy:
                 self.signals.signal.name
                 if self.signals.signal
                 else f"stop request {self.request_file}"
-                if self.file_requested
+                if self.file_requested or self.request_file.exists()  # another rank may have looked first
                 else "another rank's stop request"
             )
             return (
