@@ -317,6 +317,13 @@ def cli_refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return lines[0]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the rendezvous of a launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(
     args: list[str],
     processes: int = 2,
@@ -325,11 +332,11 @@ def launch(
     wait: bool = True,
     launcher_precision: str | None = "no",
     launcher_flags: tuple[str, ...] | list[str] = (),
+    module: str = "ranking.train",
 ) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`accelerate launch` on gloo CPU ranks, as a user would type it; W&B offline and silent."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`accelerate launch` of ``module`` (or ``script``) on gloo CPU ranks, as a user would type it; W&B offline
+    and silent."""
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -347,7 +354,7 @@ def launch(
     ]
     if launcher_precision is not None:
         command += ["--mixed_precision", launcher_precision]
-    command += [script] if script else ["-m", "ranking.train"]
+    command += [script] if script else ["-m", module]
     env = {
         **os.environ,
         "ACCELERATE_USE_CPU": "1",

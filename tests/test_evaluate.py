@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from harness import SMOKE
+from harness import REPO, SMOKE, free_port, launch
 from ranking.retrieval.metrics import EmbeddingSet
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # the gather: uneven shares, an empty rank, duplicates; 1, 2 and 3 real gloo ranks
@@ -123,29 +113,11 @@ def run_evaluate(run: Path, shards: Path, out: Path, processes: int, *extra: str
         *extra,
     ]
     if processes == 1:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
         command = [sys.executable, "-m", "ranking", "evaluate", *flags]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "ranking.evaluate",
-            *flags,
-        ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        result = launch(flags, processes, timeout=300, module="ranking.evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -4,22 +4,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from harness import metrics, train_flags
+from harness import free_port, metrics, train_flags
 
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate(machines: int, machine_rank: int, processes: int, port: int) -> list[str]:

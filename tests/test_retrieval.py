@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import average_precision_score, precision_recall_curve
 from sklearn.neighbors import NearestNeighbors
 
+from harness import free_port
 from ranking.retrieval.metrics import EmbeddingSet, evaluate_retrieval, nearest_neighbors, sample_triplets
 
 K = 10
@@ -154,12 +154,6 @@ def test_triplet_accuracy_matches_brute_force():
 
 # ---------------------------------------------------------------------------------------------------------------
 # world size 1, 2, 3: real gloo processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def evaluate_both(chunk_size: int = 5):
