@@ -21,6 +21,7 @@ import importlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -177,6 +178,29 @@ def export_distributed_environment(use_cpu: bool) -> None:
     # Keep every GPU visible: accelerate picks cuda:LOCAL_RANK itself.
     dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = node_address(dist.master_addr, env.num_nodes)
+    if use_cpu and env.num_nodes > 1 and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        # gloo binds each rank to its host name's address, a loopback one wherever /etc/hosts maps the name there,
+        # and the other nodes cannot connect to it: the interface that reaches the main node (as slurm/common.sh)
+        interface = interface_to(os.environ["MASTER_ADDR"])
+        if interface and interface != "lo":
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
+
+
+def interface_to(address: str) -> str | None:
+    """The network interface this host reaches ``address`` through: the one holding it if it is this host's own,
+    else the route's. None when it cannot be told (an unresolvable name, no route)."""
+    import psutil  # accelerate's dependency
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))  # a UDP connect only picks the route and the source address: nothing is sent
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    return next(
+        (name for name, addresses in psutil.net_if_addrs().items() if any(a.address == local for a in addresses)),
+        None,
+    )
 
 
 def node_address(node: str, num_nodes: int) -> str:

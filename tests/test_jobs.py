@@ -90,6 +90,20 @@ def test_bad_launcher_flags_are_one_line_errors(flags, problem) -> None:
         train_job.main([*flags, "--shards", "s", "--run-dir", "r"])
 
 
+def test_gloo_takes_the_interface_that_reaches_the_main_node() -> None:
+    """A multi-node CPU job binds gloo to the interface towards MASTER_ADDR, not to the host name's address."""
+    own = [
+        (name, a.address)
+        for name, addresses in psutil.net_if_addrs().items()
+        for a in addresses
+        if a.family.name == "AF_INET" and name != "lo"
+    ]
+    assert common.interface_to("127.0.0.1") == "lo"
+    for name, address in own:  # the main node: the interface that holds its address, not loopback
+        assert common.interface_to(address) == name
+    assert common.interface_to("not a host name") is None
+
+
 def test_bad_flag_on_the_command_line_is_one_line_and_exit_2() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "jobs.train", "--cluster", "kubernetes", "--shards", "s", "--run-dir", "r"],
