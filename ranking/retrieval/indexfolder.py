@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from ranking.core.config import SearchBackendName
 from ranking.core.errors import RankingError
 from ranking.core.files import (
     check_writable_folder,
@@ -50,8 +51,9 @@ from ranking.core.files import (
 )
 from ranking.data.decode import decode_image, to_pil
 from ranking.learning.models import MAX_EMBED_DIM
+from ranking.retrieval.backends import APPROXIMATE_ABOVE, Backend, build_backend, choose_backend
 from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike
-from ranking.retrieval.metrics import EmbeddingSet, nearest_neighbors
+from ranking.retrieval.metrics import EmbeddingSet
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -185,6 +187,7 @@ class Index:
         self.sources = list(sources)
         self.path = path
         self._thumbnails = thumbnails
+        self._backend: Backend | None = None  # built on the first search (exact) or by use_backend
 
     def __len__(self) -> int:
         return len(self.items)
@@ -196,7 +199,20 @@ class Index:
     def to(self, device: str | torch.device | None) -> Index:
         self.model.to(device)
         self.embeddings = self.embeddings.to(self.model.device)
+        self._backend = None
         return self
+
+    def use_backend(self, name: SearchBackendName | None = None, approximate_above: int = APPROXIMATE_ABOVE) -> Backend:
+        """Search with ``name`` (``retrieval.backends``: exact, ivf, hnsw), or else exact up to ``approximate_above``
+        rows and ivf above; an approximate backend is built here (seconds for a million rows)."""
+        self._backend = choose_backend(name, self.embeddings, approximate_above)
+        return self._backend
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = build_backend("exact", self.embeddings)
+        return self._backend
 
     # -------------------------------------------------------------------------------------------------- search
 
@@ -207,7 +223,7 @@ class Index:
     def search_embeddings(self, queries: torch.Tensor, k: int = 10) -> list[list[Result]]:
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise RankingError(f"queries of shape {list(queries.shape)}; this index holds {self.dim}-d embeddings")
-        distances, rows = nearest_neighbors(queries.to(self.embeddings.device).float(), self.embeddings, k)
+        distances, rows = self.backend.search(queries.to(self.embeddings.device).float(), k)
         return [
             [
                 Result(rank, distance, self.items[row])
@@ -298,7 +314,13 @@ def read_index_json(path: Path) -> dict:
 
 def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Image]:
     """Each item's thumbnail, read at its recorded offset (no scan of the tar)."""
-    images = {}
+    encoded = read_thumbnail_bytes(tar_path, items)
+    return {id: to_pil(decode_image(data, f"{tar_path}: thumbnail {id}")) for id, data in encoded.items()}
+
+
+def read_thumbnail_bytes(tar_path: Path, items: Sequence[Item]) -> dict[int, bytes]:
+    """Each item's thumbnail JPEG as stored, read at its recorded offset, within the file (no scan of the tar)."""
+    found = {}
     try:
         with open_regular(tar_path) as f:
             size = os.fstat(f.fileno()).st_size
@@ -312,12 +334,12 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
                         f"the file's {size} bytes (a damaged items.jsonl)"
                     )
                 f.seek(offset)
-                images[item.id] = to_pil(decode_image(f.read(length), f"{tar_path}: thumbnail {item.id}"))
+                found[item.id] = f.read(length)
     except FileNotFoundError:
         raise RankingError(f"{tar_path}: missing") from None
     except OSError as e:
         raise RankingError(f"{tar_path}: cannot read ({e.strerror})") from None
-    return images
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
