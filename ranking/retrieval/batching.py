@@ -1,0 +1,111 @@
+"""Queries that arrive together share one forward pass: ``QueryBatcher`` (used by ``ranking serve``).
+
+Each query waits in a bounded asyncio queue; one worker takes every query waiting (up to ``max_batch``), embeds their
+images in one batch and searches the index once for all of them, on a single thread of its own (the model and the
+search are never run by two threads at once). A full queue refuses at once (``QueueFull``) instead of growing: the
+caller answers 503 and the client retries later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ranking.retrieval.indexfolder import Index, Result
+
+
+class QueueFull(Exception):
+    """The queue of waiting queries is full: come back later."""
+
+
+@dataclass
+class Pending:
+    image: torch.Tensor | None  # uint8 [3, H, W], or None: search by the stored row ``row``
+    row: int
+    k: int
+    answer: asyncio.Future[list[Result]]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    queries: int = 0
+    largest: int = 0
+    refused: int = 0
+
+
+class QueryBatcher:
+    def __init__(self, index: Index, max_batch: int = 16, queue_size: int = 64):
+        self.index = index
+        self.max_batch = max_batch
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_size)
+        self.stats = BatchStats()
+        # one thread runs the model and the search: torch's own threads do the parallel work
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranking-search")
+        self.worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.worker = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.worker
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def search_image(self, image: torch.Tensor, k: int) -> list[Result]:
+        return await self._submit(image, -1, k)
+
+    async def search_row(self, row: int, k: int) -> list[Result]:
+        """The nearest rows of the stored row ``row`` ("more like this": no forward pass)."""
+        return await self._submit(None, row, k)
+
+    async def _submit(self, image: torch.Tensor | None, row: int, k: int) -> list[Result]:
+        answer: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(Pending(image, row, k, answer))
+        except asyncio.QueueFull:
+            self.stats.refused += 1
+            raise QueueFull(f"{self.queue.maxsize} queries already waiting") from None
+        return await answer
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            batch = [p for p in batch if not p.answer.done()]  # a client that left (cancelled) costs nothing
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.queries += len(batch)
+            self.stats.largest = max(self.stats.largest, len(batch))
+            try:
+                found = await loop.run_in_executor(self.executor, self._search, batch)
+            except Exception as e:  # noqa: BLE001 - each waiting client gets the error; the worker goes on
+                for pending in batch:
+                    if not pending.answer.done():
+                        pending.answer.set_exception(e)
+                continue
+            for pending, results in zip(batch, found):
+                if not pending.answer.done():
+                    pending.answer.set_result(results)
+
+    def _search(self, batch: list[Pending]) -> list[list[Result]]:
+        """One forward pass for every image of the batch, one search for every query."""
+        images = [p.image for p in batch if p.image is not None]
+        embedded = iter(self.index.model.embed(images, batch_size=len(images))) if images else iter(())
+        queries = torch.stack(
+            [next(embedded) if p.image is not None else self.index.embeddings[p.row].cpu() for p in batch]
+        )
+        k = max(p.k for p in batch)
+        found = self.index.search_embeddings(queries, k)
+        return [results[: p.k] for p, results in zip(batch, found)]
