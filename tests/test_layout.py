@@ -33,6 +33,7 @@ STAGES = {
     "index",
     "export",
     "serve",
+    "dedup",
 }
 ENTRY = {"__init__", "__main__", "cli"}  # the package, `python -m ranking` and the subcommand dispatcher
 
