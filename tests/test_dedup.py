@@ -66,8 +66,8 @@ def test_the_table_and_a_lower_threshold(planted, capsys):
     assert dedup.main(["--index", str(planted["index"]), "--threshold", THRESHOLD]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and lines[0].startswith("3 images, up to d=") and lines[-1].startswith("4 groups")
-    # byte copies are at distance 0, so any positive threshold still groups them; the re-encoded ones drop out
-    assert dedup.main(["--index", str(planted["index"]), "--threshold", "1e-9", "--json"]) == 0
+    # byte copies are at distance ~0 (float rounding), so a tiny threshold still groups them; re-encoded ones drop out
+    assert dedup.main(["--index", str(planted["index"]), "--threshold", "2e-6", "--json"]) == 0
     exact = json.loads(capsys.readouterr().out)["groups"]
     assert [group["size"] for group in exact] == [3, 2]
     assert all(len({item["sha256"] for item in group["items"]}) == 1 for group in exact)  # the same bytes
@@ -83,3 +83,28 @@ def test_bad_thresholds_and_folders_are_one_line(planted, tmp_path, capsys):
     assert f"{tmp_path}: not an index folder" in cli_refusal(
         capsys, "dedup", "--index", str(tmp_path), "--threshold", "1"
     )
+
+
+@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
+def test_the_approximate_backends_give_the_exact_answers_on_a_small_index(planted, backend, capsys):
+    """dedup and search take --backend; on 65 rows the candidates cover the index, so the answers are exact ones."""
+    from ranking import search
+
+    argv = ["--index", str(planted["index"]), "--threshold", THRESHOLD, "--json"]
+    assert dedup.main(argv) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert dedup.main([*argv, "--backend", backend]) == 0
+    approximate = json.loads(capsys.readouterr().out)
+    assert [g["items"] for g in approximate["groups"]] == [g["items"] for g in exact["groups"]]
+    # re-ranked exactly, as (a - b)^2 summed rather than through the norms: the same distances to float precision
+    for a, b in zip(approximate["groups"], exact["groups"]):
+        assert a["max_distance"] == pytest.approx(b["max_distance"], abs=1e-5)
+    query = sorted((planted["root"] / "photos").glob("*/*.JPEG"))[7]
+    found = []
+    for name in ("exact", backend):
+        assert (
+            search.main([str(query), "--index", str(planted["index"]), "--top", "5", "--json", "--backend", name]) == 0
+        )
+        found.append(json.loads(capsys.readouterr().out)[0]["results"])
+    assert [r["id"] for r in found[0]] == [r["id"] for r in found[1]]
+    assert [r["distance"] for r in found[0]] == pytest.approx([r["distance"] for r in found[1]], abs=1e-5)
