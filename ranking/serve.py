@@ -14,7 +14,6 @@ pip install 'deep-ranking[serve]'.
 
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (UploadFile, Query), imported
 # inside create_app so that the package works without the extra, from the functions' own scope at definition time
-import asyncio
 import contextlib
 import socket
 import sys
@@ -221,8 +220,8 @@ def create_app(index: "Index", config: ServeConfig) -> "FastAPI":
         data = await image.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise BadRequest(413, f"{name}: over {config.max_upload_bytes} bytes")
-        pixels = await asyncio.to_thread(decode_upload, data, name, config, index.model.spec.image_size)
-        return await answered(batcher.search_image(pixels, k), started)
+        image_size = index.model.spec.image_size
+        return await answered(batcher.search_image(lambda: decode_upload(data, name, config, image_size), k), started)
 
     @app.get("/api/items/{item_id}/similar")
     async def similar(item_id: int, k: int = k_query) -> dict[str, Any]:

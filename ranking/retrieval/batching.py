@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,9 @@ class QueueFull(Exception):
 
 @dataclass
 class Pending:
-    image: torch.Tensor | None  # uint8 [3, H, W], or None: search by the stored row ``row``
+    # makes the query's uint8 [3, H, W] image on the worker's thread (decoding an upload), or None: search by the
+    # stored row ``row``; what it raises answers this query alone
+    image: Callable[[], torch.Tensor] | None
     row: int
     k: int
     answer: asyncio.Future[list[Result]]
@@ -60,14 +63,16 @@ class QueryBatcher:
                 await self.worker
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def search_image(self, image: torch.Tensor, k: int) -> list[Result]:
+    async def search_image(self, image: Callable[[], torch.Tensor], k: int) -> list[Result]:
+        """The nearest rows of the image ``image()`` makes (called on the worker's thread: an upload is decoded
+        there, so a query costs one hand-over between threads, not two)."""
         return await self._submit(image, -1, k)
 
     async def search_row(self, row: int, k: int) -> list[Result]:
         """The nearest rows of the stored row ``row`` ("more like this": no forward pass)."""
         return await self._submit(None, row, k)
 
-    async def _submit(self, image: torch.Tensor | None, row: int, k: int) -> list[Result]:
+    async def _submit(self, image: Callable[[], torch.Tensor] | None, row: int, k: int) -> list[Result]:
         answer: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(Pending(image, row, k, answer))
@@ -91,21 +96,35 @@ class QueryBatcher:
             try:
                 found = await loop.run_in_executor(self.executor, self._search, batch)
             except Exception as e:  # noqa: BLE001 - each waiting client gets the error; the worker goes on
-                for pending in batch:
-                    if not pending.answer.done():
-                        pending.answer.set_exception(e)
-                continue
-            for pending, results in zip(batch, found):
-                if not pending.answer.done():
-                    pending.answer.set_result(results)
+                found = [e] * len(batch)
+            for pending, answer in zip(batch, found):
+                if pending.answer.done():
+                    continue
+                if isinstance(answer, Exception):
+                    pending.answer.set_exception(answer)
+                else:
+                    pending.answer.set_result(answer)
 
-    def _search(self, batch: list[Pending]) -> list[list[Result]]:
-        """One forward pass for every image of the batch, one search for every query."""
-        images = [p.image for p in batch if p.image is not None]
-        embedded = iter(self.index.model.embed(images, batch_size=len(images))) if images else iter(())
-        queries = torch.stack(
-            [next(embedded) if p.image is not None else self.index.embeddings[p.row].cpu() for p in batch]
+    def _search(self, batch: list[Pending]) -> list[list[Result] | Exception]:
+        """Each query's image made, then one forward pass for every image of the batch and one search for every
+        query; a query whose image cannot be made gets its exception, the others their results."""
+        answers: list[list[Result] | Exception | None] = [None] * len(batch)
+        images: dict[int, torch.Tensor] = {}
+        for n, pending in enumerate(batch):
+            if pending.image is not None:
+                try:
+                    images[n] = pending.image()
+                except Exception as e:  # noqa: BLE001 - this query's bad input, answered to it alone
+                    answers[n] = e
+        embedded = (
+            dict(zip(images, self.index.model.embed(list(images.values()), batch_size=len(images)))) if images else {}
         )
-        k = max(p.k for p in batch)
-        found = self.index.search_embeddings(queries, k)
-        return [results[: p.k] for p, results in zip(batch, found)]
+        searched = [n for n, answer in enumerate(answers) if answer is None]
+        if searched:
+            queries = torch.stack(
+                [embedded[n] if n in embedded else self.index.embeddings[batch[n].row].cpu() for n in searched]
+            )
+            found = self.index.search_embeddings(queries, max(batch[n].k for n in searched))
+            for n, results in zip(searched, found):
+                answers[n] = results[: batch[n].k]
+        return [answer if answer is not None else RuntimeError("unanswered") for answer in answers]
