@@ -3,6 +3,8 @@ neighbours of clustered rows with their exact distances, and an index chooses on
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -57,3 +59,15 @@ def test_k_above_the_rows_returns_every_row():
     for name in ("exact", "ivf", "hnsw"):
         distances, found = backends.build_backend(name, rows).search(rows[:3], 500)
         assert found.shape == (3, 100) and sorted(found[0].tolist()) == list(range(100)), name
+
+
+def test_without_the_extras_one_line_names_the_extra_to_install(monkeypatch, capsys, tmp_path):
+    from harness import cli_refusal
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what a missing package looks like to `import faiss`
+    with pytest.raises(RankingError, match=r"needs faiss: pip install 'deep-ranking\[ann\]' \(or use --backend exact"):
+        backends.build_backend("ivf", clustered(100))
+    assert backends.build_backend("exact", clustered(100)).name == "exact"  # the base package still searches
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    line = cli_refusal(capsys, "serve", "--index", str(tmp_path))
+    assert line == "ranking serve: error: ranking serve needs fastapi: pip install 'deep-ranking[serve]'"
