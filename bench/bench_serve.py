@@ -6,9 +6,10 @@
 Writes an index as bench_search.py does (random weights, seeded random rows, no thumbnails), then measures, with the
 same number of torch threads (``--threads``) in both places:
 
-- in process: ``ranking.Index.load(INDEX).search([IMAGE], k)`` repeated (decoding the file included), median;
-- over HTTP: ``ranking serve --index INDEX`` in its own process, ``POST /api/search`` of the same JPEG from one
-  client with a kept-alive connection, median (target: <= 1.2x the in-process median);
+- one query: ``ranking serve --index INDEX`` in its own process, ``POST /api/search`` of a JPEG from one client
+  with a kept-alive connection, alternated with ``ranking.Index.load(INDEX).search([IMAGE], k)`` of the same file
+  in this process (decoding included), so that both see the same load of a shared machine; medians (target: HTTP
+  <= 1.2x in process);
 - throughput: queries answered per second by 1 client and by ``--clients`` concurrent clients for ``--seconds``
   each (target: 8 clients >= 1.5x one client's rate), and the server's batch sizes.
 """
@@ -31,17 +32,26 @@ def median_ms(values: list[float]) -> float:
     return 1000 * sorted(values)[len(values) // 2]
 
 
-def in_process(index_dir: Path, query: Path, k: int, repeats: int) -> list[float]:
+def one_query(index_dir: Path, query: Path, url: str, k: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(in-process timings, HTTP timings), measured alternately."""
+    import httpx
+
     import ranking
 
     index = ranking.Index.load(index_dir, device="cpu")
-    index.search([query], k)  # warm
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        index.search([query], k)
-        timings.append(time.perf_counter() - started)
-    return timings
+    jpeg = query.read_bytes()
+    local, remote = [], []
+    with httpx.Client(timeout=120) as client:
+        for n in range(repeats + 2):  # the first two warm both
+            started = time.perf_counter()
+            index.search([query], k)
+            middle = time.perf_counter()
+            response = client.post(f"{url}/api/search", params={"k": k}, files={"image": ("q.jpg", jpeg)})
+            response.raise_for_status()
+            if n >= 2:
+                local.append(middle - started)
+                remote.append(time.perf_counter() - middle)
+    return local, remote
 
 
 def start_server(index_dir: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
@@ -55,20 +65,6 @@ def start_server(index_dir: Path, threads: int, log: Path) -> tuple[subprocess.P
             sys.exit(f"ranking serve did not start: {log.read_text()}")
         time.sleep(0.1)
     return process, "http://" + log.read_text().split("http://")[1].split()[0].rstrip("/")
-
-
-def over_http(url: str, jpeg: bytes, k: int, repeats: int) -> list[float]:
-    import httpx
-
-    timings = []
-    with httpx.Client(timeout=120) as client:
-        for n in range(repeats + 2):
-            started = time.perf_counter()
-            response = client.post(f"{url}/api/search", params={"k": k}, files={"image": ("q.jpg", jpeg)})
-            response.raise_for_status()
-            if n >= 2:  # the first two warm the connection and the server
-                timings.append(time.perf_counter() - started)
-    return timings
 
 
 def throughput(url: str, jpeg: bytes, k: int, clients: int, seconds: float) -> float:
@@ -117,10 +113,9 @@ def main() -> None:
         query = Path(tmp) / "query.jpg"
         Image.radial_gradient("L").convert("RGB").resize((300, 200)).save(query)
         jpeg = query.read_bytes()
-        local = in_process(index_dir, query, args.k, args.repeats)
         process, url = start_server(index_dir, args.threads, Path(tmp) / "serve.log")
         try:
-            remote = over_http(url, jpeg, args.k, args.repeats)
+            local, remote = one_query(index_dir, query, url, args.k, args.repeats)
             one = throughput(url, jpeg, args.k, 1, args.seconds)
             many = throughput(url, jpeg, args.k, args.clients, args.seconds)
             import httpx

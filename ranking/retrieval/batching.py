@@ -1,9 +1,9 @@
 """Queries that arrive together share one forward pass: ``QueryBatcher`` (used by ``ranking serve``).
 
-Each query waits in a bounded asyncio queue; one worker takes every query waiting (up to ``max_batch``), embeds their
-images in one batch and searches the index once for all of them, on a single thread of its own (the model and the
-search are never run by two threads at once). A full queue refuses at once (``QueueFull``) instead of growing: the
-caller answers 503 and the client retries later.
+Each query waits in a bounded asyncio queue; one worker takes every query waiting (up to ``max_batch``; after a batch
+of several, it waits up to ``gather_s`` for as many again), embeds their images in one batch and searches the index
+once for all of them, on a single thread of its own (the model and the search are never run by two threads at once).
+A full queue refuses at once (``QueueFull``) instead of growing: the caller answers 503 and the client retries later.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ class BatchStats:
 
 
 class QueryBatcher:
-    def __init__(self, index: Index, max_batch: int = 16, queue_size: int = 64):
+    def __init__(self, index: Index, max_batch: int = 16, queue_size: int = 64, gather_s: float = 0.005):
         self.index = index
         self.max_batch = max_batch
+        self.gather_s = gather_s
+        self.last_batch = 1
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=queue_size)
         self.stats = BatchStats()
         # one thread runs the model and the search: torch's own threads do the parallel work
@@ -85,8 +87,19 @@ class QueryBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
+            # Clients answered together ask again together, but not at the same instant: the first to ask would go
+            # through alone and the rest wait a whole forward pass for the next. So after a batch of several, wait
+            # up to gather_s for as many; a lone client (batches of one) never waits.
+            expected = min(self.max_batch, self.last_batch)
+            deadline = loop.time() + self.gather_s
+            while len(batch) < expected and (remaining := deadline - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
             while len(batch) < self.max_batch and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            self.last_batch = len(batch)
             batch = [p for p in batch if not p.answer.done()]  # a client that left (cancelled) costs nothing
             if not batch:
                 continue
