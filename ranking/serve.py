@@ -21,11 +21,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ranking import cli
 from ranking.core.config import SearchBackendName
 from ranking.core.errors import ConfigError, RankingError
+from ranking.core.files import open_regular
 from ranking.core.flags import at_least, at_most, parse
 from ranking.data.archive import MAX_FILE_BYTES
 from ranking.data.decode import MAX_IMAGE_PIXELS, decode_image, read_header
@@ -136,12 +137,20 @@ def create_app(index: "Index", config: ServeConfig) -> "FastAPI":
     batcher: QueryBatcher | None = None
     page = PAGE.read_text()
 
+    thumbs: IO[bytes] | None = None
+
     @contextlib.asynccontextmanager
     async def lifespan(app: "FastAPI") -> AsyncIterator[None]:
-        nonlocal batcher
+        nonlocal batcher, thumbs
         batcher = QueryBatcher(index, config.max_batch, config.queue_size)
         batcher.start()
-        yield
+        with contextlib.ExitStack() as held:
+            # the thumbnails of the rows in memory: `ranking index --add/--remove` publishes a new folder in the
+            # index's place, and this open file stays the one whose offsets items.jsonl (in memory) records
+            with contextlib.suppress(RankingError, OSError):
+                assert index.path is not None
+                thumbs = held.enter_context(open_regular(index.path / THUMBS))
+            yield
         await batcher.stop()
 
     app = FastAPI(
@@ -247,8 +256,10 @@ def create_app(index: "Index", config: ServeConfig) -> "FastAPI":
     async def thumbnail(item_id: int) -> Response:
         found = item_at(item_id)
         assert index.path is not None
+        if thumbs is None:
+            raise BadRequest(404, f"{index.path}: holds no readable {THUMBS}")
         try:
-            data = read_thumbnail_bytes(index.path / THUMBS, [found])[found.id]
+            data = read_thumbnail_bytes(index.path / THUMBS, [found], thumbs)[found.id]
         except RankingError as e:
             raise BadRequest(404, str(e)) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})

@@ -246,3 +246,26 @@ def test_the_page_searches_an_upload_and_then_a_clicked_result(server):
             assert shown == [str(r["id"]) for r in expected["results"]]
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# last: it changes the served index
+
+
+def test_a_sync_while_serving_leaves_the_server_answering_from_the_index_it_loaded(server, capsys):
+    """`ranking index --remove` publishes a new folder in the index's place; the server keeps its rows and their
+    thumbnails (the open thumbs.tar), so every answer still matches its own rows until it is restarted."""
+    from harness import full_precision_index
+    from ranking import index
+
+    last = httpx.get(f"{server['url']}/api/items/59").json()
+    before = httpx.get(server["url"] + last["thumbnail"]).content
+    with full_precision_index():
+        assert (
+            index.main(["--remove", str(sorted(server["photos"].iterdir())[0]), "--index", str(server["index"])]) == 0
+        )
+    assert "removed 6 rows" in capsys.readouterr().out
+    assert httpx.get(f"{server['url']}/api/items/59").json() == last
+    assert httpx.get(server["url"] + last["thumbnail"]).content == before
+    assert httpx.get(f"{server['url']}/api/index").json()["rows"] == 60
+    assert_good_query_works(server)

@@ -30,7 +30,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -322,11 +322,13 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
     return {id: to_pil(decode_image(data, f"{tar_path}: thumbnail {id}")) for id, data in encoded.items()}
 
 
-def read_thumbnail_bytes(tar_path: Path, items: Sequence[Item]) -> dict[int, bytes]:
-    """Each item's thumbnail JPEG as stored, read at its recorded offset, within the file (no scan of the tar)."""
+def read_thumbnail_bytes(tar_path: Path, items: Sequence[Item], opened: IO[bytes] | None = None) -> dict[int, bytes]:
+    """Each item's thumbnail JPEG as stored, read at its recorded offset, within the file (no scan of the tar);
+    from ``opened``, the file already open, when given (a server keeps its index's, which a sync may replace)."""
     found = {}
     try:
-        with open_regular(tar_path) as f:
+        with contextlib.ExitStack() as stack:
+            f = opened if opened is not None else stack.enter_context(open_regular(tar_path))
             size = os.fstat(f.fileno()).st_size
             for item in items:
                 if item.thumb is None:
@@ -337,8 +339,7 @@ def read_thumbnail_bytes(tar_path: Path, items: Sequence[Item]) -> dict[int, byt
                         f"{tar_path}: item {item.id}'s thumbnail at [{offset}, {length}] lies outside "
                         f"the file's {size} bytes (a damaged items.jsonl)"
                     )
-                f.seek(offset)
-                found[item.id] = f.read(length)
+                found[item.id] = os.pread(f.fileno(), length, offset)
     except FileNotFoundError:
         raise RankingError(f"{tar_path}: missing") from None
     except OSError as e:
