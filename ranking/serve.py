@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 from ranking import cli
 from ranking.core.config import SearchBackendName
 from ranking.core.errors import ConfigError, RankingError
-from ranking.core.files import open_regular
+from ranking.core.files import open_regular, shown_name
 from ranking.core.flags import at_least, at_most, parse
 from ranking.data.archive import MAX_FILE_BYTES
 from ranking.data.decode import MAX_IMAGE_PIXELS, decode_image, read_header
@@ -175,7 +175,11 @@ def create_app(index: "Index", config: ServeConfig) -> "FastAPI":
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error(e.status_code, f"{request.url.path}: {e.detail}")
+        return error(e.status_code, f"{shown_name(request.url.path)}: {e.detail}")  # a %0A stays escaped
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception) -> JSONResponse:  # a bug: still one line, and the server goes on
+        return error(500, f"{shown_name(request.url.path)}: internal error ({type(e).__name__}: {shown_name(str(e))})")
 
     def item_at(item_id: int) -> Any:
         if not 0 <= item_id < len(index):

@@ -141,11 +141,13 @@ def test_no_url_reaches_a_file_outside_the_index(server):
         "/index.json",
         "/thumbs.tar",
         "/api/items/0/thumbnail.jpg/../../../../etc/passwd",
+        "/two%0Alines",
     ):
         for raw in (True, False):  # as written (a raw path), and as a client normalises it
             response = httpx.get(httpx.URL(url + path) if not raw else url + path)
             assert response.status_code in (404, 422), (path, response.status_code)
             assert "do not serve me" not in response.text and "root:" not in response.text
+            assert set(response.json()) == {"error"} and "\n" not in response.json()["error"], path
 
 
 # ---------------------------------------------------------------------------------------------------------------
