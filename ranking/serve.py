@@ -86,12 +86,16 @@ class BadRequest(Exception):
 
 
 def needs_extra() -> None:
+    import importlib.util
+
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: FastAPI's form parser)
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise RankingError(f"ranking serve needs {e.name}: pip install 'deep-ranking[serve]'") from None
+    # FastAPI's form parser, python-multipart: module python_multipart, `multipart` before 0.0.13
+    if not any(importlib.util.find_spec(name) for name in ("python_multipart", "multipart")):
+        raise RankingError("ranking serve needs python-multipart: pip install 'deep-ranking[serve]'")
 
 
 def result_json(result: "Result") -> dict[str, Any]:
