@@ -3,8 +3,8 @@
 Rows closer than D (squared distance, the search's own measure) are grouped, transitively; the same search as
 `ranking search` finds them (exact unless --backend says otherwise). Prints one line per group (its size, the farthest
 joined pair's distance and its files), or with --json the groups as JSON; --grid draws each group as a row of its
-thumbnails (PNG). Pick D from `ranking search`'s distances: a copy or a re-encoded copy is at ~0, the same scene in
-another shot further.
+thumbnails (PNG), --html writes a page of them (thumbnails inline: it opens anywhere). Pick D from `ranking search`'s
+distances: a copy or a re-encoded copy is at ~0, the same scene in another shot further.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class DedupConfig:
     json: bool = False  # print the groups as JSON
     out: str = ""  # also write the JSON to this file
     grid: str = ""  # also draw each group as a row of thumbnails (PNG)
+    html: str = ""  # also write a page of the groups: every thumbnail inside it, so it opens anywhere
 
     def validate(self) -> None:
         finite("--threshold", self.threshold)
@@ -83,10 +84,56 @@ def draw_groups(index: Index, groups: list[DuplicateGroup], path: Path, threshol
     return save_png(draw_grid(rows, title), path)
 
 
+def groups_page(index: Index, groups: list[DuplicateGroup], threshold: float) -> str:
+    """A self-contained HTML page: one row per group, each image's thumbnail (inline), id, file and distance to the
+    group's first image."""
+    import base64
+    import html
+
+    from ranking.retrieval.indexfolder import THUMBS, read_thumbnail_bytes
+
+    assert index.path is not None
+    items = [index.items[row] for group in groups for row in group.rows]
+    thumbnails = read_thumbnail_bytes(index.path / THUMBS, [item for item in items if item.thumb is not None])
+    sections = []
+    for n, group in enumerate(groups, 1):
+        first = index.embeddings[group.rows[0]]
+        cells = []
+        for row in group.rows:
+            item = index.items[row]
+            distance = float((index.embeddings[row] - first).pow(2).sum())
+            image = (
+                f'<img src="data:image/jpeg;base64,{base64.b64encode(thumbnails[row]).decode()}" alt="">'
+                if row in thumbnails
+                else "<div class=none>no thumbnail</div>"
+            )
+            cells.append(
+                f"<figure>{image}<figcaption>id {row}, d={distance:.4f}<br>"
+                f"{html.escape(shown_name(item.file))}</figcaption></figure>"
+            )
+        sections.append(
+            f"<section><h2>group {n}: {len(group.rows)} images, up to d={group.max_distance:.4f}</h2>"
+            f"{''.join(cells)}</section>"
+        )
+    title = (
+        f"{len(groups)} groups of near-duplicates in {html.escape(index.path.name)} (squared distance < {threshold:g})"
+    )
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:1.5rem}section{margin-bottom:1.5rem}"
+        "figure{display:inline-block;margin:0 .6rem .6rem 0;width:140px;font-size:.8rem;vertical-align:top}"
+        "img{width:128px;height:128px;object-fit:contain;border:1px solid #ccc}figcaption{overflow-wrap:anywhere}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{style}</style>'
+        f"</head><body><h1>{title}</h1>{''.join(sections)}</body></html>\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse(DedupConfig, argv, "ranking dedup", __doc__.split("\n\n")[0], config_file=False)
     grid = check_output_file(config.grid, "--grid") if config.grid else None
     out = check_output_file(config.out, "--out") if config.out else None
+    page = check_output_file(config.html, "--html") if config.html else None
     path = Path(config.index)
     if not indexfolder.is_index(path):
         raise RankingError(f"{path}: not an index folder (ranking dedup reads one written by `ranking index`)")
@@ -113,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary, file=sys.stderr if config.json else sys.stdout)
     if grid is not None and groups:
         written = draw_groups(index, groups, grid, config.threshold)
+        print(f"wrote {written}", file=sys.stderr if config.json else sys.stdout)
+    if page is not None:
+        written = write_text_atomically(page, groups_page(index, groups, config.threshold))
         print(f"wrote {written}", file=sys.stderr if config.json else sys.stdout)
     return 0
 

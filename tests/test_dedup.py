@@ -46,9 +46,9 @@ def planted(mini_zip, tmp_path_factory) -> dict:
 
 
 def test_dedup_finds_the_planted_duplicates_and_nothing_else(planted, tmp_path, capsys):
-    out, grid = tmp_path / "groups.json", tmp_path / "groups.png"
+    out, grid, page = tmp_path / "groups.json", tmp_path / "groups.png", tmp_path / "groups.html"
     argv = ["--index", str(planted["index"]), "--threshold", THRESHOLD, "--json", "--out", str(out)]
-    assert dedup.main([*argv, "--grid", str(grid)]) == 0
+    assert dedup.main([*argv, "--grid", str(grid), "--html", str(page)]) == 0
     printed = capsys.readouterr()
     found = json.loads(printed.out)
     assert found == json.loads(out.read_text())
@@ -60,6 +60,9 @@ def test_dedup_finds_the_planted_duplicates_and_nothing_else(planted, tmp_path, 
     assert "4 groups (9 of 65 images) closer than 0.005" in printed.err
     with Image.open(grid) as image:
         assert image.size == grids.grid_size(rows=4, columns=3)
+    html = page.read_text()
+    assert html.count("<section>") == 4 and html.count('<img src="data:image/jpeg;base64,') == 9
+    assert all(file in html for group in planted["groups"] for file in group)
 
 
 def test_the_table_and_a_lower_threshold(planted, capsys):
