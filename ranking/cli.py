@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "report": ("ranking.report", "plots, ranked-result grids and the precision table of a run"),
     "search": ("ranking.search", "nearest gallery images for query images (an index or an evaluation folder)"),
     "index": ("ranking.index", "a portable index of your own images: model, embeddings, thumbnails"),
+    "serve": ("ranking.serve", "an HTTP search service and web page over an index folder (the model loaded once)"),
+    "dedup": ("ranking.dedup", "groups of near-duplicate images in an index folder (JSON, and a picture of them)"),
     "export": ("ranking.export", "the embedding network as ONNX, TorchScript or safetensors"),
     "compare": ("ranking.compare", "runs side by side: differing config keys, final and best metrics, overlaid curves"),
     "demo": ("ranking.demo", "the whole pipeline on embedded synthetic data"),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ranking.core.config import SearchBackendName
 from ranking.core.errors import RankingError
 from ranking.core.files import check_output_file, shown_name
 from ranking.core.flags import at_least, parse
@@ -135,6 +136,8 @@ class SearchConfig:
     index: str  # an index folder (`ranking index`) or an evaluation folder (holds embeddings.pt)
     top: int = 10  # results per image
     device: str = "auto"  # where to embed and search: auto (a GPU if any), cpu, cuda
+    # unset: exact up to ranking.retrieval.backends.APPROXIMATE_ABOVE rows, else ivf (faiss: the [ann] extra)
+    backend: SearchBackendName | None = None
     shards: str = ""  # an evaluation folder's shards, if they moved since
 
     # output
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     gallery = open_gallery(Path(config.index), config.shards or None, device)
     # each reduced to the model's image size as it is decoded: 12 photos of 8000x8000 stay small
     images = [decode_image(data, str(path), gallery.model.spec.image_size) for path, data in zip(paths, encoded)]
+    gallery.use_backend(config.backend)
     found = gallery.search(images, config.top)
 
     if config.json:

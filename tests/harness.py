@@ -693,3 +693,63 @@ def job_cleaned_up(env: dict[str, str], job_id: str) -> bool:
         if " ".join(p.info["cmdline"] or []).startswith(f"slurmstepd: [{job_id}.")
     ]  # its process title
     return nodes_idle(env) and not steps
+
+
+# ------------------------------------------------------------------- a small index and the server over it
+
+
+def photo_tree(mini_zip: Path, folder: Path, per_class: int = PER_CLASS) -> Path:
+    """Class folders of the mini zip's first ``per_class`` train JPEGs each (10 classes), as a user's photos."""
+    for wnid, files in sorted(mini_jpegs(mini_zip).items()):
+        (folder / wnid).mkdir(parents=True, exist_ok=True)
+        for name, data in files[:per_class]:
+            (folder / wnid / name).write_bytes(data)
+    return folder
+
+
+@contextlib.contextmanager
+def full_precision_index() -> Iterator[None]:
+    """`ranking index` in fp32 (set the Accelerate way), so a gallery image searched as a query finds itself at
+    distance ~0, as queries are embedded in fp32."""
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ACCELERATE_MIXED_PRECISION"]
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = before
+
+
+def tiny_index(root: Path, images: Path, name: str = "index") -> Path:
+    """An index folder of ``images`` made by `ranking index` (in this process) with a random-init smoke network
+    (16-d, 32 px): no training, a few seconds."""
+    from ranking import index
+
+    run = root / f"{name}-run"
+    if not run.exists():
+        write_smoke_run(run, "unused")
+    with full_precision_index():
+        assert index.main(["--checkpoint", str(run), "--images", str(images), "--out", str(root / name)]) == 0
+    return root / name
+
+
+@contextlib.contextmanager
+def served(index: Path, *flags: str, log: Path | None = None) -> Iterator[str]:
+    """`ranking serve --index INDEX --port 0 FLAGS` in a real process; yields its base URL (``http://host:port``),
+    read from the first line it prints (to ``log``, beside the index by default), and stops it afterwards."""
+    log = log or index.with_name(f"{index.name}-serve.log")
+    command = [sys.executable, "-m", "ranking", "serve", "--index", str(index), "--port", "0", *flags]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=ENV, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "http://" in log.read_text(), 120, f"ranking serve's first line in {log}", process)
+        yield "http://" + log.read_text().split("http://")[1].split()[0].rstrip("/")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

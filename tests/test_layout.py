@@ -15,13 +15,26 @@ import pytest
 from ranking.core import config
 from ranking.data import sampling
 from ranking.learning import losses, miners, models, optim
-from ranking.retrieval import inference, metrics
+from ranking.retrieval import backends, inference, metrics
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ranking"
 # lowest first: a module may import its own layer and the ones before it (DESIGN.md, "Modules")
 LAYERS = ("core", "folders", "learning", "data", "retrieval", "reporting", "training")
 # each a `ranking SUBCOMMAND`: run, never imported
-STAGES = {"train", "evaluate", "search", "report", "compare", "shards", "synth", "demo", "index", "export"}
+STAGES = {
+    "train",
+    "evaluate",
+    "search",
+    "report",
+    "compare",
+    "shards",
+    "synth",
+    "demo",
+    "index",
+    "export",
+    "serve",
+    "dedup",
+}
 ENTRY = {"__init__", "__main__", "cli"}  # the package, `python -m ranking` and the subcommand dispatcher
 
 
@@ -155,8 +168,19 @@ def test_evaluation_ranks_do_not_import_matplotlib_or_wandb():
         (sampling.SAMPLERS, config.SamplerName),
         (metrics.PER_QUERY, config.ValMetric),
         (inference.EXPORT_FORMATS, config.ExportFormat),
+        (backends.BACKENDS, config.SearchBackendName),
     ],
-    ids=["trunks", "losses", "miners", "optimizers", "schedules", "samplers", "validation metrics", "export formats"],
+    ids=[
+        "trunks",
+        "losses",
+        "miners",
+        "optimizers",
+        "schedules",
+        "samplers",
+        "validation metrics",
+        "export formats",
+        "search backends",
+    ],
 )
 def test_each_registry_matches_its_literal(registry, choice_type):
     assert set(registry) == set(typing.get_args(choice_type))

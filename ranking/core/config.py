@@ -25,6 +25,8 @@ WandbMode = Literal["", "online", "offline", "disabled"]  # "": W&B's own settin
 LrScaling = Literal["sqrt", "linear", "none"]  # how lr follows the global batch (ranking.training.scale)
 ValMetric = Literal["precision_at_k", "knn1_accuracy", "hit_at_k", "map", "map_at_r"]  # retrieval.metrics.PER_QUERY
 ExportFormat = Literal["onnx", "torchscript", "safetensors"]  # retrieval.inference.EXPORT_FORMATS
+# how an index is searched (retrieval.backends.BACKENDS): exact is the reference; ivf, hnsw approximate (faiss)
+SearchBackendName = Literal["exact", "ivf", "hnsw"]
 
 UNLABELLED_SPLIT = "test"  # DESIGN.md "Shards": test samples carry label -1
 

@@ -20,6 +20,7 @@ place, so a failed build or add leaves the index as it was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -29,11 +30,12 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
+from ranking.core.config import SearchBackendName
 from ranking.core.errors import RankingError
 from ranking.core.files import (
     check_writable_folder,
@@ -50,8 +52,9 @@ from ranking.core.files import (
 )
 from ranking.data.decode import decode_image, to_pil
 from ranking.learning.models import MAX_EMBED_DIM
+from ranking.retrieval.backends import APPROXIMATE_ABOVE, Backend, build_backend, choose_backend
 from ranking.retrieval.inference import MODEL_JSON, MODEL_WEIGHTS, EmbeddingModel, ImageLike
-from ranking.retrieval.metrics import EmbeddingSet, nearest_neighbors
+from ranking.retrieval.metrics import EmbeddingSet
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -79,6 +82,7 @@ class Item:
     file: str
     source: int = 0
     thumb: tuple[int, int] | None = None  # (offset, size) of its JPEG in thumbs.tar
+    sha256: str | None = None  # of the image file's bytes (None: indexed before digests were kept)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +93,7 @@ class Item:
             "file": self.file,
             "source": self.source,
             "thumb": list(self.thumb) if self.thumb else None,
+            "sha256": self.sha256,
         }
 
     @classmethod
@@ -102,6 +107,7 @@ class Item:
             file=str(data["file"]),
             source=int(data.get("source", 0)),
             thumb=(int(thumb[0]), int(thumb[1])) if thumb else None,
+            sha256=str(data["sha256"]) if data.get("sha256") else None,
         )
 
 
@@ -185,6 +191,7 @@ class Index:
         self.sources = list(sources)
         self.path = path
         self._thumbnails = thumbnails
+        self._backend: Backend | None = None  # built on the first search (exact) or by use_backend
 
     def __len__(self) -> int:
         return len(self.items)
@@ -196,7 +203,20 @@ class Index:
     def to(self, device: str | torch.device | None) -> Index:
         self.model.to(device)
         self.embeddings = self.embeddings.to(self.model.device)
+        self._backend = None
         return self
+
+    def use_backend(self, name: SearchBackendName | None = None, approximate_above: int = APPROXIMATE_ABOVE) -> Backend:
+        """Search with ``name`` (``retrieval.backends``: exact, ivf, hnsw), or else exact up to ``approximate_above``
+        rows and ivf above; an approximate backend is built here (seconds for a million rows)."""
+        self._backend = choose_backend(name, self.embeddings, approximate_above)
+        return self._backend
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = build_backend("exact", self.embeddings)
+        return self._backend
 
     # -------------------------------------------------------------------------------------------------- search
 
@@ -207,7 +227,7 @@ class Index:
     def search_embeddings(self, queries: torch.Tensor, k: int = 10) -> list[list[Result]]:
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise RankingError(f"queries of shape {list(queries.shape)}; this index holds {self.dim}-d embeddings")
-        distances, rows = nearest_neighbors(queries.to(self.embeddings.device).float(), self.embeddings, k)
+        distances, rows = self.backend.search(queries.to(self.embeddings.device).float(), k)
         return [
             [
                 Result(rank, distance, self.items[row])
@@ -298,9 +318,17 @@ def read_index_json(path: Path) -> dict:
 
 def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Image]:
     """Each item's thumbnail, read at its recorded offset (no scan of the tar)."""
-    images = {}
+    encoded = read_thumbnail_bytes(tar_path, items)
+    return {id: to_pil(decode_image(data, f"{tar_path}: thumbnail {id}")) for id, data in encoded.items()}
+
+
+def read_thumbnail_bytes(tar_path: Path, items: Sequence[Item], opened: IO[bytes] | None = None) -> dict[int, bytes]:
+    """Each item's thumbnail JPEG as stored, read at its recorded offset, within the file (no scan of the tar);
+    from ``opened``, the file already open, when given (a server keeps its index's, which a sync may replace)."""
+    found = {}
     try:
-        with open_regular(tar_path) as f:
+        with contextlib.ExitStack() as stack:
+            f = opened if opened is not None else stack.enter_context(open_regular(tar_path))
             size = os.fstat(f.fileno()).st_size
             for item in items:
                 if item.thumb is None:
@@ -311,13 +339,12 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
                         f"{tar_path}: item {item.id}'s thumbnail at [{offset}, {length}] lies outside "
                         f"the file's {size} bytes (a damaged items.jsonl)"
                     )
-                f.seek(offset)
-                images[item.id] = to_pil(decode_image(f.read(length), f"{tar_path}: thumbnail {item.id}"))
+                found[item.id] = os.pread(f.fileno(), length, offset)
     except FileNotFoundError:
         raise RankingError(f"{tar_path}: missing") from None
     except OSError as e:
         raise RankingError(f"{tar_path}: cannot read ({e.strerror})") from None
-    return images
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------- sources
@@ -325,7 +352,8 @@ def read_thumbnails(tar_path: Path, items: Sequence[Item]) -> dict[int, Image.Im
 
 class ImageSource:
     """Images to index: ``entries`` (label, class name, words, file) in id order, a sharded ``embed`` and
-    ``images()`` (id, RGB image) for the thumbnails."""
+    ``images()`` (position in ``entries``, RGB image) for the thumbnails; ``digests()`` the sha256 of each entry's
+    image file, and ``keep(positions)`` narrows the source to those entries (what ``--add`` has not indexed yet)."""
 
     path: Path
     kind: str
@@ -334,6 +362,17 @@ class ImageSource:
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path.resolve()), "kind": self.kind, "split": self.split, "count": len(self.entries)}
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids ``embed`` returns for ``entries``, in order."""
+        return list(range(len(self.entries)))
+
+    def digests(self) -> list[str | None]:
+        return [None] * len(self.entries)
+
+    def keep(self, positions: Sequence[int]) -> None:
+        raise NotImplementedError
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         raise NotImplementedError
@@ -362,6 +401,13 @@ class ShardsSource(ImageSource):
                 f"{counts[self.split]}"
             )
         self.entries = [(infos[i].label, infos[i].wnid, infos[i].words, infos[i].file) for i in sorted(infos)]
+        self.sample_ids = sorted(infos)
+        self.everything = len(self.sample_ids)
+        self._digests: list[str | None] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self.sample_ids)
 
     def embed(self, model: EmbeddingModel, accelerator: Accelerator, batch_size: int, workers: int) -> EmbeddingSet:
         from ranking.retrieval.embed import embed_split
@@ -375,21 +421,42 @@ class ShardsSource(ImageSource):
             batch_size=batch_size,
             workers=workers,
             flip=model.flip,
+            only_ids=frozenset(self.sample_ids) if len(self.sample_ids) < self.everything else None,
         )
 
-    def images(self) -> Iterator[tuple[int, Image.Image]]:
+    def _jpegs(self) -> Iterator[tuple[int, str, bytes]]:
+        """(position in entries, where, JPEG bytes) of each kept sample, read from the shards in their order."""
         from ranking.folders.shardformat import key_id, shard_paths
 
+        position = {sample_id: n for n, sample_id in enumerate(self.sample_ids)}
         for shard in shard_paths(self.path, str(self.split)):
             try:
                 with tarfile.open(shard) as tar:
                     for member in tar:
-                        if member.name.endswith(".jpg"):
+                        if member.name.endswith(".jpg") and key_id(member.name[:-4]) in position:
                             extracted = tar.extractfile(member)
                             data = extracted.read() if extracted else b""
-                            yield key_id(member.name[:-4]), to_pil(decode_image(data, f"{shard}: {member.name}"))
+                            yield position[key_id(member.name[:-4])], f"{shard}: {member.name}", data
             except (OSError, tarfile.TarError) as e:
                 raise RankingError(f"{shard}: cannot read shard ({e})") from None
+
+    def digests(self) -> list[str | None]:
+        if self._digests is None:
+            found: list[str | None] = [None] * len(self.entries)
+            for n, _, data in self._jpegs():
+                found[n] = hashlib.sha256(data).hexdigest()
+            self._digests = found
+        return self._digests
+
+    def keep(self, positions: Sequence[int]) -> None:
+        digests = self.digests()
+        self.entries = [self.entries[n] for n in positions]
+        self.sample_ids = [self.sample_ids[n] for n in positions]
+        self._digests = [digests[n] for n in positions]
+
+    def images(self) -> Iterator[tuple[int, Image.Image]]:
+        for n, where, data in self._jpegs():
+            yield n, to_pil(decode_image(data, where))
 
 
 class _FolderSamples(torch.utils.data.IterableDataset):
@@ -427,6 +494,17 @@ class FolderSource(ImageSource):
             )
             for s in samples
         ]
+        self._digests: list[str | None] | None = None
+
+    def digests(self) -> list[str | None]:
+        if self._digests is None:
+            self._digests = [hashlib.sha256(self.dataset.read(entry[3])).hexdigest() for entry in self.entries]
+        return self._digests
+
+    def keep(self, positions: Sequence[int]) -> None:
+        digests = self.digests()
+        self.entries = [self.entries[n] for n in positions]
+        self._digests = [digests[n] for n in positions]
 
     def image(self, position: int, shorter_side: int | None = None) -> torch.Tensor:
         """uint8 ``[3, H, W]``, upright RGB (``ranking.data.decode``), as a query file of it is decoded: a large
@@ -490,8 +568,11 @@ def embed_sources(
     """Every source's embeddings [n, D] on the CPU, rows in id order, on every rank (a collective)."""
     found = []
     for source in sources:
+        if not source.entries:  # every image already in the index
+            found.append(torch.zeros(0, model.dim))
+            continue
         embedded = source.embed(model, accelerator, batch_size, workers)
-        if embedded.ids.tolist() != list(range(len(source.entries))):
+        if embedded.ids.tolist() != source.ids:
             raise RankingError(f"{source.path}: embedded {len(embedded.ids)} distinct images of {len(source.entries)}")
         found.append(embedded.embeddings.float().cpu())
     return found
@@ -519,6 +600,157 @@ def check_same_model(index: Index, model: EmbeddingModel, where: str | os.PathLi
             f"index {index.path} was built with ({index.model.weights_sha256[:12]}); its embeddings "
             "would not be comparable (build a new index)"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------- syncing
+
+
+def source_key(source: dict[str, Any]) -> tuple[str, str | None]:
+    """What makes two sources the same: the resolved path and the split."""
+    return str(source.get("path")), source.get("split")
+
+
+def skip_indexed(base: Index, sources: Sequence[ImageSource]) -> int:
+    """Narrow each source to the images ``base`` does not hold yet: an image is held when a row has the same source
+    (resolved path and split), the same file and the same content (sha256; rows indexed before digests were kept:
+    the same file). Returns how many were skipped."""
+    held: set[tuple[tuple[str, str | None], str, str | None]] = set()
+    for item in base.items:
+        if 0 <= item.source < len(base.sources):
+            held.add((source_key(base.sources[item.source]), item.file, item.sha256))
+    skipped = 0
+    for source in sources:
+        key = source_key(source.describe())
+        digests = source.digests()
+        kept = [
+            n
+            for n, (entry, digest) in enumerate(zip(source.entries, digests))
+            if (key, entry[3], digest) not in held and (key, entry[3], None) not in held
+        ]
+        skipped += len(source.entries) - len(kept)
+        if len(kept) < len(source.entries):
+            source.keep(kept)
+    return skipped
+
+
+def item_location(index: Index, item: Item) -> Path | None:
+    """Where a row's image was read from (its source folder / its file), or None if its source is not a folder of
+    files (shards, a zip)."""
+    if not 0 <= item.source < len(index.sources):
+        return None
+    source = index.sources[item.source]
+    if source.get("kind") == "shards" or not isinstance(source.get("path"), str):
+        return None
+    root = Path(source["path"])
+    return None if root.suffix.lower() == ".zip" else root / item.file
+
+
+def rows_under(index: Index, paths: Sequence[Path]) -> list[int]:
+    """Rows whose image is one of ``paths`` or lies under one (resolved), or whose source is one of them."""
+    targets = [Path(os.path.abspath(p)) for p in paths]
+    resolved = [p.resolve() for p in targets]
+    found = []
+    for item in index.items:
+        source = index.sources[item.source] if 0 <= item.source < len(index.sources) else {}
+        root = Path(str(source.get("path", "")))
+        location = root / item.file
+        for target in (*targets, *resolved):
+            if target == location or target in location.parents or target == root:
+                found.append(item.id)
+                break
+    return found
+
+
+def rows_gone(index: Index) -> list[int]:
+    """Rows whose image file is no longer in its source folder (sources that are folders of files; a source folder
+    that is gone whole is refused, as it may only be unmounted: remove its rows by name)."""
+    gone, missing_roots = [], set()
+    for item in index.items:
+        location = item_location(index, item)
+        if location is None:
+            continue
+        root = Path(index.sources[item.source]["path"])
+        if not root.is_dir():
+            missing_roots.add(str(root))
+        elif not location.is_file():
+            gone.append(item.id)
+    if missing_roots:
+        first = sorted(missing_roots)[0]
+        raise RankingError(
+            f"{first}: the source folder of {index.path}'s rows is gone (unmounted?); --prune removes the rows "
+            f"of images missing from a folder that is there; remove these with --remove {first}"
+        )
+    return gone
+
+
+def write_subset(out: Path, base: Index, removed: Sequence[int]) -> Path:
+    """Write ``base`` without the rows ``removed`` as the index folder ``out`` (rows renumbered in order, thumbnails
+    repacked), published like every write: a crash leaves the index as it was."""
+    out = Path(out)
+    tmp = temporary_name(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    gone = set(removed)
+    kept = [item for item in base.items if item.id not in gone]
+    try:
+        assert base.path is not None
+        tmp.mkdir(parents=True)
+        for name in (MODEL_WEIGHTS, MODEL_JSON):
+            with open_regular(base.path / name) as source_file, open(tmp / name, "wb") as copy:
+                shutil.copyfileobj(source_file, copy)
+        thumbs = read_thumbnail_bytes(base.path / THUMBS, [item for item in kept if item.thumb is not None])
+        lines = []
+        with tarfile.open(tmp / THUMBS, "w") as tar:
+            for row, item in enumerate(kept):
+                thumb = _add_thumbnail_bytes(tar, row, thumbs[item.id]) if item.id in thumbs else None
+                moved = Item(row, item.label, item.wnid, item.words, item.file, item.source, thumb, item.sha256)
+                lines.append(json.dumps(moved.to_dict()).encode())
+        rows = torch.tensor([item.id for item in kept], dtype=torch.long)
+        _write_rows(tmp, base.model, base.embeddings.cpu()[rows], lines, base.classes, base.sources)
+        publish_folder(tmp, out)
+    except OSError as e:
+        raise RankingError(f"{out}: cannot write the index ({e.strerror or e}); it is left as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _add_thumbnail_bytes(tar: tarfile.TarFile, row: int, data: bytes) -> tuple[int, int]:
+    """Append one thumbnail JPEG as ``{row:07d}.jpg``; its (offset, size) in the tar."""
+    info = tarfile.TarInfo(f"{row:07d}.jpg")
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))  # after its header
+    tar.addfile(info, io.BytesIO(data))
+    return offset, len(data)
+
+
+def _write_rows(
+    tmp: Path,
+    model: EmbeddingModel,
+    embeddings: torch.Tensor,
+    lines: Sequence[bytes],
+    classes: Sequence[str],
+    sources: Sequence[dict],
+) -> None:
+    """The embeddings, items and index.json of an index folder being written in ``tmp``."""
+    from safetensors.torch import save
+
+    write_atomically(
+        tmp / EMBEDDINGS,
+        lambda f: f.write(save({"embeddings": embeddings.contiguous()}, metadata={"format": FORMAT})),
+    )
+    write_atomically(tmp / ITEMS, lambda f: f.write(b"".join(line + b"\n" for line in lines)))
+    meta = {
+        "format": FORMAT,
+        "count": len(lines),
+        "dim": model.dim,
+        "normalized": model.normalize,
+        "flip": model.flip,
+        "thumb_size": THUMB_SIZE,
+        "classes": list(classes),
+        "sources": list(sources),
+        "model": model.source,
+    }
+    write_text_atomically(tmp / INDEX_JSON, json.dumps(meta, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -576,7 +808,6 @@ def _write_index(
     base: Index | None,
     merged: Sequence[Index],
 ) -> None:
-    from safetensors.torch import save
 
     tmp.mkdir(parents=True)
     classes = list(base.classes) if base else []
@@ -602,12 +833,7 @@ def _write_index(
     with tarfile.open(tmp / THUMBS, "a" if (tmp / THUMBS).exists() else "w") as tar:
 
         def add_thumbnail(row: int, image: Image.Image) -> tuple[int, int]:
-            data = thumbnail_jpeg(image)
-            info = tarfile.TarInfo(f"{row:07d}.jpg")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))  # after its header
-            tar.addfile(info, io.BytesIO(data))
-            return offset, len(data)
+            return _add_thumbnail_bytes(tar, row, thumbnail_jpeg(image))
 
         for other in merged:  # rows of another index of the same model, thumbnails copied
             first = len(lines)
@@ -624,37 +850,33 @@ def _write_index(
                     item.file,
                     source_offset + item.source,
                     add_thumbnail(row, thumbs[item.id]),
+                    item.sha256,
                 )
                 lines.append(json.dumps(entry.to_dict()).encode())
             parts.append(other.embeddings.cpu())
         for source, embeddings in zip(sources, embedded):
+            if not source.entries:  # everything it holds was in the index already
+                continue
             first = len(lines)
             described.append({**source.describe(), "first_id": first})
             thumbs_at: dict[int, tuple[int, int]] = {}
-            for position, image in source.images():
-                thumbs_at[position] = add_thumbnail(first + position, image)
+            if source.entries:
+                for position, image in source.images():
+                    thumbs_at[position] = add_thumbnail(first + position, image)
+            digests = source.digests()
             for position, (_, wnid, words, file) in enumerate(source.entries):
                 entry = Item(
-                    first + position, label_of(wnid), wnid, words, file, len(described) - 1, thumbs_at.get(position)
+                    first + position,
+                    label_of(wnid),
+                    wnid,
+                    words,
+                    file,
+                    len(described) - 1,
+                    thumbs_at.get(position),
+                    digests[position],
                 )
                 lines.append(json.dumps(entry.to_dict()).encode())
             parts.append(embeddings)
     all_embeddings = torch.cat(parts) if parts else torch.zeros(0, model.dim)
-    write_atomically(
-        tmp / EMBEDDINGS,
-        lambda f: f.write(save({"embeddings": all_embeddings.contiguous()}, metadata={"format": FORMAT})),
-    )
-    write_atomically(tmp / ITEMS, lambda f: f.write(b"".join(line + b"\n" for line in lines)))
-    meta = {
-        "format": FORMAT,
-        "count": len(lines),
-        "dim": model.dim,
-        "normalized": model.normalize,
-        "flip": model.flip,
-        "thumb_size": THUMB_SIZE,
-        "classes": classes,
-        "sources": described,
-        "model": model.source,
-    }
-    write_text_atomically(tmp / INDEX_JSON, json.dumps(meta, indent=2) + "\n")
+    _write_rows(tmp, model, all_embeddings, lines, classes, described)
     publish_folder(tmp, out)

@@ -91,14 +91,20 @@ assert [f.name for f in fields(RetrievalMetrics)][: len(METRICS)] == [m.name for
 
 
 def nearest_neighbors(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 1024
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    chunk_size: int = 1024,
+    gallery_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest gallery rows of every query: (squared distances [Q, k], gallery indices [Q, k]), nearest first.
+    ``gallery_sq_norms``: the gallery's squared norms, when a caller searching it again keeps them.
 
     ``topk`` does not promise an order among equal distances; the evaluation uses a stable full sort instead.
     """
     k = min(k, gallery.shape[0])
-    gallery_sq_norms = squared_norms(gallery)
+    if gallery_sq_norms is None:
+        gallery_sq_norms = squared_norms(gallery)
     values, indices = [], []
     for chunk in queries.split(chunk_size):
         distances = squared_distances(chunk, gallery, gallery_sq_norms)
