@@ -6,7 +6,6 @@ one line that changes nothing."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 
 import ranking
-from harness import cli_refusal, mini_jpegs, odd_images, train_flags, write_smoke_run
+from harness import cli_refusal, launch, mini_jpegs, odd_images, train_flags, write_smoke_run
 from ranking import index, search, train
 from ranking.core.errors import RankingError
 from ranking.retrieval import indexfolder
@@ -365,39 +364,9 @@ def test_damaged_index_and_wrong_flags_are_one_line(data, tmp_path, capsys):
 
 def test_two_ranks_write_the_index_one_process_writes(data, tmp_path):
     """`accelerate launch -m ranking.index` on 2 gloo ranks: each embeds its share, rank 0 writes the same index."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "ranking.index",
-        "--checkpoint",
-        str(data["run"]),
-        "--images",
-        str(data["root"] / "shards-flat"),
-        str(data["tree"]),
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    flags = ["--checkpoint", str(data["run"]), "--images", str(data["root"] / "shards-flat"), str(data["tree"])]
+    result = launch([*flags, "--out", str(out)], module="ranking.index")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout
     one = tmp_path / "one"
