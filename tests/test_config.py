@@ -260,17 +260,19 @@ def test_every_stage_refuses_abbreviations_and_names_the_nearest_flag(name, caps
 
 
 def stage_configs() -> dict[str, type]:
-    from ranking import compare, demo, export, index, report, search, shards, synth
+    from ranking import compare, dedup, demo, export, index, report, search, serve, shards, synth
 
     return {
         "train": TrainConfig,
         "evaluate": EvalConfig,
         "compare": compare.CompareConfig,
+        "dedup": dedup.DedupConfig,
         "demo": demo.DemoConfig,
         "export": export.ExportConfig,
         "index": index.IndexConfig,
         "report": report.ReportConfig,
         "search": search.SearchConfig,
+        "serve": serve.ServeConfig,
         "shards": shards.ShardsConfig,
         "synth": synth.SynthConfig,
     }

@@ -436,7 +436,7 @@ def test_the_rendezvous_port_is_fixed_per_job_below_the_ephemeral_range(tmp_path
 def test_empty_arrays_are_guarded_for_bash_before_4_4() -> None:
     """bash < 4.4 calls an empty "${A[@]}" unbound under set -u; arrays that may be empty must be expanded as
     ${A[@]+"${A[@]}"}. Only arrays the scripts build non-empty may go unguarded."""
-    never_empty = {"args", "launch", "step", "codes", "PIPESTATUS"}
+    never_empty = {"args", "launch", "step", "codes", "PIPESTATUS", "NODES"}
     for script in SCRIPTS:
         text = "\n".join(line for line in script.read_text().splitlines() if not line.lstrip().startswith("#"))
         for match in re.finditer(r'(.)"\$\{(\w+)\[[@*]\]\}"', text):
