@@ -243,6 +243,7 @@ class EvalConfig:
 
     # metrics
     k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
+    gallery_metrics: bool = True  # also the gallery split against itself (its own row left out); off: the queries only
     chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
     pr_points: int = 50  # recall levels of the precision-recall curve
     triplets: int = 10000  # sampled triplets per split for triplet accuracy
