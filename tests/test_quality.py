@@ -162,11 +162,11 @@ def test_recipes_named_by_a_file_or_by_overrides_write_the_config_that_trains(tm
             getattr(args, flag).append(value)
         return bench.recipe_configs(args, parser)
 
-    named = configs("recipe", f"plain={base}", "recipe", f"ms={base}", "set", "ms:loss=multi_similarity")
+    named = configs("recipe", f"plain={base}", "recipe", f"ms={base}", "set", "ms:loss=hinge")
     assert named["plain"] == base and named["best"] == base and named["ms"] == tmp_path / "ms" / "config.yaml"
     ms, default = (flags.build(TrainConfig, str(named[name])) for name in ("ms", "best"))
-    assert ms.loss == "multi_similarity" and default.loss == "hinge"
-    assert dataclasses.replace(ms, loss="hinge") == default  # nothing else changed
+    assert ms.loss == "hinge" and default.loss == "multi_similarity"
+    assert dataclasses.replace(ms, loss="multi_similarity") == default  # nothing else changed
     lr = flags.build(TrainConfig, str(configs("set", "best:lr=0.003", "set", "best:memory_size=0")["best"]))
     assert lr.lr == 0.003 and isinstance(lr.lr, float)
     for bad in (("set", "nobody:lr=1"), ("set", "best:lr"), ("recipe", "seed=x.yaml"), ("set", "best:loss=nope")):

@@ -70,8 +70,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model: fewer kernel launches where small steps leave a GPU waiting
 
     # loss
-    loss: LossName = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap
-    margin: float = 0.2  # the gap g of the hinge loss
+    loss: LossName = "multi_similarity"  # multi_similarity | hinge (the paper's) | triplet_margin | smooth_ap
+    margin: float = 0.2  # the gap g of the hinge loss (and of the semi-hard miner)
     smooth_ap_tau: float = 0.01  # the sigmoid temperature of smooth_ap
     ms_alpha: float = 2.0  # multi_similarity: the positives' scale
     ms_beta: float = 50.0  # multi_similarity: the negatives' scale
