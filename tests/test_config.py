@@ -35,7 +35,7 @@ def test_the_best_recipe_is_the_default_and_default_yaml_restates_it():
         best.normalize,
         best.optimizer,
         best.schedule,
-    ) == ("efficientnet_lite0", True, 160, "batch", "semihard", "hinge", True, "adamw", "cosine")
+    ) == ("efficientnet_lite0", True, 160, "batch", "semihard", "multi_similarity", True, "adamw", "cosine")
     assert 0 < best.trunk_lr_scale < 1 and best.freeze_bn_stats and best.frozen_stages > 0
 
 

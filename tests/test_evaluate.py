@@ -283,3 +283,19 @@ def test_with_wandb_disabled_the_evaluation_claims_no_wandb_log(tiny_run, synth_
     said = run_evaluate(run, synth_shards, tmp_path / "eval", 1).stdout
     assert "W&B is disabled: nothing logged to W&B" in said and "logged to W&B:" not in said, said
     assert not list(run.glob("wandb/*run-*"))
+
+
+def test_without_gallery_metrics_only_the_queries_are_measured_and_alike():
+    """--no-gallery-metrics (the quality benchmark's default) skips the gallery against itself; the queries'
+    metrics are the same numbers."""
+    from ranking.core.config import EvalConfig
+    from ranking.evaluate import evaluate_splits
+
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 4
+    gallery = EmbeddingSet(torch.randn(40, 8) + 3 * torch.eye(8)[labels], torch.arange(40), labels)
+    query = EmbeddingSet(torch.randn(12, 8) + 3 * torch.eye(8)[labels[:12]], torch.arange(100, 112), labels[:12])
+    both = evaluate_splits(EvalConfig(k=5, triplets=0), gallery, query)
+    queries_only = evaluate_splits(EvalConfig(k=5, triplets=0, gallery_metrics=False), gallery, query)
+    assert sorted(both) == ["train", "val"] and list(queries_only) == ["val"]
+    assert queries_only["val"].summary() == pytest.approx(both["val"].summary(), nan_ok=True)

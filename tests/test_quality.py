@@ -3,6 +3,8 @@ and bench/quality.py's bookkeeping (step time from a calibration run, merged res
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -138,11 +140,39 @@ def test_results_merge_by_recipe_and_tabulate_in_recipe_order(tmp_path):
     results = bench.save_result(path, {"recipe": "best", "minutes": 2, "steps_done": 41, **scores})
     assert json.loads(path.read_text()) == results and list(results) == ["best", "floor"]
     rows = bench.table(results, k=30).splitlines()
-    assert rows[0] == "| recipe | budget | steps | precision@30 | kNN-1 | hit@30 | mAP |"
-    assert rows[2] == "| floor | none | 0 | 25.0 | 60.0 | 90.0 | 30.0 |"
-    assert rows[3] == "| best | 2 min | 41 | 50.0 | 60.0 | 90.0 | 30.0 |"
-    results = bench.save_result(path, {"recipe": "gpu", "images": 64000, "steps_done": 250, **scores})
-    assert bench.table(results, k=30).splitlines()[4] == "| gpu | 64,000 images | 250 | 50.0 | 60.0 | 90.0 | 30.0 |"
+    assert rows[0] == "| recipe | budget | steps | train min | images/s | precision@30 | kNN-1 | hit@30 | mAP |"
+    assert rows[2] == "| floor | none | 0 | - | - | 25.0 | 60.0 | 90.0 | 30.0 |"
+    assert rows[3] == "| best | 2 min | 41 | - | - | 50.0 | 60.0 | 90.0 | 30.0 |"
+    timed = {"train_seconds": 600.0, "images_per_s": 106.7}
+    results = bench.save_result(path, {"recipe": "gpu", "images": 64000, "steps_done": 250, **timed, **scores})
+    results = bench.save_result(path, {"recipe": "ms", "images": 64000, "steps_done": 1000, **timed, **scores})
+    rows = bench.table(results, k=30).splitlines()
+    assert rows[4] == "| gpu | 64,000 images | 250 | 10.0 | 106.7 | 50.0 | 60.0 | 90.0 | 30.0 |"
+    assert rows[5].startswith("| ms | 64,000 images | 1000 |")  # a named recipe after the built-in ones
+
+
+def test_recipes_named_by_a_file_or_by_overrides_write_the_config_that_trains(tmp_path, capsys):
+    bench = load_bench()
+    parser = argparse.ArgumentParser()
+    base = bench.CONFIGS["best"]
+
+    def configs(*argv: str) -> dict:
+        args = argparse.Namespace(recipe=[], set=[], best_config=base, out=tmp_path)
+        for flag, value in zip(argv[::2], argv[1::2]):
+            getattr(args, flag).append(value)
+        return bench.recipe_configs(args, parser)
+
+    named = configs("recipe", f"plain={base}", "recipe", f"ms={base}", "set", "ms:loss=hinge")
+    assert named["plain"] == base and named["best"] == base and named["ms"] == tmp_path / "ms" / "config.yaml"
+    ms, default = (flags.build(TrainConfig, str(named[name])) for name in ("ms", "best"))
+    assert ms.loss == "hinge" and default.loss == "multi_similarity"
+    assert dataclasses.replace(ms, loss="multi_similarity") == default  # nothing else changed
+    lr = flags.build(TrainConfig, str(configs("set", "best:lr=0.003", "set", "best:memory_size=0")["best"]))
+    assert lr.lr == 0.003 and isinstance(lr.lr, float)
+    for bad in (("set", "nobody:lr=1"), ("set", "best:lr"), ("recipe", "seed=x.yaml"), ("set", "best:loss=nope")):
+        with pytest.raises(SystemExit):
+            configs(*bad)
+        assert bad[1].split("=")[0].split(":")[0] in capsys.readouterr().err
 
 
 def test_an_images_budget_gives_each_recipe_the_same_images():

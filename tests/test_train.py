@@ -225,7 +225,9 @@ def fixed_problem(world: int) -> tuple[nn.Module, nn.Module, torch.Tensor, torch
     ``world`` ranks, triplets indexing that rank's slice of the images."""
     from ranking.learning.models import build_model
 
-    cfg = TrainConfig(backbone="resnet18", pretrained=False, embed_dim=16, image_size=32, miner="hard", margin=0.5)
+    cfg = TrainConfig(
+        backbone="resnet18", pretrained=False, embed_dim=16, image_size=32, loss="hinge", miner="hard", margin=0.5
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     images = torch.randn(GLOBAL_IMAGES, 3, 32, 32)

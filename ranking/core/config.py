@@ -14,7 +14,7 @@ from ranking.core.errors import ConfigError
 # The choices of each family; each has one registry beside its code (models.TRUNKS, losses.LOSSES, miners.MINERS,
 # optim.OPTIMIZERS, optim.SCHEDULES, sampling.SAMPLERS, ...), and a test checks that the two agree.
 Backbone = Literal["efficientnet_lite0", "resnet18", "resnet34", "resnet50", "multiscale"]
-LossName = Literal["hinge", "triplet_margin", "smooth_ap"]
+LossName = Literal["hinge", "triplet_margin", "smooth_ap", "multi_similarity"]
 MinerName = Literal["semihard", "hard", "all"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["cosine", "constant"]
@@ -72,9 +72,17 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model: fewer kernel launches where small steps leave a GPU waiting
 
     # loss
-    loss: LossName = "hinge"  # hinge (the paper's) | triplet_margin | smooth_ap
-    margin: float = 0.2  # the gap g of the hinge loss
+    loss: LossName = "multi_similarity"  # multi_similarity | hinge (the paper's) | triplet_margin | smooth_ap
+    margin: float = 0.2  # the gap g of the hinge loss (and of the semi-hard miner)
     smooth_ap_tau: float = 0.01  # the sigmoid temperature of smooth_ap
+    ms_alpha: float = 2.0  # multi_similarity: the positives' scale
+    ms_beta: float = 50.0  # multi_similarity: the negatives' scale
+    ms_base: float = 0.5  # multi_similarity: the similarity margin lambda
+    ms_epsilon: float = 0.1  # multi_similarity: the pair mining's slack
+    # cross-batch memory (XBM, Wang et al. 2020): the gathered embeddings of the last N images, extra negatives and
+    # positives of a pair loss (multi_similarity); 0: off. Not checkpointed: a resumed run refills it
+    memory_size: int = 0
+    memory_start_images: int = 0  # images (global) trained before the memory joins the loss
 
     # optimisation
     optimizer: OptimizerName = "adamw"  # sgd | adam | adamw
@@ -189,7 +197,12 @@ class TrainConfig:
         ):
             flags.at_least(name, getattr(self, name), 0)
         flags.finite_floats(self)
-        for name in ("lr", "margin", "smooth_ap_tau", "batch_timeout_s", "collective_timeout_s"):
+        flags.at_least("memory_size", self.memory_size, 0)
+        flags.at_least("memory_start_images", self.memory_start_images, 0)
+        flags.at_least("ms_epsilon", self.ms_epsilon, 0)
+        if self.memory_size and self.loss != "multi_similarity":
+            raise ConfigError(f"memory_size needs a pair loss that takes a memory (multi_similarity), not {self.loss}")
+        for name in ("lr", "margin", "smooth_ap_tau", "ms_alpha", "ms_beta", "batch_timeout_s", "collective_timeout_s"):
             flags.above(name, getattr(self, name), 0)
         flags.below("dropout", self.dropout, 1)
         flags.at_least("dropout", self.dropout, 0)
@@ -232,6 +245,7 @@ class EvalConfig:
 
     # metrics
     k: int = 30  # precision@k and hit@k (the seeds' "similarity precision" and "KNN-30")
+    gallery_metrics: bool = True  # also the gallery split against itself (its own row left out); off: the queries only
     chunk_size: int = 1024  # queries per distance block; memory is chunk_size x gallery
     pr_points: int = 50  # recall levels of the precision-recall curve
     triplets: int = 10000  # sampled triplets per split for triplet accuracy

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ranking.core import distributed
 from ranking.core.config import LossName, MinerName, TrainConfig
 from ranking.learning.distances import paired_squared_distances
+from ranking.learning.memory import CrossBatchMemory
 from ranking.learning.miners import mine_triplets
 
 
@@ -112,10 +113,71 @@ class SmoothAPLoss(nn.Module):
         return loss, (misranked / negative[queries].sum().clamp(min=1)).detach()
 
 
+class MultiSimilarityLoss(nn.Module):
+    """Multi-similarity loss (Wang et al., CVPR 2019) on cosine similarities, with its pair mining.
+
+    For each anchor i (a row of the batch) against the candidates (the batch's other rows, and the cross-batch
+    memory when one is given): a negative n is kept when ``S_in > min_p S_ip - epsilon`` (harder than the anchor's
+    easiest positive), a positive p when ``S_ip < max_n S_in + epsilon``; then
+    ``1/alpha log(1 + sum_p exp(-alpha (S_ip - base))) + 1/beta log(1 + sum_n exp(beta (S_in - base)))``, averaged
+    over the anchors with at least one positive and one negative. Triplets are ignored: the loss weights every pair.
+    ``active_fraction`` is the share of the valid pairs the mining kept.
+    """
+
+    uses_triplets = False
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1):
+        super().__init__()
+        self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        triplets: Tensor | None = None,
+        memory: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        features = F.normalize(embeddings.float(), dim=1)
+        labels = labels.to(features.device)
+        n = len(labels)
+        candidates, candidate_labels = features, labels
+        if memory is not None and len(memory[1]) > 0:  # constants: the gradient reaches the batch's rows only
+            candidates = torch.cat([features, F.normalize(memory[0].detach().float(), dim=1).to(features.device)])
+            candidate_labels = torch.cat([labels, memory[1].to(features.device)])
+        similarity = features @ candidates.T  # [n, n + memory]
+        same = labels[:, None] == candidate_labels[None, :]
+        not_self = torch.ones_like(same)
+        not_self[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=features.device)
+        positive, negative = same & not_self, ~same
+        valid = positive.any(dim=1) & negative.any(dim=1)
+        if not valid.any():
+            return features.sum() * 0.0, features.new_zeros(())
+
+        with torch.no_grad():
+            hardest_positive = similarity.masked_fill(~positive, float("inf")).amin(dim=1, keepdim=True)
+            hardest_negative = similarity.masked_fill(~negative, -float("inf")).amax(dim=1, keepdim=True)
+            kept_negative = negative & (similarity > hardest_positive - self.epsilon)
+            kept_positive = positive & (similarity < hardest_negative + self.epsilon)
+        positive_loss = log1p_sum_exp(-self.alpha * (similarity - self.base), kept_positive) / self.alpha
+        negative_loss = log1p_sum_exp(self.beta * (similarity - self.base), kept_negative) / self.beta
+        loss = (positive_loss + negative_loss)[valid].mean()
+        kept = (kept_positive | kept_negative)[valid].sum()
+        return loss, (kept / (positive | negative)[valid].sum().clamp(min=1)).detach()
+
+
+def log1p_sum_exp(x: Tensor, mask: Tensor) -> Tensor:
+    """``log(1 + sum exp(x))`` over each row's masked entries, stably (0 for a row with none)."""
+    x = x.masked_fill(~mask, -float("inf"))
+    return torch.logsumexp(torch.cat([x, x.new_zeros(len(x), 1)], dim=1), dim=1)
+
+
 LOSSES: dict[LossName, Callable[[TrainConfig], nn.Module]] = {
     "hinge": lambda config: HingeTripletLoss(config.margin),
     "triplet_margin": lambda config: TripletMarginLoss(config.margin),
     "smooth_ap": lambda config: SmoothAPLoss(config.smooth_ap_tau),
+    "multi_similarity": lambda config: MultiSimilarityLoss(
+        config.ms_alpha, config.ms_beta, config.ms_base, config.ms_epsilon
+    ),
 }
 
 
@@ -136,14 +198,17 @@ class DistributedLoss(nn.Module):
     average is the gradient of the concatenated batch. Triplets not given (batch sampler): the embeddings and labels
     of all ranks are gathered (this rank's rows keep their gradient), triplets are mined on the whole batch, and the
     loss is identical on every rank; each rank's gradient reaches only its own rows, so the objective is scaled by
-    the world size to make DDP's average equal the concatenated batch's gradient.
+    the world size to make DDP's average equal the concatenated batch's gradient. With a cross-batch ``memory``
+    (a pair loss only), the gathered batch is compared with the memory too, then enqueued in it: the memory is the
+    same on every rank, and its rows are constants.
     """
 
-    def __init__(self, loss: nn.Module, miner: MinerName, margin: float):
+    def __init__(self, loss: nn.Module, miner: MinerName, margin: float, memory: CrossBatchMemory | None = None):
         super().__init__()
         self.loss = loss
         self.miner = miner
         self.margin = margin
+        self.memory = memory
 
     def forward(self, embeddings: Tensor, labels: Tensor, triplets: Tensor | None = None) -> StepLoss:
         if triplets is not None:
@@ -152,9 +217,14 @@ class DistributedLoss(nn.Module):
         all_embeddings = distributed.all_gather_with_grad(embeddings)
         all_labels = distributed.all_gather(labels)
         mined = mine_triplets(all_embeddings, all_labels, self.miner, self.margin) if self.loss.uses_triplets else None
-        loss, active_fraction = self.loss(all_embeddings, all_labels, mined)
+        if self.memory is None:
+            loss, active_fraction = self.loss(all_embeddings, all_labels, mined)
+        else:
+            loss, active_fraction = self.loss(all_embeddings, all_labels, mined, memory=self.memory.contents())
+            self.memory.enqueue(all_embeddings, all_labels)
         return StepLoss(loss * distributed.world_size(), loss.detach(), active_fraction)
 
 
 def build_objective(config: TrainConfig) -> DistributedLoss:
-    return DistributedLoss(build_loss(config), config.miner, config.margin)
+    memory = CrossBatchMemory(config.memory_size, config.memory_start_images) if config.memory_size else None
+    return DistributedLoss(build_loss(config), config.miner, config.margin, memory)
