@@ -139,22 +139,22 @@ def test_a_folder_of_images_indexes_like_its_shards(data, tmp_path, capsys):
     assert (direct.embeddings - via_shards.embeddings).norm(dim=1).max() < 0.2  # converted ones: close
 
 
+def everything(data: dict, out: Path) -> list[str]:
+    """`ranking index` flags for both image sources of the fixture (the flat shards and the photo tree) into out."""
+    return [
+        "--checkpoint",
+        str(data["run"]),
+        "--images",
+        str(data["root"] / "shards-flat"),
+        str(data["tree"]),
+        "--out",
+        str(out),
+    ]
+
+
 def test_add_equals_indexing_everything_at_once(data, tmp_path, capsys):
     both = tmp_path / "both"
-    assert (
-        index.main(
-            [
-                "--checkpoint",
-                str(data["run"]),
-                "--images",
-                str(data["root"] / "shards-flat"),
-                str(data["tree"]),
-                "--out",
-                str(both),
-            ]
-        )
-        == 0
-    )
+    assert index.main(everything(data, both)) == 0
     grown = tmp_path / "grown"
     shutil.copytree(data["indexes"] / "flat", grown)
     before = Index.load(grown).embeddings.clone()
@@ -365,24 +365,10 @@ def test_damaged_index_and_wrong_flags_are_one_line(data, tmp_path, capsys):
 def test_two_ranks_write_the_index_one_process_writes(data, tmp_path):
     """`accelerate launch -m ranking.index` on 2 gloo ranks: each embeds its share, rank 0 writes the same index."""
     out = tmp_path / "ddp"
-    flags = ["--checkpoint", str(data["run"]), "--images", str(data["root"] / "shards-flat"), str(data["tree"])]
-    result = launch([*flags, "--out", str(out)], module="ranking.index")
+    result = launch(everything(data, out), module="ranking.index")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stdout
     one = tmp_path / "one"
-    assert (
-        index.main(
-            [
-                "--checkpoint",
-                str(data["run"]),
-                "--images",
-                str(data["root"] / "shards-flat"),
-                str(data["tree"]),
-                "--out",
-                str(one),
-            ]
-        )
-        == 0
-    )
+    assert index.main(everything(data, one)) == 0
     assert (out / "items.jsonl").read_text() == (one / "items.jsonl").read_text()
     assert torch.allclose(Index.load(out).embeddings, Index.load(one).embeddings, atol=1e-6)
