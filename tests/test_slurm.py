@@ -73,6 +73,14 @@ def common_sh(script: str, env: dict[str, str], cwd: Path) -> subprocess.Complet
     )
 
 
+def slurm_script(
+    name: str, env: dict[str, str], cwd: Path, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess:
+    """Run slurm/NAME as a batch shell would, with exactly ``env`` (no Slurm: the tests that need one submit)."""
+    command = ["bash", str(REPO / "slurm" / name), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 @pytest.mark.parametrize("knob", ["GPUS_PER_NODE", "PROCS_PER_NODE", "MAIN_PROCESS_PORT"])
 def test_arithmetic_injection_in_a_knob_does_not_run(knob: str, tmp_path: Path) -> None:
     """bash arithmetic evaluates `HOME[$(cmd)]` as an array subscript and runs cmd; the knob is refused first."""
@@ -125,14 +133,8 @@ def test_good_knobs_plan_the_processes(tmp_path: Path) -> None:
 
 
 def test_train_script_refuses_a_bad_knob_before_launching(tmp_path: Path) -> None:
-    done = subprocess.run(
-        ["bash", str(REPO / "slurm" / "train.sh")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": "true", "GPUS_PER_NODE": "8gpus"},
-    )
+    env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": "true", "GPUS_PER_NODE": "8gpus"}
+    done = slurm_script("train.sh", env, tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["slurm: error: GPUS_PER_NODE=8gpus: must be a whole number from 0 to 1024"]
 
@@ -152,14 +154,7 @@ def test_extra_args_are_split_on_whitespace_and_never_expanded(tmp_path: Path) -
         "OUT": "out",
         "EXTRA_ARGS": '--seed  3\t"two words" $(touch injected) *\n--workers 1',
     }
-    done = subprocess.run(
-        ["bash", str(REPO / "slurm" / "shards.sh"), "--shard-size", "a b"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+    done = slurm_script("shards.sh", env, tmp_path, "--shard-size", "a b")
     assert done.returncode == 0, done.stderr
     assert args.read_text().splitlines() == [
         "-m",
@@ -449,20 +444,8 @@ def test_scripts_run_with_no_extra_args_under_set_u(tmp_path: Path) -> None:
     recorder = tmp_path / "python"
     recorder.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / "args.txt"}\n')
     recorder.chmod(0o755)
-    done = subprocess.run(
-        ["bash", str(REPO / "slurm" / "shards.sh")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={
-            "PATH": os.environ["PATH"],
-            "SLURM_SUBMIT_DIR": str(REPO),
-            "PYTHON": str(recorder),
-            "SOURCE": "s.zip",
-            "OUT": "o",
-        },
-    )
+    env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": str(recorder)}
+    done = slurm_script("shards.sh", {**env, "SOURCE": "s.zip", "OUT": "o"}, tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "args.txt").read_text().split() == ["-m", "ranking", "shards", "s.zip", "--out", "o"]
 
@@ -508,14 +491,8 @@ def test_a_stop_reaches_the_trainers_through_the_run_folder_where_signals_do_not
     assert metrics_steps(run_dir) == list(range(1, stopped_at + 1))
 
     # the requeued job removes the request before it trains on (else it would stop again at once)
-    resumed = subprocess.run(
-        ["bash", str(REPO / "slurm" / "train.sh")],
-        cwd=tmp_path,
-        text=True,
-        timeout=300,
-        capture_output=True,
-        env={**env, "EXTRA_ARGS": f"{TINY_RUN} --steps {stopped_at + 2} --no-wandb"},
-    )
+    more = {**env, "EXTRA_ARGS": f"{TINY_RUN} --steps {stopped_at + 2} --no-wandb"}
+    resumed = slurm_script("train.sh", more, tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (run_dir / "stop-request").exists()
     assert metrics_steps(run_dir) == list(range(1, stopped_at + 3))
