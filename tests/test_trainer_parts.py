@@ -23,6 +23,7 @@ from ranking.core.errors import RankingError
 from ranking.data.loader import BatchStall, BatchWatchdog, DeviceAugment, stream_seeds, train_batches
 from ranking.data.sampling import Batch
 from ranking.folders import checkpoint
+from ranking.folders.shardformat import load_manifest
 from ranking.learning.optim import lr_factor
 from ranking.training.checkpointing import Checkpointer
 from ranking.training.metrics import Meter
@@ -292,3 +293,28 @@ def test_checkpoints_every_n_on_a_new_best_and_at_a_stop_and_resume_into_the_par
     wider = smoke_config(synth_shards, tmp_path / "run", embed_dim=24)
     with pytest.raises(RankingError, match=rf"^{re.escape(str(saved))}: weights do not fit the configured model \("):
         Checkpointer(wider, accelerator, build_parts(wider, accelerator), None).resume(saved)
+
+
+def test_the_proxy_anchor_proxies_train_and_resume_with_the_run(synth_shards, tmp_path):
+    cfg = smoke_config(synth_shards, tmp_path / "run", loss="proxy_anchor", sampler="batch")
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    parts = build_parts(cfg, accelerator)
+    proxies = parts.objective.loss.proxies
+    classes = len(load_manifest(synth_shards)["classes"])
+    assert proxies.shape == (classes, cfg.embed_dim)
+    assert parts.optimizer.param_groups[-1]["name"] == "proxies"
+    seeds = stream_seeds(cfg.seed, 0)
+    batches, on_device = train_batches(cfg, seeds, pin_memory=False), DeviceAugment(cfg, seeds, 0, CPU)
+    before = proxies.detach().clone()
+    train_step(cfg, accelerator, parts, batches, on_device, Meter(CPU))
+    assert not torch.equal(proxies, before)  # the proxies learn in the optimizer's step
+    saved = Checkpointer(cfg, accelerator, parts, validator=None).save(1, best=False)
+
+    fresh = build_parts(cfg, accelerator)
+    assert Checkpointer(cfg, accelerator, fresh, validator=None).resume(saved) == 1
+    assert torch.equal(fresh.objective.loss.proxies, proxies)
+    pairs = smoke_config(synth_shards, tmp_path / "pairs", loss="multi_similarity", sampler="batch")
+    pair_parts = build_parts(pairs, accelerator)
+    pair_checkpoint = Checkpointer(pairs, accelerator, pair_parts, validator=None).save(1, best=False)
+    with pytest.raises(RankingError, match="the loss's parameters do not fit the configured loss"):
+        Checkpointer(cfg, accelerator, build_parts(cfg, accelerator), None).resume(pair_checkpoint)

@@ -14,7 +14,7 @@ from ranking.core.errors import ConfigError
 # The choices of each family; each has one registry beside its code (models.TRUNKS, losses.LOSSES, miners.MINERS,
 # optim.OPTIMIZERS, optim.SCHEDULES, sampling.SAMPLERS, ...), and a test checks that the two agree.
 Backbone = Literal["efficientnet_lite0", "resnet18", "resnet34", "resnet50", "multiscale"]
-LossName = Literal["hinge", "triplet_margin", "smooth_ap", "multi_similarity"]
+LossName = Literal["hinge", "triplet_margin", "smooth_ap", "multi_similarity", "proxy_anchor"]
 MinerName = Literal["semihard", "hard", "all"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleName = Literal["cosine", "constant"]
@@ -72,13 +72,19 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model: fewer kernel launches where small steps leave a GPU waiting
 
     # loss
-    loss: LossName = "multi_similarity"  # multi_similarity | hinge (the paper's) | triplet_margin | smooth_ap
+    # multi_similarity | proxy_anchor | hinge (the paper's) | triplet_margin | smooth_ap
+    loss: LossName = "multi_similarity"
     margin: float = 0.2  # the gap g of the hinge loss (and of the semi-hard miner)
     smooth_ap_tau: float = 0.01  # the sigmoid temperature of smooth_ap
     ms_alpha: float = 2.0  # multi_similarity: the positives' scale
     ms_beta: float = 50.0  # multi_similarity: the negatives' scale
     ms_base: float = 0.5  # multi_similarity: the similarity margin lambda
     ms_epsilon: float = 0.1  # multi_similarity: the pair mining's slack
+    proxy_alpha: float = 32.0  # proxy_anchor: the scale of the similarities to the class proxies
+    proxy_delta: float = 0.1  # proxy_anchor: the margin
+    # proxy_anchor: the class proxies learn at lr * proxy_lr_scale (1e-2 at lr 1e-3: the paper's proxies' lr, which
+    # it gives as 100x its trunk's 1e-4)
+    proxy_lr_scale: float = 10.0
     # cross-batch memory (XBM, Wang et al. 2020): the gathered embeddings of the last N images, extra negatives and
     # positives of a pair loss (multi_similarity); 0: off. Not checkpointed: a resumed run refills it
     memory_size: int = 0
@@ -202,7 +208,22 @@ class TrainConfig:
         flags.at_least("ms_epsilon", self.ms_epsilon, 0)
         if self.memory_size and self.loss != "multi_similarity":
             raise ConfigError(f"memory_size needs a pair loss that takes a memory (multi_similarity), not {self.loss}")
-        for name in ("lr", "margin", "smooth_ap_tau", "ms_alpha", "ms_beta", "batch_timeout_s", "collective_timeout_s"):
+        if self.loss == "proxy_anchor" and self.sampler != "batch":
+            raise ConfigError(
+                "loss proxy_anchor needs sampler batch: its class proxies learn from the batch gathered from all ranks"
+            )
+        flags.at_least("proxy_delta", self.proxy_delta, 0)
+        for name in (
+            "lr",
+            "margin",
+            "smooth_ap_tau",
+            "ms_alpha",
+            "ms_beta",
+            "proxy_alpha",
+            "proxy_lr_scale",
+            "batch_timeout_s",
+            "collective_timeout_s",
+        ):
             flags.above(name, getattr(self, name), 0)
         flags.below("dropout", self.dropout, 1)
         flags.at_least("dropout", self.dropout, 0)

@@ -66,6 +66,7 @@ class TrainState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] = field(default_factory=dict)  # empty unless fp16
+    objective: dict[str, torch.Tensor] = field(default_factory=dict)  # the loss's parameters (proxies), if any
     wandb_run_id: str = ""
     # the seeds of the stream a resumed run restarts with: new data after a resume, reproducible
     stream_seeds: tuple[int, int] | None = None
@@ -82,6 +83,8 @@ class TrainState:
             "step": self.step,
             "wandb_run_id": self.wandb_run_id,
         }
+        if self.objective:
+            state["objective"] = self.objective
         if self.stream_seeds is not None:
             state["stream"] = dict(zip(("samples_seed", "batches_seed"), self.stream_seeds))
         if self.best_validation is not None:
@@ -100,6 +103,7 @@ class TrainState:
             optimizer=state["optimizer"],
             scheduler=state["scheduler"],
             scaler=state.get("scaler") or {},
+            objective=state.get("objective") or {},
             wandb_run_id=state.get("wandb_run_id") or "",
             stream_seeds=(int(stream["samples_seed"]), int(stream["batches_seed"])) if stream else None,
             best_validation=state.get("best_validation"),

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ranking.core import distributed
 from ranking.core.config import LossName, MinerName, TrainConfig
+from ranking.core.errors import RankingError
 from ranking.learning.distances import paired_squared_distances
 from ranking.learning.memory import CrossBatchMemory
 from ranking.learning.miners import mine_triplets
@@ -165,24 +166,65 @@ class MultiSimilarityLoss(nn.Module):
         return loss, (kept / (positive | negative)[valid].sum().clamp(min=1)).detach()
 
 
+class ProxyAnchorLoss(nn.Module):
+    """Proxy-anchor loss (Kim et al., CVPR 2020): one learned proxy per class, each an anchor against the batch.
+
+    With s(x, p) the cosine similarity of an embedding and a proxy,
+    ``1/|P+| sum_{p in P+} log(1 + sum_{x of p's class} exp(-alpha (s(x, p) - delta)))
+    + 1/|P| sum_{p in P} log(1 + sum_{x of other classes} exp(alpha (s(x, p) + delta)))``, P+ the proxies of the
+    classes in the batch. Every image is compared with every class, not only with the batch's 16 classes, which is
+    why it learns more per image than a pair loss. The proxies are this module's parameters (checkpointed with the
+    objective, in the optimizer at ``lr * proxy_lr_scale``). ``active_fraction`` is the share of rows whose own
+    class's proxy is not their most similar one.
+    """
+
+    uses_triplets = False
+
+    def __init__(self, num_classes: int, embed_dim: int, alpha: float = 32.0, delta: float = 0.1, seed: int = 0):
+        super().__init__()
+        if num_classes < 2:
+            raise RankingError(f"loss proxy_anchor needs at least 2 classes in the shards, not {num_classes}")
+        self.alpha, self.delta = alpha, delta
+        self.proxies = nn.Parameter(torch.empty(num_classes, embed_dim))
+        # the paper's initialisation, from a generator of its own: building the loss draws nothing from the run's RNG
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out", generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, embeddings: Tensor, labels: Tensor, triplets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        features = F.normalize(embeddings.float(), dim=1)
+        proxies = F.normalize(self.proxies.float(), dim=1).to(features.device)
+        labels = labels.to(features.device)
+        similarity = (features @ proxies.T).T  # [classes, n]: a row per proxy
+        own = torch.zeros_like(similarity, dtype=torch.bool)
+        own[labels, torch.arange(len(labels), device=labels.device)] = True
+        in_batch = own.any(dim=1)
+        positive = log1p_sum_exp(-self.alpha * (similarity - self.delta), own)[in_batch].sum() / in_batch.sum()
+        negative = log1p_sum_exp(self.alpha * (similarity + self.delta), ~own).sum() / len(proxies)
+        misplaced = (similarity.argmax(dim=0) != labels).float().mean()
+        return positive + negative, misplaced.detach()
+
+
 def log1p_sum_exp(x: Tensor, mask: Tensor) -> Tensor:
     """``log(1 + sum exp(x))`` over each row's masked entries, stably (0 for a row with none)."""
     x = x.masked_fill(~mask, -float("inf"))
     return torch.logsumexp(torch.cat([x, x.new_zeros(len(x), 1)], dim=1), dim=1)
 
 
-LOSSES: dict[LossName, Callable[[TrainConfig], nn.Module]] = {
-    "hinge": lambda config: HingeTripletLoss(config.margin),
-    "triplet_margin": lambda config: TripletMarginLoss(config.margin),
-    "smooth_ap": lambda config: SmoothAPLoss(config.smooth_ap_tau),
-    "multi_similarity": lambda config: MultiSimilarityLoss(
+LOSSES: dict[LossName, Callable[[TrainConfig, int], nn.Module]] = {
+    "hinge": lambda config, classes: HingeTripletLoss(config.margin),
+    "triplet_margin": lambda config, classes: TripletMarginLoss(config.margin),
+    "smooth_ap": lambda config, classes: SmoothAPLoss(config.smooth_ap_tau),
+    "multi_similarity": lambda config, classes: MultiSimilarityLoss(
         config.ms_alpha, config.ms_beta, config.ms_base, config.ms_epsilon
+    ),
+    "proxy_anchor": lambda config, classes: ProxyAnchorLoss(
+        classes, config.embed_dim, config.proxy_alpha, config.proxy_delta, config.seed
     ),
 }
 
 
-def build_loss(config: TrainConfig) -> nn.Module:
-    return LOSSES[config.loss](config)
+def build_loss(config: TrainConfig, num_classes: int = 0) -> nn.Module:
+    """The loss ``config.loss`` names; ``num_classes`` (the shards' classes) sizes a proxy loss's proxies."""
+    return LOSSES[config.loss](config, num_classes)
 
 
 class StepLoss(NamedTuple):
@@ -200,7 +242,9 @@ class DistributedLoss(nn.Module):
     loss is identical on every rank; each rank's gradient reaches only its own rows, so the objective is scaled by
     the world size to make DDP's average equal the concatenated batch's gradient. With a cross-batch ``memory``
     (a pair loss only), the gathered batch is compared with the memory too, then enqueued in it: the memory is the
-    same on every rank, and its rows are constants.
+    same on every rank, and its rows are constants. A loss with parameters of its own (proxy_anchor's proxies)
+    computes their gradient from the whole gathered batch on every rank, the same on each: the world-size scaling is
+    undone for them by a gradient hook, so they need no all-reduce (they are not part of the DDP model).
     """
 
     def __init__(self, loss: nn.Module, miner: MinerName, margin: float, memory: CrossBatchMemory | None = None):
@@ -209,6 +253,8 @@ class DistributedLoss(nn.Module):
         self.miner = miner
         self.margin = margin
         self.memory = memory
+        for parameter in loss.parameters():
+            parameter.register_hook(lambda grad: grad / distributed.world_size())
 
     def forward(self, embeddings: Tensor, labels: Tensor, triplets: Tensor | None = None) -> StepLoss:
         if triplets is not None:
@@ -225,6 +271,6 @@ class DistributedLoss(nn.Module):
         return StepLoss(loss * distributed.world_size(), loss.detach(), active_fraction)
 
 
-def build_objective(config: TrainConfig) -> DistributedLoss:
+def build_objective(config: TrainConfig, num_classes: int = 0) -> DistributedLoss:
     memory = CrossBatchMemory(config.memory_size, config.memory_start_images) if config.memory_size else None
-    return DistributedLoss(build_loss(config), config.miner, config.margin, memory)
+    return DistributedLoss(build_loss(config, num_classes), config.miner, config.margin, memory)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ranking.core.config import OptimizerName, ScheduleName, TrainConfig
@@ -34,8 +35,14 @@ SCHEDULES: dict[ScheduleName, Callable[[float], float]] = {
 }
 
 
-def build_optimizer(cfg: TrainConfig, model: EmbeddingNet) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.optimizer](model.parameter_groups(cfg.lr, cfg.trunk_lr_scale, cfg.frozen_stages), cfg)
+def build_optimizer(cfg: TrainConfig, model: EmbeddingNet, objective: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The model's groups (head, trunk) and, for a loss with parameters (proxy_anchor), a "proxies" group at
+    ``lr * proxy_lr_scale``."""
+    groups = model.parameter_groups(cfg.lr, cfg.trunk_lr_scale, cfg.frozen_stages)
+    own = [p for p in objective.parameters() if p.requires_grad] if objective is not None else []
+    if own:
+        groups.append({"params": own, "lr": cfg.lr * cfg.proxy_lr_scale, "name": "proxies"})
+    return OPTIMIZERS[cfg.optimizer](groups, cfg)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -71,6 +71,7 @@ class Checkpointer:
             optimizer=parts.optimizer.state_dict(),
             scheduler=parts.scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else {},
+            objective=parts.objective.state_dict(),
             wandb_run_id=self.run_id,
             stream_seeds=stream_seeds(self.cfg.seed, step),
             best_validation=self.validator.best if self.validator is not None else None,
@@ -87,6 +88,12 @@ def restore(resume_from: Path, accelerator: Accelerator, parts: TrainParts) -> T
     except RuntimeError as e:
         raise RankingError(
             f"{resume_from}: weights do not fit the configured model ({str(e).splitlines()[0]})"
+        ) from None
+    try:
+        parts.objective.load_state_dict(state.objective)
+    except RuntimeError as e:
+        raise RankingError(
+            f"{resume_from}: the loss's parameters do not fit the configured loss ({str(e).splitlines()[0]})"
         ) from None
     parts.optimizer.load_state_dict(state.optimizer)
     parts.scheduler.load_state_dict(state.scheduler)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ranking.core.config import TrainConfig
 from ranking.core.errors import RankingError
+from ranking.folders.shardformat import load_manifest
 from ranking.learning import losses, models, optim
 
 
@@ -23,7 +24,7 @@ class TrainParts:
     model: nn.Module  # what a step calls: ``net`` prepared by Accelerate (DDP), compiled with --compile
     optimizer: torch.optim.Optimizer  # Accelerate's wrapper, which knows about gradient accumulation and fp16
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step, not prepared
-    objective: losses.DistributedLoss
+    objective: losses.DistributedLoss  # the loss's own parameters (proxy_anchor's proxies) are in the optimizer
 
 
 def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
@@ -34,12 +35,12 @@ def build_parts(cfg: TrainConfig, accelerator: Accelerator) -> TrainParts:
         net = models.build_model(cfg)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = optim.build_optimizer(cfg, net)
+    objective = losses.build_objective(cfg, len(load_manifest(cfg.shards)["classes"])).to(accelerator.device)
+    optimizer = optim.build_optimizer(cfg, net, objective)
     scheduler = optim.build_scheduler(cfg, optimizer)
     model, optimizer = accelerator.prepare(net, optimizer)
     if cfg.compile:
         model = compiled(model, accelerator.device)
-    objective = losses.build_objective(cfg)
     set_seed(cfg.seed, device_specific=True)
     return TrainParts(net, model, optimizer, scheduler, objective)
 
