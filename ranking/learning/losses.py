@@ -172,10 +172,10 @@ class ProxyAnchorLoss(nn.Module):
     With s(x, p) the cosine similarity of an embedding and a proxy,
     ``1/|P+| sum_{p in P+} log(1 + sum_{x of p's class} exp(-alpha (s(x, p) - delta)))
     + 1/|P| sum_{p in P} log(1 + sum_{x of other classes} exp(alpha (s(x, p) + delta)))``, P+ the proxies of the
-    classes in the batch. Every image is compared with every class, not only with the batch's 16 classes, which is
-    why it learns more per image than a pair loss. The proxies are this module's parameters (checkpointed with the
-    objective, in the optimizer at ``lr * proxy_lr_scale``). ``active_fraction`` is the share of rows whose own
-    class's proxy is not their most similar one.
+    classes in the batch. Every image is compared with every class, not only with the batch's 16 classes. The
+    proxies are this module's parameters (checkpointed with the objective, in the optimizer at
+    ``lr * proxy_lr_scale``). ``active_fraction`` is the share of rows whose own class's proxy is not their most
+    similar one.
     """
 
     uses_triplets = False
