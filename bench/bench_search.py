@@ -1,7 +1,7 @@
 """Search latency of a portable index: one query image against a 100k gallery, cold start and warm; and the search
 backends (``ranking.retrieval.backends``) on synthetic clustered rows.
 
-    python bench/bench_search.py                      # 100,000 rows, the default model (Lite0, 160 px, 128-d)
+    python bench/bench_search.py                      # 100,000 rows, Lite0 at 160 px, 128-d (default model: 512)
     python bench/bench_search.py --gallery 10000 --backbone resnet18 --image-size 32 --dim 16
     OMP_NUM_THREADS=1 python bench/bench_search.py --backends --rows 1000000 --ann ivf hnsw
 

@@ -135,7 +135,7 @@ def test_a_model_spec_is_derived_from_a_train_config_and_stored_as_plain_keys():
     lite0 = ModelSpec.of(TrainConfig())
     assert lite0.to_dict() == {
         "backbone": "efficientnet_lite0",
-        "embed_dim": 128,
+        "embed_dim": 512,
         "dropout": 0.0,
         "normalize": True,
         "image_size": 160,
