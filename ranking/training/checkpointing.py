@@ -83,18 +83,14 @@ class Checkpointer:
 def restore(resume_from: Path, accelerator: Accelerator, parts: TrainParts) -> TrainState:
     """Load a checkpoint into the prepared objects and this rank's RNGs; returns what it held."""
     state = checkpoint.load_state(resume_from)
-    try:
-        parts.net.load_state_dict(state.model)
-    except RuntimeError as e:
-        raise RankingError(
-            f"{resume_from}: weights do not fit the configured model ({str(e).splitlines()[0]})"
-        ) from None
-    try:
-        parts.objective.load_state_dict(state.objective)
-    except RuntimeError as e:
-        raise RankingError(
-            f"{resume_from}: the loss's parameters do not fit the configured loss ({str(e).splitlines()[0]})"
-        ) from None
+    for module, weights, what in (
+        (parts.net, state.model, "weights do not fit the configured model"),
+        (parts.objective, state.objective, "the loss's parameters do not fit the configured loss"),
+    ):
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as e:
+            raise RankingError(f"{resume_from}: {what} ({str(e).splitlines()[0]})") from None
     parts.optimizer.load_state_dict(state.optimizer)
     parts.scheduler.load_state_dict(state.scheduler)
     if accelerator.scaler is not None and state.scaler:
