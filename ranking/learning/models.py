@@ -161,7 +161,7 @@ class ModelSpec:
     """
 
     backbone: Backbone = "efficientnet_lite0"
-    embed_dim: int = 128
+    embed_dim: int = 512
     dropout: float = 0.0  # only while training; kept so the network rebuilds exactly as it was trained
     normalize: bool = True
     image_size: int = 160
