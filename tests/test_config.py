@@ -171,6 +171,8 @@ def test_help_documents_every_flag_with_its_comment_default_choices_and_section(
         (["--run-dir", ""], "run_dir must not be empty"),
         (["--shards", " "], "shards must not be empty"),
         (["--resume", "latest", "--overwrite"], "give one"),
+        (["--crop-scale", "0"], "crop_scale must be greater than 0; got 0.0"),
+        (["--crop-scale", "1.5"], "crop_scale must be at most 1; got 1.5"),
     ],
 )
 def test_bad_flags_are_one_line_config_errors(argv, message):

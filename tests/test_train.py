@@ -78,6 +78,13 @@ def test_the_trainers_input_is_uint8_from_workers_and_its_crops_are_reproducible
         assert not any(torch.equal(a.images, b.images) for a, b in zip(first, other))
     larger = dataclasses.replace(cfg, stored_size=48, workers=0)  # e.g. a folder source of larger images
     assert next(train_batches(larger, stream_seeds(0, 0), pin_memory=False)).images.shape == (12, 3, 48, 48)
+    for crop_scale in (cfg.crop_scale, 1.0):  # the crops cover [crop_scale, 1] of the image
+        crops = DeviceAugment(
+            dataclasses.replace(cfg, crop_scale=crop_scale), stream_seeds(0, 0), 0, torch.device("cpu")
+        )
+        boxes = crops.augment.sample_boxes(200, 64, 64, crops.generator).boxes
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 64**2
+        assert areas.min() >= crop_scale - 0.05 and (areas.min() < 0.6 if crop_scale < 1 else areas.max() == 1)
 
 
 def test_compile_is_refused_in_one_line_without_a_compiler(monkeypatch):

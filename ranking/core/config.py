@@ -51,6 +51,7 @@ class TrainConfig:
     stored_size: int = 64  # workers ship every train image as a uint8 square of this side (Tiny ImageNet's own 64 px)
     shuffle_buffer: int = 2000  # samples in each worker's webdataset shuffle buffer
     workers: int = 2  # DataLoader workers per rank (0 = read in the main process)
+    crop_scale: float = 0.5  # training crops cover [crop_scale, 1] of the image's area (random resized crop)
 
     # triplet sampling
     sampler: SamplerName = "batch"  # "batch": P x K batches with online mining; "paper": reservoir triplets
@@ -225,6 +226,8 @@ class TrainConfig:
             "collective_timeout_s",
         ):
             flags.above(name, getattr(self, name), 0)
+        flags.above("crop_scale", self.crop_scale, 0)
+        flags.at_most("crop_scale", self.crop_scale, 1)
         flags.below("dropout", self.dropout, 1)
         flags.at_least("dropout", self.dropout, 0)
         flags.below("momentum", self.momentum, 1)

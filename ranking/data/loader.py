@@ -166,7 +166,9 @@ class DeviceAugment:
     the seeds of its step: the same crops again), then channels_last."""
 
     def __init__(self, cfg: TrainConfig, seeds: tuple[int, int], rank: int, device: torch.device) -> None:
-        self.augment = augment.TrainAugment(cfg.image_size, *models.input_normalization(cfg.backbone))
+        self.augment = augment.TrainAugment(
+            cfg.image_size, *models.input_normalization(cfg.backbone), scale=(cfg.crop_scale, 1.0)
+        )
         self.generator = augment.seeded_generator(seeds[1], rank)
         self.device, self.channels_last = device, cfg.channels_last
 
