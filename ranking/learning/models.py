@@ -161,10 +161,10 @@ class ModelSpec:
     """
 
     backbone: Backbone = "efficientnet_lite0"
-    embed_dim: int = 512
+    embed_dim: int = 1024
     dropout: float = 0.0  # only while training; kept so the network rebuilds exactly as it was trained
     normalize: bool = True
-    image_size: int = 160
+    image_size: int = 176
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     resize: str = EVAL_RESIZE
