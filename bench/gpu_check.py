@@ -75,13 +75,13 @@ def ceiling(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import ours
     from ranking.core.config import TrainConfig
-    from ranking.data.augment import TrainAugment, seeded_generator
-    from ranking.learning.models import input_normalization
+    from ranking.data.augment import seeded_generator
+    from ranking.data.loader import recipe_augment
 
     cfg = TrainConfig(image_size=args.image_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    augment = TrainAugment(cfg.image_size, *input_normalization(cfg.backbone))
+    augment = recipe_augment(cfg)
     generator = seeded_generator(0)
     for size in args.sizes:
         images = torch.randn(size, 3, cfg.image_size, cfg.image_size)

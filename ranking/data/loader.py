@@ -160,15 +160,18 @@ def stop_workers(batches: Iterator[Batch], grace_s: float = WORKER_EXIT_S) -> No
             worker.join(timeout=grace_s)
 
 
+def recipe_augment(cfg: TrainConfig) -> augment.TrainAugment:
+    """The training augmentation a recipe names: its image size, its backbone's normalisation, its crop scale."""
+    return augment.TrainAugment(cfg.image_size, *models.input_normalization(cfg.backbone), scale=(cfg.crop_scale, 1.0))
+
+
 class DeviceAugment:
     """A worker's uint8 batch -> the model's input on the training device: ``augment.TrainAugment`` there, its crops
     and flips drawn from a generator of this run segment's stream seed and this rank (a resumed run restarts from
     the seeds of its step: the same crops again), then channels_last."""
 
     def __init__(self, cfg: TrainConfig, seeds: tuple[int, int], rank: int, device: torch.device) -> None:
-        self.augment = augment.TrainAugment(
-            cfg.image_size, *models.input_normalization(cfg.backbone), scale=(cfg.crop_scale, 1.0)
-        )
+        self.augment = recipe_augment(cfg)
         self.generator = augment.seeded_generator(seeds[1], rank)
         self.device, self.channels_last = device, cfg.channels_last
 
