@@ -526,6 +526,17 @@ def shard_samples(shards: Path, split: str) -> dict[int, tuple[int, bytes]]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 
 
+def stand_in_commands(bin_dir: Path, commands: dict[str, str]) -> Path:
+    """Executable bash scripts named after cluster commands (sbatch, srun, scontrol), each running its body. With
+    bin_dir first on PATH a test sees what a cluster would be asked, whether or not this machine has Slurm installed
+    (tests/test_slurm.py installs it, so a test that relied on the real srun passed or failed by test order)."""
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in commands.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
 def train_one(flags: list[str], timeout: float = 120, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
     """`python -m ranking.train` in one process (no launcher): the fastest real run of the trainer."""
     command = [sys.executable, "-m", "ranking.train", *flags, "--no-wandb"]

@@ -34,6 +34,7 @@ from harness import (
     rank_steps,
     reap,
     small_tmpfs,
+    stand_in_commands,
     train_one,
     wait_for,
     write_smoke_run,
@@ -354,14 +355,13 @@ def test_a_config_file_that_is_not_utf8_is_one_line(synth_shards, tmp_path, caps
 @pytest.mark.parametrize("sbatch", ["fails", "missing"])
 def test_jobs_train_when_sbatch_fails_is_one_line(tmp_path, monkeypatch, sbatch):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     if sbatch == "fails":
-        (bin_dir / "sbatch").write_text(
-            '#!/bin/bash\necho "sbatch: error: Invalid partition name specified" >&2\nexit 1\n'
-        )
-        (bin_dir / "sbatch").chmod(0o755)
+        # submitit refuses a cluster without srun on PATH before it calls sbatch
+        sbatch_fails = 'echo "sbatch: error: Invalid partition name specified" >&2\nexit 1\n'
+        stand_in_commands(bin_dir, {"sbatch": sbatch_fails, "srun": "exit 0\n"})
         monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     else:
+        bin_dir.mkdir()
         monkeypatch.setenv("PATH", str(bin_dir))
     with pytest.raises(RankingError) as error:
         train_job.main(

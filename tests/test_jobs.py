@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import REPO, SMOKE
+from harness import REPO, SMOKE, stand_in_commands
 from jobs import common
 from jobs import train as train_job
 from ranking.core.errors import RankingError
@@ -202,10 +202,9 @@ def test_local_job_checkpoints_on_the_time_limit_signal_requeues_and_finishes(in
 def test_a_job_for_a_real_account_writes_every_slurm_parameter(tmp_path) -> None:
     """python -m jobs.train on Slurm with account, QoS, memory, constraint, exclusive and free sbatch parameters:
     the batch script submitit hands to (a stand-in) sbatch asks for all of them."""
-    bin_dir, record = tmp_path / "bin", tmp_path / "submitted.sh"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\ncp "${{@: -1}}" {record}\necho "Submitted batch job 4242"\n')
-    (bin_dir / "sbatch").chmod(0o755)
+    record = tmp_path / "submitted.sh"
+    sbatch = f'cp "${{@: -1}}" {record}\necho "Submitted batch job 4242"\n'
+    bin_dir = stand_in_commands(tmp_path / "bin", {"sbatch": sbatch, "srun": "exit 0\n"})
     done = subprocess.run(
         [
             sys.executable,

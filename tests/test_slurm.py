@@ -25,6 +25,7 @@ from harness import (
     sbatch,
     shared_file,
     slurm_in_queue,
+    stand_in_commands,
     wait_until,
     wandb_ids,
 )
@@ -345,11 +346,7 @@ STAND_INS = {
 def stand_in_slurm(tmp_path: Path, exit_code: int) -> dict[str, str]:
     """A PATH with stand-in srun/scontrol/sinfo and a module `stage` that prints a stop line and exits with
     `exit_code` on every process; the environment of a one-node batch job with 2 CPU processes."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in STAND_INS.items():
-        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = stand_in_commands(tmp_path / "bin", STAND_INS)
     (tmp_path / "stage.py").write_text(
         f"import sys\nprint('ranking train: stopped at step 3/10', flush=True)\nsys.exit({exit_code})\n"
     )
