@@ -45,6 +45,17 @@ def test_an_approximate_backend_finds_the_exact_neighbours_with_exact_distances(
     assert found.shape == (200, 10) and int(found.min()) >= 0
 
 
+@pytest.mark.parametrize("name", ["exact", "ivf", "hnsw"])
+def test_equal_distances_come_in_row_order_as_in_the_metrics(name):
+    """Copies of a row tie exactly; topk would order them differently from one CPU to the next."""
+    originals = clustered(300)
+    rows = torch.cat([originals] * 3)[torch.randperm(900, generator=torch.Generator().manual_seed(0))]
+    distances, found = backends.build_backend(name, rows).search(originals[:40] + 0.01, 30)
+    tied = distances[:, 1:] == distances[:, :-1]
+    assert int(tied.sum()) >= 40 * 10  # each nearest row's copies tie with it
+    assert (found[:, 1:] > found[:, :-1])[tied].all()
+
+
 def test_the_backend_follows_the_row_count_unless_named():
     rows = clustered(3000)
     assert backends.choose_backend(None, rows, approximate_above=5000).name == "exact"

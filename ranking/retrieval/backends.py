@@ -19,7 +19,7 @@ import torch
 from ranking.core.config import SearchBackendName
 from ranking.core.errors import RankingError
 from ranking.learning.distances import squared_norms
-from ranking.retrieval.metrics import nearest_neighbors
+from ranking.retrieval.metrics import nearest_neighbors, ties_in_row_order
 
 APPROXIMATE_ABOVE = 1_000_000  # rows from which `choose_backend` takes ivf when no backend is named
 CANDIDATES_PER_RESULT = 8  # an approximate search re-ranks k x this many candidates (at least MIN_CANDIDATES)
@@ -105,7 +105,7 @@ class FaissBackend:
         gathered = self.embeddings[safe.reshape(-1)].reshape(*safe.shape, -1).float()
         distances = (gathered - queries[:, None, :]).pow(2).sum(dim=2).masked_fill(~found, math.inf)
         top = distances.topk(k, dim=1, largest=False, sorted=True)
-        return top.values, safe.gather(1, top.indices)
+        return ties_in_row_order(top.values, safe.gather(1, top.indices))
 
 
 Backend = ExactBackend | FaissBackend

@@ -90,6 +90,16 @@ assert [f.name for f in fields(RetrievalMetrics)][: len(METRICS)] == [m.name for
 # top-k
 
 
+def ties_in_row_order(distances: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top-k's (distances [Q, k], rows [Q, k]) reordered so that equal distances come in row order, the metrics'
+    tie rule. ``topk`` promises no order among them, and its order differs across CPUs and backends, so a byte copy
+    of a photo and the photo itself would otherwise swap places from one machine to the next."""
+    by_row = rows.sort(dim=1, stable=True)
+    distances = distances.gather(1, by_row.indices)
+    by_distance = distances.sort(dim=1, stable=True)
+    return by_distance.values, by_row.values.gather(1, by_distance.indices)
+
+
 def nearest_neighbors(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -97,10 +107,9 @@ def nearest_neighbors(
     chunk_size: int = 1024,
     gallery_sq_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` nearest gallery rows of every query: (squared distances [Q, k], gallery indices [Q, k]), nearest first.
+    """The ``k`` nearest gallery rows of every query: (squared distances [Q, k], gallery indices [Q, k]), nearest first
+    and equal distances in row order, as in the metrics (``ties_in_row_order``).
     ``gallery_sq_norms``: the gallery's squared norms, when a caller searching it again keeps them.
-
-    ``topk`` does not promise an order among equal distances; the evaluation uses a stable full sort instead.
     """
     k = min(k, gallery.shape[0])
     if gallery_sq_norms is None:
@@ -110,8 +119,9 @@ def nearest_neighbors(
         distances = squared_distances(chunk, gallery, gallery_sq_norms)
         top = distances.topk(k, dim=1, largest=False, sorted=True)
         del distances  # free this block before the next one is allocated: one block alive at a time
-        values.append(top.values)
-        indices.append(top.indices)
+        top_values, top_indices = ties_in_row_order(top.values, top.indices)
+        values.append(top_values)
+        indices.append(top_indices)
     if not values:
         return queries.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long, device=queries.device)
     return torch.cat(values), torch.cat(indices)
