@@ -93,7 +93,8 @@ assert [f.name for f in fields(RetrievalMetrics)][: len(METRICS)] == [m.name for
 def ties_in_row_order(distances: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A top-k's (distances [Q, k], rows [Q, k]) reordered so that equal distances come in row order, the metrics'
     tie rule. ``topk`` promises no order among them, and its order differs across CPUs and backends, so a byte copy
-    of a photo and the photo itself would otherwise swap places from one machine to the next."""
+    of a photo and the photo itself would otherwise swap places from one machine to the next. Which of the rows
+    tied at the k-th distance make the cut is still topk's choice."""
     by_row = rows.sort(dim=1, stable=True)
     distances = distances.gather(1, by_row.indices)
     by_distance = distances.sort(dim=1, stable=True)
